@@ -1,0 +1,23 @@
+"""flashmoe: run frontier-scale Mixture-of-Experts models by streaming routed experts from SSD.
+
+    import flashmoe
+    model, tokenizer = flashmoe.load("~/models/qwen3.5-397b-q4")
+    for chunk in flashmoe.generate(model, tokenizer, "Hello", max_tokens=64):
+        print(chunk.text, end="", flush=True)
+"""
+
+__version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """Load a converted bundle (or a Hub repo id of one): returns (model, tokenizer)."""
+    from flashmoe.runtime.loader import load as _load
+
+    return _load(path, **kwargs)
+
+
+def generate(model, tokenizer, prompt, **kwargs):
+    """Iterate over generated text chunks; see flashmoe.runtime.generate.generate."""
+    from flashmoe.runtime.generate import generate as _generate
+
+    return _generate(model, tokenizer, prompt, **kwargs)

@@ -1,0 +1,169 @@
+"""The text model's shape, read from a checkpoint's config.json.
+
+One dataclass, filled from the Hugging Face config (or its `text_config` for the multimodal
+Qwen3.5 checkpoints). Every shape in the converter and the runtime derives from it; nothing is
+hard-coded to one model size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BundleError
+
+# model_type values (top level or text_config) this release converts and runs.
+SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+
+
+@dataclass
+class TextConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    layer_types: list[str]
+    linear_conv_kernel_dim: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.25
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    eos_token_id: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def key_dim(self) -> int:  # linear attention: all key heads together
+        return self.linear_key_head_dim * self.linear_num_key_heads
+
+    @property
+    def value_dim(self) -> int:
+        return self.linear_value_head_dim * self.linear_num_value_heads
+
+    @property
+    def conv_dim(self) -> int:  # q, k and v go through the causal conv together
+        return 2 * self.key_dim + self.value_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_linear(self, layer: int) -> bool:
+        return self.layer_types[layer] == "linear_attention"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TextConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> "TextConfig":
+        """Read a Hugging Face config.json (dict). Raises BundleError on anything unsupported."""
+        top_type = config.get("model_type")
+        text = config.get("text_config") or config
+        mtype = text.get("model_type") or top_type
+        if top_type not in SUPPORTED_MODEL_TYPES and mtype not in SUPPORTED_MODEL_TYPES:
+            raise BundleError(
+                f"unsupported model_type {top_type or mtype!r}: flashmoe converts the Qwen3.5 MoE family "
+                f"({', '.join(SUPPORTED_MODEL_TYPES)}). Check that SOURCE points at a Qwen3.5 MoE checkpoint "
+                "(e.g. Qwen/Qwen3.5-397B-A17B)."
+            )
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+            if k not in text
+        ]
+        if missing:
+            raise BundleError(f"config.json lacks {', '.join(missing)}: is it a complete Qwen3.5 MoE config?")
+        n_layers = int(text["num_hidden_layers"])
+        layer_types = text.get("layer_types")
+        if layer_types is None:
+            interval = int(text.get("full_attention_interval", 4))
+            layer_types = [
+                "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)
+            ]
+        layer_types = list(layer_types)[:n_layers]
+        if len(layer_types) != n_layers or set(layer_types) - {"linear_attention", "full_attention"}:
+            raise BundleError(f"config.json layer_types is malformed: {layer_types!r}")
+        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope", None):
+            raise BundleError(f"unsupported rope_type {rope_type!r} (only the default RoPE is implemented)")
+        eos = text.get("eos_token_id", config.get("eos_token_id"))
+        eos_list = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        heads = int(text["num_attention_heads"])
+        hidden = int(text["hidden_size"])
+        cfg = cls(
+            model_type="qwen3_5_moe",
+            vocab_size=int(text["vocab_size"]),
+            hidden_size=hidden,
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=int(text["num_key_value_heads"]),
+            head_dim=int(text.get("head_dim") or hidden // heads),
+            layer_types=layer_types,
+            linear_conv_kernel_dim=int(text.get("linear_conv_kernel_dim", 4)),
+            linear_key_head_dim=int(text.get("linear_key_head_dim", 128)),
+            linear_value_head_dim=int(text.get("linear_value_head_dim", 128)),
+            linear_num_key_heads=int(text.get("linear_num_key_heads", 16)),
+            linear_num_value_heads=int(text.get("linear_num_value_heads", 32)),
+            moe_intermediate_size=int(text["moe_intermediate_size"]),
+            shared_expert_intermediate_size=int(text.get("shared_expert_intermediate_size", 0)),
+            num_experts=int(text["num_experts"]),
+            num_experts_per_tok=int(text["num_experts_per_tok"]),
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
+            partial_rotary_factor=float(
+                rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
+            ),
+            max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            attention_bias=bool(text.get("attention_bias", False)),
+            hidden_act=str(text.get("hidden_act", "silu")),
+            eos_token_id=eos_list,
+            bos_token_id=text.get("bos_token_id", config.get("bos_token_id")),
+        )
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Reject shapes no Qwen3.5 MoE model can have, with a message naming the field."""
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
+                    "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                    "linear_num_key_heads", "linear_num_value_heads"]
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v > 1 << 31:
+                raise BundleError(f"impossible config value {name}={v!r}: expected a positive integer")
+        if self.num_experts_per_tok > self.num_experts:
+            raise BundleError(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts={self.num_experts}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise BundleError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise BundleError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise BundleError("layer_types must list one type per layer")
+        if self.hidden_act != "silu":
+            raise BundleError(f"unsupported hidden_act {self.hidden_act!r} (Qwen3.5 MoE uses silu)")

@@ -1,0 +1,232 @@
+"""Per-layer expert files: writer (streaming, atomic) and defensive reader.
+
+File layout (all integers little-endian; format/SPEC.md is normative):
+
+    offset            size   field
+    0                 8      magic b"FLASHMOE"
+    8                 4      u32 format version (FORMAT_VERSION)
+    12                4      u32 n = length of the JSON header
+    16                n      UTF-8 JSON: layer, num_experts, data_offset, record_size, record_stride, components
+    16+n              ...    zero padding up to data_offset (a multiple of 16 KiB)
+    data_offset + e*record_stride   record of expert e (record_size bytes, zero-padded to record_stride)
+
+    file size = data_offset + num_experts * record_stride
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+from .layout import RECORD_ALIGN, Component, align_up, check_components
+
+MAGIC = b"FLASHMOE"
+FORMAT_VERSION = 1
+PREAMBLE = struct.Struct("<8sII")  # magic, version, json length
+MAX_HEADER_JSON = 1 << 20
+
+
+@dataclass(frozen=True)
+class ExpertFileInfo:
+    layer: int
+    num_experts: int
+    data_offset: int
+    record_size: int
+    record_stride: int
+    components: tuple[Component, ...]
+
+    @property
+    def file_size(self) -> int:
+        return self.data_offset + self.num_experts * self.record_stride
+
+    def header_dict(self) -> dict:
+        return {
+            "layer": self.layer,
+            "num_experts": self.num_experts,
+            "data_offset": self.data_offset,
+            "record_size": self.record_size,
+            "record_stride": self.record_stride,
+            "components": [c.to_dict() for c in self.components],
+        }
+
+    def check(self) -> None:
+        if self.num_experts <= 0 or self.num_experts > 1 << 20:
+            raise BundleError(f"impossible num_experts={self.num_experts}")
+        if self.data_offset <= 0 or self.data_offset % RECORD_ALIGN:
+            raise BundleError(f"data_offset {self.data_offset} is not a positive multiple of {RECORD_ALIGN}")
+        check_components(list(self.components), self.record_stride)
+        if self.record_size != max(c.offset + c.nbytes for c in self.components):
+            raise BundleError("record_size does not match the component table")
+
+
+def parse_components(items) -> tuple[Component, ...]:
+    try:
+        return tuple(
+            Component(str(c["name"]), str(c["dtype"]), tuple(int(d) for d in c["shape"]), int(c["offset"]),
+                      int(c["nbytes"]))
+            for c in items
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"malformed component table: {e}") from None
+
+
+def make_info(layer: int, num_experts: int, comps: list[Component]) -> ExpertFileInfo:
+    size = max(c.offset + c.nbytes for c in comps)
+    info0 = ExpertFileInfo(layer, num_experts, RECORD_ALIGN, size, align_up(size, RECORD_ALIGN), tuple(comps))
+    header = len(json.dumps(info0.header_dict())) + PREAMBLE.size
+    info = ExpertFileInfo(layer, num_experts, align_up(header, RECORD_ALIGN), size, info0.record_stride,
+                          tuple(comps))
+    info.check()
+    return info
+
+
+def encode_header(info: ExpertFileInfo) -> bytes:
+    body = json.dumps(info.header_dict(), separators=(",", ":"), sort_keys=True).encode()
+    raw = PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(body)) + body
+    assert len(raw) <= info.data_offset
+    return raw + b"\0" * (info.data_offset - len(raw))
+
+
+class ExpertFileWriter:
+    """Writes one layer file record by record to `<name>.partial`, hashing as it goes; `close()`
+    fsyncs and renames it into place, so a crash never leaves a complete-looking file."""
+
+    def __init__(self, path: str | os.PathLike, info: ExpertFileInfo):
+        self.path = Path(path)
+        self.info = info
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.f = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.next_expert = 0
+        self._write(encode_header(info))
+
+    def _write(self, b) -> None:
+        self.f.write(b)
+        self.sha.update(b)
+
+    def write_record(self, parts: dict[str, np.ndarray]) -> None:
+        """parts maps component name -> array whose raw bytes are written (uint32 packed weights,
+        scales/biases/float weights as 2- or 4-byte values)."""
+        info = self.info
+        if self.next_expert >= info.num_experts:
+            raise BundleError("more expert records written than the layer has experts")
+        rec = bytearray(info.record_stride)
+        for c in info.components:
+            a = parts[c.name]
+            raw = memoryview(np.ascontiguousarray(a)).cast("B")
+            if raw.nbytes != c.nbytes or tuple(a.shape) != c.shape:
+                raise BundleError(
+                    f"layer {info.layer} expert {self.next_expert} {c.name}: got shape {list(a.shape)} "
+                    f"({raw.nbytes} bytes), expected {list(c.shape)} ({c.nbytes} bytes)"
+                )
+            rec[c.offset : c.offset + c.nbytes] = raw
+        self._write(rec)
+        self.next_expert += 1
+
+    def close(self) -> tuple[int, str]:
+        if self.next_expert != self.info.num_experts:
+            raise BundleError(f"layer file closed after {self.next_expert} of {self.info.num_experts} records")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.info.file_size, self.sha.hexdigest()
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def read_info(path: str | os.PathLike) -> ExpertFileInfo:
+    """Read and check a layer file's header and size; never trusts a field before bounding it."""
+    path = Path(path)
+    fix = "re-run flashmoe-convert with the same arguments (it resumes) or flashmoe-pull (it repairs)"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            pre = f.read(PREAMBLE.size)
+            if len(pre) < PREAMBLE.size:
+                raise BundleError(f"{path}: truncated before the header ({size} bytes); {fix}")
+            magic, version, n = PREAMBLE.unpack(pre)
+            if magic != MAGIC:
+                raise BundleError(f"{path}: not a flashmoe expert file (magic {magic!r}, expected {MAGIC!r})")
+            if version > FORMAT_VERSION:
+                raise BundleError(
+                    f"{path}: format version {version} is newer than this flashmoe reads ({FORMAT_VERSION}); "
+                    "upgrade flashmoe (pip install -U flashmoe)"
+                )
+            if version < 1:
+                raise BundleError(f"{path}: invalid format version {version}")
+            if n > MAX_HEADER_JSON or n > size - PREAMBLE.size:
+                raise BundleError(f"{path}: header length {n} is impossible for a {size}-byte file; {fix}")
+            body = f.read(n)
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing expert file; {fix}") from None
+    try:
+        h = json.loads(body)
+        info = ExpertFileInfo(int(h["layer"]), int(h["num_experts"]), int(h["data_offset"]),
+                              int(h["record_size"]), int(h["record_stride"]), parse_components(h["components"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{path}: corrupt header ({e}); {fix}") from None
+    info.check()
+    if PREAMBLE.size + n > info.data_offset:
+        raise BundleError(f"{path}: header overlaps the first record; {fix}")
+    if size != info.file_size:
+        what = "truncated" if size < info.file_size else "longer than its header says"
+        raise BundleError(f"{path}: file is {what} ({size} bytes, expected {info.file_size}); {fix}")
+    return info
+
+
+class ExpertFile:
+    """An open layer file. `read(ids, out)` preads whole records into a caller-owned buffer with one
+    call per record; os.preadv releases the GIL, so callers may read from several threads."""
+
+    def __init__(self, path: str | os.PathLike, expected: ExpertFileInfo | None = None):
+        self.path = Path(path)
+        self.info = read_info(self.path)
+        if expected is not None and self.info != expected:
+            raise BundleError(
+                f"{self.path}: header disagrees with the manifest (layer/experts/layout differ); the bundle mixes "
+                "files from different conversions. Re-run flashmoe-convert into an empty directory."
+            )
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def offset(self, expert: int) -> int:
+        if not 0 <= expert < self.info.num_experts:
+            raise IndexError(f"expert {expert} out of range [0, {self.info.num_experts})")
+        return self.info.data_offset + expert * self.info.record_stride
+
+    def read_into(self, expert: int, out: memoryview | np.ndarray) -> None:
+        """Read record `expert` into `out` (at least record_size bytes)."""
+        mv = memoryview(out).cast("B")[: self.info.record_size]
+        got = os.preadv(self.fd, [mv], self.offset(expert))
+        if got != len(mv):
+            raise BundleError(f"{self.path}: short read of expert {expert} ({got} of {len(mv)} bytes)")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def record_views(info: ExpertFileInfo, buf: np.ndarray) -> dict[str, np.ndarray]:
+    """numpy views of each component inside a record buffer (uint8, >= record_size). bfloat16
+    components are returned as uint16 bit patterns (numpy has no bfloat16)."""
+    np_dtype = {"uint32": np.uint32, "bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+    out = {}
+    for c in info.components:
+        out[c.name] = buf[c.offset : c.offset + c.nbytes].view(np_dtype[c.dtype]).reshape(c.shape)
+    return out
