@@ -1,0 +1,369 @@
+"""`convert_checkpoint`: a Qwen3.5-MoE checkpoint -> a flashmoe bundle (format/SPEC.md).
+
+Works layer by layer and expert chunk by expert chunk, so peak memory is one chunk of experts plus
+one layer's dense weights, whatever the model's depth or expert count. Every file is written under
+a `.partial` name and renamed when complete; `.flashmoe-progress.json` records finished files, so an
+interrupted run resumes where it stopped and ends byte-identical to an uninterrupted one. The
+manifest is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from flashmoe.format import BundleError, ExpertQuant, expert_components
+from flashmoe.format.bundle import (DENSE_GLOBAL, FORMAT_NAME, MANIFEST, dense_layer_path, expert_path,
+                                    sha256_file, validate_manifest, write_json_atomic)
+from flashmoe.format.experts import FORMAT_VERSION, ExpertFileWriter, make_info
+from flashmoe.format.names import ZERO_CENTRED_NORMS, classify
+from flashmoe.format.st import SafetensorsWriter
+
+from .source import PROJS, Source, copy_tokenizer_files, hub_license, resolve
+
+PROGRESS = ".flashmoe-progress.json"
+CHUNK_BYTES = 256 << 20  # float32 bytes of experts converted at once (bounds peak memory)
+MLX_TO_ST = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
+MIN_ROUTER_BITS = 8  # routing is precision-sensitive: mlp.gate and shared_expert_gate never go below
+
+
+@dataclass
+class Options:
+    bits: int | None = 4  # expert bits; None keeps experts as float `dtype`
+    group_size: int = 64
+    dtype: str | None = None  # float dtype of scales / unquantized tensors; None: the source's (bf16 for fp8)
+    dense_bits: int | None = 8  # None keeps dense Linear weights as float
+    dense_group_size: int = 64
+
+
+@dataclass
+class PlannedFile:
+    path: str
+    size: int
+    exact: bool
+
+
+def to_numpy(a: mx.array) -> tuple[str, np.ndarray]:
+    """mx.array -> (safetensors dtype, numpy array holding its bytes)."""
+    st = MLX_TO_ST[a.dtype]
+    if a.dtype == mx.bfloat16:
+        return st, np.array(a.view(mx.uint16))
+    return st, np.array(a)
+
+
+def _mx_dtype(name: str):
+    return getattr(mx, name)
+
+
+class Converter:
+    def __init__(self, src: Source, out: Path, opts: Options, provenance: dict, progress: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.src, self.out, self.opts, self.progress = src, out, opts, progress
+        self.log = log or (lambda m: print(m, file=sys.stderr))
+        self.cfg = src.config
+        self.provenance = provenance
+        self.dtype = opts.dtype or (src.source_dtype() if src.kind != "fp8" else "bfloat16")
+        self.quant = ExpertQuant(opts.bits, opts.group_size, self.dtype)
+        self.quant.check()
+        if opts.dense_bits not in (None, 4, 8):
+            raise BundleError(f"--dense-bits must be 4 or 8 (or omitted for float), not {opts.dense_bits}")
+        self.comps = expert_components(self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.quant)
+        self.info0 = make_info(0, self.cfg.num_experts, self.comps)
+        # sanitized mlx-lm checkpoints store conv1d as [C, K, 1] and norms already as (1 + w)
+        self.norms_shifted = any(
+            n.endswith("conv1d.weight") and src.tensors[n].shape[-1] == 1 for names in src.dense.values() for n in names
+        )
+
+    # ---- plan --------------------------------------------------------------------------------
+    def plan_key(self) -> dict:
+        return {"source": self.provenance, "config": self.cfg.to_dict(), "options": asdict(self.opts),
+                "dtype": self.dtype, "kind": self.src.kind, "format_version": FORMAT_VERSION}
+
+    def plan(self) -> list[PlannedFile]:
+        files = [PlannedFile(expert_path(L), self.info0.file_size, True) for L in range(self.cfg.num_hidden_layers)]
+        for L in [*range(self.cfg.num_hidden_layers), None]:
+            est = sum(self._dense_estimate(n) for n in self.src.dense.get(L, []))
+            files.append(PlannedFile(DENSE_GLOBAL if L is None else dense_layer_path(L), est, False))
+        for n in ["config.json", *copy_tokenizer_files(self.src.path)]:
+            files.append(PlannedFile(n, (self.src.path / n).stat().st_size, True))
+        return files
+
+    def _dense_estimate(self, name: str) -> int:
+        t = self.src.tensors[name]
+        n = int(np.prod(t.shape, dtype=object))
+        if name.endswith((".scales", ".biases", "_scale_inv")):
+            return 0 if self.opts.dense_bits is None else t.nbytes
+        if self.src.kind == "mlx" and t.dtype == "U32":
+            n = n * 32 // self.src.mlx_module_quant(name[: -len(".weight")])[0]
+        bits = self.opts.dense_bits
+        if bits and len(t.shape) == 2 and "norm" not in name and "conv1d" not in name:
+            return n * bits // 8 + 2 * (n // self.opts.dense_group_size) * 2
+        return n * (4 if "norm" in name or name.endswith(("A_log", "dt_bias")) else np.dtype(self.dtype).itemsize
+                    if self.dtype != "bfloat16" else 2)
+
+    # ---- run ---------------------------------------------------------------------------------
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        state = self._load_progress()
+        done = state["done"]
+        plan = self.plan()
+        remaining = sum(f.size for f in plan if f.path not in done)
+        free = shutil.disk_usage(out).free
+        if remaining + (64 << 20) > free:
+            raise BundleError(f"{out}: needs about {remaining / 1e9:.2f} GB more but only {free / 1e9:.2f} GB is free; "
+                              "free some space or choose another -o directory")
+        if done:
+            self.log(f"resuming: {len(done)} of {len(plan)} files already converted")
+        L_total = self.cfg.num_hidden_layers
+        todo_bytes = sum(self.src.bytes_per_layer(L) for L in range(L_total)
+                         if expert_path(L) not in done or dense_layer_path(L) not in done)
+        t0 = time.perf_counter()
+        read_bytes = 0
+        with tqdm(total=todo_bytes, unit="B", unit_scale=True, desc="convert", disable=not self.progress) as bar:
+            for L in range(L_total):
+                if expert_path(L) in done and dense_layer_path(L) in done:
+                    continue
+                bar.set_postfix_str(f"layer {L + 1}/{L_total}")
+                if expert_path(L) not in done:
+                    done[expert_path(L)] = self._write_experts(L)
+                    self._save_progress(state)
+                if dense_layer_path(L) not in done:
+                    size, sha, q = self._write_dense(L, self.out / dense_layer_path(L))
+                    done[dense_layer_path(L)] = {"size": size, "sha256": sha}
+                    state["quantized"].update(q)
+                    self._save_progress(state)
+                b = self.src.bytes_per_layer(L)
+                read_bytes += b
+                bar.update(b)
+            if DENSE_GLOBAL not in done:
+                size, sha, q = self._write_dense(None, self.out / DENSE_GLOBAL)
+                done[DENSE_GLOBAL] = {"size": size, "sha256": sha}
+                state["quantized"].update(q)
+                self._save_progress(state)
+        for name in ["config.json", *copy_tokenizer_files(self.src.path)]:
+            done[name] = self._copy(self.src.path / name, out / name)
+        manifest = self._manifest(state)
+        validate_manifest(manifest, out / MANIFEST)
+        write_json_atomic(out / MANIFEST, manifest)
+        (out / PROGRESS).unlink(missing_ok=True)
+        dt = time.perf_counter() - t0
+        total = sum(f["size"] for f in manifest["files"])
+        self.log(f"done: {out} ({total / 1e9:.3f} GB in {len(manifest['files'])} files; "
+                 f"{L_total} layers x {self.cfg.num_experts} experts at "
+                 f"{'float ' + self.dtype if self.quant.bits is None else str(self.quant.bits) + '-bit'}; "
+                 f"read {read_bytes / 1e9:.3f} GB in {dt:.1f} s = {read_bytes / max(dt, 1e-9) / 1e9:.2f} GB/s)")
+        return out
+
+    def _load_progress(self) -> dict:
+        p = self.out / PROGRESS
+        key = self.plan_key()
+        if (self.out / MANIFEST).exists():
+            m = json.loads((self.out / MANIFEST).read_text())
+            if m.get("conversion") == _digest(key):
+                return {"key": key, "done": {f["path"]: {"size": f["size"], "sha256": f["sha256"]} for f in m["files"]},
+                        "quantized": m["dense"].get("quantized", {})}
+            raise BundleError(f"{self.out} already holds a bundle converted with other settings or from another source; "
+                              "choose an empty -o directory (nothing was changed)")
+        if p.exists():
+            try:
+                state = json.loads(p.read_text())
+            except ValueError:
+                state = {}
+            if state.get("key") != json.loads(json.dumps(key)):
+                raise BundleError(f"{self.out} holds an unfinished conversion with other settings or from another "
+                                  "source; re-run that command to finish it, or choose an empty -o directory")
+            done = {}
+            for rel, f in state.get("done", {}).items():
+                fp = self.out / rel
+                if fp.is_file() and fp.stat().st_size == f["size"]:
+                    done[rel] = f
+            state["done"] = done
+            state.setdefault("quantized", {})
+            return state
+        stray = [x.name for x in self.out.iterdir() if not x.name.endswith(".partial")]
+        if stray:
+            raise BundleError(f"{self.out} is not empty ({', '.join(sorted(stray)[:4])}...); flashmoe-convert writes only "
+                              "into an empty or new directory, or resumes its own unfinished conversion")
+        return {"key": key, "done": {}, "quantized": {}}
+
+    def _save_progress(self, state: dict) -> None:
+        write_json_atomic(self.out / PROGRESS, state)
+
+    def _copy(self, src: Path, dst: Path) -> dict:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+        return {"size": dst.stat().st_size, "sha256": sha256_file(dst)}
+
+    # ---- experts -----------------------------------------------------------------------------
+    def _write_experts(self, L: int) -> dict:
+        cfg, q = self.cfg, self.quant
+        path = self.out / expert_path(L)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        w = ExpertFileWriter(path, make_info(L, cfg.num_experts, self.comps))
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+        chunk = max(1, min(cfg.num_experts, CHUNK_BYTES // per_expert))
+        try:
+            for e0 in range(0, cfg.num_experts, chunk):
+                e1 = min(cfg.num_experts, e0 + chunk)
+                parts = self._expert_parts(L, e0, e1)
+                for i in range(e1 - e0):
+                    w.write_record({k: v[i] for k, v in parts.items()})
+            size, sha = w.close()
+        except BaseException:
+            w.abort()
+            raise
+        return {"size": size, "sha256": sha}
+
+    def _expert_parts(self, L: int, e0: int, e1: int) -> dict[str, np.ndarray]:
+        """{component name: numpy [n, ...]} for experts [e0, e1) in the bundle's representation."""
+        src, q = self.src, self.quant
+        out: dict[str, np.ndarray] = {}
+        dt = _mx_dtype(self.dtype)
+        if src.kind == "mlx" and q.bits is not None:
+            exact = all(src.expert_source_quant(L, p) == (q.bits, q.group_size) for p in PROJS)
+            if exact:
+                for proj in PROJS:
+                    raw = src.raw_expert(L, proj, e0, e1)
+                    if raw["scales"].dtype == dt:  # same bits, group and scale dtype: copy bytes unchanged
+                        for part, a in raw.items():
+                            out[f"{proj}.{part}"] = to_numpy(a)[1]
+                if len(out) == 9:
+                    return out
+                out.clear()
+        floats = src.expert_chunk(L, e0, e1)
+        for proj in PROJS:
+            wf = floats[proj].astype(dt)
+            if q.bits is None:
+                out[f"{proj}.weight"] = to_numpy(wf)[1]
+                continue
+            wq, s, b = mx.quantize(wf, group_size=q.group_size, bits=q.bits)
+            out[f"{proj}.weight"], out[f"{proj}.scales"], out[f"{proj}.biases"] = (to_numpy(a)[1] for a in (wq, s, b))
+        return out
+
+    # ---- dense -------------------------------------------------------------------------------
+    def _write_dense(self, L: int | None, path: Path) -> tuple[int, str, dict]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        src = self.src
+        w = SafetensorsWriter(path, {"format": "mlx", "flashmoe": "dense"})
+        quantized: dict[str, dict] = {}
+        names = src.dense.get(L, [])
+        present = set(names)
+        for name in sorted(names):
+            ours = classify(name)
+            if name.endswith(("_scale_inv",)) or (src.kind == "mlx" and name.endswith((".scales", ".biases"))
+                                                   and name[: -len(".scales")] + ".weight" in present):
+                continue  # consumed with their weight
+            module = ours[: -len(".weight")] if ours.endswith(".weight") else None
+            is_q_src = src.kind == "mlx" and src.tensors[name].dtype == "U32" and module is not None
+            if ZERO_CENTRED_NORMS.search(ours):
+                v = src.read(name).astype(mx.float32)
+                w.add(ours, *to_numpy(v if self.norms_shifted else v + 1.0))
+                continue
+            if ours.endswith(("A_log", "dt_bias", "linear_attn.norm.weight")):
+                w.add(ours, *to_numpy(src.read(name).astype(mx.float32)))
+                continue
+            if ours.endswith("conv1d.weight"):
+                v = src.read(name)
+                v = v.reshape(v.shape[0], -1)  # [C, 1, K] or [C, K, 1] -> [C, K]
+                w.add(ours, *to_numpy(v.astype(_mx_dtype(self.dtype))))
+                continue
+            bits = self._dense_bits_for(ours, src.tensors[name].shape, is_q_src, module)
+            if is_q_src:
+                sb, sg = src.mlx_module_quant(name[: -len(".weight")])
+                raw = {p: src.read(name[: -len("weight")] + p) for p in ("weight", "scales", "biases")}
+                if bits == (sb, sg) and raw["scales"].dtype == _mx_dtype(self.dtype):
+                    for p, a in raw.items():
+                        w.add(f"{module}.{p}", *to_numpy(a))
+                    quantized[module] = {"bits": sb, "group_size": sg}
+                    continue
+                v = mx.dequantize(raw["weight"], raw["scales"], raw["biases"], group_size=sg, bits=sb)
+            else:
+                v = src.read_float(name)
+            v = v.astype(_mx_dtype(self.dtype))
+            if bits is None:
+                w.add(ours, *to_numpy(v))
+            else:
+                qw, s, b = mx.quantize(v, group_size=bits[1], bits=bits[0])
+                for p, a in (("weight", qw), ("scales", s), ("biases", b)):
+                    w.add(f"{module}.{p}", *to_numpy(a))
+                quantized[module] = {"bits": bits[0], "group_size": bits[1]}
+        size, sha = w.close()
+        return size, sha, quantized
+
+    def _dense_bits_for(self, ours: str, shape, is_q_src: bool, module: str | None) -> tuple[int, int] | None:
+        """(bits, group) for a dense 2-D weight, or None to keep it float."""
+        if module is None or len(shape) != 2:
+            return None
+        router = module.endswith("mlp.gate") or module.endswith("shared_expert_gate")
+        bits = self.opts.dense_bits
+        if bits is None:
+            return None
+        if router:
+            bits = max(bits, MIN_ROUTER_BITS)
+        gs = self.opts.dense_group_size
+        in_f = shape[1] * 32 // self.src.mlx_module_quant(module)[0] if is_q_src else shape[1]
+        if in_f % gs:
+            return None
+        return bits, gs
+
+    # ---- manifest ----------------------------------------------------------------------------
+    def _manifest(self, state: dict) -> dict:
+        src, info = self.src, self.info0
+        files = [{"path": p, **f} for p, f in sorted(state["done"].items())]
+        prov = dict(self.provenance)
+        if "path" in prov:  # a bundle may be published: keep only the directory's name, never the user's full path
+            prov["path"] = Path(prov["path"]).name
+        prov["kind"] = src.kind
+        prov["license"] = hub_license(src.path / "README.md") or src.raw_config.get("license")
+        prov["base_model"] = prov.get("repo") or src.raw_config.get("_name_or_path") or None
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "conversion": _digest(self.plan_key()),
+            "model_type": "qwen3_5_moe",
+            "config": self.cfg.to_dict(),
+            "experts": {
+                "bits": self.quant.bits, "group_size": self.quant.group_size, "dtype": self.dtype,
+                "num_experts": self.cfg.num_experts, "data_offset": info.data_offset,
+                "record_size": info.record_size, "record_stride": info.record_stride,
+                "components": [c.to_dict() for c in self.comps],
+            },
+            "dense": {"dtype": self.dtype, "bits": self.opts.dense_bits, "group_size": self.opts.dense_group_size,
+                      "quantized": dict(sorted(state["quantized"].items()))},
+            "source": prov,
+            "skipped": src.skipped,
+            "files": files,
+        }
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def convert_checkpoint(source: str | Path, out: str | Path, bits: int | None = 4, group_size: int = 64,
+                       dtype: str | None = None, dense_bits: int | None = 8, revision: str | None = None,
+                       progress: bool = True, dry_run: bool = False,
+                       log: Callable[[str], None] | None = None) -> Path | list[PlannedFile]:
+    """Convert SOURCE (a local checkpoint directory or a Hub repo id) into a bundle at OUT.
+    With dry_run, returns the plan (files and sizes) and writes nothing."""
+    path, provenance = resolve(str(source), revision=revision, progress=progress)
+    src = Source.open(path)
+    conv = Converter(src, Path(out).expanduser(), Options(bits, group_size, dtype, dense_bits, group_size),
+                     provenance, progress=progress, log=log)
+    if dry_run:
+        return conv.plan()
+    return conv.run()

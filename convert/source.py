@@ -1,0 +1,341 @@
+"""Checkpoint sources: resolve a Hub repo id or local directory, index its safetensors lazily, and
+hand out float32 expert and dense tensors whatever the source's kind:
+
+    float   bf16/fp16/fp32 weights; experts per-expert (experts.E.gate_proj.weight) or fused
+            (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I])
+    fp8     float8_e4m3 weights with block scales `weight_scale_inv` ([out/B, in/B], B from
+            quantization_config.weight_block_size): w = fp8(w) * scale_inv
+    mlx     mlx-lm / mlx-community: quantized `switch_mlp` experts [E, out, in*b/32] with scales
+            and biases, quantized dense Linear layers, norms already shifted to (1 + w)
+
+Nothing is loaded up front: each read is one pread of exactly the bytes needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from flashmoe.format import BundleError, TextConfig
+from flashmoe.format.names import ExpertKey, classify, layer_of
+from flashmoe.format.st import TensorInfo, read_header, read_tensor
+
+# Files a conversion needs from a Hub repo: weights, configs and tokenizer; never other formats.
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                     "merges.txt", "chat_template.jinja", "chat_template.json", "LICENSE*", "README.md"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json"]
+PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def resolve(source: str, revision: str | None = None, progress: bool = True) -> tuple[Path, dict]:
+    """A local directory is used as is; anything else is a Hub repo id downloaded (resumable, cached)
+    with huggingface_hub. Returns (directory, provenance)."""
+    p = Path(source).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise BundleError(f"{source}: expected a checkpoint directory (with config.json and *.safetensors)")
+        return p, {"path": str(p.resolve()), "revision": revision}
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise BundleError(f"{source}: no such directory, and it is not a Hub repo id like Qwen/Qwen3.5-397B-A17B")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        d = snapshot_download(source, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
+                              tqdm_class=None if progress else _NoTqdm)
+    except RepositoryNotFoundError:
+        raise BundleError(f"{source}: repository not found on the Hub (or private: log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError as e:
+        raise BundleError(f"{source}: cannot download and no cached copy ({e}); check your network") from None
+    except HfHubHTTPError as e:
+        raise BundleError(f"{source}: download failed: {e}") from None
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().model_info(source, revision=revision).sha
+    except Exception:
+        sha = revision
+    return Path(d), {"repo": source, "revision": sha}
+
+
+class _NoTqdm:  # tqdm stand-in that shows nothing
+    def __init__(self, *a, **k):
+        pass
+
+    def update(self, *a):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        pass
+
+
+def fp8_e4m3_table() -> np.ndarray:
+    """float32 value of each of the 256 float8_e4m3fn bit patterns (no infinities; 0x7f/0xff are NaN)."""
+    b = np.arange(256, dtype=np.uint32)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    exp = (b >> 3) & 0xF
+    man = (b & 0x7).astype(np.float64)
+    val = np.where(exp == 0, man / 8 * 2.0 ** -6, (1 + man / 8) * 2.0 ** (exp.astype(np.float64) - 7))
+    val = sign * val
+    val[(b & 0x7F) == 0x7F] = np.nan
+    return val.astype(np.float32)
+
+
+_FP8 = None
+
+
+def to_mx(a: np.ndarray, st_dtype: str) -> mx.array:
+    """numpy array read from safetensors -> mx.array of its true dtype (float8 decoded to float32)."""
+    global _FP8
+    if st_dtype == "BF16":
+        return mx.array(a).view(mx.bfloat16)
+    if st_dtype == "F8_E4M3":
+        if _FP8 is None:
+            _FP8 = fp8_e4m3_table()
+        return mx.array(_FP8[a])
+    return mx.array(a)
+
+
+@dataclass
+class Source:
+    path: Path
+    raw_config: dict
+    config: TextConfig
+    kind: str  # float | fp8 | mlx
+    tensors: dict[str, TensorInfo]
+    dense: dict[int | None, list[str]] = field(default_factory=dict)  # layer (None = global) -> checkpoint names
+    experts: dict[int, dict[ExpertKey, str]] = field(default_factory=dict)  # layer -> key -> checkpoint name
+    skipped: dict = field(default_factory=dict)
+    mlx_quant: dict = field(default_factory=dict)
+    fp8_block: tuple[int, int] = (128, 128)
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path) -> "Source":
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise BundleError(f"{path}: config.json not found; SOURCE must be a Hugging Face checkpoint directory")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise BundleError(f"{cfg_path}: invalid JSON ({e})") from None
+        config = TextConfig.from_hf(raw)
+        files = _weight_files(path)
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            tensors.update(read_header(f))
+        qc = raw.get("quantization") or (raw.get("quantization_config") if "bits" in (raw.get("quantization_config") or {}) else None)
+        if qc and any(k.endswith(".scales") for k in tensors):
+            kind = "mlx"
+        elif (raw.get("quantization_config") or {}).get("quant_method") == "fp8" or any(
+                t.dtype == "F8_E4M3" for t in tensors.values()):
+            kind = "fp8"
+        else:
+            kind = "float"
+        src = cls(path, raw, config, kind, tensors, mlx_quant=dict(qc or {}))
+        if kind == "fp8":
+            blk = (raw.get("quantization_config") or {}).get("weight_block_size") or [128, 128]
+            src.fp8_block = (int(blk[0]), int(blk[1]))
+        src._classify()
+        return src
+
+    def _classify(self) -> None:
+        cfg = self.config
+        n_skip, vision, mtp = 0, False, False
+        for name in self.tensors:
+            c = classify(name)
+            if c is None:
+                n_skip += 1
+                vision |= "visual" in name or "vision" in name
+                mtp |= "mtp" in name
+                continue
+            if isinstance(c, ExpertKey):
+                if c.layer >= cfg.num_hidden_layers:
+                    raise BundleError(f"tensor {name} names layer {c.layer}, but the config has {cfg.num_hidden_layers}")
+                self.experts.setdefault(c.layer, {})[c] = name
+                continue
+            layer = layer_of(c)
+            if layer is not None and layer >= cfg.num_hidden_layers:
+                raise BundleError(f"tensor {name} names layer {layer}, but the config has {cfg.num_hidden_layers}")
+            self.dense.setdefault(layer, []).append(name)
+        self.skipped = {"vision": vision, "mtp": mtp, "tensors": n_skip}
+        for layer in range(cfg.num_hidden_layers):
+            self._check_expert_layer(layer)
+        for need in ("embed_tokens.weight",):
+            if not any(classify(n) == need for n in self.dense.get(None, [])):
+                raise BundleError(f"{self.path}: checkpoint has no {need}; is a weight shard missing?")
+
+    def _check_expert_layer(self, layer: int) -> None:
+        cfg = self.config
+        keys = self.experts.get(layer)
+        if not keys:
+            raise BundleError(f"{self.path}: no expert weights for layer {layer}; is a weight shard missing?")
+        H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        by_kind = {(k.expert is None, k.proj, k.part): n for k, n in keys.items()}
+        if self.kind == "mlx":
+            for proj, (o, i) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+                for part in ("weight", "scales", "biases"):
+                    n = by_kind.get((True, proj, part))
+                    if n is None:
+                        raise BundleError(f"layer {layer}: missing switch_mlp.{proj}.{part} in the MLX checkpoint")
+                    t = self.tensors[n]
+                    if t.shape[:2] != (E, o):
+                        raise BundleError(f"{n}: shape {list(t.shape)} does not match [num_experts={E}, {o}, ...] "
+                                          "from config.json; the checkpoint and its config disagree")
+            return
+        fused = any(k.expert is None for k in keys)
+        if fused:
+            gu = by_kind.get((True, "gate_up_proj", "weight"))
+            dn = by_kind.get((True, "down_proj", "weight"))
+            if gu is None or dn is None:
+                raise BundleError(f"layer {layer}: fused expert tensors incomplete (need experts.gate_up_proj "
+                                  "and experts.down_proj)")
+            self._need_shape(gu, (E, 2 * I, H))
+            self._need_shape(dn, (E, H, I))
+            return
+        for e in range(E):
+            for proj, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+                n = keys.get(ExpertKey(layer, e, proj, "weight"))
+                if n is None:
+                    raise BundleError(f"layer {layer}: expert {e} {proj} is missing (of {E} experts in config.json); "
+                                      "is a weight shard missing?")
+                self._need_shape(n, shape)
+
+    def _need_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        got = self.tensors[name].shape
+        if tuple(got) != tuple(shape):
+            raise BundleError(f"{name}: shape {list(got)} does not match {list(shape)} implied by config.json; "
+                              "the checkpoint and its config disagree")
+
+    # ---- reading ----------------------------------------------------------------------------
+    def source_dtype(self) -> str:
+        """The float dtype (bfloat16/float16/float32) the checkpoint's weights are in."""
+        st = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+        if self.kind == "mlx":
+            scales = next(n for n in self.tensors if n.endswith(".scales"))
+            return st.get(self.tensors[scales].dtype, "bfloat16")
+        for n in self.dense.get(None, []):
+            if self.tensors[n].dtype in st:
+                return st[self.tensors[n].dtype]
+        return "bfloat16"
+
+    def read(self, name: str, rows: slice | None = None) -> mx.array:
+        t = self.tensors[name]
+        return to_mx(read_tensor(t, rows), t.dtype)
+
+    def _fp8_scale(self, name: str) -> str | None:
+        s = name[: -len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
+        return s if s in self.tensors else None
+
+    def read_float(self, name: str, rows: slice | None = None) -> mx.array:
+        """A weight as float (its own dtype, or float32 for fp8), with fp8 block scales applied."""
+        w = self.read(name, rows)
+        scale = self._fp8_scale(name) if self.kind == "fp8" else None
+        if scale is not None:
+            s = self.read(scale, rows).astype(mx.float32)  # [..., out/B, in/B]
+            bo, bi = self.fp8_block
+            o, i = w.shape[-2:]
+            s = mx.repeat(mx.repeat(s, bo, axis=-2)[..., :o, :], bi, axis=-1)[..., :i]
+            w = w * s
+        return w
+
+    def mlx_module_quant(self, module: str) -> tuple[int, int]:
+        """(bits, group_size) of a quantized module of an MLX checkpoint (per-module overrides first)."""
+        q = self.mlx_quant
+        for key in (module, "language_model." + module, "model." + module):
+            if isinstance(q.get(key), dict):
+                return int(q[key]["bits"]), int(q[key]["group_size"])
+        return int(q["bits"]), int(q["group_size"])
+
+    def expert_chunk(self, layer: int, e0: int, e1: int) -> dict[str, mx.array]:
+        """Float weights of experts [e0, e1): {proj: [n, out, in]} (mlx sources: dequantized)."""
+        keys = self.experts[layer]
+        out = {}
+        if self.kind == "mlx":
+            for proj in PROJS:
+                q = self.raw_expert(layer, proj, e0, e1)
+                bits, gs = self.expert_source_quant(layer, proj)
+                out[proj] = mx.dequantize(q["weight"], q["scales"], q["biases"], group_size=gs, bits=bits)
+            return out
+        if any(k.expert is None for k in keys):
+            gu = self.read_float(keys[ExpertKey(layer, None, "gate_up_proj", "weight")], slice(e0, e1))
+            inter = gu.shape[1] // 2
+            return {"gate_proj": gu[:, :inter], "up_proj": gu[:, inter:],
+                    "down_proj": self.read_float(keys[ExpertKey(layer, None, "down_proj", "weight")], slice(e0, e1))}
+        for proj in PROJS:
+            out[proj] = mx.stack([self.read_float(keys[ExpertKey(layer, e, proj, "weight")]) for e in range(e0, e1)])
+        return out
+
+    def raw_expert(self, layer: int, proj: str, e0: int, e1: int) -> dict[str, mx.array]:
+        """MLX sources: the stored quantized parts of experts [e0, e1) of one projection, untouched."""
+        keys = self.experts[layer]
+        return {part: self.read(keys[ExpertKey(layer, None, proj, part)], slice(e0, e1))
+                for part in ("weight", "scales", "biases")}
+
+    def expert_source_quant(self, layer: int, proj: str) -> tuple[int, int]:
+        name = self.experts[layer][ExpertKey(layer, None, proj, "weight")]
+        module = name[: -len(".weight")]
+        bits, gs = self.mlx_module_quant(module)
+        cfg = self.config
+        in_f = cfg.moe_intermediate_size if proj == "down_proj" else cfg.hidden_size
+        if self.tensors[name].shape[-1] * 32 != in_f * bits:
+            raise BundleError(f"{name}: packed width {self.tensors[name].shape[-1]} does not match {bits}-bit "
+                              f"quantization of {in_f} inputs; config.json's quantization is wrong")
+        return bits, gs
+
+    def bytes_per_layer(self, layer: int) -> int:
+        names = list(self.experts.get(layer, {}).values()) + self.dense.get(layer, [])
+        return sum(self.tensors[n].nbytes for n in names)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = sorted(path.glob("*.safetensors.index.json"))
+    if index:
+        try:
+            wm = json.loads(index[0].read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise BundleError(f"{index[0]}: malformed index ({e})") from None
+        files = sorted({path / f for f in wm.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise BundleError(f"{path}: weight files listed in {index[0].name} are missing: {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''}. Re-run the download (it resumes).")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise BundleError(f"{path}: no *.safetensors weight files found")
+    return files
+
+
+def copy_tokenizer_files(src: Path, names=TOKENIZER_FILES) -> list[str]:
+    return [n for n in names if (src / n).is_file()]
+
+
+def hub_license(raw_readme: Path) -> str | None:
+    """license: field of a model card's YAML header, if any."""
+    if not raw_readme.is_file():
+        return None
+    text = raw_readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    for line in text.split("---", 2)[1].splitlines():
+        if line.strip().startswith("license:"):
+            return line.split(":", 1)[1].strip() or None
+    return None
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false")
