@@ -1,0 +1,95 @@
+"""flashmoe-publish and flashmoe-pull."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PUBLISH_EPILOG = """\
+Tokens come from HF_TOKEN or `hf auth login` (never printed). The upload resumes: if it is
+interrupted, run the same command again. Private storage on free Hub accounts is limited; a
+120-209 GB bundle needs a public repo or a paid plan.
+"""
+
+
+def _fail(prog: str, e: BaseException) -> int:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 1
+
+
+def publish_main(argv: list[str] | None = None) -> int:
+    from flashmoe.format.errors import BundleError
+
+    p = argparse.ArgumentParser(prog="flashmoe-publish", epilog=PUBLISH_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Verify a converted bundle and upload it, with a model card, to the "
+                                            "Hugging Face Hub.")
+    p.add_argument("bundle", help="bundle directory (flashmoe-convert's output)")
+    p.add_argument("repo_id", help="NAMESPACE/NAME on the Hub (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist yet)")
+    p.add_argument("--revision", help="branch to commit to (created from main if missing); default main")
+    p.add_argument("--commit-message", help="summary of the upload commit")
+    p.add_argument("--speed", help='measured speed for the model card, e.g. "9.5 tok/s on M3 Max 64 GB"')
+    p.add_argument("--retries", type=int, default=5, help="attempts per upload step on network errors (default 5)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    from .common import HubError
+    from .publish import publish_bundle
+
+    try:
+        info = publish_bundle(a.bundle, a.repo_id, private=a.private, revision=a.revision,
+                              commit_message=a.commit_message, speed=a.speed, retries=a.retries,
+                              progress=not a.quiet)
+    except KeyboardInterrupt:
+        print("flashmoe-publish: interrupted; run the same command again to resume the upload", file=sys.stderr)
+        return 130
+    except (HubError, BundleError) as e:
+        return _fail("flashmoe-publish", e)
+    except Exception as e:  # huggingface_hub errors carry the URL, never the token
+        return _fail("flashmoe-publish", f"{type(e).__name__}: {e}\nRe-run the same command to resume.")
+    url = getattr(info, "commit_url", None) or ""
+    print(f"published {a.bundle} to {a.repo_id} (commit {info.oid[:12]}) {url}".rstrip())
+    print(f"run it with: flashmoe-run {a.repo_id}")
+    return 0
+
+
+def pull_main(argv: list[str] | None = None) -> int:
+    from flashmoe.format.errors import BundleError
+
+    p = argparse.ArgumentParser(prog="flashmoe-pull",
+                                description="Download a flashmoe bundle from the Hugging Face Hub and check every "
+                                            "file against the sha256 in its manifest (repairing what does not "
+                                            "match). Prints the bundle directory.")
+    p.add_argument("repo_id", help="NAMESPACE/NAME on the Hub")
+    p.add_argument("-o", "--output", help="download into this directory instead of the Hugging Face cache")
+    p.add_argument("--revision", help="branch, tag or commit (default main)")
+    p.add_argument("--cache-dir", help="Hugging Face cache directory (default HF_HUB_CACHE)")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash every file even if it was verified before and has not changed since")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    from .common import HubError
+    from .download import pull_bundle
+
+    try:
+        path = pull_bundle(a.repo_id, revision=a.revision, local_dir=a.output, cache_dir=a.cache_dir,
+                           progress=not a.quiet, full_verify=a.verify)
+    except KeyboardInterrupt:
+        print("flashmoe-pull: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (HubError, BundleError) as e:
+        return _fail("flashmoe-pull", e)
+    except Exception as e:
+        return _fail("flashmoe-pull", f"{type(e).__name__}: {e}")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":  # python -m flashmoe.hub.cli publish|pull ...
+    cmd, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if cmd == "publish":
+        sys.exit(publish_main(rest))
+    if cmd == "pull":
+        sys.exit(pull_main(rest))
+    print("usage: python -m flashmoe.hub.cli publish|pull ARGS", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,229 @@
+"""Download a bundle from the Hub and verify it against its manifest, repairing what does not match.
+
+huggingface_hub checks only file sizes on download; the manifest (flashmoe.json) lists a sha256 for
+every file, so after `snapshot_download` every file is hashed (in parallel) and a file that does not
+match is named, deleted and downloaded again. A file that still does not match after the repairs is
+deleted too (never used) and the pull fails, naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from flashmoe.format.bundle import MANIFEST, Bundle, safe_relpath, validate_manifest
+from flashmoe.format.errors import BundleError
+
+from . import verify as _verify
+from .common import HubError, file_patterns, quiet_tqdm
+
+log = logging.getLogger("flashmoe.hub")
+
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+EXTRA_FILES = [MANIFEST, "README.md"]
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+    log.info(msg)
+
+
+def _not_found_message(repo_id: str, token_sent: bool) -> str:
+    msg = (f"{repo_id}: repository not found on the Hub, or it is private and "
+           + ("the token sent does not give access to it." if token_sent else "no token was sent."))
+    return msg + (" Check the repo id; for a private repo log in with `hf auth login` or set HF_TOKEN to a token "
+                  "with read access to it.")
+
+
+def _storage_folder(cache_dir: str | None, repo_id: str) -> Path:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    return root / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def _resolve_commit(api, repo_id: str, revision: str, cache_dir: str | None, local_dir: Path | None,
+                    token_sent: bool) -> tuple[str | None, Exception | None]:
+    """(commit sha, None) from the Hub, or (sha from the local cache or None, the connection error)."""
+    import httpx2
+    from huggingface_hub.errors import (HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        return api.repo_info(repo_id, revision=revision).sha, None
+    except RevisionNotFoundError:
+        raise HubError(f"{repo_id} has no revision {revision!r} (branch, tag or commit)") from None
+    except RepositoryNotFoundError:
+        raise HubError(_not_found_message(repo_id, token_sent)) from None
+    except (httpx2.TransportError, OfflineModeIsEnabled, HfHubHTTPError) as e:
+        if isinstance(e, HfHubHTTPError) and e.response is not None and e.response.status_code in (401, 403):
+            raise HubError(_not_found_message(repo_id, token_sent)) from None
+        err = e
+    # offline / Hub unreachable: fall back to what is on disk
+    if COMMIT_RE.match(revision):
+        return revision, err
+    if local_dir is None:
+        ref = _storage_folder(cache_dir, repo_id) / "refs" / revision
+        if ref.is_file():
+            return ref.read_text().strip(), err
+    return None, err
+
+
+def _write_ref(cache_dir: str | None, repo_id: str, revision: str, commit: str) -> None:
+    if COMMIT_RE.match(revision):
+        return
+    ref = _storage_folder(cache_dir, repo_id) / "refs" / revision
+    try:
+        if ref.is_file() and ref.read_text() == commit:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(ref.name + ".partial")
+        tmp.write_text(commit)
+        os.replace(tmp, ref)
+    except OSError as e:  # a read-only cache still works online
+        log.warning("could not record %s -> %s in the cache: %s", revision, commit, e)
+
+
+def _discard(path: Path) -> None:
+    """Delete a local copy so it can never be used: in the HF cache the snapshot entry is a symlink
+    into blobs/, and both go."""
+    try:
+        if path.is_symlink():
+            target = path.resolve()
+            path.unlink()
+            if target.is_file():
+                target.unlink()
+        elif path.exists():
+            path.unlink()
+    except OSError as e:
+        log.warning("could not delete %s: %s", path, e)
+
+
+def _read_manifest(path: Path, where: str) -> dict:
+    try:
+        m = json.loads(path.read_text())
+        validate_manifest(m, where)
+        for f in m["files"]:
+            safe_relpath(f["path"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HubError(f"{where}: flashmoe.json is not valid JSON ({e}); the published bundle is corrupt") from None
+    except BundleError as e:
+        raise HubError(str(e)) from None
+    return m
+
+
+def pull_bundle(repo_id: str, *, revision: str | None = None, local_dir: str | os.PathLike | None = None,
+                cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                endpoint: str | None = None, progress: bool = True, full_verify: bool = False,
+                max_repairs: int = 2, max_workers: int = 8) -> Path:
+    """Download bundle `repo_id` (at `revision`, default main) and verify it; returns its directory.
+
+    Without `local_dir` the files go into the Hugging Face cache (HF_HUB_CACHE) and the returned path
+    is the snapshot folder (symlinks into blobs/). Only the files the manifest lists, the manifest
+    and README.md are downloaded. A pull of a bundle that is already complete and verified makes one
+    small API call (to resolve the revision) and hashes nothing. `full_verify` re-hashes every file.
+    """
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.utils import get_token
+
+    if not REPO_ID_RE.match(repo_id):
+        raise HubError(f"{repo_id!r} is not a Hub repo id (expected NAMESPACE/NAME)")
+    revision = revision or "main"
+    local_dir = Path(local_dir).expanduser().resolve() if local_dir is not None else None
+    cache_dir = str(Path(cache_dir).expanduser()) if cache_dir is not None else None
+    api = HfApi(endpoint=endpoint, token=token)
+    token_sent = bool(token) if token is not None else get_token() is not None
+    tqdm_class = None if progress else quiet_tqdm()
+    where = dict(cache_dir=cache_dir, local_dir=str(local_dir) if local_dir else None)
+    common = dict(repo_id=repo_id, endpoint=endpoint, token=token, **where)
+
+    commit, offline_error = _resolve_commit(api, repo_id, revision, cache_dir, local_dir, token_sent)
+    if commit is None:
+        if local_dir is not None and (local_dir / MANIFEST).is_file():
+            commit = None  # use the local copy as it is (verified below)
+        else:
+            raise HubError(f"cannot reach the Hub ({type(offline_error).__name__}: {offline_error}) and there is no "
+                           f"downloaded copy of {repo_id}@{revision}; connect and re-run") from None
+    try:
+        if commit is None:
+            manifest_path = local_dir / MANIFEST
+        else:
+            manifest_path = Path(hf_hub_download(filename=MANIFEST, revision=commit, tqdm_class=tqdm_class,
+                                                 local_files_only=offline_error is not None, **common))
+    except EntryNotFoundError:
+        raise HubError(f"{repo_id}@{commit[:12]} has no {MANIFEST}: it is not a flashmoe bundle, or its upload did "
+                       "not finish (flashmoe-publish commits the manifest last)") from None
+    except LocalEntryNotFoundError:
+        raise HubError(f"cannot reach the Hub ({offline_error}) and {repo_id}@{revision} is not in the local cache; "
+                       "connect and re-run") from None
+    bundle_dir = manifest_path.parent
+    manifest = _read_manifest(manifest_path, f"{repo_id}@{(commit or 'local')[:12]}")
+    names = sorted(safe_relpath(f["path"]) for f in manifest["files"])
+
+    if commit is not None:
+        try:
+            snapshot_download(revision=commit, allow_patterns=file_patterns(names + EXTRA_FILES),
+                              max_workers=max_workers, tqdm_class=tqdm_class,
+                              local_files_only=offline_error is not None, **common)
+        except LocalEntryNotFoundError:
+            raise HubError(f"cannot reach the Hub ({offline_error}) and the local copy of {repo_id}@{revision} is "
+                           "incomplete; connect and re-run to finish it") from None
+        except EntryNotFoundError as e:
+            raise HubError(f"{repo_id}@{commit[:12]}: a file the manifest lists is missing from the repo ({e}); "
+                           "the published bundle is incomplete: ask the publisher to re-run flashmoe-publish") from None
+        if local_dir is None:
+            _write_ref(cache_dir, repo_id, revision, commit)
+
+    bundle = Bundle(bundle_dir, manifest)
+    bad = _verify.verify(bundle, full=full_verify, progress=progress)
+    attempt = 0
+    while bad and commit is not None and offline_error is None and attempt < max_repairs:
+        attempt += 1
+        for n, why in sorted(bad.items()):
+            _say(f"flashmoe-pull: {n}: {why}; re-downloading it (repair {attempt}/{max_repairs})", progress)
+            _discard(bundle_dir / n)
+            try:
+                hf_hub_download(filename=n, revision=commit, force_download=True, tqdm_class=tqdm_class, **common)
+            except EntryNotFoundError:
+                pass  # reported below as missing
+        bad = _verify.verify(bundle, names=sorted(bad), full=True, progress=progress)
+    if bad:
+        for n in bad:
+            _discard(bundle_dir / n)
+        listing = "; ".join(f"{n}: {why}" for n, why in sorted(bad.items()))
+        if commit is None or offline_error is not None:
+            hint = "the Hub cannot be reached to repair them; connect and re-run flashmoe-pull"
+        else:
+            hint = (f"still wrong after re-downloading {max_repairs} time(s), so the copy on the Hub is corrupt. "
+                    "The bad files were deleted, not used; ask the publisher to re-run flashmoe-publish")
+        raise HubError(f"{repo_id}@{(commit or revision)[:12]}: {len(bad)} file(s) do not match the manifest: "
+                       f"{listing}. {hint}")
+    return bundle_dir
+
+
+def looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or s.count("/") != 1 or os.sep != "/" and os.sep in s
+
+
+def resolve_bundle(path_or_repo_id: str | os.PathLike, revision: str | None = None, **kwargs) -> Path:
+    """What flashmoe-run / flashmoe.load accept: a local bundle directory (returned as it is) or a Hub
+    repo id NAMESPACE/NAME (pulled into the Hugging Face cache, verified, and its snapshot directory
+    returned). Keyword arguments go to `pull_bundle` (local_dir, cache_dir, token, progress, ...)."""
+    s = os.fspath(path_or_repo_id)
+    p = Path(s).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise HubError(f"{p} is a file; give a bundle directory or a Hub repo id")
+        return p
+    if looks_like_path(s) or not REPO_ID_RE.match(s):
+        raise HubError(f"{s}: no such bundle directory (and not a Hub repo id NAMESPACE/NAME). "
+                       f"Convert one with `flashmoe-convert SOURCE -o {s}` or pull one with `flashmoe-pull REPO_ID`.")
+    return pull_bundle(s, revision=revision, **kwargs)

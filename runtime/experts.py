@@ -1,0 +1,248 @@
+"""Routed experts, streamed from the bundle's per-layer expert files.
+
+For each MoE layer the model routes first, then calls `ExpertStreamer(layer, x, indices, scores)`:
+
+  1. the host takes the union of the experts the tokens selected (each needed expert once, however many
+     tokens chose it: batched prefill reads a layer's union exactly once);
+  2. those records are read with one `os.preadv` each (which releases the GIL) from a thread pool,
+     straight into slot buffers allocated once at load time: one MLX array per record component,
+     `[slots, *component shape]`, whose memory the reads scatter into, so there is no copy between the
+     read and the matmul. `io="mmap"` instead copies from a read-only mapping of the layer file (and drops
+     the touched pages from the process with MADV_DONTNEED, so RSS stays bounded);
+  3. `expert_block` applies them (`mx.gather_qmm` for quantized experts, `mx.gather_mm` for float ones).
+
+Resident memory is `slots * record_size` for the buffers, independent of the number of experts in the
+bundle. When a batch needs more distinct experts than there are slots, the union is processed in groups
+of `slots` experts (still one read per expert), each group computing only the (token, expert) pairs it
+holds and accumulating into the output.
+
+`expert_block` is the one function a custom kernel replaces: set FLASHMOE_KERNELS=custom to route the
+call to `flashmoe.metal.dispatch.expert_block` (same signature).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from flashmoe.format import Bundle, BundleError, ExpertFile
+
+DEFAULT_SLOTS = 32  # records held at once; 32 x 6.75 MiB = 216 MiB for the 397B at 4 bits
+SORT_THRESHOLD = 64  # (token, expert) pairs from which sorting by expert pays off in gather_(q)mm
+
+_STORAGE = {"uint32": mx.uint32, "float32": mx.uint32, "bfloat16": mx.uint16, "float16": mx.uint16}
+_TYPED = {"uint32": mx.uint32, "float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# compute
+
+
+def expert_block(x: mx.array, weights: dict[str, mx.array], indices: mx.array, scores: mx.array, *,
+                 bits: int | None, group_size: int) -> mx.array:
+    """Weighted sum of SwiGLU experts.
+
+    x        [N, H]      tokens (or gathered (token, expert) pairs with K = 1)
+    weights  {component name: [S, ...]}  the record components of S resident experts (format SPEC 3.1):
+             quantized: `gate_proj.weight|scales|biases`, `up_proj.*`, `down_proj.*`;
+             float (bits=None): `gate_proj.weight [S, I, H]`, `up_proj.weight`, `down_proj.weight [S, H, I]`
+    indices  [N, K] int32  slot (in 0..S-1) of each selected expert
+    scores   [N, K]        routing weights (already renormalised)
+    returns  [N, H] = sum_k scores[n, k] * down(silu(gate(x[n])) * up(x[n])) with expert indices[n, k]
+    """
+    N, K = indices.shape
+    xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, H]
+    do_sort = N * K >= SORT_THRESHOLD
+    if do_sort:  # flatten the pairs and group them by expert (mlx-lm's _gather_sort)
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        inv_order = mx.argsort(order)
+        xe = xe.flatten(0, -3)[order // K]  # [N*K, 1, H]
+        idx = flat[order]  # [N*K]
+    else:
+        idx = indices
+
+    def proj(h, name):
+        if bits is None:
+            return mx.gather_mm(h, weights[f"{name}.weight"].swapaxes(-1, -2), rhs_indices=idx,
+                                sorted_indices=do_sort)
+        return mx.gather_qmm(h, weights[f"{name}.weight"], weights[f"{name}.scales"], weights[f"{name}.biases"],
+                             rhs_indices=idx, transpose=True, group_size=group_size, bits=bits,
+                             sorted_indices=do_sort)
+
+    h = nn.silu(proj(xe, "gate_proj")) * proj(xe, "up_proj")  # [N, K, 1, I] (sorted: [N*K, 1, I])
+    out = proj(h.astype(x.dtype), "down_proj")  # [N, K, 1, H] (sorted: [N*K, 1, H])
+    if do_sort:
+        out = mx.unflatten(out[inv_order], 0, (N, K))
+    out = out.squeeze(-2)  # [N, K, H]
+    return (out * scores[..., None].astype(out.dtype)).sum(axis=-2).astype(x.dtype)
+
+
+def get_expert_block():
+    """The expert compute function: the builtin MLX one, or FLASHMOE_KERNELS=custom's replacement."""
+    mode = os.environ.get("FLASHMOE_KERNELS", "builtin").strip().lower() or "builtin"
+    if mode == "builtin":
+        return expert_block
+    try:
+        from flashmoe.metal.dispatch import expert_block as custom
+    except ImportError as e:
+        raise BundleError(f"FLASHMOE_KERNELS={mode} but flashmoe.metal.dispatch is unavailable ({e}); "
+                          "unset it to use the builtin kernels") from None
+    return custom
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming
+
+
+class ExpertStreamer:
+    """Reads the routed experts a layer needs into reusable slot buffers and applies them.
+
+    io: "pread" (default; measured faster, see benchmarks/bench_io.py) or "mmap".
+    """
+
+    def __init__(self, bundle: Bundle, io: str = "pread", slots: int | None = None, threads: int | None = None,
+                 stats=None):
+        if io not in ("pread", "mmap"):
+            raise BundleError(f"unknown io mode {io!r}: choose pread or mmap")
+        cfg = bundle.config
+        self.io = io
+        self.quant = bundle.expert_quant
+        self.info = bundle.expert_info(0)
+        self.num_experts = cfg.num_experts
+        # layer files: headers checked now, so a corrupt bundle fails at load, not mid-generation
+        self.files = [bundle.expert_file(layer) for layer in range(cfg.num_hidden_layers)]
+        self.maps: list[mmap.mmap | None] = [None] * len(self.files)
+        want = slots if slots is not None else max(DEFAULT_SLOTS, cfg.num_experts_per_tok)
+        self.slots = max(1, min(int(want), cfg.num_experts))
+        self.pool = ThreadPoolExecutor(max_workers=threads or min(16, max(4, cfg.num_experts_per_tok)),
+                                       thread_name_prefix="flashmoe-io")
+        self.stats = stats
+        self.reads: Counter = Counter()  # (layer, expert) -> times read; tests use it, reset() clears it
+        self.block = get_expert_block()
+        self._alloc()
+
+    # ---- buffers --------------------------------------------------------------------------
+    def _alloc(self) -> None:
+        """One MLX array per component, [slots, *shape], plus per-slot byte views for the reads."""
+        S, comps = self.slots, sorted(self.info.components, key=lambda c: c.offset)
+        self.weights: dict[str, mx.array] = {}
+        self._storage = []  # keeps the raw arrays (and thus the memory the views point at) alive
+        byte_views = {}
+        for c in comps:
+            raw = mx.zeros((S, *c.shape), _STORAGE[c.dtype])
+            typed = raw.view(_TYPED[c.dtype])  # same buffer, as the dtype the kernels want
+            mx.eval(raw, typed)
+            self._storage.append(raw)
+            self.weights[c.name] = typed
+            byte_views[c.name] = np.frombuffer(memoryview(raw), dtype=np.uint8).reshape(S, c.nbytes)
+        # iovecs per slot: component views in file order, a scratch buffer for any alignment gaps
+        gap_max = max([b.offset - (a.offset + a.nbytes) for a, b in zip(comps, comps[1:])] + [0])
+        self._scratch = np.zeros(max(gap_max, 1), np.uint8)
+        self.iov: list[list[memoryview]] = []
+        self.copy_plan: list[list[tuple[np.ndarray, int]]] = []  # (dst, offset in record) for mmap
+        for s in range(S):
+            iov, plan, pos = [], [], 0
+            for c in comps:
+                if c.offset > pos:
+                    iov.append(memoryview(self._scratch)[: c.offset - pos])
+                dst = byte_views[c.name][s]
+                iov.append(memoryview(dst))
+                plan.append((dst, c.offset))
+                pos = c.offset + c.nbytes
+            self.iov.append(iov)
+            self.copy_plan.append(plan)
+        # every view must be a live view of the MLX buffer, not a copy
+        assert all(not v.flags.owndata for v in byte_views.values())
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(a.nbytes for a in self._storage)
+
+    # ---- reading --------------------------------------------------------------------------
+    def _read_one(self, layer: int, slot: int, expert: int) -> None:
+        f = self.files[layer]
+        base = f.offset(expert)
+        size = self.info.record_size
+        if self.io == "pread":
+            got = os.preadv(f.fd, self.iov[slot], base)
+            if got != size:
+                raise BundleError(f"{f.path}: short read of expert {expert} ({got} of {size} bytes); "
+                                  "the file changed on disk, re-run flashmoe-pull to repair it")
+            return
+        mm = self.maps[layer]
+        if mm is None:
+            mm = self.maps[layer] = mmap.mmap(f.fd, 0, access=mmap.ACCESS_READ)
+        for dst, off in self.copy_plan[slot]:
+            np.copyto(dst, np.frombuffer(mm, np.uint8, count=dst.nbytes, offset=base + off))
+        if hasattr(mm, "madvise"):  # drop the mapped pages from our RSS (the page cache keeps them)
+            mm.madvise(mmap.MADV_DONTNEED, base, self.info.record_stride)
+
+    def read(self, layer: int, experts: list[int]) -> None:
+        """Read records `experts` of `layer` into slots 0..len(experts)-1 (in parallel)."""
+        t0 = time.perf_counter()
+        if len(experts) == 1:
+            self._read_one(layer, 0, experts[0])
+        else:
+            list(self.pool.map(lambda se: self._read_one(layer, *se), enumerate(experts)))
+        for e in experts:
+            self.reads[(layer, e)] += 1
+        if self.stats is not None:
+            self.stats.expert_io += time.perf_counter() - t0
+            self.stats.expert_bytes += len(experts) * self.info.record_size
+            self.stats.expert_reads += len(experts)
+
+    # ---- the call the model makes ---------------------------------------------------------
+    def __call__(self, layer: int, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
+        """x [T, H], indices [T, K] (expert ids), scores [T, K] -> routed expert output [T, H], evaluated."""
+        T, K = indices.shape
+        ids = np.array(indices)  # [T, K] on the host
+        if ids.min() < 0 or ids.max() >= self.num_experts:
+            raise BundleError(f"layer {layer}: router chose expert {int(ids.max())} outside [0, {self.num_experts})")
+        union, inv = np.unique(ids, return_inverse=True)  # sorted expert ids; inv [T*K] -> position in union
+        inv = inv.reshape(T, K)
+        q = self.quant
+        kw = dict(bits=q.bits, group_size=q.group_size)
+        if len(union) <= self.slots:  # the usual case (decode, short prompts): one read round, one call
+            self.read(layer, union.tolist())
+            t0 = time.perf_counter()
+            y = self.block(x, self.weights, mx.array(inv.astype(np.int32)), scores, **kw)
+            mx.eval(y)
+            if self.stats is not None:
+                self.stats.expert_compute += time.perf_counter() - t0
+            return y
+        # more distinct experts than slots: groups of `slots` experts, each pair computed exactly once
+        y = mx.zeros(x.shape, x.dtype)
+        for g0 in range(0, len(union), self.slots):
+            group = union[g0 : g0 + self.slots]
+            self.read(layer, group.tolist())
+            t0 = time.perf_counter()
+            tok, kk = np.nonzero((inv >= g0) & (inv < g0 + len(group)))  # the pairs this group serves
+            tok_a = mx.array(tok.astype(np.int32))
+            local = mx.array((inv[tok, kk] - g0).astype(np.int32)[:, None])  # [P, 1]
+            sc = scores[tok_a, mx.array(kk.astype(np.int32))][:, None]  # [P, 1]
+            part = self.block(x[tok_a], self.weights, local, sc, **kw)  # [P, H]
+            y = y.at[tok_a].add(part)
+            mx.eval(y)  # before the next group overwrites the slots
+            if self.stats is not None:
+                self.stats.expert_compute += time.perf_counter() - t0
+        return y
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for i, mm in enumerate(self.maps):
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
+                self.maps[i] = None
+        for f in self.files:
+            f.close()

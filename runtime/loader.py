@@ -1,0 +1,98 @@
+"""Load a bundle: dense weights resident (MLX), routed experts streamed (ExpertStreamer), tokenizer."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from flashmoe.format import Bundle, BundleError
+from flashmoe.format.config import SUPPORTED_MODEL_TYPES
+
+from .experts import ExpertStreamer
+from .model import Model, dense_weight_names
+from .tokenizer import Tokenizer
+
+
+def _resolve(path) -> Path:
+    p = Path(os.fspath(path)).expanduser()
+    if p.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):
+        return p
+    # looks like a Hub repo id of a bundle
+    try:
+        from flashmoe.hub import pull  # provided by flashmoe.hub when available
+    except ImportError:
+        raise BundleError(f"{path}: no such bundle directory (to use a Hub bundle, fetch it first with "
+                          f"`flashmoe-pull {path}`)") from None
+    return Path(pull(str(path)))
+
+
+def _load_dense(model: Model, bundle: Bundle) -> None:
+    cfg = bundle.config
+    dq = bundle.dense_quant or {}
+    quantized = dq.get("quantized") or {}
+    if quantized:
+        def pred(path, m):
+            q = quantized.get(path)
+            if q is None or not hasattr(m, "to_quantized"):
+                return False
+            return {"group_size": int(q["group_size"]), "bits": int(q["bits"])}
+
+        nn.quantize(model, class_predicate=pred)
+    weights = {}
+    for layer in [None, *range(cfg.num_hidden_layers)]:
+        weights.update(mx.load(str(bundle.dense_path(layer))))
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    want = dense_weight_names(model)
+    missing = sorted(want - set(weights))
+    extra = sorted(set(weights) - want)
+    if missing:
+        raise BundleError(f"{bundle.path}: dense weights lack {', '.join(missing[:5])}"
+                          f"{' ...' if len(missing) > 5 else ''}; the bundle is corrupt or from another converter")
+    if extra:
+        for k in extra:  # e.g. tensors a newer converter adds; ignore them rather than fail
+            weights.pop(k)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise BundleError(f"{bundle.path}: dense weights do not fit the config ({e})") from None
+    mx.eval(model.parameters())
+
+
+def load(path, experts_per_token: int | None = None, io: str = "pread", slots: int | None = None,
+         threads: int | None = None, verify: bool = False):
+    """Open a converted bundle. Returns (model, tokenizer).
+
+    experts_per_token  override the model's K (routed experts per token)
+    io                 "pread" (default, faster in benchmarks/bench_io.py) or "mmap"
+    slots              expert records held in memory at once (default 32; bounds resident memory)
+    verify             check every file's sha256 first (slow: reads the whole bundle)
+    """
+    bundle = Bundle.open(_resolve(path))
+    cfg = bundle.config
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise BundleError(f"{bundle.path}: unknown model type {cfg.model_type!r}; this flashmoe runs "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    cfg.check()
+    if verify:
+        bad = bundle.verify(progress=False)
+        if bad:
+            raise BundleError(f"{bundle.path}: {len(bad)} file(s) fail their sha256 ({', '.join(bad[:3])}); "
+                              "re-run flashmoe-pull to repair")
+    model = Model(cfg)
+    _load_dense(model, bundle)
+    if experts_per_token is not None:
+        k = int(experts_per_token)
+        if not 1 <= k <= cfg.num_experts:
+            raise BundleError(f"--experts-per-token {k} is out of range: the model has {cfg.num_experts} experts "
+                              f"(its default is {cfg.num_experts_per_tok})")
+        model.set_experts_per_token(k)
+    streamer = ExpertStreamer(bundle, io=io, slots=slots, threads=threads, stats=model.stats)
+    object.__setattr__(model, "experts", streamer)
+    object.__setattr__(model, "bundle", bundle)
+    tokenizer = Tokenizer(bundle.path, config_eos=cfg.eos_token_id)
+    return model, tokenizer

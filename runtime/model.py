@@ -1,0 +1,386 @@
+"""Qwen3.5-MoE text model in MLX: one readable file, mlx-lm style.
+
+Dense weights (attention, router, shared expert, norms, embeddings) live in these modules; routed
+experts do not: each MoE block asks an `experts` callable (runtime/experts.py) to stream the records
+its tokens selected from SSD and apply them. The module tree mirrors the bundle's dense names
+(format/SPEC.md section 4), so `load_weights` takes the bundle's safetensors as they are.
+
+Shape letters used in comments:
+
+    B batch                S tokens in this call          P past tokens (cache offset)
+    H hidden_size          V vocab_size                   T = B*S flattened tokens
+    N attention heads      Nk kv heads                    D head_dim          R rotary dims (D * partial factor)
+    Hk linear key heads    Hv linear value heads          Dk, Dv linear key / value head dims
+    C conv channels (2*Hk*Dk + Hv*Dv)                     W conv kernel width
+    E experts              K experts per token            I shared expert intermediate size
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from flashmoe.format import TextConfig
+
+# ----------------------------------------------------------------------------------------------
+# stats: wall time per stage. Stages are only separable when we synchronise at their ends, so the
+# model evaluates eagerly at stage boundaries when stats are on (`Stats.enabled`), and only where
+# it must (routing) otherwise.
+
+
+@dataclass
+class Stats:
+    enabled: bool = False
+    attention: float = 0.0  # token mixers (delta net / attention) incl. norms and residuals
+    routing: float = 0.0  # router matmul, softmax, top-k, indices to the host
+    expert_io: float = 0.0  # reading expert records
+    expert_compute: float = 0.0  # routed + shared expert matmuls
+    head: float = 0.0  # final norm + lm_head
+    expert_bytes: int = 0
+    expert_reads: int = 0
+
+    def reset(self) -> None:
+        for f in ("attention", "routing", "expert_io", "expert_compute", "head"):
+            setattr(self, f, 0.0)
+        self.expert_bytes = self.expert_reads = 0
+
+    def snapshot(self) -> dict:
+        return {f: getattr(self, f) for f in ("attention", "routing", "expert_io", "expert_compute", "head",
+                                              "expert_bytes", "expert_reads")}
+
+
+# ----------------------------------------------------------------------------------------------
+# caches
+
+
+@dataclass
+class LinearCache:
+    """Gated DeltaNet state: the last W-1 conv inputs and the recurrent state."""
+
+    conv: mx.array | None = None  # [B, W-1, C]
+    state: mx.array | None = None  # [B, Hv, Dv, Dk] float32
+
+
+@dataclass
+class KVCache:
+    """Keys/values of a full-attention layer, grown in steps to avoid a copy per token."""
+
+    keys: mx.array | None = None  # [B, Nk, cap, D]
+    values: mx.array | None = None
+    offset: int = 0
+    step: int = 256
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        B, Nk, S, D = k.shape
+        need = self.offset + S
+        if self.keys is None or need > self.keys.shape[2]:
+            cap = ((need + self.step - 1) // self.step) * self.step
+            nk = mx.zeros((B, Nk, cap, D), k.dtype)
+            nv = mx.zeros((B, Nk, cap, D), v.dtype)
+            if self.keys is not None and self.offset:
+                nk[:, :, : self.offset] = self.keys[:, :, : self.offset]
+                nv[:, :, : self.offset] = self.values[:, :, : self.offset]
+            self.keys, self.values = nk, nv
+        self.keys[:, :, self.offset : need] = k
+        self.values[:, :, self.offset : need] = v
+        self.offset = need
+        return self.keys[:, :, :need], self.values[:, :, :need]
+
+
+@dataclass
+class Cache:
+    layers: list  # LinearCache | KVCache per layer
+    offset: int = 0  # tokens seen so far (positions of the next call start here)
+
+    def state_arrays(self) -> list[mx.array]:
+        out = []
+        for c in self.layers:
+            for a in ((c.conv, c.state) if isinstance(c, LinearCache) else (c.keys, c.values)):
+                if a is not None:
+                    out.append(a)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm of Qwen3.5: the bundle stores the effective scale (1 + w) in float32, so this
+    is a plain RMSNorm computed in float32 (as the reference does) and cast back."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps).astype(x.dtype)
+
+
+class RMSNormGated(nn.Module):
+    """norm(x) * w * silu(z): the delta net's output norm (plain weight, not zero-centred)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array, z: mx.array) -> mx.array:
+        y = mx.fast.rms_norm(x.astype(mx.float32), None, self.eps).astype(x.dtype) * self.weight.astype(x.dtype)
+        return (y.astype(mx.float32) * nn.silu(z.astype(mx.float32))).astype(x.dtype)
+
+
+class DepthwiseConv(nn.Module):
+    """Holds the causal depthwise conv1d weight as the bundle stores it: [C, W]."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.weight = mx.zeros((channels, kernel))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
+    return x * mx.rsqrt((x * x).sum(-1, keepdims=True) + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# token mixers
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention with the gated delta rule (Qwen3-Next / Qwen3.5 `linear_attention` layers)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.Hk, self.Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.Dk, self.Dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.W = cfg.linear_conv_kernel_dim
+        self.key_dim, self.value_dim, C = cfg.key_dim, cfg.value_dim, cfg.conv_dim
+        H = cfg.hidden_size
+        self.in_proj_qkv = nn.Linear(H, C, bias=False)
+        self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(H, self.Hv, bias=False)
+        self.in_proj_a = nn.Linear(H, self.Hv, bias=False)
+        self.conv1d = DepthwiseConv(C, self.W)
+        self.dt_bias = mx.ones((self.Hv,))
+        self.A_log = mx.zeros((self.Hv,))
+        self.norm = RMSNormGated(self.Dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+
+    def __call__(self, x: mx.array, cache: LinearCache) -> mx.array:
+        B, S, _ = x.shape
+        qkv = self.in_proj_qkv(x)  # [B, S, C]
+        z = self.in_proj_z(x).reshape(B, S, self.Hv, self.Dv)
+        b = self.in_proj_b(x)  # [B, S, Hv]
+        a = self.in_proj_a(x)  # [B, S, Hv]
+
+        # causal depthwise conv over [previous W-1 inputs, this call's inputs]
+        W = self.W
+        prev = cache.conv if cache.conv is not None else mx.zeros((B, W - 1, qkv.shape[-1]), qkv.dtype)
+        xp = mx.concatenate([prev, qkv], axis=1)  # [B, S+W-1, C]
+        cache.conv = xp[:, -(W - 1):]
+        w = self.conv1d.weight.astype(qkv.dtype)  # [C, W]
+        conv = xp[:, 0:S] * w[:, 0]
+        for j in range(1, W):
+            conv = conv + xp[:, j : j + S] * w[:, j]
+        conv = nn.silu(conv)  # [B, S, C]
+
+        q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)
+        f32 = mx.float32
+        q = q.reshape(B, S, self.Hk, self.Dk).astype(f32)
+        k = k.reshape(B, S, self.Hk, self.Dk).astype(f32)
+        v = v.reshape(B, S, self.Hv, self.Dv).astype(f32)
+        q = l2norm(q) * (self.Dk ** -0.5)  # [B, S, Hk, Dk]
+        k = l2norm(k)
+        beta = mx.sigmoid(b.astype(f32))  # [B, S, Hv]
+        # decay g = -exp(A_log) * softplus(a + dt_bias) in log space; the kernel takes exp(g)
+        g = -mx.exp(self.A_log.astype(f32)) * nn.softplus(a.astype(f32) + self.dt_bias.astype(f32))
+        state = cache.state
+        if state is None:
+            state = mx.zeros((B, self.Hv, self.Dv, self.Dk), f32)
+        # mx.fast.gated_delta_update: q, k [B,S,Hk,Dk] (k heads repeated to v heads inside, like
+        # repeat_interleave), v [B,S,Hv,Dv], gamma = exp(g), beta [B,S,Hv], state [B,Hv,Dv,Dk]; it does
+        # no normalisation or scaling itself (checked against a plain recurrence in tests).
+        out, cache.state = mx.fast.gated_delta_update(q, k, v, mx.exp(g), beta, state)  # [B, S, Hv, Dv]
+        out = self.norm(out.astype(x.dtype), z)
+        return self.out_proj(out.reshape(B, S, self.value_dim))
+
+
+class Attention(nn.Module):
+    """Gated full attention: q_proj yields query and gate per head; q/k RMSNorm; partial RoPE; GQA."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.N, self.Nk, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.R = cfg.rotary_dim
+        self.theta = cfg.rope_theta
+        H, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(H, self.N * self.D * 2, bias=bias)
+        self.k_proj = nn.Linear(H, self.Nk * self.D, bias=bias)
+        self.v_proj = nn.Linear(H, self.Nk * self.D, bias=bias)
+        self.o_proj = nn.Linear(self.N * self.D, H, bias=bias)
+        self.q_norm = RMSNorm(self.D, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        B, S, _ = x.shape
+        N, Nk, D = self.N, self.Nk, self.D
+        qg = self.q_proj(x).reshape(B, S, N, 2 * D)
+        q, gate = qg[..., :D], qg[..., D:]  # [B, S, N, D] each
+        gate = gate.reshape(B, S, N * D)
+        q = self.q_norm(q).transpose(0, 2, 1, 3)  # [B, N, S, D]
+        k = self.k_norm(self.k_proj(x).reshape(B, S, Nk, D)).transpose(0, 2, 1, 3)  # [B, Nk, S, D]
+        v = self.v_proj(x).reshape(B, S, Nk, D).transpose(0, 2, 1, 3)  # [B, Nk, S, D]
+        # rotate_half-style (non-interleaved) RoPE on the first R dims; the rest pass through
+        q = mx.fast.rope(q, self.R, traditional=False, base=self.theta, scale=1.0, offset=cache.offset)
+        k = mx.fast.rope(k, self.R, traditional=False, base=self.theta, scale=1.0, offset=cache.offset)
+        k, v = cache.update(k, v)  # [B, Nk, P+S, D]
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask="causal" if S > 1 else None)
+        out = out.transpose(0, 2, 1, 3).reshape(B, S, N * D)  # [B, S, N*D]
+        return self.o_proj(out * mx.sigmoid(gate))
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE block
+
+ExpertsFn = Callable[[int, mx.array, mx.array, mx.array], mx.array]
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (softmax over all experts in fp32, top-k, renormalised) + streamed routed experts +
+    sigmoid-gated shared expert. Routed expert weights are not parameters of this module."""
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """x [T, H] -> (indices [T, K] int32, scores [T, K] in x.dtype)."""
+        k = self.top_k
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)  # [T, E]
+        inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k]  # [T, K]
+        scores = mx.take_along_axis(probs, inds, axis=-1)
+        scores = scores / scores.sum(-1, keepdims=True)
+        return inds.astype(mx.int32), scores.astype(x.dtype)
+
+    def __call__(self, x: mx.array, experts: ExpertsFn, stats: Stats) -> mx.array:
+        B, S, H = x.shape
+        xf = x.reshape(B * S, H)  # [T, H]
+        t0 = time.perf_counter()
+        inds, scores = self.route(xf)
+        mx.eval(inds, scores)  # the host needs the indices to read the experts
+        stats.routing += time.perf_counter() - t0
+        y = experts(self.layer, xf, inds, scores)  # [T, H], evaluated (its buffers get reused)
+        t0 = time.perf_counter()
+        shared = mx.sigmoid(self.shared_expert_gate(xf)) * self.shared_expert(xf)  # [T, H]
+        out = y + shared
+        if stats.enabled:
+            mx.eval(out)
+        stats.expert_compute += time.perf_counter() - t0
+        return out.reshape(B, S, H)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.is_linear = cfg.is_linear(layer)
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = Attention(cfg)
+        self.mlp = SparseMoeBlock(cfg, layer)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache, experts: ExpertsFn, stats: Stats) -> mx.array:
+        t0 = time.perf_counter()
+        h = self.input_layernorm(x)
+        h = self.linear_attn(h, cache) if self.is_linear else self.self_attn(h, cache)
+        x = x + h
+        h = self.post_attention_layernorm(x)
+        if stats.enabled:
+            mx.eval(h)
+        stats.attention += time.perf_counter() - t0
+        return x + self.mlp(h, experts, stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+class Model(nn.Module):
+    """Qwen3.5-MoE causal LM without its routed experts. Call with token ids [B, S] and a Cache; returns
+    logits [B, S, V] (or [B, 1, V] with last_only=True). Set `experts` before calling."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # plain attributes (not parameters): the expert source and the stats
+        object.__setattr__(self, "experts", None)
+        object.__setattr__(self, "stats", Stats())
+
+    # ---- experts per token ----------------------------------------------------------------
+    @property
+    def experts_per_token(self) -> int:
+        return self.layers[0].mlp.top_k
+
+    def set_experts_per_token(self, k: int) -> None:
+        for layer in self.layers:
+            layer.mlp.top_k = int(k)
+
+    # ---- cache ----------------------------------------------------------------------------
+    def make_cache(self) -> Cache:
+        return Cache([LinearCache() if layer.is_linear else KVCache() for layer in self.layers])
+
+    # ---- forward --------------------------------------------------------------------------
+    def __call__(self, ids: mx.array, cache: Cache, last_only: bool = False) -> mx.array:
+        if self.experts is None:
+            raise RuntimeError("Model.experts is not set; load the model with flashmoe.load")
+        stats = self.stats
+        x = self.embed_tokens(ids)  # [B, S, H]
+        for layer, c in zip(self.layers, cache.layers):
+            x = layer(x, c, self.experts, stats)
+        cache.offset += ids.shape[1]
+        t0 = time.perf_counter()
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        logits = self.lm_head(x) if "lm_head" in self else self.embed_tokens.as_linear(x)  # [B, S|1, V]
+        if stats.enabled:
+            mx.eval(logits)
+        stats.head += time.perf_counter() - t0
+        return logits
+
+
+def dense_weight_names(model: Model) -> set[str]:
+    """Names the bundle's dense files must provide for this model (for error messages)."""
+    from mlx.utils import tree_flatten
+
+    return {k for k, _ in tree_flatten(model.parameters())}
+
+
+__all__ = ["Model", "Cache", "KVCache", "LinearCache", "Stats", "dense_weight_names"]

@@ -1,0 +1,140 @@
+"""The bundle's tokenizer (tokenizer.json through the `tokenizers` library), its chat template (jinja2,
+from chat_template.jinja or tokenizer_config.json) and a streaming detokenizer."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from flashmoe.format import BundleError
+
+
+def _token_str(v) -> str | None:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict):  # {"content": "<|im_end|>", ...}
+        return v.get("content")
+    return None
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path, config_eos: list[int] | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise BundleError(f"{path}: tokenizer.json is missing; the bundle needs the source's tokenizer files")
+        try:
+            self._tok = HFTokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises a plain Exception on malformed JSON
+            raise BundleError(f"{tj}: cannot be read ({e}); re-pull or re-convert the bundle") from None
+        cfg = {}
+        tc = path / "tokenizer_config.json"
+        if tc.is_file():
+            try:
+                cfg = json.loads(tc.read_text())
+            except ValueError as e:
+                raise BundleError(f"{tc}: not valid JSON ({e})") from None
+        self.config = cfg
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        template = None
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        elif isinstance(cfg.get("chat_template"), str):
+            template = cfg["chat_template"]
+        elif isinstance(cfg.get("chat_template"), list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in cfg["chat_template"] if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        self.chat_template = template
+        eos = set(config_eos or [])
+        gc = path / "generation_config.json"
+        if gc.is_file():
+            try:
+                g = json.loads(gc.read_text()).get("eos_token_id")
+                eos |= set([g] if isinstance(g, int) else (g or []))
+            except ValueError:
+                pass
+        if self.eos_token is not None:
+            i = self._tok.token_to_id(self.eos_token)
+            if i is not None:
+                eos.add(i)
+        self.eos_token_ids: set[int] = {int(e) for e in eos}
+        self._template = None
+
+    # ---- basic ----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, s: str) -> int | None:
+        return self._tok.token_to_id(s)
+
+    # ---- chat -----------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        if not self.chat_template:
+            raise BundleError("the bundle has no chat template (chat_template.jinja or tokenizer_config.json); "
+                              "pass --no-chat-template to use the raw prompt")
+        if self._template is None:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg):
+                raise TemplateError(msg)
+
+            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                                  sort_keys=sort_keys)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = tojson
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            try:
+                self._template = env.from_string(self.chat_template)
+            except TemplateError as e:
+                raise BundleError(f"the bundle's chat template does not parse ({e})") from None
+        from jinja2 import TemplateError
+
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+        except TemplateError as e:
+            raise BundleError(f"chat template failed: {e}") from None
+
+
+class StreamingDetokenizer:
+    """Turns a growing token list into text deltas; never emits half of a UTF-8 character that spans tokens
+    (the decoded text of an incomplete byte sequence ends in U+FFFD, which we hold back)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # decode from here (a little context keeps leading spaces right)
+        self.read = 0  # tokens already turned into text
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
+        new_text = self.tok.decode(self.ids[self.prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text):]
+            self.prefix, self.read = self.read, len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
+        new_text = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""

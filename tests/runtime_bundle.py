@@ -1,0 +1,127 @@
+"""Test helper: write a flashmoe bundle straight from an in-memory transformers model (independent of
+flashmoe.convert, so runtime tests do not depend on the converter), and build the matching torch
+reference for quantized experts (dequantized weights)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from flashmoe.format import DENSE_GLOBAL, ExpertFileWriter, ExpertQuant, TextConfig, dense_layer_path, expert_path
+from flashmoe.format.bundle import sha256_file, write_json_atomic
+from flashmoe.format.experts import make_info
+from flashmoe.format.layout import expert_components
+from flashmoe.format.names import ZERO_CENTRED_NORMS, layer_of
+
+_NP = {"float32": np.float32, "float16": np.float16}
+
+
+def _expert_weights(model):
+    """{layer: (gate [E, I, H], up [E, I, H], down [E, H, I])} as float32 numpy."""
+    cfg = model.config
+    sd = model.state_dict()
+    out = {}
+    for L in range(cfg.num_hidden_layers):
+        gu = sd[f"model.layers.{L}.mlp.experts.gate_up_proj"].detach().float().numpy()
+        inter = gu.shape[1] // 2
+        out[L] = (gu[:, :inter], gu[:, inter:], sd[f"model.layers.{L}.mlp.experts.down_proj"].detach().float().numpy())
+    return out
+
+
+def quantize(w: np.ndarray, bits: int, group_size: int, dtype: str = "float32"):
+    """mx.quantize (MLX affine, as SPEC 3.2) -> numpy (packed uint32, scales, biases)."""
+    q, s, b = mx.quantize(mx.array(w), group_size=group_size, bits=bits)
+    mdt = getattr(mx, dtype)
+    return np.array(q), np.array(s.astype(mdt)), np.array(b.astype(mdt))
+
+
+def write_bundle(model, out: Path, bits: int | None = None, group_size: int = 64, dtype: str = "float32",
+                 tokenizer: bool = True) -> Path:
+    """Write `model` (a transformers Qwen3_5MoeForCausalLM, fp32) as a bundle at `out`."""
+    from tiny import save_tokenizer
+
+    out = Path(out)
+    (out / "dense").mkdir(parents=True, exist_ok=True)
+    (out / "experts").mkdir(parents=True, exist_ok=True)
+    hf = json.loads(model.config.to_json_string())
+    cfg = TextConfig.from_hf(hf)
+    (out / "config.json").write_text(json.dumps(hf, indent=1))
+    if tokenizer:
+        save_tokenizer(out, cfg.vocab_size)
+
+    # dense tensors
+    dense: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in model.state_dict().items():
+        if ".mlp.experts." in k:
+            continue
+        name = k[len("model."):] if k.startswith("model.") else k
+        a = v.detach().float().numpy()
+        if ZERO_CENTRED_NORMS.search(name):
+            a = (a + 1.0).astype(np.float32)
+        elif name.endswith("conv1d.weight"):
+            a = a[:, 0, :]  # [C, 1, W] -> [C, W]
+        elif name.endswith(("A_log", "dt_bias", "linear_attn.norm.weight")):
+            a = a.astype(np.float32)
+        L = layer_of(name)
+        rel = DENSE_GLOBAL if L is None else dense_layer_path(L)
+        dense.setdefault(rel, {})[name] = np.ascontiguousarray(a)
+    if cfg.tie_word_embeddings:
+        dense[DENSE_GLOBAL].pop("lm_head.weight", None)
+    for rel, tensors in dense.items():
+        mx.save_safetensors(str(out / rel), {k: mx.array(v) for k, v in tensors.items()})
+
+    # experts
+    q = ExpertQuant(bits, group_size, dtype)
+    comps = expert_components(cfg.hidden_size, cfg.moe_intermediate_size, q)
+    info = None
+    for L, (g, u, d) in _expert_weights(model).items():
+        info = make_info(L, cfg.num_experts, comps)
+        w = ExpertFileWriter(out / expert_path(L), info)
+        for e in range(cfg.num_experts):
+            parts = {}
+            for proj, t in (("gate_proj", g[e]), ("up_proj", u[e]), ("down_proj", d[e])):
+                if bits is None:
+                    parts[f"{proj}.weight"] = t.astype(_NP[dtype])
+                else:
+                    parts[f"{proj}.weight"], parts[f"{proj}.scales"], parts[f"{proj}.biases"] = quantize(
+                        t, bits, group_size, dtype)
+            w.write_record(parts)
+        w.close()
+
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    files = [f for f in files if f not in ("flashmoe.json", "README.md")]
+    manifest = {
+        "format": "flashmoe-bundle",
+        "format_version": 1,
+        "config": cfg.to_dict(),
+        "experts": {"bits": bits, "group_size": group_size, "dtype": dtype, "num_experts": cfg.num_experts,
+                    "data_offset": info.data_offset, "record_size": info.record_size,
+                    "record_stride": info.record_stride, "components": [c.to_dict() for c in comps]},
+        "dense": {"dtype": "float32", "bits": None, "group_size": group_size, "quantized": {}},
+        "source": {"path": "test", "kind": "float"},
+        "skipped": {"vision": False, "mtp": False, "tensors": 0},
+        "files": [{"path": f, "size": (out / f).stat().st_size, "sha256": sha256_file(out / f)} for f in files],
+    }
+    write_json_atomic(out / "flashmoe.json", manifest)
+    return out
+
+
+def dequantized_reference(model, bits: int, group_size: int = 64, dtype: str = "float32"):
+    """A copy of `model` whose routed experts hold exactly the weights a `bits` bundle decodes to."""
+    import torch
+
+    ref = copy.deepcopy(model)
+    for L, (g, u, d) in _expert_weights(model).items():
+        deq = []
+        for t in (g, u, d):
+            qq, s, b = (mx.array(a) for a in quantize(t, bits, group_size, dtype))
+            deq.append(np.array(mx.dequantize(qq, s, b, group_size=group_size, bits=bits).astype(mx.float32)))
+        experts = ref.model.layers[L].mlp.experts
+        with torch.no_grad():
+            experts.gate_up_proj.copy_(torch.from_numpy(np.concatenate([deq[0], deq[1]], axis=1)))
+            experts.down_proj.copy_(torch.from_numpy(deq[2]))
+    return ref
