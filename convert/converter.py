@@ -14,6 +14,7 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -210,25 +211,41 @@ class Converter:
 
     # ---- experts -----------------------------------------------------------------------------
     def _write_experts(self, L: int) -> dict:
-        cfg, q = self.cfg, self.quant
+        """Three stages overlap: preads of chunk i+1 and writes of chunk i-1 run in threads while the
+        main thread (the only one touching MLX) quantizes chunk i."""
+        cfg = self.cfg
         path = self.out / expert_path(L)
         path.parent.mkdir(parents=True, exist_ok=True)
         w = ExpertFileWriter(path, make_info(L, cfg.num_experts, self.comps))
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
         chunk = max(1, min(cfg.num_experts, CHUNK_BYTES // per_expert))
+        chunks = [(e0, min(cfg.num_experts, e0 + chunk)) for e0 in range(0, cfg.num_experts, chunk)]
+
+        def write(parts, n):
+            for i in range(n):
+                w.write_record({k: v[i] for k, v in parts.items()})
+
         try:
-            for e0 in range(0, cfg.num_experts, chunk):
-                e1 = min(cfg.num_experts, e0 + chunk)
-                parts = self._expert_parts(L, e0, e1)
-                for i in range(e1 - e0):
-                    w.write_record({k: v[i] for k, v in parts.items()})
+            with ThreadPoolExecutor(2, thread_name_prefix="flashmoe-io") as pool:
+                reading = pool.submit(self.src.fetch, self.src.expert_reads(L, *chunks[0]))
+                writing = None
+                for i, (e0, e1) in enumerate(chunks):
+                    fetched = reading.result()
+                    if i + 1 < len(chunks):
+                        reading = pool.submit(self.src.fetch, self.src.expert_reads(L, *chunks[i + 1]))
+                    parts = self._expert_parts(L, e0, e1, fetched)
+                    del fetched
+                    if writing is not None:
+                        writing.result()
+                    writing = pool.submit(write, parts, e1 - e0)
+                writing.result()
             size, sha = w.close()
         except BaseException:
             w.abort()
             raise
         return {"size": size, "sha256": sha}
 
-    def _expert_parts(self, L: int, e0: int, e1: int) -> dict[str, np.ndarray]:
+    def _expert_parts(self, L: int, e0: int, e1: int, fetched: dict | None = None) -> dict[str, np.ndarray]:
         """{component name: numpy [n, ...]} for experts [e0, e1) in the bundle's representation."""
         src, q = self.src, self.quant
         out: dict[str, np.ndarray] = {}
@@ -237,14 +254,14 @@ class Converter:
             exact = all(src.expert_source_quant(L, p) == (q.bits, q.group_size) for p in PROJS)
             if exact:
                 for proj in PROJS:
-                    raw = src.raw_expert(L, proj, e0, e1)
+                    raw = src.raw_expert(L, proj, e0, e1, fetched)
                     if raw["scales"].dtype == dt:  # same bits, group and scale dtype: copy bytes unchanged
                         for part, a in raw.items():
                             out[f"{proj}.{part}"] = to_numpy(a)[1]
                 if len(out) == 9:
                     return out
                 out.clear()
-        floats = src.expert_chunk(L, e0, e1)
+        floats = src.expert_chunk(L, e0, e1, fetched)
         for proj in PROJS:
             wf = floats[proj].astype(dt)
             if q.bits is None:

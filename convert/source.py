@@ -232,20 +232,41 @@ class Source:
                 return st[self.tensors[n].dtype]
         return "bfloat16"
 
-    def read(self, name: str, rows: slice | None = None) -> mx.array:
+    def read(self, name: str, rows: slice | None = None, fetched: dict | None = None) -> mx.array:
+        """A tensor (or rows of it) as mx.array; taken from `fetched` (see fetch) when it is there."""
         t = self.tensors[name]
-        return to_mx(read_tensor(t, rows), t.dtype)
+        key = (name, None if rows is None else (rows.start, rows.stop))
+        a = fetched.get(key) if fetched else None
+        return to_mx(read_tensor(t, rows) if a is None else a, t.dtype)
+
+    def expert_reads(self, layer: int, e0: int, e1: int) -> list[tuple[str, slice | None]]:
+        """Every (tensor, rows) that converting experts [e0, e1) of `layer` reads."""
+        keys = self.experts[layer]
+        rows = slice(e0, e1)
+        if self.kind == "mlx":
+            return [(keys[ExpertKey(layer, None, p, part)], rows) for p in PROJS for part in ("weight", "scales", "biases")]
+        if any(k.expert is None for k in keys):
+            names = [(keys[ExpertKey(layer, None, p, "weight")], rows) for p in ("gate_up_proj", "down_proj")]
+        else:
+            names = [(keys[ExpertKey(layer, e, p, "weight")], None) for e in range(e0, e1) for p in PROJS]
+        if self.kind == "fp8":
+            names += [(self._fp8_scale(n), r) for n, r in names if self._fp8_scale(n)]
+        return names
+
+    def fetch(self, reads: list[tuple[str, slice | None]]) -> dict:
+        """Do the I/O of `reads` (pure preads, no MLX: safe in a background thread)."""
+        return {(n, None if r is None else (r.start, r.stop)): read_tensor(self.tensors[n], r) for n, r in reads}
 
     def _fp8_scale(self, name: str) -> str | None:
         s = name[: -len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
         return s if s in self.tensors else None
 
-    def read_float(self, name: str, rows: slice | None = None) -> mx.array:
+    def read_float(self, name: str, rows: slice | None = None, fetched: dict | None = None) -> mx.array:
         """A weight as float (its own dtype, or float32 for fp8), with fp8 block scales applied."""
-        w = self.read(name, rows)
+        w = self.read(name, rows, fetched)
         scale = self._fp8_scale(name) if self.kind == "fp8" else None
         if scale is not None:
-            s = self.read(scale, rows).astype(mx.float32)  # [..., out/B, in/B]
+            s = self.read(scale, rows, fetched).astype(mx.float32)  # [..., out/B, in/B]
             bo, bi = self.fp8_block
             o, i = w.shape[-2:]
             s = mx.repeat(mx.repeat(s, bo, axis=-2)[..., :o, :], bi, axis=-1)[..., :i]
@@ -260,29 +281,31 @@ class Source:
                 return int(q[key]["bits"]), int(q[key]["group_size"])
         return int(q["bits"]), int(q["group_size"])
 
-    def expert_chunk(self, layer: int, e0: int, e1: int) -> dict[str, mx.array]:
+    def expert_chunk(self, layer: int, e0: int, e1: int, fetched: dict | None = None) -> dict[str, mx.array]:
         """Float weights of experts [e0, e1): {proj: [n, out, in]} (mlx sources: dequantized)."""
         keys = self.experts[layer]
         out = {}
         if self.kind == "mlx":
             for proj in PROJS:
-                q = self.raw_expert(layer, proj, e0, e1)
+                q = self.raw_expert(layer, proj, e0, e1, fetched)
                 bits, gs = self.expert_source_quant(layer, proj)
                 out[proj] = mx.dequantize(q["weight"], q["scales"], q["biases"], group_size=gs, bits=bits)
             return out
         if any(k.expert is None for k in keys):
-            gu = self.read_float(keys[ExpertKey(layer, None, "gate_up_proj", "weight")], slice(e0, e1))
+            gu = self.read_float(keys[ExpertKey(layer, None, "gate_up_proj", "weight")], slice(e0, e1), fetched)
             inter = gu.shape[1] // 2
             return {"gate_proj": gu[:, :inter], "up_proj": gu[:, inter:],
-                    "down_proj": self.read_float(keys[ExpertKey(layer, None, "down_proj", "weight")], slice(e0, e1))}
+                    "down_proj": self.read_float(keys[ExpertKey(layer, None, "down_proj", "weight")], slice(e0, e1),
+                                                 fetched)}
         for proj in PROJS:
-            out[proj] = mx.stack([self.read_float(keys[ExpertKey(layer, e, proj, "weight")]) for e in range(e0, e1)])
+            out[proj] = mx.stack([self.read_float(keys[ExpertKey(layer, e, proj, "weight")], None, fetched)
+                                  for e in range(e0, e1)])
         return out
 
-    def raw_expert(self, layer: int, proj: str, e0: int, e1: int) -> dict[str, mx.array]:
+    def raw_expert(self, layer: int, proj: str, e0: int, e1: int, fetched: dict | None = None) -> dict[str, mx.array]:
         """MLX sources: the stored quantized parts of experts [e0, e1) of one projection, untouched."""
         keys = self.experts[layer]
-        return {part: self.read(keys[ExpertKey(layer, None, proj, part)], slice(e0, e1))
+        return {part: self.read(keys[ExpertKey(layer, None, proj, part)], slice(e0, e1), fetched)
                 for part in ("weight", "scales", "biases")}
 
     def expert_source_quant(self, layer: int, proj: str) -> tuple[int, int]:
