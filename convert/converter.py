@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.format import BundleError, ExpertQuant, expert_components
-from flashmoe.format.bundle import (DENSE_GLOBAL, FORMAT_NAME, MANIFEST, dense_layer_path, expert_path,
+from flashmoe.format.bundle import (DENSE_GLOBAL, MANIFEST, build_manifest, dense_layer_path, expert_path,
                                     sha256_file, validate_manifest, write_json_atomic)
 from flashmoe.format.experts import FORMAT_VERSION, ExpertFileWriter, make_info
 from flashmoe.format.names import ZERO_CENTRED_NORMS, classify
@@ -340,31 +340,16 @@ class Converter:
     # ---- manifest ----------------------------------------------------------------------------
     def _manifest(self, state: dict) -> dict:
         src, info = self.src, self.info0
-        files = [{"path": p, **f} for p, f in sorted(state["done"].items())]
         prov = dict(self.provenance)
         if "path" in prov:  # a bundle may be published: keep only the directory's name, never the user's full path
             prov["path"] = Path(prov["path"]).name
         prov["kind"] = src.kind
         prov["license"] = hub_license(src.path / "README.md") or src.raw_config.get("license")
         prov["base_model"] = prov.get("repo") or src.raw_config.get("_name_or_path") or None
-        return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "conversion": _digest(self.plan_key()),
-            "model_type": "qwen3_5_moe",
-            "config": self.cfg.to_dict(),
-            "experts": {
-                "bits": self.quant.bits, "group_size": self.quant.group_size, "dtype": self.dtype,
-                "num_experts": self.cfg.num_experts, "data_offset": info.data_offset,
-                "record_size": info.record_size, "record_stride": info.record_stride,
-                "components": [c.to_dict() for c in self.comps],
-            },
-            "dense": {"dtype": self.dtype, "bits": self.opts.dense_bits, "group_size": self.opts.dense_group_size,
-                      "quantized": dict(sorted(state["quantized"].items()))},
-            "source": prov,
-            "skipped": src.skipped,
-            "files": files,
-        }
+        dense = {"dtype": self.dtype, "bits": self.opts.dense_bits, "group_size": self.opts.dense_group_size,
+                 "quantized": dict(sorted(state["quantized"].items()))}
+        return build_manifest(self.cfg, self.quant, info, dense, prov, src.skipped, state["done"],
+                              _digest(self.plan_key()))
 
 
 def _digest(obj) -> str:

@@ -161,6 +161,28 @@ class Bundle:
         return bad
 
 
+def build_manifest(config: TextConfig, quant: ExpertQuant, info: ExpertFileInfo, dense: dict, source: dict,
+                   skipped: dict, files: dict[str, dict], conversion: str) -> dict:
+    """The manifest dict (section 2 of SPEC.md) for a finished bundle; `files` maps path -> {size, sha256}."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "conversion": conversion,
+        "model_type": "qwen3_5_moe",
+        "config": config.to_dict(),
+        "experts": {
+            "bits": quant.bits, "group_size": quant.group_size, "dtype": quant.dtype,
+            "num_experts": info.num_experts, "data_offset": info.data_offset,
+            "record_size": info.record_size, "record_stride": info.record_stride,
+            "components": [c.to_dict() for c in info.components],
+        },
+        "dense": dense,
+        "source": source,
+        "skipped": skipped,
+        "files": [{"path": p, "size": f["size"], "sha256": f["sha256"]} for p, f in sorted(files.items())],
+    }
+
+
 def validate_manifest(m, where: Path | str = MANIFEST) -> None:
     """Structural checks beyond JSON syntax (the schema in manifest.schema.json says the same)."""
 

@@ -17,7 +17,7 @@ TEMPLATE = """---
 
 # {{ title }}
 
-A [flashmoe](https://github.com/flashmoe/flashmoe) bundle of **{{ source_name }}**: the
+A flashmoe bundle of **{{ source_name }}**: the
 Qwen3.5-MoE text model converted for streaming its routed experts from SSD, so it runs on a machine
 whose memory holds only the dense weights and a cache of experts.
 
@@ -63,9 +63,9 @@ The layout is specified in flashmoe's `format/SPEC.md` (bundle format version {{
 
 ## Hardware
 
-* Disk: {{ total_h }} free, on an SSD: every generated token reads up to {{ per_token_h }} of expert
-  records ({{ cfg.num_experts_per_tok }} experts x {{ cfg.num_hidden_layers }} layers) that are not
-  already cached, so a fast NVMe drive matters more than anything else.
+* Disk: {{ total_h }} on an SSD. Each generated token reads up to {{ per_token_h }} of expert records
+  ({{ cfg.num_experts_per_tok }} experts x {{ cfg.num_hidden_layers }} layers) that are not already cached,
+  so a fast NVMe drive matters more than anything else.
 * Memory: the dense weights ({{ dense_h }}) stay resident; memory beyond that (plus the KV cache)
   becomes expert cache, and more cache means fewer reads and faster tokens.
 * Accelerator: Apple silicon (Metal) or an NVIDIA GPU through MLX; MLX's CPU backend also works, slowly.

@@ -130,7 +130,7 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, local_dir: str | o
     and README.md are downloaded. A pull of a bundle that is already complete and verified makes one
     small API call (to resolve the revision) and hashes nothing. `full_verify` re-hashes every file.
     """
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     from huggingface_hub.utils import get_token
 
@@ -139,6 +139,7 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, local_dir: str | o
     revision = revision or "main"
     local_dir = Path(local_dir).expanduser().resolve() if local_dir is not None else None
     cache_dir = str(Path(cache_dir).expanduser()) if cache_dir is not None else None
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")  # explicit everywhere below
     api = HfApi(endpoint=endpoint, token=token)
     token_sent = bool(token) if token is not None else get_token() is not None
     tqdm_class = None if progress else quiet_tqdm()
@@ -158,12 +159,12 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, local_dir: str | o
         else:
             manifest_path = Path(hf_hub_download(filename=MANIFEST, revision=commit, tqdm_class=tqdm_class,
                                                  local_files_only=offline_error is not None, **common))
+    except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError)
+        raise HubError(f"cannot download {MANIFEST} of {repo_id}@{revision} ({offline_error or e.__cause__ or e}) and "
+                       "it is not in the local cache; check the connection and re-run") from None
     except EntryNotFoundError:
         raise HubError(f"{repo_id}@{commit[:12]} has no {MANIFEST}: it is not a flashmoe bundle, or its upload did "
                        "not finish (flashmoe-publish commits the manifest last)") from None
-    except LocalEntryNotFoundError:
-        raise HubError(f"cannot reach the Hub ({offline_error}) and {repo_id}@{revision} is not in the local cache; "
-                       "connect and re-run") from None
     bundle_dir = manifest_path.parent
     manifest = _read_manifest(manifest_path, f"{repo_id}@{(commit or 'local')[:12]}")
     names = sorted(safe_relpath(f["path"]) for f in manifest["files"])
@@ -173,9 +174,9 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, local_dir: str | o
             snapshot_download(revision=commit, allow_patterns=file_patterns(names + EXTRA_FILES),
                               max_workers=max_workers, tqdm_class=tqdm_class,
                               local_files_only=offline_error is not None, **common)
-        except LocalEntryNotFoundError:
-            raise HubError(f"cannot reach the Hub ({offline_error}) and the local copy of {repo_id}@{revision} is "
-                           "incomplete; connect and re-run to finish it") from None
+        except LocalEntryNotFoundError as e:
+            raise HubError(f"cannot reach the Hub ({offline_error or e.__cause__ or e}) and the local copy of "
+                           f"{repo_id}@{revision} is incomplete; connect and re-run to finish it") from None
         except EntryNotFoundError as e:
             raise HubError(f"{repo_id}@{commit[:12]}: a file the manifest lists is missing from the repo ({e}); "
                            "the published bundle is incomplete: ask the publisher to re-run flashmoe-publish") from None

@@ -78,8 +78,10 @@ def publish_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool
         raise HubError(f"not publishing {bundle.path}: {len(bad)} file(s) do not match the manifest: {listing}. "
                        "Re-run flashmoe-convert with the same arguments to repair the bundle")
 
+    from huggingface_hub.utils import get_token
+
     api = HfApi(endpoint=endpoint, token=token)
-    if not (token or api.token):
+    if not (token or get_token()):
         raise HubError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access")
     try:
         if "/" not in repo_id:

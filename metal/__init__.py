@@ -1,1 +1,53 @@
-"""flashmoe.metal"""
+"""flashmoe.metal: dequant-FMA expert kernels (Metal and CUDA from one body) and their dispatch.
+
+Public API (stable; the runtime calls only this)
+-----------------------------------------------
+
+``flashmoe.metal.dispatch.expert_block(x, experts, indices, scores, bits, group_size, shared=None,
+shared_gate=None, backend=None, residual=None) -> y``
+
+* ``x``: ``[T, H]`` (or ``[..., H]``) activations, float16 / bfloat16 / float32.
+* ``experts``: dict of stacked arrays for the ``K'`` experts loaded this step, named as in the bundle
+  record (format/SPEC.md 3.1): ``"gate_proj.weight"`` ``[K', I, H*bits/32]`` uint32,
+  ``"gate_proj.scales"`` / ``"gate_proj.biases"`` ``[K', I, H/G]``; the same for ``up_proj``;
+  ``"down_proj.weight"`` ``[K', H, I*bits/32]``, ``"down_proj.scales"``/``"biases"`` ``[K', H, I/G]``.
+* ``indices``: ``[T, K]`` int32, indices INTO the ``K'`` loaded experts (not global expert ids);
+  every value must lie in ``[0, K')``.
+* ``scores``: ``[T, K]`` routing weights (already normalised as the model wants).
+* ``bits``, ``group_size``: the routed experts' quantization (manifest ``experts.bits/group_size``).
+* ``shared``: optional shared expert, dict with ``"gate_proj.weight"``, ``"up_proj.weight"``,
+  ``"down_proj.weight"`` as float ``[I_s, H]``/``[H, I_s]`` or MLX-quantized (plus ``.scales`` and
+  ``.biases``; bits and group size are inferred from the shapes). ``None``: the caller adds it.
+* ``shared_gate``: optional ``mlp.shared_expert_gate``: float ``[1, H]`` array or a quantized dict
+  ``{"weight", "scales", "biases"}``; the shared output is scaled by ``sigmoid(x @ shared_gate.T)``.
+  ``None`` with ``shared`` given: the shared output is added unscaled.
+* ``residual``: optional ``[T, H]`` added to the result (the custom path fuses it into the down
+  kernel's combine, so ``h + moe(h)`` costs no extra pass).
+* returns ``y`` ``[T, H]`` in ``x.dtype``:
+  ``residual + sum_k scores[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) + sigmoid(sg.x_t) * shared(x_t)``
+  with ``e = indices[t, k]``.
+* ``backend``: ``None`` -> the CLI override if set (``set_backend``), else env ``FLASHMOE_KERNELS``
+  in ``{auto, builtin, custom}`` (default ``auto``). ``auto`` = custom kernels when MLX's default
+  device is a Metal or CUDA GPU, bits in (2, 4, 8), group_size in (32, 64, 128) and
+  ``T <= AUTO_MAX_T`` (8); built-ins (``mx.gather_qmm``/``mx.quantized_matmul``) otherwise (CPU,
+  large prefill batches, 3/5/6-bit). ``custom`` forces the kernels (error without a GPU);
+  ``builtin`` forces MLX's ops.
+
+Helpers: ``dispatch.set_backend(choice)``, ``dispatch.add_cli_argument(parser)`` +
+``dispatch.apply_cli_args(args)`` (adds ``--kernels {auto,builtin,custom}`` to a CLI),
+``dispatch.which_backend(T, bits, group_size, hidden, inter)``.
+
+Shared expert on the custom path: when it is quantized with bits 2/4/8 (bundles store it at 8 bits
+or as float), it runs through the same two kernels (K=1, score = its sigmoid gate) and its result is
+the addend that the routed down kernel combines into; a float shared expert runs through MLX matmuls
+and is fused the same way. Launches per layer at decode: 2 (routed) + 2 (quantized shared) + the
+gate's matvec and the casts.
+
+Kernels: flashmoe.metal.kernels (one body per kernel, Metal and CUDA preludes, plain reference
+kernels beside the fast ones). Results: benchmarks/RESULTS.md.
+"""
+
+from . import dispatch, kernels  # noqa: F401
+from .dispatch import expert_block, set_backend  # noqa: F401
+
+__all__ = ["expert_block", "set_backend", "dispatch", "kernels"]

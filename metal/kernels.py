@@ -124,7 +124,7 @@ _CONSTS = r"""
   constexpr int NGC = (WPG >= 4) ? 1 : 4 / WPG;  // groups inside one lane's 4-word chunk
   constexpr int WPC = 4 / NGC;                   // words per such group piece
   constexpr int RS = 32 / LPR;                   // rows handled side by side by one warp
-  constexpr int ROWS_TG = NWARP * RS * R;        // rows per threadgroup
+  constexpr int ROWS_TG = NWARP * RS * R;        // rows per block of warps
   constexpr int STEP_W = LPR * 4;                // words a row's lanes consume per step
   constexpr int NSTEP = (WPR + STEP_W - 1) / STEP_W;
   constexpr fm_u32 QMASK = (1u << BITS) - 1u;
@@ -224,7 +224,7 @@ GATE_UP_BODY = (
     for (int tb = 0; tb < TB; ++tb) {
       if (t0 + tb < NT && kk_tab[t0 + tb] >= 0) any = true;
     }
-    if (!any) continue;  // uniform across the threadgroup
+    if (!any) continue;  // uniform across the block of warps
     float ag[TB][R];
     float au[TB][R];
     FM_UNROLL for (int tb = 0; tb < TB; ++tb) {
@@ -309,7 +309,8 @@ DOWN_BODY = (
   for (int i = FM_TID; i < NE * NT; i += NWARP * 32) kk_tab[i] = -1;
   FM_BARRIER;
   for (int p = FM_TID; p < NT * KS; p += NWARP * 32) {
-    kk_tab[idx[p] * NT + p / KS] = p % KS;
+    const int e = idx[p];
+    if (e >= 0 && e < NE) kk_tab[e * NT + p / KS] = p % KS;  // out-of-range slots are ignored
   }
   FM_BARRIER;
 
@@ -323,7 +324,7 @@ DOWN_BODY = (
       for (int tb = 0; tb < TB; ++tb) {
         if (t0 + tb < NT && kk_tab[e * NT + t0 + tb] >= 0) any = true;
       }
-      if (!any) continue;  // uniform across the threadgroup
+      if (!any) continue;  // uniform across the block of warps
       float part[TB][R];
       FM_UNROLL for (int tb = 0; tb < TB; ++tb) {
         FM_UNROLL for (int r = 0; r < R; ++r) part[tb][r] = 0.0f;
@@ -494,3 +495,59 @@ def get_kernel(name: str, backend: str):
         _CACHE[key] = make(name=name, input_names=list(spec.inputs), output_names=list(spec.outputs),
                            source=body, header=header, ensure_row_contiguous=True)
     return _CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole-source assembly as MLX 0.32 does it (for CPU-side checks: the text a GPU would compile).
+# --------------------------------------------------------------------------------------------------
+
+_CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t",
+               "int32": "int32_t", "bool": "bool"}
+_METAL_TYPES = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t", "uint32": "uint32_t",
+                "int32": "int32_t", "bool": "bool"}
+
+
+def full_source(name: str, backend: str, input_dtypes, output_dtypes, template, input_sizes=None) -> str:
+    """The complete kernel text MLX would generate for `name` (dtypes given as names, e.g. 'bfloat16').
+
+    Mirrors mlx/backend/cuda/custom_kernel.cpp (build_kernel) and mlx/backend/common/metal_kernel.cpp
+    (write_signature) of MLX 0.32, minus MLX's own default includes (which the caller supplies)."""
+    spec = KERNELS[name]
+    header, body = render(name, backend)
+    ins = list(zip(spec.inputs, input_dtypes))
+    outs = list(zip(spec.outputs, output_dtypes))
+    sizes = input_sizes or [1 << 20] * len(ins)
+
+    def tname(v, table):
+        return table[v] if isinstance(v, str) else None
+
+    if backend == "cuda":
+        params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in ins] + [f"    {_CUDA_TYPES[d]}* {n}" for n, d in outs]
+        consts = []
+        for k, v in template:
+            if isinstance(v, bool):
+                consts.append(f"  constexpr bool {k} = {'true' if v else 'false'};")
+            elif isinstance(v, int):
+                consts.append(f"  constexpr int {k} = {v};")
+            else:
+                consts.append(f"  using {k} = {_CUDA_TYPES[v]};")
+        return (header + "namespace mlx::core::cu {\n\n__global__ void custom_kernel_" + name + "(\n"
+                + ",\n".join(params) + ") {\n" + "\n".join(consts) + "\n\n" + body + "\n}\n\n}\n")
+    attrs = [("thread_position_in_grid", "uint3"), ("thread_index_in_simdgroup", "uint"),
+             ("thread_index_in_threadgroup", "uint"), ("threadgroup_position_in_grid", "uint3"),
+             ("simdgroup_index_in_threadgroup", "uint")]
+    params = []
+    for (n, d), size in zip(ins, sizes):
+        loc = "constant" if size < 8 else "device"
+        params.append(f"  const {loc} {_METAL_TYPES[d]}* {n} [[buffer({len(params)})]]")
+    for n, d in outs:
+        params.append(f"  device {_METAL_TYPES[d]}* {n} [[buffer({len(params)})]]")
+    params += [f"  {t} {a} [[{a}]]" for a, t in attrs if a in body]
+    tparams = ", ".join(("bool " if isinstance(v, bool) else "int " if isinstance(v, int) else "typename ") + k
+                        for k, v in template)
+    targs = ", ".join(("true" if v else "false") if isinstance(v, bool) else str(v) if isinstance(v, int)
+                      else _METAL_TYPES[v] for k, v in template)
+    kname = "custom_kernel_" + name
+    return (header + f"template <{tparams}>\n[[kernel]] void {kname}(\n" + ",\n".join(params) + ") {\n"
+            + body + "\n}\n" + f'\ntemplate [[host_name("{kname}_inst")]] [[kernel]] decltype({kname}<{targs}>) '
+            f"{kname}<{targs}>;\n")

@@ -20,7 +20,8 @@ path, so the real client can be driven against it offline:
 Private repos answer 401 (X-Error-Code: RepoNotFound) to requests without a valid token; every write
 needs a valid token. Test hooks: `requests` (a log of (method, path)), `lfs_puts` (oids PUT),
 `corrupt_next_get` (paths whose next GET serves one flipped byte), `hold_puts_after` (PUTs after the
-first N block until `release_puts` is set, to simulate an upload interrupted mid-way).
+first N block until `release_puts` is set, to simulate an upload interrupted mid-way), `fail_next`
+(handler name -> answer 503 that many times).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 USER = "tester"
 LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub stores files above 10 MB (or binary ones) in LFS
@@ -125,6 +126,7 @@ class HubState:
         self.release_puts = threading.Event()
         self.held_puts = 0
         self.commit_counter = 0
+        self.fail_next: dict[str, int] = {}  # handler name (e.g. "h_commit") -> answer 503 this many times
 
     # ---- helpers used by tests ---------------------------------------------------------------
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
@@ -272,6 +274,13 @@ class Handler(BaseHTTPRequestHandler):
             for pattern, handler_name, methods in ROUTES:
                 m = re.fullmatch(pattern, path)
                 if m and method in methods:
+                    with self.state.lock:
+                        fail = self.state.fail_next.get(handler_name, 0)
+                        if fail:
+                            self.state.fail_next[handler_name] = fail - 1
+                    if fail:
+                        self.body()
+                        raise HubError(503, "Service temporarily unavailable (test hook)")
                     getattr(self, handler_name)(method, query, **m.groupdict())
                     return
             raise HubError(404, f"no route for {method} {path}")
