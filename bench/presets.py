@@ -1,0 +1,61 @@
+"""Shapes of the Qwen3.5-MoE family, from the models' config.json values (text part).
+
+    preset               layers  hidden  experts  K   expert I  shared I  heads/kv  linear k/v heads
+    qwen3.5-397b-a17b    60      4096    512      10  1024      1024      32/2      16/64
+    qwen3.5-122b-a10b    48      3072    256      8   1024      1024      32/2      16/64
+    qwen3.5-35b-a3b      40      2048    256      8   512       512       16/2      16/32
+
+All three: head_dim 256, linear head dims 128, conv kernel 4, vocab 248320, full attention every 4th
+layer, partial RoPE 0.25 with theta 1e7, untied lm_head.
+"""
+
+from __future__ import annotations
+
+from flashmoe.format import BundleError, TextConfig
+
+_COMMON = dict(
+    vocab_size=248320, head_dim=256, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel_dim=4, rms_norm_eps=1e-6, rope_theta=1e7, partial_rotary_factor=0.25,
+    max_position_embeddings=262144, tie_word_embeddings=False, full_attention_interval=4,
+)
+
+PRESETS = {
+    "qwen3.5-397b-a17b": dict(num_hidden_layers=60, hidden_size=4096, num_experts=512, num_experts_per_tok=10,
+                              moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
+                              num_attention_heads=32, num_key_value_heads=2, linear_num_key_heads=16,
+                              linear_num_value_heads=64),
+    "qwen3.5-122b-a10b": dict(num_hidden_layers=48, hidden_size=3072, num_experts=256, num_experts_per_tok=8,
+                              moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
+                              num_attention_heads=32, num_key_value_heads=2, linear_num_key_heads=16,
+                              linear_num_value_heads=64),
+    "qwen3.5-35b-a3b": dict(num_hidden_layers=40, hidden_size=2048, num_experts=256, num_experts_per_tok=8,
+                            moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                            num_attention_heads=16, num_key_value_heads=2, linear_num_key_heads=16,
+                            linear_num_value_heads=32),
+}
+
+
+def hf_config(preset: str, layers: int | None = None) -> dict:
+    """A Hugging Face style text config.json dict for `preset`, optionally cut to `layers` layers
+    (the layer types keep the real model's pattern)."""
+    if preset not in PRESETS:
+        raise BundleError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    d = dict(_COMMON, **PRESETS[preset], model_type="qwen3_5_moe_text")
+    d["rope_parameters"] = {"rope_theta": d.pop("rope_theta"), "partial_rotary_factor": d.pop("partial_rotary_factor"),
+                            "rope_type": "default"}
+    if layers is not None:
+        if layers <= 0:
+            raise BundleError("--layers must be positive")
+        d["full_layers_in_model"] = d["num_hidden_layers"]
+        d["num_hidden_layers"] = layers
+        # the real pattern (full attention every 4th layer); a cut of 2-3 layers still gets one full-attention
+        # layer, last, so that both layer kinds are measured
+        types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)]
+        if layers >= 2 and "full_attention" not in types:
+            types[-1] = "full_attention"
+        d["layer_types"] = types
+    return d
+
+
+def config(preset: str, layers: int | None = None) -> TextConfig:
+    return TextConfig.from_hf(hf_config(preset, layers))
