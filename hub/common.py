@@ -13,8 +13,12 @@ T = TypeVar("T")
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 
 
-class HubError(Exception):
-    """A Hub operation failed in a way the user can act on; the message says how. Never holds a token."""
+from flashmoe.format.errors import BundleError
+
+
+class HubError(BundleError):
+    """A Hub operation failed in a way the user can act on; the message says how. Never holds a token.
+    A BundleError, so callers that report BundleError as a user error (flashmoe-run) do the same here."""
 
 
 def file_patterns(names: list[str]) -> list[str]:
