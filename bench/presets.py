@@ -35,12 +35,17 @@ PRESETS = {
 }
 
 
-def hf_config(preset: str, layers: int | None = None) -> dict:
-    """A Hugging Face style text config.json dict for `preset`, optionally cut to `layers` layers
-    (the layer types keep the real model's pattern)."""
-    if preset not in PRESETS:
+def hf_config(preset: str | dict, layers: int | None = None) -> dict:
+    """A Hugging Face style text config.json dict for `preset` (a name, or a dict of shape fields for
+    custom shapes such as the tests' small ones), optionally cut to `layers` layers (the layer types
+    keep the real model's pattern)."""
+    if isinstance(preset, dict):
+        shape = preset
+    elif preset in PRESETS:
+        shape = PRESETS[preset]
+    else:
         raise BundleError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    d = dict(_COMMON, **PRESETS[preset], model_type="qwen3_5_moe_text")
+    d = dict(_COMMON, **shape, model_type="qwen3_5_moe_text")
     d["rope_parameters"] = {"rope_theta": d.pop("rope_theta"), "partial_rotary_factor": d.pop("partial_rotary_factor"),
                             "rope_type": "default"}
     if layers is not None:
@@ -57,5 +62,5 @@ def hf_config(preset: str, layers: int | None = None) -> dict:
     return d
 
 
-def config(preset: str, layers: int | None = None) -> TextConfig:
+def config(preset: str | dict, layers: int | None = None) -> TextConfig:
     return TextConfig.from_hf(hf_config(preset, layers))

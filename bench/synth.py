@@ -61,7 +61,43 @@ def quantized(rb: RandomBytes, out_f: int, in_f: int, bits: int, gs: int) -> dic
     }
 
 
-def make_bundle(preset: str, layers: int, bits: int, out: str | Path, group_size: int = 64, dense_bits: int = 8,
+def write_byte_tokenizer(out: Path, vocab_size: int) -> list[str]:
+    """A byte-level BPE tokenizer (the 256 byte tokens, a few merges, Qwen-style special tokens) and a
+    Qwen-style chat template: enough to run and test any bundle whose vocabulary has >= 270 entries.
+    Returns the files written."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in sorted(alphabet):
+        vocab.setdefault(ch, len(vocab))
+    merges = []
+    # a few merges so that tokens span several bytes (multi-byte UTF-8 characters split across tokens)
+    for a, b in [("t", "h"), ("h", "e"), ("th", "e"), ("Ġ", "t"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r")]:
+        if len(vocab) < vocab_size:
+            merges.append((a, b))
+            vocab.setdefault(a + b, len(vocab))
+    assert len(vocab) <= vocab_size, "tiny vocab_size must hold the 256 byte tokens"
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": template,
+    }))
+    (out / "chat_template.jinja").write_text(template)
+    return ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+
+
+def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, group_size: int = 64, dense_bits: int = 8,
                 seed: int = 0, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
@@ -149,12 +185,15 @@ def make_bundle(preset: str, layers: int, bits: int, out: str | Path, group_size
             dense_file(dense_layer_path(L), lin, extra)
     dense_file(DENSE_GLOBAL, {"embed_tokens.weight": (cfg.vocab_size, H), "lm_head.weight": (cfg.vocab_size, H)},
                {"norm.weight": ("F32", np.ones(H, dtype=np.float32))})
+    for name in write_byte_tokenizer(out, cfg.vocab_size):
+        raw = (out / name).read_bytes()
+        files[name] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     conf = hf_config(preset, layers)
     raw = (json.dumps(conf, indent=1) + "\n").encode()
     (out / "config.json").write_bytes(raw)
     files["config.json"] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     dense = {"dtype": "bfloat16", "bits": dense_bits, "group_size": group_size, "quantized": dict(sorted(qmods.items()))}
-    source = {"kind": "synthetic", "preset": preset, "seed": seed, "full_layers": conf.get("full_layers_in_model")}
+    source = {"kind": "synthetic", "preset": preset if isinstance(preset, str) else "custom", "seed": seed, "full_layers": conf.get("full_layers_in_model")}
     m = build_manifest(cfg, quant, info0, dense, source, {"vision": False, "mtp": False, "tensors": 0}, files,
                        f"synthetic-{preset}-{layers}-{bits}-{seed}")
     validate_manifest(m, out / MANIFEST)

@@ -59,38 +59,9 @@ def build_model(seed: int = 0, **over):
 
 
 def save_tokenizer(out: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer over the model's vocab plus a Qwen-style chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from flashmoe.bench.synth import write_byte_tokenizer
 
-    specials = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {t: i for i, t in enumerate(specials)}
-    for ch in sorted(alphabet):
-        vocab.setdefault(ch, len(vocab))
-    merges = []
-    # a few merges so that tokens span several bytes (multi-byte UTF-8 characters split across tokens)
-    for a, b in [("t", "h"), ("h", "e"), ("th", "e"), ("Ġ", "t"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r")]:
-        if len(vocab) < vocab_size:
-            merges.append((a, b))
-            vocab.setdefault(a + b, len(vocab))
-    assert len(vocab) <= vocab_size, "tiny vocab_size must hold the 256 byte tokens"
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    from tokenizers import AddedToken
-
-    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "chat_template": template,
-    }))
-    (out / "chat_template.jinja").write_text(template)
+    write_byte_tokenizer(out, vocab_size)
 
 
 def save_checkpoint(model, out: Path, dtype: str = "float32", layout: str = "per_expert") -> Path:

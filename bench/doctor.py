@@ -1,0 +1,109 @@
+"""`flashmoe-bench doctor`: what this machine can run, and at about what speed, before a 209 GB download.
+
+Measures RAM, free disk, the disk's cold random read speed for expert-sized records, and the GPU; then
+for each preset and bit width estimates resident memory (dense weights at 8 bits + KV/state headroom),
+disk needed, expert bytes per token, the share of experts the page cache can hold, and an I/O-bound
+decode speed: tok/s <= random-read GB/s / (expert bytes per token * page-cache miss rate).
+It is an upper bound from I/O alone; `flashmoe-bench run` measures the real thing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from flashmoe.format import ExpertQuant, expert_components
+from flashmoe.format.layout import record_stride
+
+from . import probe
+from .presets import PRESETS, config
+
+HEADROOM = 3 << 30  # OS, Python, MLX, KV cache and buffers
+
+
+def dense_params(c) -> int:
+    H = c.hidden_size
+    n = 2 * c.vocab_size * H
+    for L in range(c.num_hidden_layers):
+        if c.is_linear(L):
+            n += H * (c.conv_dim + c.value_dim + 2 * c.linear_num_value_heads) + c.value_dim * H
+        else:
+            n += H * (2 * c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim)
+            n += c.num_attention_heads * c.head_dim * H
+        n += 3 * H * c.shared_expert_intermediate_size + H * c.num_experts + H
+    return n
+
+
+def measure_disk(directory: Path, size: int = 1 << 30, record: int = 7 << 20) -> float | None:
+    """Cold random record-sized read GB/s of a scratch file (None where pages cannot be evicted)."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix="flashmoe-doctor-") as d:
+        p = Path(d) / "probe.bin"
+        block = os.urandom(16 << 20)
+        with open(p, "wb") as f:
+            for _ in range(size // len(block)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        if not probe.evict([p]):
+            return None
+        n = size // record
+        return probe.random_reads([p], 0, record, record, count=n, n_experts=n)
+
+
+def doctor(directory: str | Path = ".", bits_list=(4, 2)) -> dict:
+    import mlx.core as mx
+
+    directory = Path(directory).expanduser()
+    ram = probe.ram_bytes()
+    free = shutil.disk_usage(directory).free
+    t = time.perf_counter()
+    rr = measure_disk(directory)
+    report = {"machine": probe.machine(), "ram_bytes": ram, "free_disk_bytes": free, "disk_dir": str(directory),
+              "random_read_gbps": rr, "gpu": mx.default_device() == mx.gpu, "probe_seconds": 0.0, "presets": []}
+    for name in PRESETS:
+        c = config(name)
+        dense = dense_params(c) * 8 // 8 + c.num_hidden_layers * c.hidden_size * 64  # 8-bit dense + scales
+        for bits in bits_list:
+            stride = record_stride(expert_components(c.hidden_size, c.moe_intermediate_size,
+                                                     ExpertQuant(bits, 64, "bfloat16")))
+            experts = stride * c.num_experts * c.num_hidden_layers
+            per_token = stride * c.num_experts_per_tok * c.num_hidden_layers
+            cache = max(0, ram - dense - HEADROOM)
+            hit = min(1.0, cache / experts)
+            fits = ram >= dense + HEADROOM
+            disk_ok = free >= dense + experts
+            tps = None
+            if rr and fits:
+                miss = max(1.0 - hit, 1e-3)
+                tps = rr * 1e9 / (per_token * miss)
+            report["presets"].append({
+                "preset": name, "bits": bits, "dense_gb": dense / 1e9, "experts_gb": experts / 1e9,
+                "expert_gb_per_token": per_token / 1e9, "cache_share": hit, "fits_ram": fits, "fits_disk": disk_ok,
+                "io_bound_tok_s": tps,
+            })
+    report["probe_seconds"] = time.perf_counter() - t
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [f"machine     {r['machine']}",
+             f"memory      {r['ram_bytes'] / 2**30:.0f} GiB RAM, {r['free_disk_bytes'] / 1e9:.0f} GB free in {r['disk_dir']}",
+             "disk        " + (f"{r['random_read_gbps']:.2f} GB/s cold random expert-sized reads" if r["random_read_gbps"]
+                              else "cold read speed not measurable here (no posix_fadvise; run `sudo purge` and use bench run)"),
+             f"gpu         {'yes (MLX GPU backend)' if r['gpu'] else 'no: MLX runs on the CPU'}", "",
+             f"{'preset':<20}{'bits':>5}{'dense GB':>10}{'experts GB':>12}{'GB/token':>10}{'cached':>8}  verdict"]
+    for p in r["presets"]:
+        if not p["fits_ram"]:
+            verdict = "no: dense weights do not fit in RAM"
+        elif not p["fits_disk"]:
+            verdict = f"no: needs {p['dense_gb'] + p['experts_gb']:.0f} GB of free disk"
+        elif p["io_bound_tok_s"] is None:
+            verdict = "yes (speed: run flashmoe-bench run)"
+        else:
+            verdict = f"yes, <= {p['io_bound_tok_s']:.1f} tok/s (I/O bound, before compute)"
+        lines.append(f"{p['preset']:<20}{p['bits']:>5}{p['dense_gb']:>10.1f}{p['experts_gb']:>12.1f}"
+                     f"{p['expert_gb_per_token']:>10.3f}{p['cache_share']:>8.0%}  {verdict}")
+    return "\n".join(lines)

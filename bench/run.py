@@ -1,0 +1,211 @@
+"""`flashmoe-bench run DIR`: decode through the real runtime, cold and warm, with the machine's raw
+limits measured on the same files in the same run; report, JSON and chart.
+
+Routing uses bench.routing.StickyRouter (random weights have no useful router); everything else is
+the production path: flashmoe.load, the model, the expert streamer, the kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flashmoe.format import Bundle
+
+from . import probe
+from .routing import StickyRouter, route_stats
+
+STAGES = ("attention", "routing", "expert_io", "expert_compute", "head")
+
+
+def install_router(model, router: StickyRouter) -> None:
+    """Replace each layer's routing decision with the synthetic router's (uniform scores)."""
+    import mlx.core as mx
+
+    for layer in model.layers:
+        mlp = layer.mlp
+
+        def route(x, _layer=mlp.layer, _mlp=mlp):
+            T = x.shape[0]
+            ids = router.route(_layer, T)  # [T, K]
+            scores = mx.full(ids.shape, 1.0 / ids.shape[1], dtype=x.dtype)
+            return mx.array(ids.astype(np.int32)), scores
+
+        object.__setattr__(mlp, "route", route)
+
+
+def decode(model, tokens: int) -> dict:
+    """Greedy-decode `tokens` tokens after a 1-token prompt; returns seconds and stage stats."""
+    import mlx.core as mx
+
+    cache = model.make_cache()
+    ids = mx.array([[1]])
+    logits = model(ids, cache, last_only=True)  # prefill of the 1-token prompt (not timed)
+    mx.eval(logits)
+    model.stats.reset()
+    t = time.perf_counter()
+    for _ in range(tokens):
+        nxt = mx.argmax(logits[:, -1], axis=-1)[:, None]
+        logits = model(nxt, cache, last_only=True)
+        mx.eval(logits)
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "tok_s": tokens / dt, **model.stats.snapshot()}
+
+
+def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None = None, io: str = "pread",
+        stickiness: float = 0.2, seed: int = 0, peer: bool = False, log=None) -> dict:
+    import mlx.core as mx
+
+    import flashmoe
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    b = Bundle.open(bundle_dir)
+    cfg = b.config
+    files = probe.file_list(b)
+    info = b.expert_info(0)
+    full_layers = b.manifest.get("source", {}).get("full_layers") or cfg.num_hidden_layers
+    k = experts_per_token or cfg.num_experts_per_tok
+    rep: dict = {"machine": probe.machine(), "date": time.strftime("%Y-%m-%d"), "bundle": str(b.path),
+                 "preset": b.manifest.get("source", {}).get("preset"), "layers": cfg.num_hidden_layers,
+                 "full_model_layers": full_layers, "bits": b.expert_quant.bits, "experts_per_token": k,
+                 "tokens": tokens, "io": io, "record_bytes": info.record_size}
+
+    # ---- raw limits on the same files ----------------------------------------------------------
+    log("measuring raw limits (sequential and random reads, cold and warm; memory bandwidth)")
+    cold_ok = probe.can_evict()
+    seq_files = files[: max(1, min(len(files), (2 << 30) // max(1, info.file_size)))]
+    n_rand = min(512, max(64, k * cfg.num_hidden_layers * 4))
+    lim = {}
+    if cold_ok:
+        probe.evict(seq_files)
+        lim["seq_read_cold_gbps"] = probe.seq_read(seq_files)
+    lim["seq_read_warm_gbps"] = probe.seq_read(seq_files)
+    if cold_ok:
+        probe.evict(files)
+        lim["rand_read_cold_gbps"] = probe.random_reads(files, info.data_offset, info.record_stride, info.record_size,
+                                                        n_rand, cfg.num_experts, seed=seed)
+    lim["rand_read_warm_gbps"] = probe.random_reads(files, info.data_offset, info.record_stride, info.record_size,
+                                                    n_rand, cfg.num_experts, seed=seed)
+    lim["cpu_mem_gbps"] = probe.cpu_mem_bandwidth()
+    lim["gpu_mem_gbps"] = probe.gpu_mem_bandwidth()
+    rep["limits"] = lim
+
+    # ---- decode through the runtime --------------------------------------------------------------
+    model, _ = flashmoe.load(b.path, experts_per_token=k, io=io)
+    model.stats.enabled = True
+    results = {}
+    for phase in (["cold"] if cold_ok else []) + ["warm"]:
+        router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed)
+        install_router(model, router)
+        if phase == "cold":
+            probe.evict(files)
+        else:  # warm: the same routes again, every record they need already in the page cache
+            pass
+        d0 = probe.disk_read_bytes()
+        r = decode(model, tokens)
+        d1 = probe.disk_read_bytes()
+        if d0 is not None and r["expert_bytes"]:
+            r["disk_bytes"] = d1 - d0
+            r["page_cache_hit_rate"] = max(0.0, 1.0 - (d1 - d0) / r["expert_bytes"])
+        r["expert_bytes_per_token"] = r["expert_bytes"] / tokens
+        r["expert_gbps"] = r["expert_bytes"] / r["expert_io"] / 1e9 if r["expert_io"] else None
+        per_layer = {s: r[s] / tokens / cfg.num_hidden_layers for s in STAGES if s != "head"}
+        r["per_layer_ms"] = {s: v * 1e3 for s, v in per_layer.items()}
+        r["per_layer_non_io_ms"] = sum(v for s, v in per_layer.items() if s != "expert_io") * 1e3
+        head = r["head"] / tokens
+        r["projected_full_model_tok_s"] = 1.0 / (sum(per_layer.values()) * full_layers + head)
+        r["routes"] = route_stats(router.history, cfg.num_experts)
+        results[phase] = r
+        log(f"{phase}: {r['tok_s']:.2f} tok/s over {cfg.num_hidden_layers} layers; projected "
+            f"{r['projected_full_model_tok_s']:.2f} tok/s for {full_layers} layers")
+    rep["decode"] = results
+    model.experts.close()
+    del model
+
+    # ---- targets, each a ratio from this run ---------------------------------------------------------
+    t = {}
+    cold = results.get("cold")
+    if cold and cold.get("expert_gbps") and lim.get("rand_read_cold_gbps"):
+        t["cold_io_vs_raw_random_read"] = cold["expert_gbps"] / lim["rand_read_cold_gbps"]
+    if mx.default_device() == mx.gpu:
+        t["gpu_per_layer_non_io_ms"] = results["warm"]["per_layer_non_io_ms"]
+
+    # ---- peer: mlx-lm in memory on the same weights --------------------------------------------------
+    if peer:
+        import tempfile
+
+        from .peer import export_mlx_lm, mlx_lm_decode_tps
+
+        with tempfile.TemporaryDirectory(prefix="flashmoe-peer-", dir=b.path.parent) as d:
+            log("exporting the same weights as an mlx-lm checkpoint and decoding with mlx-lm")
+            export_mlx_lm(b, Path(d))
+            peer_tps = mlx_lm_decode_tps(Path(d), tokens)
+        rep["peer"] = {"engine": "mlx-lm", "tok_s": peer_tps}
+        t["warm_vs_mlx_lm"] = results["warm"]["tok_s"] / peer_tps
+    rep["targets"] = t
+    return rep
+
+
+def format_table(rep: dict) -> str:
+    lim = rep["limits"]
+    f = lambda v, fmt="{:.2f}": "-" if v is None else fmt.format(v)  # noqa: E731
+    lines = [f"machine   {rep['machine']}",
+             f"bundle    {rep['bundle']} ({rep.get('preset') or 'custom'}, {rep['layers']} layers, "
+             f"{rep['bits']}-bit, K={rep['experts_per_token']}, {rep['tokens']} tokens, io={rep['io']})",
+             f"raw       seq read cold {f(lim.get('seq_read_cold_gbps'))} / warm {f(lim.get('seq_read_warm_gbps'))} GB/s; "
+             f"random {rep['record_bytes'] / 2**20:.2f} MiB reads cold {f(lim.get('rand_read_cold_gbps'))} / warm "
+             f"{f(lim.get('rand_read_warm_gbps'))} GB/s; memory {f(lim.get('cpu_mem_gbps'))} GB/s CPU"
+             + (f", {f(lim.get('gpu_mem_gbps'))} GB/s GPU" if lim.get("gpu_mem_gbps") else ""), "",
+             f"{'':<6}{'tok/s':>8}{'proj.':>8}{'attn':>8}{'route':>8}{'io':>8}{'compute':>9}{'MB/tok':>8}{'exp GB/s':>9}"
+             f"{'hit':>6}{'RSS MB':>8}"]
+    for phase, r in rep["decode"].items():
+        pl = r["per_layer_ms"]
+        lines.append(f"{phase:<6}{r['tok_s']:>8.2f}{r['projected_full_model_tok_s']:>8.2f}{pl['attention']:>8.2f}"
+                     f"{pl['routing']:>8.2f}{pl['expert_io']:>8.2f}{pl['expert_compute']:>9.2f}"
+                     f"{r['expert_bytes_per_token'] / 1e6:>8.1f}{f(r.get('expert_gbps')):>9}"
+                     f"{f(r.get('page_cache_hit_rate'), '{:.0%}'):>6}{rep.get('peak_rss_mb', 0):>8.0f}")
+    lines.append("          (per-layer ms by stage; proj. = projected tok/s of the full "
+                 f"{rep['full_model_layers']}-layer model)")
+    routes = next(iter(rep["decode"].values()))["routes"]
+    lines.append(f"routing   synthetic sticky-uniform: {f(routes['consecutive_overlap'], '{:.0%}')} overlap between "
+                 f"consecutive tokens, {f(routes['touched_per_window'], '{:.0%}')} of experts touched per "
+                 f"{routes['window']} tokens")
+    if rep.get("peer"):
+        lines.append(f"peer      mlx-lm in memory: {rep['peer']['tok_s']:.2f} tok/s")
+    for name, v in rep["targets"].items():
+        goal = {"cold_io_vs_raw_random_read": ">= 0.85", "warm_vs_mlx_lm": ">= 0.80",
+                "gpu_per_layer_non_io_ms": "<= 1.0 ms"}[name]
+        lines.append(f"target    {name} = {v:.2f} (goal {goal})")
+    return "\n".join(lines)
+
+
+def chart(rep: dict, path: str | Path) -> None:
+    """PNG: per-layer ms by stage, cold vs warm (needs matplotlib: pip install 'flashmoe[bench]')."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = list(rep["decode"])
+    stages = ["attention", "routing", "expert_io", "expert_compute"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    left = np.zeros(len(phases))
+    for s in stages:
+        vals = np.array([rep["decode"][p]["per_layer_ms"][s] for p in phases])
+        ax.barh(phases, vals, left=left, label=s)
+        left += vals
+    ax.set_xlabel("ms per layer per token")
+    ax.set_title(f"{rep.get('preset') or 'bundle'} {rep['bits']}-bit K={rep['experts_per_token']}: "
+                 + ", ".join(f"{p} {rep['decode'][p]['tok_s']:.2f} tok/s" for p in phases), fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(rep: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(rep, indent=1, default=float) + "\n")

@@ -1,0 +1,92 @@
+"""flashmoe-bench on small shapes: make writes a valid bundle; run completes and reports every field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flashmoe.bench.presets import PRESETS, config
+from flashmoe.bench.routing import StickyRouter, route_stats
+from flashmoe.bench.synth import make_bundle
+from flashmoe.format import Bundle
+
+SMALL = dict(num_hidden_layers=8, hidden_size=256, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128,
+             shared_expert_intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             linear_num_key_heads=2, linear_num_value_heads=4, vocab_size=1024, head_dim=64)
+
+
+def test_presets_match_published_shapes():
+    c = config("qwen3.5-397b-a17b")
+    assert (c.num_hidden_layers, c.hidden_size, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == \
+        (60, 4096, 512, 10, 1024)
+    assert sum(c.is_linear(i) for i in range(60)) == 45
+    assert config("qwen3.5-35b-a3b").num_experts == 256 and set(PRESETS) >= {"qwen3.5-122b-a10b"}
+    cut = config("qwen3.5-397b-a17b", 2)
+    assert cut.layer_types == ["linear_attention", "full_attention"]  # both kinds measured
+
+
+def test_sticky_router_statistics():
+    r = StickyRouter(2, 512, 10, stickiness=0.2, seed=1)
+    for _ in range(90):
+        r.next(0), r.next(1)
+    s = route_stats(r.history, 512)
+    assert 0.15 < s["consecutive_overlap"] < 0.25
+    assert 0.30 < s["touched_per_window"] < 0.46
+    assert all(len(set(h.tolist())) == 10 for h in r.history[0])  # no expert twice in one token
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "b"
+    make_bundle(dict(SMALL), 4, 4, out, progress=False)
+    return out
+
+
+def test_make_produces_valid_bundle(small_bundle):
+    b = Bundle.open(small_bundle)
+    assert b.verify(progress=False) == []
+    assert b.config.num_hidden_layers == 4 and b.manifest["source"]["kind"] == "synthetic"
+    for layer in range(4):
+        b.expert_file(layer).close()
+
+
+def test_run_reports_every_field(small_bundle, tmp_path):
+    out = tmp_path / "r.json"
+    png = tmp_path / "r.png"
+    r = subprocess.run([sys.executable, "-m", "flashmoe.bench.cli", "run", str(small_bundle), "--tokens", "4",
+                        "--json", str(out)] + (["--chart", str(png)] if _has_matplotlib() else []),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    for key in ("machine", "date", "layers", "bits", "experts_per_token", "tokens", "limits", "decode", "targets",
+                "peak_rss_mb", "record_bytes"):
+        assert key in rep, key
+    for key in ("seq_read_warm_gbps", "rand_read_warm_gbps", "cpu_mem_gbps"):
+        assert rep["limits"][key] > 0
+    warm = rep["decode"]["warm"]
+    for key in ("tok_s", "projected_full_model_tok_s", "per_layer_ms", "expert_bytes_per_token", "expert_gbps",
+                "routes", "attention", "routing", "expert_io", "expert_compute"):
+        assert key in warm, key
+    assert warm["expert_bytes_per_token"] == 4 * 4 * rep["record_bytes"]  # K experts x layers, each read once
+    assert "tok/s" in r.stdout and "target" in r.stdout or "warm" in r.stdout
+    if _has_matplotlib():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def test_doctor_runs(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flashmoe.bench.cli", "doctor", "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "qwen3.5-397b-a17b" in r.stdout and "GiB RAM" in r.stdout
