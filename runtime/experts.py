@@ -16,8 +16,9 @@ bundle. When a batch needs more distinct experts than there are slots, the union
 of `slots` experts (still one read per expert), each group computing only the (token, expert) pairs it
 holds and accumulating into the output.
 
-`expert_block` is the one function a custom kernel replaces: set FLASHMOE_KERNELS=custom to route the
-call to `flashmoe.metal.dispatch.expert_block` (same signature).
+`expert_block` is the one function a custom kernel replaces: `get_expert_block()` routes quantized experts
+to `flashmoe.metal.dispatch.expert_block` (same signature; FLASHMOE_KERNELS=auto|builtin|custom picks its
+kernels there).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from flashmoe.format import Bundle, BundleError, ExpertFile
+from flashmoe.format import Bundle, BundleError
 
 DEFAULT_SLOTS = 32  # records held at once; 32 x 6.75 MiB = 216 MiB for the 397B at 4 bits
 SORT_THRESHOLD = 64  # (token, expert) pairs from which sorting by expert pays off in gather_(q)mm
@@ -86,16 +87,21 @@ def expert_block(x: mx.array, weights: dict[str, mx.array], indices: mx.array, s
 
 
 def get_expert_block():
-    """The expert compute function: the builtin MLX one, or FLASHMOE_KERNELS=custom's replacement."""
-    mode = os.environ.get("FLASHMOE_KERNELS", "builtin").strip().lower() or "builtin"
-    if mode == "builtin":
-        return expert_block
+    """The expert compute function. Quantized experts go through `flashmoe.metal.dispatch.expert_block`
+    when that package is present (it picks custom GPU kernels or MLX built-ins from FLASHMOE_KERNELS =
+    auto|builtin|custom, same contract as `expert_block` here); float experts, or a missing metal package,
+    use the builtin above."""
     try:
-        from flashmoe.metal.dispatch import expert_block as custom
-    except ImportError as e:
-        raise BundleError(f"FLASHMOE_KERNELS={mode} but flashmoe.metal.dispatch is unavailable ({e}); "
-                          "unset it to use the builtin kernels") from None
-    return custom
+        from flashmoe.metal.dispatch import expert_block as dispatched
+    except ImportError:
+        return expert_block
+
+    def block(x, weights, indices, scores, *, bits, group_size):
+        if bits is None:
+            return expert_block(x, weights, indices, scores, bits=bits, group_size=group_size)
+        return dispatched(x, weights, indices, scores, bits=bits, group_size=group_size)
+
+    return block
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +186,8 @@ class ExpertStreamer:
         mm = self.maps[layer]
         if mm is None:
             mm = self.maps[layer] = mmap.mmap(f.fd, 0, access=mmap.ACCESS_READ)
+        if hasattr(mm, "madvise"):  # one readahead request for the whole record instead of a fault per page
+            mm.madvise(mmap.MADV_WILLNEED, base, self.info.record_stride)
         for dst, off in self.copy_plan[slot]:
             np.copyto(dst, np.frombuffer(mm, np.uint8, count=dst.nbytes, offset=base + off))
         if hasattr(mm, "madvise"):  # drop the mapped pages from our RSS (the page cache keeps them)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,16 +17,15 @@ from .tokenizer import Tokenizer
 
 
 def _resolve(path) -> Path:
+    """A local bundle directory, or a Hub repo id of one (pulled and verified by flashmoe.hub)."""
     p = Path(os.fspath(path)).expanduser()
-    if p.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):
+    if p.exists():
         return p
-    # looks like a Hub repo id of a bundle
     try:
-        from flashmoe.hub import pull  # provided by flashmoe.hub when available
+        from flashmoe.hub import resolve_bundle
     except ImportError:
-        raise BundleError(f"{path}: no such bundle directory (to use a Hub bundle, fetch it first with "
-                          f"`flashmoe-pull {path}`)") from None
-    return Path(pull(str(path)))
+        return p  # Bundle.open reports the missing directory
+    return Path(resolve_bundle(os.fspath(path)))
 
 
 def _load_dense(model: Model, bundle: Bundle) -> None:

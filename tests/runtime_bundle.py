@@ -125,3 +125,52 @@ def dequantized_reference(model, bits: int, group_size: int = 64, dtype: str = "
             experts.gate_up_proj.copy_(torch.from_numpy(np.concatenate([deq[0], deq[1]], axis=1)))
             experts.down_proj.copy_(torch.from_numpy(deq[2]))
     return ref
+
+
+def reference_from_bundle(model, bundle_dir):
+    """A copy of `model` holding exactly the weights a bundle decodes to: quantized dense modules and
+    quantized experts dequantized (for checking the runtime on converter-made bundles)."""
+    import torch
+
+    from flashmoe.format import Bundle
+    from flashmoe.format.experts import record_views
+
+    b = Bundle.open(bundle_dir)
+    ref = copy.deepcopy(model)
+    sd = ref.state_dict()
+    dense = {}
+    for L in [None, *range(b.config.num_hidden_layers)]:
+        dense.update(mx.load(str(b.dense_path(L))))
+
+    def put(name, arr):
+        with torch.no_grad():
+            sd[name].copy_(torch.from_numpy(np.array(arr.astype(mx.float32))).reshape(sd[name].shape))
+
+    for mod, q in (b.dense_quant.get("quantized") or {}).items():
+        w = mx.dequantize(dense[f"{mod}.weight"], dense[f"{mod}.scales"], dense[f"{mod}.biases"],
+                          group_size=q["group_size"], bits=q["bits"])
+        put("lm_head.weight" if mod == "lm_head" else f"model.{mod}.weight", w)
+    eq = b.expert_quant
+    to_mx = {"uint32": mx.uint32, "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+    for L in range(b.config.num_hidden_layers):
+        f = b.expert_file(L)
+        buf = np.zeros(f.info.record_stride, np.uint8)
+        gate, up, down = [], [], []
+        for e in range(f.info.num_experts):
+            f.read_into(e, buf)
+            v = record_views(f.info, buf)
+            comp = {c.name: mx.array(v[c.name]).view(to_mx[c.dtype]) if c.dtype == "bfloat16"
+                    else mx.array(v[c.name]) for c in f.info.components}
+            out = []
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                if eq.bits is None:
+                    out.append(comp[f"{proj}.weight"])
+                else:
+                    out.append(mx.dequantize(comp[f"{proj}.weight"], comp[f"{proj}.scales"], comp[f"{proj}.biases"],
+                                             group_size=eq.group_size, bits=eq.bits))
+            gate.append(out[0]), up.append(out[1]), down.append(out[2])
+        put(f"model.layers.{L}.mlp.experts.gate_up_proj",
+            mx.concatenate([mx.stack(gate), mx.stack(up)], axis=1))
+        put(f"model.layers.{L}.mlp.experts.down_proj", mx.stack(down))
+        f.close()
+    return ref
