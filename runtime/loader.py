@@ -61,6 +61,21 @@ def _load_dense(model: Model, bundle: Bundle) -> None:
     mx.eval(model.parameters())
 
 
+def compute_dtype(bundle: Bundle):
+    """Activation dtype. On the CPU, float32: MLX's CPU quantized matmul is ~8x slower with bfloat16
+    activations than with float32 ones (measured: an 8-bit 248320x2048 lm_head takes 5.2 s vs 0.65 s),
+    while weights stay packed either way. On a GPU, the bundle's own float dtype (bfloat16 for real
+    models). FLASHMOE_DTYPE=float32|bfloat16|float16 overrides."""
+    forced = os.environ.get("FLASHMOE_DTYPE", "").strip()
+    if forced:
+        if forced not in ("float32", "bfloat16", "float16"):
+            raise BundleError(f"FLASHMOE_DTYPE={forced!r}: choose float32, bfloat16 or float16")
+        return getattr(mx, forced)
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    return getattr(mx, bundle.manifest["dense"]["dtype"])
+
+
 def load(path, experts_per_token: int | None = None, io: str = "pread", slots: int | None = None,
          threads: int | None = None, verify: bool = False):
     """Open a converted bundle. Returns (model, tokenizer).
@@ -83,6 +98,7 @@ def load(path, experts_per_token: int | None = None, io: str = "pread", slots: i
                               "re-run flashmoe-pull to repair")
     model = Model(cfg)
     _load_dense(model, bundle)
+    object.__setattr__(model, "compute_dtype", compute_dtype(bundle))
     if experts_per_token is not None:
         k = int(experts_per_token)
         if not 1 <= k <= cfg.num_experts:

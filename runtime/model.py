@@ -339,9 +339,10 @@ class Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # plain attributes (not parameters): the expert source and the stats
+        # plain attributes (not parameters): the expert source, the stats and the activation dtype
         object.__setattr__(self, "experts", None)
         object.__setattr__(self, "stats", Stats())
+        object.__setattr__(self, "compute_dtype", None)  # None: the embedding's dtype
 
     # ---- experts per token ----------------------------------------------------------------
     @property
@@ -362,6 +363,8 @@ class Model(nn.Module):
             raise RuntimeError("Model.experts is not set; load the model with flashmoe.load")
         stats = self.stats
         x = self.embed_tokens(ids)  # [B, S, H]
+        if self.compute_dtype is not None:
+            x = x.astype(self.compute_dtype)
         for layer, c in zip(self.layers, cache.layers):
             x = layer(x, c, self.experts, stats)
         cache.offset += ids.shape[1]
