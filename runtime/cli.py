@@ -40,7 +40,8 @@ def _fmt_stats(s: dict) -> str:
     pf, dc = s["prefill"], s["decode"]
     mb = 1 << 20
     lines = [
-        f"prefill: {s['prompt_tokens']} tokens in {s['prefill_s']:.2f} s ({s['prefill_tps']:.1f} tok/s)",
+        f"prefill: {s['prompt_tokens'] - s.get('cached_prompt_tokens', 0)} tokens in {s['prefill_s']:.2f} s "
+        f"({s['prefill_tps']:.1f} tok/s{', ' + str(s['cached_prompt_tokens']) + ' more from the chat cache' if s.get('cached_prompt_tokens') else ''})",
         f"decode:  {s['generated_tokens']} tokens in {s['decode_s']:.2f} s ({s['decode_tps']:.2f} tok/s)",
         "time per stage (prefill | decode): " + ", ".join(
             f"{name} {pf[k]:.3f} | {dc[k]:.3f} s" for name, k in
@@ -54,14 +55,14 @@ def _fmt_stats(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_once(model, tok, prompt, args, out=None) -> str:
+def _run_once(model, tok, prompt, args, out=None, session=None) -> str:
     from .generate import generate
 
     out = out or sys.stdout
     text = []
     for chunk in generate(model, tok, prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                          chat_template=not args.no_chat_template):
+                          chat_template=not args.no_chat_template, session=session):
         if chunk.text:
             out.write(chunk.text)
             out.flush()
@@ -74,8 +75,11 @@ def _run_once(model, tok, prompt, args, out=None) -> str:
 def _chat(model, tok, args) -> None:
     use_template = not args.no_chat_template and tok.chat_template is not None
     print(f"{PROG}: chat with {args.bundle} (/reset clears history, /exit or Ctrl-D quits)", file=sys.stderr)
+    from .generate import Session
+
     history: list[dict] = []
     raw = ""
+    session = Session()  # earlier turns stay in the cache: each turn prefills only its new tokens
     while True:
         sys.stderr.write(">>> ")
         sys.stderr.flush()
@@ -87,17 +91,18 @@ def _chat(model, tok, args) -> None:
             break
         if line.strip() == "/reset":
             history, raw = [], ""
+            session.reset()
             continue
         if not line.strip():
             continue
         try:
             if use_template:
                 history.append({"role": "user", "content": line})
-                reply = _run_once(model, tok, history, args)
+                reply = _run_once(model, tok, history, args, session=session)
                 history.append({"role": "assistant", "content": reply})
             else:
                 raw += line + "\n"
-                raw += _run_once(model, tok, raw, args)
+                raw += _run_once(model, tok, raw, args, session=session)
         except BundleError as e:
             if use_template and history and history[-1]["role"] == "user":
                 history.pop()

@@ -97,9 +97,23 @@ def _stop_hold(text: str, stops: list[str]) -> int:
     return best
 
 
+class Session:
+    """Keeps the cache between generate() calls (a chat). When the new prompt starts with every token
+    already in the cache, only the rest is prefilled; otherwise (an edited history, a template that
+    rewrites earlier turns) it starts over, since linear-attention state cannot be rolled back."""
+
+    def __init__(self):
+        self.cache = None
+        self.ids: list[int] = []
+
+    def reset(self) -> None:
+        self.cache, self.ids = None, []
+
+
 def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | str | None = None,
-             chat_template: bool = True, prefill_chunk: int = PREFILL_CHUNK) -> Iterator[GenerationChunk]:
+             chat_template: bool = True, prefill_chunk: int = PREFILL_CHUNK,
+             session: Session | None = None) -> Iterator[GenerationChunk]:
     """Yield GenerationChunk per generated token, then a final chunk with finish_reason and stats."""
     ids = prompt_ids(tokenizer, prompt, chat_template)
     cfg = model.config
@@ -115,10 +129,16 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
 
     stats = model.stats
     stats.reset()
-    cache = model.make_cache()
+    reuse = (session is not None and session.cache is not None and len(session.ids) < len(ids)
+             and ids[: len(session.ids)] == session.ids)
+    cache = session.cache if reuse else model.make_cache()
+    cached = len(session.ids) if reuse else 0
+    if session is not None:
+        session.reset()  # re-armed below only if this call completes
+    fed = list(ids)  # every token the cache holds
     t0 = time.perf_counter()
     logits = None
-    for i in range(0, len(ids), prefill_chunk):
+    for i in range(cached, len(ids), prefill_chunk):
         logits = model(mx.array([ids[i : i + prefill_chunk]]), cache, last_only=True)  # [1, 1, V]
         mx.eval(logits)
     t_prefill = time.perf_counter() - t0
@@ -151,6 +171,7 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
         yield GenerationChunk(out, token)
         if n_gen < max_tokens:
             logits = model(mx.array([[token]]), cache, last_only=True)
+            fed.append(token)
     t_decode = time.perf_counter() - t1
     tail = pending + (detok.flush() if finish != "stop" or not stops else "")
     decode_stats = stats.snapshot()
@@ -158,10 +179,11 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
     nbytes = prefill_stats["expert_bytes"] + decode_stats["expert_bytes"]
     summary = {
         "prompt_tokens": len(ids),
+        "cached_prompt_tokens": cached,
         "generated_tokens": n_gen,
         "prefill_s": t_prefill,
         "decode_s": t_decode,
-        "prefill_tps": len(ids) / t_prefill if t_prefill > 0 else 0.0,
+        "prefill_tps": (len(ids) - cached) / t_prefill if t_prefill > 0 else 0.0,
         # decode steps: one forward per generated token after the first (which prefill produced)
         "decode_tps": (n_gen - 1) / t_decode if n_gen > 1 and t_decode > 0 else 0.0,
         "prefill": prefill_stats,
@@ -170,4 +192,6 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
         "expert_gbps": nbytes / io_s / 1e9 if io_s > 0 else 0.0,
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if session is not None:
+        session.cache, session.ids = cache, fed
     yield GenerationChunk(tail, None, finish, summary)

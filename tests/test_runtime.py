@@ -437,3 +437,25 @@ def test_converted_bundle(trained, tmp_path, corpus_ids, bits, dense_bits):
     ref = trained if bits is None and dense_bits is None else reference_from_bundle(trained, out)
     ids = prompt_of(corpus_ids, 70)
     assert_logits_close(our_logits(model, ids), logits_of(ref, ids), f"converted bits={bits} dense={dense_bits}")
+
+
+def test_session_reuses_the_cache_across_turns(loaded, corpus_ids):
+    """A second turn whose prompt extends the first (prompt + reply + more) prefills only the new tokens
+    and generates exactly what a fresh full prefill generates."""
+    from flashmoe.runtime.generate import Session
+
+    model, tok = loaded(None)
+    turn1 = prompt_of(corpus_ids, 12)
+    session = Session()
+    chunks = list(flashmoe.generate(model, tok, turn1, max_tokens=6, session=session))
+    reply = [c.token for c in chunks if c.token is not None]
+    turn2 = turn1 + reply + prompt_of(corpus_ids, 20)[12:]
+    with_cache = list(flashmoe.generate(model, tok, turn2, max_tokens=8, session=session))
+    fresh = list(flashmoe.generate(model, tok, turn2, max_tokens=8))
+    assert [c.token for c in with_cache] == [c.token for c in fresh]
+    stats = with_cache[-1].stats
+    # the cache held turn1 and the reply tokens fed back (all but the last generated token)
+    assert stats["cached_prompt_tokens"] == len(turn1) + len(reply) - 1
+    # a prompt that does not extend the cached tokens starts over
+    other = list(flashmoe.generate(model, tok, prompt_of(corpus_ids, 5), max_tokens=2, session=session))
+    assert other[-1].stats["cached_prompt_tokens"] == 0
