@@ -28,9 +28,11 @@ shared_gate=None, backend=None, residual=None) -> y``
   with ``e = indices[t, k]``.
 * ``backend``: ``None`` -> the CLI override if set (``set_backend``), else env ``FLASHMOE_KERNELS``
   in ``{auto, builtin, custom}`` (default ``auto``). ``auto`` = custom kernels when MLX's default
-  device is a Metal or CUDA GPU, bits in (2, 4, 8), group_size in (32, 64, 128) and
-  ``T <= AUTO_MAX_T`` (8); built-ins (``mx.gather_qmm``/``mx.quantized_matmul``) otherwise (CPU,
-  large prefill batches, 3/5/6-bit). ``custom`` forces the kernels (error without a GPU);
+  device is a CUDA GPU, bits in (2, 4, 8), group_size in (32, 64, 128) and ``T <= AUTO_MAX_T``
+  (4; measured at T=1 and 4); built-ins (``mx.gather_qmm``/``mx.quantized_matmul``) otherwise: CPU,
+  larger prefill batches, 3/5/6-bit, and Metal, whose instantiation has not yet been compiled by
+  Apple's compiler nor timed on Apple hardware (``dispatch.AUTO_CUSTOM``; flip it once measured).
+  ``custom`` forces the kernels on Metal or CUDA (error on CPU);
   ``builtin`` forces MLX's ops.
 
 Helpers: ``dispatch.set_backend(choice)``, ``dispatch.add_cli_argument(parser)`` +

@@ -1,0 +1,342 @@
+"""Expert-block dispatch: custom dequant-FMA kernels (Metal, CUDA) or MLX built-ins.
+
+See flashmoe.metal (``__init__``) for the public contract of :func:`expert_block`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import mlx.core as mx
+
+from . import kernels as K
+
+ENV = "FLASHMOE_KERNELS"
+CHOICES = ("auto", "builtin", "custom")
+CUSTOM_BITS = (2, 4, 8)
+CUSTOM_GROUPS = (32, 64, 128)
+# Largest token count the custom kernels take in auto mode (measured at T=1 and T=4 only). Above it
+# the gather_qmm path (sorted indices, tiled matmul) reads each expert once for all tokens and wins.
+AUTO_MAX_T = 4
+# Where auto picks the custom kernels, per GPU backend; set from benchmarks/RESULTS.md.
+# CUDA: measured 1.6-2.2x faster at batch 1 and 1.2-1.5x at T=4 on an H100 (RESULTS.md). Metal: the
+# same body, but neither compiled by Apple's compiler nor timed on Apple hardware yet, so auto keeps
+# MLX's kernels there; FLASHMOE_KERNELS=custom (or --kernels custom) runs the Metal instantiation.
+AUTO_CUSTOM = {"cuda": True, "metal": False}
+
+# Launch shapes (tunable; benchmarks/bench_kernels.py sweeps them).
+#  R: rows per lane group, NWARP: warps per threadgroup, TB: tokens per pass (register blocking).
+TUNING = {"gate_up": {"R": 4, "NWARP": 2, "TB": 4}, "down": {"R": 4, "NWARP": 2, "TB": 4}}  # best of the sweep in RESULTS.md
+LITERAL_FMA = False  # True: per-element fma(q, s*x, z*x) instead of the factored form (A/B only)
+POISON = None  # tests set float("nan"): outputs start poisoned, so an unwritten element shows up
+# Threadgroup-memory table of the down kernel is NE*T ints; keep it well under Apple's 32 KiB.
+CUSTOM_MAX_TABLE = 4096
+
+_override: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# backend selection
+# ------------------------------------------------------------------------------------------------
+
+def set_backend(choice: str | None) -> None:
+    """Process-wide override (what the CLI flag sets); None returns to the environment variable."""
+    if choice is not None and choice not in CHOICES:
+        raise ValueError(f"kernels must be one of {CHOICES}, not {choice!r}")
+    global _override
+    _override = choice
+
+
+def add_cli_argument(parser) -> None:
+    """Add ``--kernels {auto,builtin,custom}`` to an argparse parser; call apply_cli_args after parsing."""
+    parser.add_argument("--kernels", choices=CHOICES, default=None,
+                        help=f"expert kernels: custom dequant-FMA kernels, MLX built-ins, or auto "
+                             f"(default: ${ENV} or auto)")
+
+
+def apply_cli_args(args) -> None:
+    if getattr(args, "kernels", None):
+        set_backend(args.kernels)
+
+
+def requested() -> str:
+    choice = _override or os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV} must be one of {CHOICES}, not {choice!r}")
+    return choice
+
+
+def gpu_backend() -> str | None:
+    """'metal' or 'cuda' when MLX's default device is a GPU of that kind, else None."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def custom_supported(bits, group_size, hidden, inter) -> bool:
+    if bits not in CUSTOM_BITS or group_size not in CUSTOM_GROUPS:
+        return False
+    for n in (hidden, inter):
+        wpr = n * bits // 32
+        if n % group_size or wpr % 4:
+            return False
+        lpr = 32 if wpr >= 128 else wpr // 4
+        if lpr & (lpr - 1):
+            return False
+    return True
+
+
+def resolve(backend, T, bits, group_size, hidden, inter) -> str:
+    """'builtin' or 'custom' for one call."""
+    choice = backend or requested()
+    if choice not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, not {choice!r}")
+    gpu = gpu_backend()
+    ok = gpu is not None and custom_supported(bits, group_size, hidden, inter)
+    if choice == "custom":
+        if not ok:
+            raise RuntimeError(f"custom expert kernels need a Metal or CUDA GPU as MLX's default device "
+                               f"and bits in {CUSTOM_BITS}, group_size in {CUSTOM_GROUPS} (got gpu={gpu}, "
+                               f"bits={bits}, group_size={group_size})")
+        return "custom"
+    if choice == "builtin":
+        return "builtin"
+    return "custom" if ok and AUTO_CUSTOM.get(gpu, False) and T <= AUTO_MAX_T else "builtin"
+
+
+# ------------------------------------------------------------------------------------------------
+# built-in path (MLX gather_qmm / quantized_matmul); also the reference on GPU
+# ------------------------------------------------------------------------------------------------
+
+def _gather_sort(x, indices):
+    m = indices.shape[-1]
+    flat = indices.flatten()
+    order = mx.argsort(flat)
+    inv = mx.argsort(order)
+    return x.flatten(0, -3)[order // m], flat[order], inv
+
+
+def _builtin_routed(x, ex, indices, scores, bits, group_size):
+    T = x.shape[0]
+    xe = mx.expand_dims(x, (-2, -3))  # [T, 1, 1, H]
+    do_sort = indices.size >= 64
+    idx = indices
+    if do_sort:
+        xe, idx, inv = _gather_sort(xe, indices)
+
+    def qmm(a, name):
+        return mx.gather_qmm(a, ex[f"{name}.weight"], ex[f"{name}.scales"], ex[f"{name}.biases"],
+                             rhs_indices=idx, transpose=True, group_size=group_size, bits=bits,
+                             sorted_indices=do_sort)
+
+    g = qmm(xe, "gate_proj")
+    u = qmm(xe, "up_proj")
+    d = qmm(nn_silu(g) * u, "down_proj")
+    if do_sort:
+        d = d[inv].reshape(*indices.shape, 1, -1)
+    d = d.squeeze(-2)  # [T, K, H]
+    return (d * scores[..., None].astype(d.dtype)).sum(axis=-2).astype(x.dtype).reshape(T, -1)
+
+
+def nn_silu(a):
+    return a * mx.sigmoid(a)
+
+
+def _as(a, dtype):
+    """astype that adds no graph node when the dtype already matches."""
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+_CONST: dict = {}
+
+
+def _const(kind, T):
+    """Cached [T, 1] int32 zeros / float32 ones (the shared expert's index and unit score)."""
+    key = (kind, T)
+    if key not in _CONST:
+        _CONST[key] = mx.zeros((T, 1), mx.int32) if kind == "zeros" else mx.ones((T, 1), mx.float32)
+    return _CONST[key]
+
+
+def _linear(a, p, prefix=""):
+    """a @ W.T for a float weight or an MLX-quantized one (weight/scales/biases)."""
+    w = p[prefix + "weight"] if isinstance(p, dict) else p
+    if isinstance(p, dict) and (prefix + "scales") in p:
+        s, b = p[prefix + "scales"], p.get(prefix + "biases")
+        bits, gs = _infer_quant(w, s, a.shape[-1])
+        return mx.quantized_matmul(a, w, s, b, transpose=True, group_size=gs, bits=bits)
+    return a @ _as(w, a.dtype).T
+
+
+def _infer_quant(w, s, in_dim):
+    gs = in_dim // s.shape[-1]
+    bits = w.shape[-1] * 32 // in_dim
+    return bits, gs
+
+
+def _shared_gate_value(x, shared_gate):
+    if shared_gate is None:
+        return None
+    return mx.sigmoid(_as(_linear(x, shared_gate), mx.float32))  # [T, 1]
+
+
+def _builtin_shared(x, shared, shared_gate):
+    g = _linear(x, shared, "gate_proj.")
+    u = _linear(x, shared, "up_proj.")
+    d = _linear(nn_silu(g) * u, shared, "down_proj.")
+    sg = _shared_gate_value(x, shared_gate)
+    return d if sg is None else d * sg.astype(d.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# custom path
+# ------------------------------------------------------------------------------------------------
+
+def _shape_cfg(kind, out_dim, in_dim, bits, T):
+    tun = TUNING[kind]
+    wpr = in_dim * bits // 32
+    lpr = 32 if wpr >= 128 else wpr // 4
+    nwarp, r = tun["NWARP"], tun["R"]
+    while out_dim % (nwarp * (32 // lpr) * r):
+        if r > 1:
+            r //= 2
+        elif nwarp > 1:
+            nwarp //= 2
+        else:
+            raise ValueError(f"no launch shape divides {out_dim} rows")
+    return {"R": r, "LPR": lpr, "NWARP": nwarp, "TB": max(1, min(T, tun["TB"]))}
+
+
+def gate_up(x32, ex, indices, bits, group_size, reference=False, prefix=""):
+    """h [T, K, I] float32 = silu(gate(x)) * up(x) for the expert slot indices[t, k] (custom kernel)."""
+    backend = gpu_backend()
+    gw, gs, gb = (ex[prefix + "gate_proj." + n] for n in ("weight", "scales", "biases"))
+    uw, us, ub = (ex[prefix + "up_proj." + n] for n in ("weight", "scales", "biases"))
+    if gw.ndim == 2:
+        gw, gs, gb, uw, us, ub = (a[None] for a in (gw, gs, gb, uw, us, ub))
+    T, H = x32.shape
+    NE, I = gw.shape[0], gw.shape[1]
+    KS = indices.shape[1]
+    tmpl = [("BITS", bits), ("GS", group_size), ("IN_DIM", H), ("OUT_DIM", I), ("NT", T), ("KS", KS)]
+    args = [x32, gw, gs, gb, uw, us, ub, indices]
+    if reference:
+        n = T * KS * I
+        return K.get_kernel("fm_ref_gate_up", backend)(
+            inputs=args, template=tmpl + [("SCALE_T", gs.dtype)], grid=(n, 1, 1), threadgroup=(256, 1, 1),
+            output_shapes=[(T, KS, I)], output_dtypes=[mx.float32], init_value=POISON)[0]
+    c = _shape_cfg("gate_up", I, H, bits, T)
+    rows_tg = c["NWARP"] * (32 // c["LPR"]) * c["R"]
+    tmpl += [(k, c[k]) for k in ("R", "LPR", "NWARP", "TB")]
+    tmpl += [("LITERAL", bool(LITERAL_FMA)), ("SCALE_T", gs.dtype)]
+    nt = c["NWARP"] * 32
+    return K.get_kernel("fm_gate_up", backend)(
+        inputs=args, template=tmpl, grid=(I // rows_tg * nt, NE, 1), threadgroup=(nt, 1, 1),
+        output_shapes=[(T, KS, I)], output_dtypes=[mx.float32], init_value=POISON)[0]
+
+
+def down(h, ex, indices, scores32, bits, group_size, out_dtype, add=None, reference=False, prefix=""):
+    """y [T, H] = add + sum_k scores[t,k] * down_{indices[t,k]}(h[t,k]) (custom kernel)."""
+    backend = gpu_backend()
+    dw, ds, db = (ex[prefix + "down_proj." + n] for n in ("weight", "scales", "biases"))
+    if dw.ndim == 2:
+        dw, ds, db = (a[None] for a in (dw, ds, db))
+    T, KS, I = h.shape
+    NE, H = dw.shape[0], dw.shape[1]
+    has_add = add is not None
+    addv = add if has_add else _const("zeros", 1)
+    tmpl = [("BITS", bits), ("GS", group_size), ("IN_DIM", I), ("OUT_DIM", H), ("NT", T), ("KS", KS)]
+    args = [h, dw, ds, db, indices, scores32, addv]
+    tail = [("HAS_ADD", has_add), ("SCALE_T", ds.dtype), ("OutT", out_dtype)]
+    if reference:
+        n = T * H
+        return K.get_kernel("fm_ref_down", backend)(
+            inputs=args, template=tmpl + tail, grid=(n, 1, 1), threadgroup=(256, 1, 1),
+            output_shapes=[(T, H)], output_dtypes=[out_dtype], init_value=POISON)[0]
+    c = _shape_cfg("down", H, I, bits, T)
+    rows_tg = c["NWARP"] * (32 // c["LPR"]) * c["R"]
+    tmpl += [(k, c[k]) for k in ("R", "LPR", "NWARP", "TB")] + [("NE", NE), ("LITERAL", bool(LITERAL_FMA))]
+    nt = c["NWARP"] * 32
+    return K.get_kernel("fm_down", backend)(
+        inputs=args, template=tmpl + tail, grid=(H // rows_tg * nt, 1, 1), threadgroup=(nt, 1, 1),
+        output_shapes=[(T, H)], output_dtypes=[out_dtype], init_value=POISON)[0]
+
+
+def _custom_shared(x, x32, shared, shared_gate, add, reference):
+    """Shared expert through the custom kernels when it is quantized in a supported way, else built-in.
+    Returns the float32 addend (add + gate * shared(x))."""
+    T, H = x.shape
+    quant = isinstance(shared, dict) and "gate_proj.scales" in shared
+    if quant:
+        bits, gs = _infer_quant(shared["gate_proj.weight"], shared["gate_proj.scales"], H)
+        inter = shared["gate_proj.weight"].shape[-2]
+        quant = custom_supported(bits, gs, H, inter)
+    if not quant:
+        y = _builtin_shared(x, shared, shared_gate).astype(mx.float32)
+        return y if add is None else y + add.astype(mx.float32)
+    zeros = _const("zeros", T)
+    h = gate_up(x32, shared, zeros, bits, gs, reference=reference)
+    sg = _shared_gate_value(x, shared_gate)
+    sg = _const("ones", T) if sg is None else sg
+    return down(h, shared, zeros, sg, bits, gs, mx.float32, add=add, reference=reference)
+
+
+def _custom(x, ex, indices, scores, bits, group_size, shared, shared_gate, residual, reference=False):
+    x32 = _as(x, mx.float32)
+    idx = _as(indices, mx.int32)
+    add = residual
+    if shared is not None:
+        add = _custom_shared(x, x32, shared, shared_gate, residual, reference)
+    h = gate_up(x32, ex, idx, bits, group_size, reference=reference)
+    return down(h, ex, idx, _as(scores, mx.float32), bits, group_size, x.dtype, add=add, reference=reference)
+
+
+# ------------------------------------------------------------------------------------------------
+# public entry point
+# ------------------------------------------------------------------------------------------------
+
+def expert_block(x, experts, indices, scores, bits, group_size, shared=None, shared_gate=None,
+                 backend=None, residual=None):
+    """y = [residual +] sum_k scores[t,k] * expert_{indices[t,k]}(x_t) [+ sigmoid(shared_gate x) * shared(x)].
+
+    See the package docstring (flashmoe.metal) for shapes. backend: None (env/CLI), "auto",
+    "builtin", "custom", or "reference" (the plain one-thread-per-output custom kernels; tests only).
+    """
+    lead = x.shape[:-1]
+    H = x.shape[-1]
+    x2 = x.reshape(-1, H)
+    idx = indices.reshape(-1, indices.shape[-1])
+    sc = scores.reshape(-1, scores.shape[-1])
+    res = None if residual is None else residual.reshape(-1, H)
+    T = x2.shape[0]
+    inter = experts["gate_proj.weight"].shape[-2]
+    if backend == "reference":
+        y = _custom(x2, experts, idx, sc, bits, group_size, shared, shared_gate, res, reference=True)
+        return y.reshape(*lead, H)
+    which = resolve(backend, T, bits, group_size, H, inter)
+    if which == "custom" and T * experts["gate_proj.weight"].shape[0] > CUSTOM_MAX_TABLE:
+        _warn(f"{T} tokens x {experts['gate_proj.weight'].shape[0]} experts is too large for the custom "
+              "kernels' slot table; using the built-in path")
+        which = "builtin"
+    if which == "custom":
+        y = _custom(x2, experts, idx, sc, bits, group_size, shared, shared_gate, res)
+    else:
+        y = _builtin_routed(x2, experts, idx, sc, bits, group_size)
+        if shared is not None:
+            y = y + _builtin_shared(x2, shared, shared_gate).astype(y.dtype)
+        if res is not None:
+            y = y + res.astype(y.dtype)
+    return y.reshape(*lead, H)
+
+
+def which_backend(T=1, bits=4, group_size=64, hidden=4096, inter=1024, backend=None) -> str:
+    """What expert_block would run for these parameters ('builtin' or 'custom')."""
+    return resolve(backend, T, bits, group_size, hidden, inter)
+
+
+def _warn(msg):
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
