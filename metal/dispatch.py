@@ -122,6 +122,7 @@ def _gather_sort(x, indices):
 
 
 def _builtin_routed(x, ex, indices, scores, bits, group_size):
+    """MLX built-ins: gather_qmm for quantized experts, gather_mm for float ones (bits=None)."""
     T = x.shape[0]
     xe = mx.expand_dims(x, (-2, -3))  # [T, 1, 1, H]
     do_sort = indices.size >= 64
@@ -130,13 +131,15 @@ def _builtin_routed(x, ex, indices, scores, bits, group_size):
         xe, idx, inv = _gather_sort(xe, indices)
 
     def qmm(a, name):
+        if bits is None:
+            return mx.gather_mm(a, ex[f"{name}.weight"].swapaxes(-1, -2), rhs_indices=idx, sorted_indices=do_sort)
         return mx.gather_qmm(a, ex[f"{name}.weight"], ex[f"{name}.scales"], ex[f"{name}.biases"],
                              rhs_indices=idx, transpose=True, group_size=group_size, bits=bits,
                              sorted_indices=do_sort)
 
     g = qmm(xe, "gate_proj")
     u = qmm(xe, "up_proj")
-    d = qmm(nn_silu(g) * u, "down_proj")
+    d = qmm((nn_silu(g) * u).astype(x.dtype), "down_proj")
     if do_sort:
         d = d[inv].reshape(*indices.shape, 1, -1)
     d = d.squeeze(-2)  # [T, K, H]
@@ -317,7 +320,8 @@ def expert_block(x, experts, indices, scores, bits, group_size, shared=None, sha
     if backend == "reference":
         y = _custom(x2, experts, idx, sc, bits, group_size, shared, shared_gate, res, reference=True)
         return y.reshape(*lead, H)
-    which = resolve(backend, T, bits, group_size, H, inter)
+    # float experts (bits=None) have no custom kernel: always the built-in path
+    which = "builtin" if bits is None else resolve(backend, T, bits, group_size, H, inter)
     if which == "custom" and T * experts["gate_proj.weight"].shape[0] > CUSTOM_MAX_TABLE:
         _warn(f"{T} tokens x {experts['gate_proj.weight'].shape[0]} experts is too large for the custom "
               "kernels' slot table; using the built-in path")

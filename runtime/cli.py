@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--stats", action="store_true", help="print speed, time per stage, I/O and memory to stderr")
     p.add_argument("--io", choices=("pread", "mmap"), default="pread", help="expert read method (default pread)")
+    from flashmoe.metal.dispatch import add_cli_argument
+
+    add_cli_argument(p)  # --kernels auto|builtin|custom
     return p
 
 
@@ -113,6 +116,9 @@ def _chat(model, tok, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from flashmoe.metal.dispatch import apply_cli_args
+
+    apply_cli_args(args)
     try:
         if args.max_tokens < 0:
             raise BundleError(f"--max-tokens must be >= 0 (got {args.max_tokens})")

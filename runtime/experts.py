@@ -9,16 +9,16 @@ For each MoE layer the model routes first, then calls `ExpertStreamer(layer, x, 
      `[slots, *component shape]`, whose memory the reads scatter into, so there is no copy between the
      read and the matmul. `io="mmap"` instead copies from a read-only mapping of the layer file (and drops
      the touched pages from the process with MADV_DONTNEED, so RSS stays bounded);
-  3. `expert_block` applies them (`mx.gather_qmm` for quantized experts, `mx.gather_mm` for float ones).
+  3. `flashmoe.metal.dispatch.expert_block` applies them (custom dequant-FMA kernels on a GPU, or MLX's
+     `gather_qmm` / `gather_mm` built-ins).
 
 Resident memory is `slots * record_size` for the buffers, independent of the number of experts in the
 bundle. When a batch needs more distinct experts than there are slots, the union is processed in groups
 of `slots` experts (still one read per expert), each group computing only the (token, expert) pairs it
 holds and accumulating into the output.
 
-`expert_block` is the one function a custom kernel replaces: `get_expert_block()` routes quantized experts
-to `flashmoe.metal.dispatch.expert_block` (same signature; FLASHMOE_KERNELS=auto|builtin|custom picks its
-kernels there).
+The compute is `flashmoe.metal.dispatch.expert_block` (FLASHMOE_KERNELS=auto|builtin|custom or
+`flashmoe-run --kernels` picks the kernels there).
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from flashmoe.format import Bundle, BundleError
 
 DEFAULT_SLOTS = 32  # records held at once; 32 x 6.75 MiB = 216 MiB for the 397B at 4 bits
-SORT_THRESHOLD = 64  # (token, expert) pairs from which sorting by expert pays off in gather_(q)mm
 
 _STORAGE = {"uint32": mx.uint32, "float32": mx.uint32, "bfloat16": mx.uint16, "float16": mx.uint16}
 _TYPED = {"uint32": mx.uint32, "float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -46,60 +44,14 @@ _TYPED = {"uint32": mx.uint32, "float32": mx.float32, "bfloat16": mx.bfloat16, "
 # compute
 
 
-def expert_block(x: mx.array, weights: dict[str, mx.array], indices: mx.array, scores: mx.array, *,
-                 bits: int | None, group_size: int) -> mx.array:
-    """Weighted sum of SwiGLU experts.
-
-    x        [N, H]      tokens (or gathered (token, expert) pairs with K = 1)
-    weights  {component name: [S, ...]}  the record components of S resident experts (format SPEC 3.1):
-             quantized: `gate_proj.weight|scales|biases`, `up_proj.*`, `down_proj.*`;
-             float (bits=None): `gate_proj.weight [S, I, H]`, `up_proj.weight`, `down_proj.weight [S, H, I]`
-    indices  [N, K] int32  slot (in 0..S-1) of each selected expert
-    scores   [N, K]        routing weights (already renormalised)
-    returns  [N, H] = sum_k scores[n, k] * down(silu(gate(x[n])) * up(x[n])) with expert indices[n, k]
-    """
-    N, K = indices.shape
-    xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, H]
-    do_sort = N * K >= SORT_THRESHOLD
-    if do_sort:  # flatten the pairs and group them by expert (mlx-lm's _gather_sort)
-        flat = indices.flatten()
-        order = mx.argsort(flat)
-        inv_order = mx.argsort(order)
-        xe = xe.flatten(0, -3)[order // K]  # [N*K, 1, H]
-        idx = flat[order]  # [N*K]
-    else:
-        idx = indices
-
-    def proj(h, name):
-        if bits is None:
-            return mx.gather_mm(h, weights[f"{name}.weight"].swapaxes(-1, -2), rhs_indices=idx,
-                                sorted_indices=do_sort)
-        return mx.gather_qmm(h, weights[f"{name}.weight"], weights[f"{name}.scales"], weights[f"{name}.biases"],
-                             rhs_indices=idx, transpose=True, group_size=group_size, bits=bits,
-                             sorted_indices=do_sort)
-
-    h = nn.silu(proj(xe, "gate_proj")) * proj(xe, "up_proj")  # [N, K, 1, I] (sorted: [N*K, 1, I])
-    out = proj(h.astype(x.dtype), "down_proj")  # [N, K, 1, H] (sorted: [N*K, 1, H])
-    if do_sort:
-        out = mx.unflatten(out[inv_order], 0, (N, K))
-    out = out.squeeze(-2)  # [N, K, H]
-    return (out * scores[..., None].astype(out.dtype)).sum(axis=-2).astype(x.dtype)
-
-
 def get_expert_block():
-    """The expert compute function. Quantized experts go through `flashmoe.metal.dispatch.expert_block`
-    when that package is present (it picks custom GPU kernels or MLX built-ins from FLASHMOE_KERNELS =
-    auto|builtin|custom, same contract as `expert_block` here); float experts, or a missing metal package,
-    use the builtin above."""
-    try:
-        from flashmoe.metal.dispatch import expert_block as dispatched
-    except ImportError:
-        return expert_block
+    """The expert compute function: `flashmoe.metal.dispatch.expert_block`, which runs the custom
+    dequant-FMA kernels on a GPU or MLX's built-ins (gather_qmm; gather_mm for float experts), chosen
+    by FLASHMOE_KERNELS=auto|builtin|custom or flashmoe-run --kernels."""
+    from flashmoe.metal.dispatch import expert_block
 
     def block(x, weights, indices, scores, *, bits, group_size):
-        if bits is None:
-            return expert_block(x, weights, indices, scores, bits=bits, group_size=group_size)
-        return dispatched(x, weights, indices, scores, bits=bits, group_size=group_size)
+        return expert_block(x, weights, indices, scores, bits, group_size)
 
     return block
 
