@@ -25,7 +25,7 @@ case "${1:-}" in
       2> "$OUT/make-q$bits.txt" || { tail "$OUT/make-q$bits.txt"; exit 1; }
     grep -E "Elapsed|Maximum resident" "$OUT/make-q$bits.txt"
     for k in 4 10; do
-      for kern in auto builtin; do
+      for kern in ${KERNS:-auto builtin}; do
         FLASHMOE_KERNELS=$kern flashmoe-bench run "$D/q$bits" --tokens "$TOKENS" --experts-per-token "$k" \
           --json "$OUT/397b-q$bits-k$k-$kern.json" | tee "$OUT/397b-q$bits-k$k-$kern.txt"
       done
