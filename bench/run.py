@@ -8,6 +8,7 @@ the production path: flashmoe.load, the model, the expert streamer, the kernels.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     full_layers = b.manifest.get("source", {}).get("full_layers") or cfg.num_hidden_layers
     k = experts_per_token or cfg.num_experts_per_tok
     rep: dict = {"machine": probe.machine(), "date": time.strftime("%Y-%m-%d"), "bundle": str(b.path),
+                 "kernels": os.environ.get("FLASHMOE_KERNELS", "auto"),
                  "preset": b.manifest.get("source", {}).get("preset"), "layers": cfg.num_hidden_layers,
                  "full_model_layers": full_layers, "bits": b.expert_quant.bits, "experts_per_token": k,
                  "tokens": tokens, "io": io, "record_bytes": info.record_size}
@@ -97,14 +99,17 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     # ---- decode through the runtime --------------------------------------------------------------
     model, _ = flashmoe.load(b.path, experts_per_token=k, io=io)
     model.stats.enabled = True
+    rep["expert_slots"] = model.experts.slots
+    rep["expert_slot_bytes"] = model.experts.slots * info.record_stride
     results = {}
     for phase in (["cold"] if cold_ok else []) + ["warm"]:
         router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed)
         install_router(model, router)
         if phase == "cold":
             probe.evict(files)
-        else:  # warm: the same routes again, every record they need already in the page cache
-            pass
+            model.experts.clear_cache()
+        # warm: the same routes again; every record they need is in the page cache (and, on a discrete
+        # GPU, in the GPU expert cache as far as it holds them)
         d0 = probe.disk_read_bytes()
         r = decode(model, tokens)
         d1 = probe.disk_read_bytes()

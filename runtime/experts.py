@@ -26,7 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
@@ -60,8 +60,27 @@ def get_expert_block():
 # streaming
 
 
+def default_slots(record_stride: int, k: int) -> int:
+    """Slot count when the caller gives none. Unified memory (Apple GPUs, CPU): DEFAULT_SLOTS, enough for
+    one layer's union; the OS page cache is the cache. A discrete (CUDA) GPU: the slots double as a
+    GPU-resident expert cache of FLASHMOE_GPU_CACHE_GB (default 16) gigabytes, because MLX's CUDA
+    arrays live in managed memory and every record the CPU writes migrates to the GPU by page faults
+    (measured ~2.5 GB/s on an H100, 10x slower than the page cache), so a record worth keeping is one
+    already on the GPU."""
+    from flashmoe.metal.dispatch import gpu_backend
+
+    if gpu_backend() == "cuda":
+        gb = float(os.environ.get("FLASHMOE_GPU_CACHE_GB", "16"))
+        return max(k, int(gb * 1e9) // record_stride)
+    return max(DEFAULT_SLOTS, k)
+
+
 class ExpertStreamer:
     """Reads the routed experts a layer needs into reusable slot buffers and applies them.
+
+    The slots form one pool for all layers, managed least-recently-used: a (layer, expert) still in a
+    slot from an earlier token is not read again. With the default 32 slots that rarely happens (a token
+    touches K x layers records); on CUDA the pool is large and is the GPU expert cache (default_slots).
 
     io: "pread" (default; measured faster, see benchmarks/bench_io.py) or "mmap".
     """
@@ -78,14 +97,21 @@ class ExpertStreamer:
         # layer files: headers checked now, so a corrupt bundle fails at load, not mid-generation
         self.files = [bundle.expert_file(layer) for layer in range(cfg.num_hidden_layers)]
         self.maps: list[mmap.mmap | None] = [None] * len(self.files)
-        want = slots if slots is not None else max(DEFAULT_SLOTS, cfg.num_experts_per_tok)
-        self.slots = max(1, min(int(want), cfg.num_experts))
+        want = slots if slots is not None else default_slots(self.info.record_stride, cfg.num_experts_per_tok)
+        self.slots = max(1, min(int(want), cfg.num_experts * cfg.num_hidden_layers))
         self.pool = ThreadPoolExecutor(max_workers=threads or min(16, max(4, cfg.num_experts_per_tok)),
                                        thread_name_prefix="flashmoe-io")
         self.stats = stats
         self.reads: Counter = Counter()  # (layer, expert) -> times read; tests use it, reset() clears it
         self.block = get_expert_block()
         self._alloc()
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        """Forget which records the slots hold (the next use of each reads it again)."""
+        self.where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot holding it
+        self.owner: list[tuple[int, int] | None] = [None] * self.slots
+        self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(self.slots))  # oldest first
 
     # ---- buffers --------------------------------------------------------------------------
     def _alloc(self) -> None:
@@ -145,13 +171,14 @@ class ExpertStreamer:
         if hasattr(mm, "madvise"):  # drop the mapped pages from our RSS (the page cache keeps them)
             mm.madvise(mmap.MADV_DONTNEED, base, self.info.record_stride)
 
-    def read(self, layer: int, experts: list[int]) -> None:
-        """Read records `experts` of `layer` into slots 0..len(experts)-1 (in parallel)."""
+    def read(self, layer: int, experts: list[int], slots: list[int] | None = None) -> None:
+        """Read records `experts` of `layer` into `slots` (default 0..len(experts)-1), in parallel."""
         t0 = time.perf_counter()
+        slots = list(range(len(experts))) if slots is None else slots
         if len(experts) == 1:
-            self._read_one(layer, 0, experts[0])
-        else:
-            list(self.pool.map(lambda se: self._read_one(layer, *se), enumerate(experts)))
+            self._read_one(layer, slots[0], experts[0])
+        elif experts:
+            list(self.pool.map(lambda se: self._read_one(layer, *se), zip(slots, experts)))
         for e in experts:
             self.reads[(layer, e)] += 1
         if self.stats is not None:
@@ -171,14 +198,15 @@ class ExpertStreamer:
         q = self.quant
         kw = dict(bits=q.bits, group_size=q.group_size)
         if len(union) <= self.slots:  # the usual case (decode, short prompts): one read round, one call
-            self.read(layer, union.tolist())
+            slot_of = self._place(layer, union.tolist())  # [U] slot of each union member
             t0 = time.perf_counter()
-            y = self.block(x, self.weights, mx.array(inv.astype(np.int32)), scores, **kw)
+            y = self.block(x, self.weights, mx.array(slot_of[inv].astype(np.int32)), scores, **kw)
             mx.eval(y)
             if self.stats is not None:
                 self.stats.expert_compute += time.perf_counter() - t0
             return y
         # more distinct experts than slots: groups of `slots` experts, each pair computed exactly once
+        self.clear_cache()  # the groups overwrite slots in order
         y = mx.zeros(x.shape, x.dtype)
         for g0 in range(0, len(union), self.slots):
             group = union[g0 : g0 + self.slots]
@@ -194,6 +222,32 @@ class ExpertStreamer:
             if self.stats is not None:
                 self.stats.expert_compute += time.perf_counter() - t0
         return y
+
+    def _place(self, layer: int, experts: list[int]) -> np.ndarray:
+        """Slots holding `experts` of `layer`: cached ones as they are, the others read into the least
+        recently used slots that this call does not need."""
+        slot_of = np.empty(len(experts), dtype=np.int64)
+        missing = []
+        for i, e in enumerate(experts):
+            s = self.where.get((layer, e))
+            if s is None:
+                missing.append(i)
+            else:
+                slot_of[i] = s
+        if missing:
+            keep = {int(slot_of[i]) for i in range(len(experts)) if i not in set(missing)}
+            victims = [s for s in self.lru if s not in keep][: len(missing)]
+            for i, s in zip(missing, victims):
+                old = self.owner[s]
+                if old is not None:
+                    del self.where[old]
+                self.owner[s] = (layer, experts[i])
+                self.where[(layer, experts[i])] = s
+                slot_of[i] = s
+            self.read(layer, [experts[i] for i in missing], victims)
+        for s in slot_of.tolist():
+            self.lru.move_to_end(s)
+        return slot_of
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -214,6 +214,7 @@ def test_experts_per_token_override(loaded, trained, corpus_ids):
     ids = prompt_of(corpus_ids, 12)
     assert_logits_close(our_logits(model, ids), logits_of(ref_model, ids), "K=2")
     model.experts.reads.clear()
+    model.experts.clear_cache()  # nothing held over from the prompt above
     our_logits(model, ids[:1])
     assert len(model.experts.reads) == 2 * model.config.num_hidden_layers  # 2 experts per layer read
 
@@ -231,6 +232,7 @@ def test_batched_prefill_reads_each_expert_once(bundles, corpus_ids, slots):
     step = our_logits(model, ids, stepwise=True)
     union = set(reads)  # (layer, expert) pairs the prompt's tokens route to
     reads.clear()
+    model.experts.clear_cache()  # count every read of the batched pass, none served from the slots
     batched = our_logits(model, ids)
     assert set(reads) == union
     assert max(reads.values()) == 1  # each needed expert read exactly once per layer
@@ -466,3 +468,20 @@ def test_session_reuses_the_cache_across_turns(loaded, corpus_ids):
     # a prompt that does not extend the cached tokens starts over
     other = list(flashmoe.generate(model, tok, prompt_of(corpus_ids, 5), max_tokens=2, session=session))
     assert other[-1].stats["cached_prompt_tokens"] == 0
+
+
+def test_slots_cache_records_across_tokens(bundles, corpus_ids):
+    """With room for every record, a repeated forward reads nothing and gives identical logits; with
+    too little room, the least recently used records are read again, and logits do not change."""
+    ids = prompt_of(corpus_ids, 6)
+    model, _ = flashmoe.load(bundles[4], slots=64)  # 4 layers x 16 experts: everything fits
+    first = our_logits(model, ids)
+    n_first = sum(model.experts.reads.values())
+    again = our_logits(model, ids)
+    assert sum(model.experts.reads.values()) == n_first  # all hits
+    np.testing.assert_array_equal(first, again)
+    small, _ = flashmoe.load(bundles[4], slots=model.config.num_experts_per_tok * 2)
+    np.testing.assert_array_equal(our_logits(small, ids, stepwise=True), our_logits(small, ids, stepwise=True))
+    assert_logits_close(our_logits(small, ids), first, "small pool")
+    model.experts.close()
+    small.experts.close()
