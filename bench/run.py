@@ -116,7 +116,8 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         if d0 is not None and r["expert_bytes"]:
             r["disk_bytes"] = d1 - d0
             r["page_cache_hit_rate"] = max(0.0, 1.0 - (d1 - d0) / r["expert_bytes"])
-        r["expert_bytes_per_token"] = r["expert_bytes"] / tokens
+        r["expert_bytes_per_token"] = r["expert_bytes"] / tokens  # read (after the slots' cache hits)
+        r["expert_bytes_needed_per_token"] = k * cfg.num_hidden_layers * info.record_size
         r["expert_gbps"] = r["expert_bytes"] / r["expert_io"] / 1e9 if r["expert_io"] else None
         per_layer = {s: r[s] / tokens / cfg.num_hidden_layers for s in STAGES if s != "head"}
         r["per_layer_ms"] = {s: v * 1e3 for s, v in per_layer.items()}
