@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--peer", action="store_true", help="also decode the same weights with mlx-lm in memory "
                                                         "(needs mlx-lm and RAM for the whole bundle)")
+    r.add_argument("--prefill", type=int, default=0, metavar="N",
+                   help="also time a batched prefill of an N-token prompt (cold), e.g. 512")
     r.add_argument("--json", default=None, metavar="FILE")
     r.add_argument("--chart", default=None, metavar="FILE.png")
     d = sub.add_parser("doctor", help="what this machine can run, and how fast, before downloading")
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             from .run import chart, format_table, run, write_json
 
             rep = run(a.bundle, tokens=a.tokens, experts_per_token=a.experts_per_token, io=a.io,
-                      stickiness=a.stickiness, seed=a.seed, peer=a.peer)
+                      stickiness=a.stickiness, seed=a.seed, peer=a.peer, prefill=a.prefill)
             rep["peak_rss_mb"] = peak_rss_mb()
             print(format_table(rep))
             if a.json:

@@ -57,8 +57,34 @@ def decode(model, tokens: int) -> dict:
     return {"seconds": dt, "tok_s": tokens / dt, **model.stats.snapshot()}
 
 
+def measure_prefill(model, files, cfg, k: int, n: int, stickiness: float, seed: int, cold: bool) -> dict:
+    """One batched forward over an n-token prompt, from a cold page cache where possible: each layer reads
+    the union of the experts its n tokens route to, once."""
+    import mlx.core as mx
+
+    install_router(model, StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed + 1))
+    if cold:
+        probe.evict(files)
+    model.experts.clear_cache()
+    model.stats.reset()
+    cache = model.make_cache()
+    ids = mx.array(np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(1, n)))
+    t = time.perf_counter()
+    mx.eval(model(ids, cache, last_only=True))
+    dt = time.perf_counter() - t
+    st = model.stats.snapshot()
+    return {"tokens": n, "cold": cold, "seconds": dt, "tok_s": n / dt, **st,
+            "experts_read_per_layer": st["expert_reads"] / cfg.num_hidden_layers,
+            "projected_full_model_seconds": (dt - st["head"]) / cfg.num_hidden_layers * model_layers(model) + st["head"]}
+
+
+def model_layers(model) -> int:
+    src = model.bundle.manifest.get("source", {})
+    return src.get("full_layers") or model.config.num_hidden_layers
+
+
 def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None = None, io: str = "pread",
-        stickiness: float = 0.2, seed: int = 0, peer: bool = False, log=None) -> dict:
+        stickiness: float = 0.2, seed: int = 0, peer: bool = False, prefill: int = 0, log=None) -> dict:
     import mlx.core as mx
 
     import flashmoe
@@ -129,6 +155,9 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         log(f"{phase}: {r['tok_s']:.2f} tok/s over {cfg.num_hidden_layers} layers; projected "
             f"{r['projected_full_model_tok_s']:.2f} tok/s for {full_layers} layers")
     rep["decode"] = results
+    if prefill:
+        rep["prefill"] = measure_prefill(model, files, cfg, k, prefill, stickiness, seed, cold_ok)
+        log(f"prefill: {prefill} tokens in {rep['prefill']['seconds']:.2f} s ({rep['prefill']['tok_s']:.1f} tok/s)")
     model.experts.close()
     del model
 
@@ -183,6 +212,12 @@ def format_table(rep: dict) -> str:
     lines.append(f"routing   synthetic sticky-uniform: {f(routes['consecutive_overlap'], '{:.0%}')} overlap between "
                  f"consecutive tokens, {f(routes['touched_per_window'], '{:.0%}')} of experts touched per "
                  f"{routes['window']} tokens")
+    if rep.get("prefill"):
+        p = rep["prefill"]
+        lines.append(f"prefill   {p['tokens']} tokens{' (cold)' if p['cold'] else ''}: {p['seconds']:.2f} s = "
+                     f"{p['tok_s']:.1f} tok/s; {p['experts_read_per_layer']:.0f} experts read per layer "
+                     f"({p['expert_bytes'] / 1e9:.2f} GB); projected {p['projected_full_model_seconds']:.1f} s "
+                     f"for all {rep['full_model_layers']} layers")
     if rep.get("peer"):
         lines.append(f"peer      mlx-lm in memory: {rep['peer']['tok_s']:.2f} tok/s")
     for name, v in rep["targets"].items():

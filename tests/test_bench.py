@@ -57,7 +57,7 @@ def test_run_reports_every_field(small_bundle, tmp_path):
     out = tmp_path / "r.json"
     png = tmp_path / "r.png"
     r = subprocess.run([sys.executable, "-m", "flashmoe.bench.cli", "run", str(small_bundle), "--tokens", "4",
-                        "--json", str(out)] + (["--chart", str(png)] if _has_matplotlib() else []),
+                        "--prefill", "16", "--json", str(out)] + (["--chart", str(png)] if _has_matplotlib() else []),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rep = json.loads(out.read_text())
@@ -70,6 +70,8 @@ def test_run_reports_every_field(small_bundle, tmp_path):
     for key in ("tok_s", "projected_full_model_tok_s", "per_layer_ms", "expert_bytes_per_token", "expert_gbps",
                 "routes", "attention", "routing", "expert_io", "expert_compute"):
         assert key in warm, key
+    pre = rep["prefill"]
+    assert pre["tokens"] == 16 and pre["tok_s"] > 0 and 4 <= pre["experts_read_per_layer"] <= 32
     need = 4 * 4 * rep["record_bytes"]  # K experts x layers
     assert warm["expert_bytes_needed_per_token"] == need
     assert 0 < rep["decode"]["cold"]["expert_bytes_per_token"] <= need  # slot hits only lower it
