@@ -3,6 +3,7 @@
 # (see ../shared/gpu/stage-mlx-cuda.sh for getting it onto a machine without package access).
 #   bash benchmarks/gpu_session.sh tests            runtime + kernel tests on the GPU
 #   bash benchmarks/gpu_session.sh bench397 BITS    397B-shaped bundle: decode K=4 and K=10, cold and warm
+#   bash benchmarks/gpu_session.sh prefill BITS     397B-shaped bundle: cold batched prefill of 128 and 512 tokens
 #   bash benchmarks/gpu_session.sh peer             35B-shaped bundle vs mlx-lm in memory (needs mlx-lm)
 # Results go to $OUT (or ./out/gpu).
 set -uo pipefail
@@ -32,11 +33,21 @@ case "${1:-}" in
     done
     rm -rf "$D/q$bits"
     ;;
+  prefill)
+    bits=${2:-4}
+    rm -rf "$D/f$bits"
+    flashmoe-bench make --shape qwen3.5-397b-a17b --layers "$LAYERS" --bits "$bits" -o "$D/f$bits" 2>/dev/null
+    for n in 128 512; do
+      flashmoe-bench run "$D/f$bits" --tokens 8 --prefill "$n" --json "$OUT/397b-q$bits-prefill$n.json" \
+        | tee "$OUT/397b-q$bits-prefill$n.txt"
+    done
+    rm -rf "$D/f$bits"
+    ;;
   peer)
     rm -rf "$D/p4"
     flashmoe-bench make --shape qwen3.5-35b-a3b --layers "$LAYERS" --bits 4 -o "$D/p4"
     flashmoe-bench run "$D/p4" --tokens "$TOKENS" --peer --json "$OUT/35b-peer.json" | tee "$OUT/35b-peer.txt"
     rm -rf "$D/p4"
     ;;
-  *) echo "usage: $0 tests|bench397 BITS|peer"; exit 2 ;;
+  *) echo "usage: $0 tests|bench397 BITS|prefill BITS|peer"; exit 2 ;;
 esac
