@@ -188,6 +188,11 @@ def _shared_gate_value(x, shared_gate):
     return mx.sigmoid(_as(_linear(x, shared_gate), mx.float32))  # [T, 1]
 
 
+def shared_expert(x, shared, shared_gate=None):
+    """The shared expert alone on MLX built-ins: sigmoid(shared_gate x) * down(silu(gate x) * up x)."""
+    return _builtin_shared(x, shared, shared_gate)
+
+
 def _builtin_shared(x, shared, shared_gate):
     g = _linear(x, shared, "gate_proj.")
     u = _linear(x, shared, "up_proj.")

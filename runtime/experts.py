@@ -33,6 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.format import Bundle, BundleError
+from flashmoe.metal.dispatch import shared_expert
 
 DEFAULT_SLOTS = 32  # records held at once; 32 x 6.75 MiB = 216 MiB for the 397B at 4 bits
 
@@ -50,8 +51,8 @@ def get_expert_block():
     by FLASHMOE_KERNELS=auto|builtin|custom or flashmoe-run --kernels."""
     from flashmoe.metal.dispatch import expert_block
 
-    def block(x, weights, indices, scores, *, bits, group_size):
-        return expert_block(x, weights, indices, scores, bits, group_size)
+    def block(x, weights, indices, scores, *, bits, group_size, shared=None, shared_gate=None):
+        return expert_block(x, weights, indices, scores, bits, group_size, shared=shared, shared_gate=shared_gate)
 
     return block
 
@@ -187,8 +188,10 @@ class ExpertStreamer:
             self.stats.expert_reads += len(experts)
 
     # ---- the call the model makes ---------------------------------------------------------
-    def __call__(self, layer: int, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
-        """x [T, H], indices [T, K] (expert ids), scores [T, K] -> routed expert output [T, H], evaluated."""
+    def __call__(self, layer: int, x: mx.array, indices: mx.array, scores: mx.array, shared: dict | None = None,
+                 shared_gate: dict | None = None) -> mx.array:
+        """x [T, H], indices [T, K] (expert ids), scores [T, K] -> routed expert output [T, H], evaluated;
+        plus the shared expert (`shared`: its gate/up/down weights, `shared_gate`: its sigmoid gate) if given."""
         T, K = indices.shape
         ids = np.array(indices)  # [T, K] on the host
         if ids.min() < 0 or ids.max() >= self.num_experts:
@@ -196,7 +199,7 @@ class ExpertStreamer:
         union, inv = np.unique(ids, return_inverse=True)  # sorted expert ids; inv [T*K] -> position in union
         inv = inv.reshape(T, K)
         q = self.quant
-        kw = dict(bits=q.bits, group_size=q.group_size)
+        kw = dict(bits=q.bits, group_size=q.group_size, shared=shared, shared_gate=shared_gate)
         if len(union) <= self.slots:  # the usual case (decode, short prompts): one read round, one call
             slot_of = self._place(layer, union.tolist())  # [U] slot of each union member
             t0 = time.perf_counter()
@@ -207,7 +210,8 @@ class ExpertStreamer:
             return y
         # more distinct experts than slots: groups of `slots` experts, each pair computed exactly once
         self.clear_cache()  # the groups overwrite slots in order
-        y = mx.zeros(x.shape, x.dtype)
+        kw.update(shared=None, shared_gate=None)
+        y = mx.zeros(x.shape, x.dtype) if shared is None else shared_expert(x, shared, shared_gate).astype(x.dtype)
         for g0 in range(0, len(union), self.slots):
             group = union[g0 : g0 + self.slots]
             self.read(layer, group.tolist())

@@ -258,7 +258,12 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # MoE block
 
-ExpertsFn = Callable[[int, mx.array, mx.array, mx.array], mx.array]
+ExpertsFn = Callable[..., mx.array]  # (layer, x [T, H], indices [T, K], scores [T, K], shared=, shared_gate=)
+
+
+def linear_params(m: nn.Module) -> dict[str, mx.array]:
+    """A Linear or QuantizedLinear as the {weight[, scales, biases]} dict the expert kernels take."""
+    return {k: m[k] for k in ("weight", "scales", "biases") if k in m}
 
 
 class SparseMoeBlock(nn.Module):
@@ -289,13 +294,13 @@ class SparseMoeBlock(nn.Module):
         inds, scores = self.route(xf)
         mx.eval(inds, scores)  # the host needs the indices to read the experts
         stats.routing += time.perf_counter() - t0
-        y = experts(self.layer, xf, inds, scores)  # [T, H], evaluated (its buffers get reused)
-        t0 = time.perf_counter()
-        shared = mx.sigmoid(self.shared_expert_gate(xf)) * self.shared_expert(xf)  # [T, H]
-        out = y + shared
-        if stats.enabled:
-            mx.eval(out)
-        stats.expert_compute += time.perf_counter() - t0
+        # routed experts + the sigmoid-gated shared expert, in one call so that the expert kernels can fuse
+        # them; [T, H], evaluated (the routed weights' buffers get reused)
+        se = self.shared_expert
+        shared = {f"{n}.{k}": v for n in ("gate_proj", "up_proj", "down_proj")
+                  for k, v in linear_params(se[n]).items()}
+        out = experts(self.layer, xf, inds, scores, shared=shared,
+                      shared_gate=linear_params(self.shared_expert_gate))
         return out.reshape(B, S, H)
 
 

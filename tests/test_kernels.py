@@ -7,7 +7,6 @@ GPU (skipped unless MLX's default device is a Metal or CUDA GPU): custom and ref
 the built-in path on every expert shape of the 397B, 122B and 35B models, 2 and 4 bits, T=1 and T=4.
 """
 
-import os
 import shutil
 import subprocess
 

@@ -38,8 +38,6 @@ import flashmoe  # noqa: E402
 from flashmoe.runtime.cli import main as cli_main  # noqa: E402
 from flashmoe.runtime.tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
 
-import mlx.core as mx  # noqa: E402
-
 REL_TOL = 1e-4 if mx.default_device() == mx.cpu else 2e-3
 STEPS = 60  # training steps for the `trained` fixture
 
