@@ -24,7 +24,7 @@ def summary(b) -> str:
         f"experts     {c.num_experts} per layer, {c.num_experts_per_tok} routed per token, intermediate "
         f"{c.moe_intermediate_size}; {q}",
         f"record      {e['record_size']:,} bytes, stride {e['record_stride']:,} (16 KiB aligned)",
-        f"per token   {c.num_experts_per_tok * e['record_size'] * c.num_hidden_layers / 1e9:.3f} GB of expert reads "
+        f"per token   {c.num_experts_per_tok * e['record_size'] * c.num_hidden_layers / 1e6:,.1f} MB of expert reads "
         f"(K={c.num_experts_per_tok}, all layers, no cache hits)",
         f"dense       {dense_bytes / 1e9:.3f} GB resident ({m['dense']['bits'] or 'float'}"
         f"{'-bit' if m['dense']['bits'] else ''} Linear weights, {len(m['dense'].get('quantized', {}))} quantized modules)",
