@@ -19,6 +19,12 @@ CUSTOM_GROUPS = (32, 64, 128)
 # Largest token count the custom kernels take in auto mode (measured at T=1 and T=4 only). Above it
 # the gather_qmm path (sorted indices, tiled matmul) reads each expert once for all tokens and wins.
 AUTO_MAX_T = 4
+# Largest number of resident experts (the leading dimension of `experts`) auto hands to the custom kernels.
+# The kernels were measured winning with the K' = T*K experts a step loads; inside the runtime with the
+# 16 GB GPU expert cache (K' = 2260 resident records) the built-ins decoded faster end to end on an H100
+# (397B shapes, 4 layers, warm: 114.8 vs 84.7 tok/s at K=10, 108.9 vs 85.3 at K=4), so auto keeps those
+# on the built-ins.
+AUTO_MAX_LOADED = 64
 # Where auto picks the custom kernels, per GPU backend; set from benchmarks/RESULTS.md.
 # CUDA: measured 1.6-2.2x faster at batch 1 and 1.2-1.5x at T=4 on an H100 (RESULTS.md). Metal: the
 # same body, but neither compiled by Apple's compiler nor timed on Apple hardware yet, so auto keeps
@@ -91,8 +97,8 @@ def custom_supported(bits, group_size, hidden, inter) -> bool:
     return True
 
 
-def resolve(backend, T, bits, group_size, hidden, inter) -> str:
-    """'builtin' or 'custom' for one call."""
+def resolve(backend, T, bits, group_size, hidden, inter, loaded: int = 1) -> str:
+    """'builtin' or 'custom' for one call (`loaded`: experts resident in the arrays passed)."""
     choice = backend or requested()
     if choice not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, not {choice!r}")
@@ -106,7 +112,8 @@ def resolve(backend, T, bits, group_size, hidden, inter) -> str:
         return "custom"
     if choice == "builtin":
         return "builtin"
-    return "custom" if ok and AUTO_CUSTOM.get(gpu, False) and T <= AUTO_MAX_T else "builtin"
+    auto_ok = AUTO_CUSTOM.get(gpu, False) and T <= AUTO_MAX_T and loaded <= AUTO_MAX_LOADED
+    return "custom" if ok and auto_ok else "builtin"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,7 +333,8 @@ def expert_block(x, experts, indices, scores, bits, group_size, shared=None, sha
         y = _custom(x2, experts, idx, sc, bits, group_size, shared, shared_gate, res, reference=True)
         return y.reshape(*lead, H)
     # float experts (bits=None) have no custom kernel: always the built-in path
-    which = "builtin" if bits is None else resolve(backend, T, bits, group_size, H, inter)
+    loaded = experts["gate_proj.weight"].shape[0]
+    which = "builtin" if bits is None else resolve(backend, T, bits, group_size, H, inter, loaded)
     if which == "custom" and T * experts["gate_proj.weight"].shape[0] > CUSTOM_MAX_TABLE:
         _warn(f"{T} tokens x {experts['gate_proj.weight'].shape[0]} experts is too large for the custom "
               "kernels' slot table; using the built-in path")
