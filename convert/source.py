@@ -14,7 +14,6 @@ Nothing is loaded up front: each read is one pread of exactly the bytes needed.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -358,7 +357,3 @@ def hub_license(raw_readme: Path) -> str | None:
         if line.strip().startswith("license:"):
             return line.split(":", 1)[1].strip() or None
     return None
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false")

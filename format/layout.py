@@ -30,7 +30,6 @@ from .errors import BundleError
 
 RECORD_ALIGN = 16384  # Apple's VM page; also a multiple of 4 KiB pages and O_DIRECT's 512 B/4 KiB
 COMPONENT_ALIGN = 64
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_SIZES = {"uint32": 4, "bfloat16": 2, "float16": 2, "float32": 4}

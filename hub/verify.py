@@ -52,22 +52,6 @@ def _save_record(bundle_dir: Path, digest: str, files: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def forget(bundle_dir: Path, names: list[str] | None = None) -> None:
-    """Drop files (or everything) from the verified record."""
-    bundle_dir = Path(bundle_dir)
-    if names is None:
-        (bundle_dir / RECORD).unlink(missing_ok=True)
-        return
-    try:
-        digest = manifest_digest(bundle_dir)
-    except OSError:
-        return
-    files = _load_record(bundle_dir, digest)
-    for n in names:
-        files.pop(n, None)
-    _save_record(bundle_dir, digest, files)
-
-
 def verify(bundle: Bundle, *, full: bool = False, progress: bool = True, workers: int | None = None,
            names: list[str] | None = None) -> dict[str, str]:
     """Hash every manifest file (or `names`) of `bundle` and compare with the manifest.

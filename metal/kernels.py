@@ -518,9 +518,6 @@ def full_source(name: str, backend: str, input_dtypes, output_dtypes, template, 
     outs = list(zip(spec.outputs, output_dtypes))
     sizes = input_sizes or [1 << 20] * len(ins)
 
-    def tname(v, table):
-        return table[v] if isinstance(v, str) else None
-
     if backend == "cuda":
         params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in ins] + [f"    {_CUDA_TYPES[d]}* {n}" for n, d in outs]
         consts = []

@@ -96,14 +96,6 @@ class Cache:
     layers: list  # LinearCache | KVCache per layer
     offset: int = 0  # tokens seen so far (positions of the next call start here)
 
-    def state_arrays(self) -> list[mx.array]:
-        out = []
-        for c in self.layers:
-            for a in ((c.conv, c.state) if isinstance(c, LinearCache) else (c.keys, c.values)):
-                if a is not None:
-                    out.append(a)
-        return out
-
 
 # ----------------------------------------------------------------------------------------------
 # building blocks
