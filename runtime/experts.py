@@ -71,7 +71,13 @@ def default_slots(record_stride: int, k: int) -> int:
     from flashmoe.metal.dispatch import gpu_backend
 
     if gpu_backend() == "cuda":
-        gb = float(os.environ.get("FLASHMOE_GPU_CACHE_GB", "16"))
+        env = os.environ.get("FLASHMOE_GPU_CACHE_GB")
+        if env is not None:
+            gb = float(env)
+        else:  # 16 GB, or 40% of a smaller GPU's memory (the dense weights and activations need the rest)
+            info = mx.device_info() if hasattr(mx, "device_info") else {}
+            mem = info.get("memory_size") or info.get("total_memory") or 0
+            gb = min(16.0, 0.4 * mem / 1e9) if mem else 16.0
         return max(k, int(gb * 1e9) // record_stride)
     return max(DEFAULT_SLOTS, k)
 
