@@ -100,6 +100,8 @@ def format_report(r: dict) -> str:
             verdict = "no: dense weights do not fit in RAM"
         elif not p["fits_disk"]:
             verdict = f"no: needs {p['dense_gb'] + p['experts_gb']:.0f} GB of free disk"
+        elif p["cache_share"] >= 1.0:
+            verdict = "yes, all experts fit in the page cache: compute-bound once warm (see bench run)"
         elif p["io_bound_tok_s"] is None:
             verdict = "yes (speed: run flashmoe-bench run)"
         else:
