@@ -73,7 +73,10 @@ def default_slots(record_stride: int, k: int) -> int:
     if gpu_backend() == "cuda":
         env = os.environ.get("FLASHMOE_GPU_CACHE_GB")
         if env is not None:
-            gb = float(env)
+            try:
+                gb = float(env)
+            except ValueError:
+                raise BundleError(f"FLASHMOE_GPU_CACHE_GB={env!r}: give a number of gigabytes (0 = no GPU cache)") from None
         else:  # 16 GB, or 40% of a smaller GPU's memory (the dense weights and activations need the rest)
             info = mx.device_info() if hasattr(mx, "device_info") else {}
             mem = info.get("memory_size") or info.get("total_memory") or 0
