@@ -65,7 +65,7 @@ def doctor(directory: str | Path = ".", bits_list=(4, 2)) -> dict:
               "random_read_gbps": rr, "gpu": mx.default_device() == mx.gpu, "probe_seconds": 0.0, "presets": []}
     for name in PRESETS:
         c = config(name)
-        dense = dense_params(c) * 8 // 8 + c.num_hidden_layers * c.hidden_size * 64  # 8-bit dense + scales
+        dense = dense_params(c) + c.num_hidden_layers * c.hidden_size * 64  # 8-bit dense (1 byte/param) + scales
         for bits in bits_list:
             stride = record_stride(expert_components(c.hidden_size, c.moe_intermediate_size,
                                                      ExpertQuant(bits, 64, "bfloat16")))

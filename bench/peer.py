@@ -38,9 +38,9 @@ def export_mlx_lm(bundle: Bundle, out: Path) -> Path:
         if L is not None:
             f = bundle.expert_file(L)
             info = f.info
-            stacks = {c.name: np.empty((info.num_experts, *c.shape), dtype=record_views(info, np.zeros(info.record_stride, np.uint8))[c.name].dtype)
-                      for c in info.components}
             buf = np.zeros(info.record_stride, dtype=np.uint8)
+            stacks = {name: np.empty((info.num_experts, *v.shape), dtype=v.dtype)
+                      for name, v in record_views(info, buf).items()}
             for e in range(info.num_experts):
                 f.read_into(e, buf)
                 for k, v in record_views(info, buf).items():

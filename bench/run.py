@@ -57,7 +57,8 @@ def decode(model, tokens: int) -> dict:
     return {"seconds": dt, "tok_s": tokens / dt, **model.stats.snapshot()}
 
 
-def measure_prefill(model, files, cfg, k: int, n: int, stickiness: float, seed: int, cold: bool) -> dict:
+def measure_prefill(model, files, cfg, k: int, n: int, stickiness: float, seed: int, cold: bool,
+                    full_layers: int) -> dict:
     """One batched forward over an n-token prompt, from a cold page cache where possible: each layer reads
     the union of the experts its n tokens route to, once."""
     import mlx.core as mx
@@ -75,12 +76,7 @@ def measure_prefill(model, files, cfg, k: int, n: int, stickiness: float, seed: 
     st = model.stats.snapshot()
     return {"tokens": n, "cold": cold, "seconds": dt, "tok_s": n / dt, **st,
             "experts_read_per_layer": st["expert_reads"] / cfg.num_hidden_layers,
-            "projected_full_model_seconds": (dt - st["head"]) / cfg.num_hidden_layers * model_layers(model) + st["head"]}
-
-
-def model_layers(model) -> int:
-    src = model.bundle.manifest.get("source", {})
-    return src.get("full_layers") or model.config.num_hidden_layers
+            "projected_full_model_seconds": (dt - st["head"]) / cfg.num_hidden_layers * full_layers + st["head"]}
 
 
 def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None = None, io: str = "pread",
@@ -156,7 +152,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
             f"{r['projected_full_model_tok_s']:.2f} tok/s for {full_layers} layers")
     rep["decode"] = results
     if prefill:
-        rep["prefill"] = measure_prefill(model, files, cfg, k, prefill, stickiness, seed, cold_ok)
+        rep["prefill"] = measure_prefill(model, files, cfg, k, prefill, stickiness, seed, cold_ok, full_layers)
         log(f"prefill: {prefill} tokens in {rep['prefill']['seconds']:.2f} s ({rep['prefill']['tok_s']:.1f} tok/s)")
     model.experts.close()
     del model

@@ -51,13 +51,20 @@ def bf16_const(value: float, shape) -> np.ndarray:
     return np.full(shape, bits[0], dtype=np.uint16)
 
 
-def quantized(rb: RandomBytes, out_f: int, in_f: int, bits: int, gs: int) -> dict[str, tuple[str, np.ndarray]]:
+def scale_bias(out_f: int, in_f: int, bits: int, gs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Constant bf16 scales and biases [out_f, in_f/gs] making dequantized codes zero-mean uniform with
+    standard deviation 1/sqrt(in_f)."""
     levels = (1 << bits) - 1
     scale = math.sqrt(12.0 / in_f) / levels
+    return bf16_const(scale, (out_f, in_f // gs)), bf16_const(-scale * levels / 2, (out_f, in_f // gs))
+
+
+def quantized(rb: RandomBytes, out_f: int, in_f: int, bits: int, gs: int) -> dict[str, tuple[str, np.ndarray]]:
+    s, b = scale_bias(out_f, in_f, bits, gs)
     return {
         "weight": ("U32", rb.take(out_f * in_f * bits // 8).view(np.uint32).reshape(out_f, in_f * bits // 32)),
-        "scales": ("BF16", bf16_const(scale, (out_f, in_f // gs))),
-        "biases": ("BF16", bf16_const(-scale * levels / 2, (out_f, in_f // gs))),
+        "scales": ("BF16", s),
+        "biases": ("BF16", b),
     }
 
 
@@ -134,6 +141,13 @@ def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, gro
         size, sha = w.close()
         files[path] = {"size": size, "sha256": sha}
 
+    # the same constant scales/biases serve every record: build them once
+    consts = {}
+    for c in comps:
+        proj, part = c.name.split(".")
+        if part == "scales":
+            s, b = scale_bias(c.shape[0], c.shape[1] * group_size, bits, group_size)
+            consts[f"{proj}.scales"], consts[f"{proj}.biases"] = s, b
     total = layers * info0.file_size
     with tqdm(total=total, unit="B", unit_scale=True, desc="make", disable=not progress) as bar:
         for L in range(layers):
@@ -141,16 +155,10 @@ def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, gro
             w = ExpertFileWriter(out / expert_path(L), make_info(L, E, comps))
             try:
                 for _ in range(E):
-                    parts = {}
+                    parts = dict(consts)
                     for c in comps:
-                        proj, part = c.name.split(".")
-                        if part == "weight":
+                        if c.name.endswith(".weight"):
                             parts[c.name] = rb.take(c.nbytes).view(np.uint32).reshape(c.shape)
-                        else:
-                            in_f = c.shape[1] * group_size
-                            levels = (1 << bits) - 1
-                            s = math.sqrt(12.0 / in_f) / levels
-                            parts[c.name] = bf16_const(s if part == "scales" else -s * levels / 2, c.shape)
                     w.write_record(parts)
                     bar.update(info0.record_stride)
                 size, sha = w.close()

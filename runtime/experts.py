@@ -248,7 +248,8 @@ class ExpertStreamer:
             else:
                 slot_of[i] = s
         if missing:
-            keep = {int(slot_of[i]) for i in range(len(experts)) if i not in set(missing)}
+            miss = set(missing)
+            keep = {int(slot_of[i]) for i in range(len(experts)) if i not in miss}
             victims = [s for s in self.lru if s not in keep][: len(missing)]
             for i, s in zip(missing, victims):
                 old = self.owner[s]
