@@ -5,7 +5,7 @@ PYTHON ?= python3
 UNAME := $(shell uname -s)
 comma := ,
 # Linux needs MLX's CPU build (or `cuda` on an NVIDIA machine); macOS wheels carry Metal.
-EXTRAS ?= $(if $(filter Linux,$(UNAME)),cpu$(comma)test,test)
+EXTRAS ?= $(if $(filter Linux,$(UNAME)),cpu$(comma)serve$(comma)test,serve$(comma)test)
 OUT ?= out
 
 .PHONY: install demo test bench clean

@@ -2,11 +2,11 @@
 
 from .bundle import DENSE_GLOBAL, MANIFEST, Bundle, dense_layer_path, expert_path
 from .config import TextConfig
-from .errors import BundleError
+from .errors import BundleError, CapacityError, FlashmoeError, InputError
 from .experts import ExpertFile, ExpertFileInfo, ExpertFileWriter, record_views
 from .layout import ExpertQuant, expert_components
 
 __all__ = [
-    "Bundle", "BundleError", "TextConfig", "ExpertFile", "ExpertFileInfo", "ExpertFileWriter", "ExpertQuant",
+    "Bundle", "BundleError", "CapacityError", "FlashmoeError", "InputError", "TextConfig", "ExpertFile", "ExpertFileInfo", "ExpertFileWriter", "ExpertQuant",
     "expert_components", "record_views", "MANIFEST", "DENSE_GLOBAL", "dense_layer_path", "expert_path",
 ]

@@ -32,21 +32,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from runtime_bundle import dequantized_reference, write_bundle  # noqa: E402
-from tiny import build_model, logits_of, save_tokenizer  # noqa: E402
+from tiny import build_model, logits_of  # noqa: E402
 
 import flashmoe  # noqa: E402
 from flashmoe.runtime.cli import main as cli_main  # noqa: E402
 from flashmoe.runtime.tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
 
 REL_TOL = 1e-4 if mx.default_device() == mx.cpu else 2e-3
-STEPS = 60  # training steps for the `trained` fixture
-
-TEXT = ("The quick brown fox jumps over the lazy dog. "
-        "A journey of a thousand miles begins with a single step. "
-        "To be or not to be, that is the question. "
-        "All that glitters is not gold. "
-        "The early bird catches the worm, but the second mouse gets the cheese. ") * 4
-
 
 def assert_logits_close(ours, ref, what=""):
     ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
@@ -62,68 +54,6 @@ def our_logits(model, ids, stepwise=False):
     if not stepwise:
         return np.array(model(mx.array([ids]), cache))[0]
     return np.stack([np.array(model(mx.array([[t]]), cache))[0, 0] for t in ids])
-
-
-# ----------------------------------------------------------------------------------------------
-# fixtures
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    save_tokenizer(d, 512)
-    return d
-
-
-@pytest.fixture(scope="session")
-def corpus_ids(tok_dir):
-    from tokenizers import Tokenizer as HFTok
-
-    return HFTok.from_file(str(tok_dir / "tokenizer.json")).encode(TEXT).ids
-
-
-@pytest.fixture(scope="session")
-def trained(corpus_ids):
-    """The tiny model briefly trained on TEXT (~10-20 s on 2 idle cores), so that greedy choices are decisive:
-    a random tiny model has near-tied logits and 1e-6 differences could flip an argmax."""
-    import torch
-
-    torch.manual_seed(0)
-    m = build_model(seed=0)
-    m.train()
-    opt = torch.optim.AdamW(m.parameters(), lr=5e-3, weight_decay=0.0)
-    data = torch.tensor(corpus_ids)
-    S, B = 64, 8
-    g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        starts = torch.randint(0, len(corpus_ids) - S - 1, (B,), generator=g)
-        x = torch.stack([data[s : s + S] for s in starts])
-        y = torch.stack([data[s + 1 : s + S + 1] for s in starts])
-        logits = m(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
-
-
-@pytest.fixture(scope="session")
-def bundles(trained, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-    return {bits: write_bundle(trained, root / f"b{bits}", bits=bits) for bits in (None, 8, 4)}
-
-
-@pytest.fixture(scope="session")
-def loaded(bundles):
-    cache = {}
-
-    def get(bits, **kw):
-        key = (bits, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = flashmoe.load(bundles[bits], **kw)
-        return cache[key]
-
-    return get
 
 
 @pytest.fixture(scope="session")
