@@ -2,6 +2,7 @@
 
 Run on a GPU machine (MLX default device = GPU):
     python benchmarks/bench_kernels.py [--model 397B] [--K 4 10] [--bits 4 2] [--T 1 4] [--sweep]
+    python benchmarks/bench_kernels.py --pool 2260 --T 1 4 8 32 128   # slot ids into a GPU-cache-sized pool
 
 Reports, in one run: device bandwidth measured here (1 GiB elementwise copy: bytes read + written;
 and a read-only reduction), then per configuration the time per expert block for each backend, the
@@ -9,7 +10,9 @@ ratio builtin/custom (>1: custom faster), the bytes the block must touch (the K 
 activations) and that over the measured bandwidth (the roofline floor).
 
 Timing: a block's inputs rotate over enough expert sets to exceed 4x the L2 (so weights come from
-HBM, as they do after an SSD read), after warm-up. 'stream' = N blocks queued then one mx.eval
+HBM, as they do after an SSD read), after warm-up. With --pool N the experts are one table of N slots
+(the runtime's GPU expert cache: 2260 slots = 16 GB at the 397B's 4-bit shape) and each set is a different
+random choice of slots for the T tokens. 'stream' = N blocks queued then one mx.eval
 (GPU-bound time per block); 'sync' = mx.eval after every block (what one decode layer waits, launch
 and host overheads included). Median of --reps repetitions.
 """
@@ -23,6 +26,7 @@ import sys
 import time
 
 import mlx.core as mx
+import numpy as np
 
 from flashmoe.metal import dispatch as D
 
@@ -86,23 +90,32 @@ def time_block(fn, sets, n_stream=64, reps=5):
     return statistics.median(stream), statistics.median(sync)
 
 
-def run_config(model, Kr, bits, T, G, bw, with_shared=False, variants=None, reps=5):
+def run_config(model, Kr, bits, T, G, bw, with_shared=False, variants=None, reps=5, pool=None):
     H, I, E, _, Is = MODELS[model]
     n = min(T * Kr, E)
-    per_set = 3 * n * I * H * (bits / 8 + 2 * 2 / G)  # weights + bf16 scales/biases
+    per_expert = 3 * I * H * (bits / 8 + 2 * 2 / G)  # weights + bf16 scales/biases
+    per_set = n * per_expert
     nset = max(2, int(-(-4 * L2_BYTES // per_set)))
     sets = []
+    table = make_set(pool, H, I, bits, G, seed=0) if pool else None
+    rng = np.random.default_rng(T * 100 + Kr)
     for s in range(nset):
-        ex = make_set(n, H, I, bits, G, seed=s)
-        idx = mx.array([[(t * Kr + k) % n for k in range(Kr)] for t in range(T)], dtype=mx.int32)
+        if pool:  # distinct slots per token, anywhere in the pool; tokens may share slots as real batches do
+            ex = table
+            idx = mx.array(np.stack([rng.choice(pool, Kr, replace=False) for _ in range(T)]).astype(np.int32))
+        else:
+            ex = make_set(n, H, I, bits, G, seed=s)
+            idx = mx.array([[(t * Kr + k) % n for k in range(Kr)] for t in range(T)], dtype=mx.int32)
         sc = mx.softmax(mx.random.normal((T, Kr)), axis=-1)
         x = mx.random.normal((T, H)).astype(mx.bfloat16)
         sets.append((x, ex, idx, sc))
+    if pool:  # bytes touched: the distinct slots of each set
+        per_set = float(np.mean([len(np.unique(np.asarray(st[2]))) for st in sets])) * per_expert
     mx.eval([s[0] for s in sets] + [s[3] for s in sets])
     shared = make_shared(H, Is, G) if with_shared else None
     sgate = (mx.random.normal((1, H)) * 0.05).astype(mx.bfloat16) if with_shared else None
     touched = per_set + (3 * H * Is * (1 + 4 / G) if with_shared else 0) + T * H * 2 * 2
-    res = {"model": model, "K": Kr, "bits": bits, "T": T, "G": G, "shared": with_shared,
+    res = {"model": model, "K": Kr, "bits": bits, "T": T, "G": G, "shared": with_shared, "pool": pool,
            "bytes": touched, "roofline_us": touched / max(bw["read"], bw["copy"]) * 1e6}
     variants = variants or {"builtin": ("builtin", None, False), "custom": ("custom", None, False)}
     for label, (backend, tuning, literal) in variants.items():
@@ -124,21 +137,24 @@ def run_config(model, Kr, bits, T, G, bw, with_shared=False, variants=None, reps
         finally:
             D.TUNING.update(old_t)
             D.LITERAL_FMA = old_l
-    del sets
+    del sets, table
     return res
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", nargs="+", default=["397B"], choices=list(MODELS))
-    ap.add_argument("--K", nargs="+", type=int, default=[4, 10])
-    ap.add_argument("--bits", nargs="+", type=int, default=[4, 2])
-    ap.add_argument("--T", nargs="+", type=int, default=[1])
-    ap.add_argument("--G", type=int, default=64)
+    ap.add_argument("--model", nargs="+", default=["397B"], choices=list(MODELS), help="expert shapes to time")
+    ap.add_argument("--K", nargs="+", type=int, default=[4, 10], help="experts per token")
+    ap.add_argument("--bits", nargs="+", type=int, default=[4, 2], help="expert bit widths")
+    ap.add_argument("--T", nargs="+", type=int, default=[1], help="tokens per block (batch size at decode)")
+    ap.add_argument("--G", type=int, default=64, help="quantization group size")
     ap.add_argument("--shared", action="store_true", help="also time with the 8-bit shared expert fused")
     ap.add_argument("--sweep", action="store_true", help="also time launch-shape variants and the literal FMA form")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--reps", type=int, default=5, help="repetitions; the median is reported")
+    ap.add_argument("--pool", type=int, default=None, metavar="SLOTS",
+                    help="experts live in one table of SLOTS slots (a GPU expert cache) and each token names K "
+                         "random slots of it; default: a compact table of the T*K experts of the step")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     ap.add_argument("--ncu", action="store_true",
                     help="no timing: run each configuration 3 times per backend, for a profiler wrapper "
                          "(ncu --metrics gpu__time_duration.sum) to read per-kernel GPU time")
@@ -188,9 +204,10 @@ def main(argv=None):
                                 "custom_R1W4": ("custom", {"gate_up": {"R": 1, "NWARP": 4},
                                                            "down": {"R": 1, "NWARP": 4}}, False),
                             }
-                        r = run_config(model, Kr, bits, T, args.G, bw, shared, variants, args.reps)
+                        r = run_config(model, Kr, bits, T, args.G, bw, shared, variants, args.reps, args.pool)
                         rows.append(r)
                         print(json.dumps(r), flush=True)
+    print(f"\npool: {args.pool or 'compact (T*K experts)'}")
     print("\n| model | bits | K | T | shared | MB touched | roofline us | variant | stream us | sync us | GB/s | % of best measured bw | builtin/variant (stream) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -19,12 +19,6 @@ CUSTOM_GROUPS = (32, 64, 128)
 # Largest token count the custom kernels take in auto mode (measured at T=1 and T=4 only). Above it
 # the gather_qmm path (sorted indices, tiled matmul) reads each expert once for all tokens and wins.
 AUTO_MAX_T = 4
-# Largest number of resident experts (the leading dimension of `experts`) auto hands to the custom kernels.
-# The kernels were measured winning with the K' = T*K experts a step loads; inside the runtime with the
-# 16 GB GPU expert cache (K' = 2260 resident records) the built-ins decoded faster end to end on an H100
-# (397B shapes, 4 layers, warm: 114.8 vs 84.7 tok/s at K=10, 108.9 vs 85.3 at K=4), so auto keeps those
-# on the built-ins.
-AUTO_MAX_LOADED = 64
 # Where auto picks the custom kernels, per GPU backend; set from benchmarks/RESULTS.md.
 # CUDA: measured 1.6-2.2x faster at batch 1 and 1.2-1.5x at T=4 on an H100 (RESULTS.md). Metal: the
 # same body, but neither compiled by Apple's compiler nor timed on Apple hardware yet, so auto keeps
@@ -36,8 +30,10 @@ AUTO_CUSTOM = {"cuda": True, "metal": False}
 TUNING = {"gate_up": {"R": 4, "NWARP": 2, "TB": 4}, "down": {"R": 4, "NWARP": 2, "TB": 4}}  # best of the sweep in RESULTS.md
 LITERAL_FMA = False  # True: per-element fma(q, s*x, z*x) instead of the factored form (A/B only)
 POISON = None  # tests set float("nan"): outputs start poisoned, so an unwritten element shows up
-# Threadgroup-memory table of the down kernel is NE*T ints; keep it well under Apple's 32 KiB.
-CUSTOM_MAX_TABLE = 4096
+# Largest T the custom kernels take: the gate/up kernel keeps a T-int table in threadgroup memory (16 KiB
+# at 4096, under Apple's 32 KiB) and launches T*K rows of threadgroups (CUDA's grid.y limit is 65535).
+CUSTOM_MAX_TOKENS = 4096
+CUSTOM_MAX_PAIRS = 65535
 
 _override: str | None = None
 
@@ -97,8 +93,9 @@ def custom_supported(bits, group_size, hidden, inter) -> bool:
     return True
 
 
-def resolve(backend, T, bits, group_size, hidden, inter, loaded: int = 1) -> str:
-    """'builtin' or 'custom' for one call (`loaded`: experts resident in the arrays passed)."""
+def resolve(backend, T, bits, group_size, hidden, inter) -> str:
+    """'builtin' or 'custom' for one call. The number of slots in the expert table plays no part: the
+    kernels visit only the slots the indices name."""
     choice = backend or requested()
     if choice not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, not {choice!r}")
@@ -112,7 +109,7 @@ def resolve(backend, T, bits, group_size, hidden, inter, loaded: int = 1) -> str
         return "custom"
     if choice == "builtin":
         return "builtin"
-    auto_ok = AUTO_CUSTOM.get(gpu, False) and T <= AUTO_MAX_T and loaded <= AUTO_MAX_LOADED
+    auto_ok = AUTO_CUSTOM.get(gpu, False) and T <= AUTO_MAX_T
     return "custom" if ok and auto_ok else "builtin"
 
 
@@ -228,7 +225,8 @@ def _shape_cfg(kind, out_dim, in_dim, bits, T):
 
 
 def gate_up(x32, ex, indices, bits, group_size, reference=False, prefix=""):
-    """h [T, K, I] float32 = silu(gate(x)) * up(x) for the expert slot indices[t, k] (custom kernel)."""
+    """h [T, K, I] float32 = silu(gate(x)) * up(x) for the expert slot indices[t, k] (custom kernel).
+    `ex` may hold any number of slots (a whole cache pool): only the slots `indices` names are touched."""
     backend = gpu_backend()
     gw, gs, gb = (ex[prefix + "gate_proj." + n] for n in ("weight", "scales", "biases"))
     uw, us, ub = (ex[prefix + "up_proj." + n] for n in ("weight", "scales", "biases"))
@@ -247,10 +245,11 @@ def gate_up(x32, ex, indices, bits, group_size, reference=False, prefix=""):
     c = _shape_cfg("gate_up", I, H, bits, T)
     rows_tg = c["NWARP"] * (32 // c["LPR"]) * c["R"]
     tmpl += [(k, c[k]) for k in ("R", "LPR", "NWARP", "TB")]
-    tmpl += [("LITERAL", bool(LITERAL_FMA)), ("SCALE_T", gs.dtype)]
+    tmpl += [("NE", NE), ("LITERAL", bool(LITERAL_FMA)), ("SCALE_T", gs.dtype)]
     nt = c["NWARP"] * 32
+    # one row of threadgroups per (token, k) pair: the cost follows T*K, not the NE slots of the table
     return K.get_kernel("fm_gate_up", backend)(
-        inputs=args, template=tmpl, grid=(I // rows_tg * nt, NE, 1), threadgroup=(nt, 1, 1),
+        inputs=args, template=tmpl, grid=(I // rows_tg * nt, T * KS, 1), threadgroup=(nt, 1, 1),
         output_shapes=[(T, KS, I)], output_dtypes=[mx.float32], init_value=POISON)[0]
 
 
@@ -333,11 +332,10 @@ def expert_block(x, experts, indices, scores, bits, group_size, shared=None, sha
         y = _custom(x2, experts, idx, sc, bits, group_size, shared, shared_gate, res, reference=True)
         return y.reshape(*lead, H)
     # float experts (bits=None) have no custom kernel: always the built-in path
-    loaded = experts["gate_proj.weight"].shape[0]
-    which = "builtin" if bits is None else resolve(backend, T, bits, group_size, H, inter, loaded)
-    if which == "custom" and T * experts["gate_proj.weight"].shape[0] > CUSTOM_MAX_TABLE:
-        _warn(f"{T} tokens x {experts['gate_proj.weight'].shape[0]} experts is too large for the custom "
-              "kernels' slot table; using the built-in path")
+    which = "builtin" if bits is None else resolve(backend, T, bits, group_size, H, inter)
+    if which == "custom" and (T > CUSTOM_MAX_TOKENS or T * idx.shape[-1] > CUSTOM_MAX_PAIRS):
+        _warn(f"{T} tokens x {idx.shape[-1]} experts is more than the custom kernels take "
+              f"({CUSTOM_MAX_TOKENS} tokens, {CUSTOM_MAX_PAIRS} pairs); using the built-in path")
         which = "builtin"
     if which == "custom":
         # auto fuses only the routed experts: for the single shared expert the custom kernels' grid is too

@@ -198,18 +198,28 @@ def _reduce(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Fast kernel 1: gate + up + SwiGLU for every (token, k) routed to one loaded expert.
-#   inputs : x [NT, IN_DIM] f32, gw/gs/gb, uw/us/ub (stacked over K' slots), idx [NT, KS] int32
-#   output : h [NT, KS, OUT_DIM] f32 = silu(gate(x_t)) * up(x_t) for expert idx[t, k]
-#   grid   : (OUT_DIM / ROWS_TG) x K' threadgroups of NWARP*32 threads; FM_TG_Y = expert slot.
-# Every threadgroup reads its rows of the expert once per TB tokens (one pass at decode).
+# Fast kernel 1: gate + up + SwiGLU for every (token, k) routed to one expert slot.
+#   inputs : x [NT, IN_DIM] f32, gw/gs/gb, uw/us/ub (stacked over NE slots: a step's experts or a whole
+#            cache pool), idx [NT, KS] int32 slot ids (a token's KS ids must be distinct)
+#   output : h [NT, KS, OUT_DIM] f32 = silu(gate(x_t)) * up(x_t) for slot idx[t, k]
+#   grid   : (OUT_DIM / ROWS_TG) x (NT*KS) threadgroups of NWARP*32 threads; FM_TG_Y = pair p = t*KS + k.
+# The threadgroups of the first pair naming a slot do the work for every token routed to that slot (each
+# expert row is read once per TB tokens); those of later pairs naming the same slot exit at once. The
+# cost is O(NT*KS), independent of NE: slots nobody routed to are never visited.
 # --------------------------------------------------------------------------------------------------
 
 GATE_UP_BODY = (
     _CONSTS
     + r"""
-  const int e = FM_TG_Y;
+  const int p = FM_TG_Y;
+  const int e = idx[p];
   FM_TG_MEM int kk_tab[NT];  // kk_tab[t] = k with idx[t, k] == e, else -1
+  FM_TG_MEM int dup;         // 1: an earlier pair names slot e, whose blocks of warps do the work
+  if (FM_TID == 0) dup = 0;
+  FM_BARRIER;
+  for (int q = FM_TID; q < p; q += NWARP * 32) {
+    if (idx[q] == e) dup = 1;
+  }
   for (int t = FM_TID; t < NT; t += NWARP * 32) {
     int kk = -1;
     for (int k = 0; k < KS; ++k) {
@@ -218,6 +228,7 @@ GATE_UP_BODY = (
     kk_tab[t] = kk;
   }
   FM_BARRIER;
+  if (dup != 0 || e < 0 || e >= NE) return;  // uniform across the block of warps; out-of-range slots: no work
 
   for (int t0 = 0; t0 < NT; t0 += TB) {
     bool any = false;
@@ -237,7 +248,7 @@ GATE_UP_BODY = (
       uint4 wgq[R];
       uint4 wuq[R];
       FM_UNROLL for (int r = 0; r < R; ++r) {
-        const int row = e * OUT_DIM + row0 + r;
+        const size_t row = size_t(e) * OUT_DIM + row0 + r;  // 64-bit: a cache pool can pass 2^31 words
         wgq[r] = ((const FM_DEV uint4*)(gw))[(row * WPR + w0) / 4];
         wuq[r] = ((const FM_DEV uint4*)(uw))[(row * WPR + w0) / 4];
       }
@@ -249,7 +260,7 @@ GATE_UP_BODY = (
     + _LOAD_X
     + r"""
         FM_UNROLL for (int r = 0; r < R; ++r) {
-          const int row = e * OUT_DIM + row0 + r;
+          const size_t row = size_t(e) * OUT_DIM + row0 + r;  // 64-bit: a cache pool can pass 2^31 words
           {
             float acc = ag[tb][r];
             const uint4 wq = wgq[r];
@@ -295,36 +306,50 @@ GATE_UP_BODY = (
 
 # --------------------------------------------------------------------------------------------------
 # Fast kernel 2: down projection + weighted combine of the K experts (+ addend) per token.
-#   inputs : h [NT, KS, IN_DIM] f32, dw/ds/db (stacked over NE slots), idx [NT, KS] int32,
+#   inputs : h [NT, KS, IN_DIM] f32, dw/ds/db (stacked over NE slots), idx [NT, KS] int32 slot ids,
 #            sc [NT, KS] f32, add [NT, OUT_DIM] (read only when HAS_ADD)
 #   output : y [NT, OUT_DIM] OutT = add + sum_k sc[t,k] * down_{idx[t,k]}(h[t,k])
-#   grid   : (OUT_DIM / ROWS_TG) threadgroups; each loops over the NE loaded experts, so the combine
-#            happens in registers (score folded into each lane's partial sum, one reduction at the end).
+#   grid   : (OUT_DIM / ROWS_TG) threadgroups; each walks the tokens in blocks of TB and, per block, the
+#            distinct slots those TB tokens name (a table of TB*KS pairs built in threadgroup memory), so
+#            each expert row is read once per block and the combine happens in registers (score folded
+#            into each lane's partial sum, one reduction per token at the end). Cost O(NT*KS), whatever NE.
 # --------------------------------------------------------------------------------------------------
 
 DOWN_BODY = (
     _CONSTS
     + r"""
-  FM_TG_MEM int kk_tab[NE * NT];  // kk_tab[e * NT + t] = k with idx[t, k] == e, else -1
-  for (int i = FM_TID; i < NE * NT; i += NWARP * 32) kk_tab[i] = -1;
-  FM_BARRIER;
-  for (int p = FM_TID; p < NT * KS; p += NWARP * 32) {
-    const int e = idx[p];
-    if (e >= 0 && e < NE) kk_tab[e * NT + p / KS] = p % KS;  // out-of-range slots are ignored
-  }
-  FM_BARRIER;
+  constexpr int NP = TB * KS;      // (token, k) pairs of one block of TB tokens: idx[t0*KS + j], j < NP
+  FM_TG_MEM int blk_e[NP];         // slot of pair j if it is the first pair of the block naming it, else -1
+  FM_TG_MEM int blk_kk[NP * TB];   // blk_kk[j*TB + tb] = k with idx[t0+tb, k] == blk_e[j], else -1
 
   for (int t0 = 0; t0 < NT; t0 += TB) {
+    FM_BARRIER;  // every warp is done with the previous block's tables
+    for (int j = FM_TID; j < NP; j += NWARP * 32) {
+      const int np = (NT - t0 < TB ? NT - t0 : TB) * KS;  // pairs that exist in this block
+      int e = (j < np) ? idx[t0 * KS + j] : -1;
+      if (e >= NE) e = -1;                                  // out-of-range slots are ignored
+      for (int j2 = 0; j2 < j && e >= 0; ++j2) {
+        if (idx[t0 * KS + j2] == e) e = -1;                 // an earlier pair of the block has it
+      }
+      blk_e[j] = e;
+      for (int tb = 0; tb < TB; ++tb) {
+        int kk = -1;
+        if (e >= 0 && t0 + tb < NT) {
+          for (int k = 0; k < KS; ++k) {
+            if (idx[(t0 + tb) * KS + k] == e) kk = k;
+          }
+        }
+        blk_kk[j * TB + tb] = kk;
+      }
+    }
+    FM_BARRIER;
     float acc_y[TB][R];
     FM_UNROLL for (int tb = 0; tb < TB; ++tb) {
       FM_UNROLL for (int r = 0; r < R; ++r) acc_y[tb][r] = 0.0f;
     }
-    for (int e = 0; e < NE; ++e) {
-      bool any = false;
-      for (int tb = 0; tb < TB; ++tb) {
-        if (t0 + tb < NT && kk_tab[e * NT + t0 + tb] >= 0) any = true;
-      }
-      if (!any) continue;  // uniform across the block of warps
+    for (int j = 0; j < NP; ++j) {
+      const int e = blk_e[j];
+      if (e < 0) continue;  // uniform across the block of warps
       float part[TB][R];
       FM_UNROLL for (int tb = 0; tb < TB; ++tb) {
         FM_UNROLL for (int r = 0; r < R; ++r) part[tb][r] = 0.0f;
@@ -335,20 +360,20 @@ DOWN_BODY = (
         const int g0 = w0 / WPG;
         uint4 wdq[R];
         FM_UNROLL for (int r = 0; r < R; ++r) {
-          const int row = e * OUT_DIM + row0 + r;
+          const size_t row = size_t(e) * OUT_DIM + row0 + r;  // 64-bit: a cache pool can pass 2^31 words
           wdq[r] = ((const FM_DEV uint4*)(dw))[(row * WPR + w0) / 4];
         }
         FM_UNROLL for (int tb = 0; tb < TB; ++tb) {
           const int t = t0 + tb;
           if (t >= NT) continue;
-          const int kk = kk_tab[e * NT + t];
+          const int kk = blk_kk[j * TB + tb];
           if (kk < 0) continue;
           const FM_DEV float* xsrc = h + (t * KS + kk) * IN_DIM + w0 * VPW;
 """
     + _LOAD_X
     + r"""
           FM_UNROLL for (int r = 0; r < R; ++r) {
-            const int row = e * OUT_DIM + row0 + r;
+            const size_t row = size_t(e) * OUT_DIM + row0 + r;  // 64-bit: a cache pool can pass 2^31 words
             float acc = part[tb][r];
             const uint4 wq = wdq[r];
             const FM_DEV SCALE_T* sp = ds + row * GPR + g0;
@@ -363,7 +388,7 @@ DOWN_BODY = (
       FM_UNROLL for (int tb = 0; tb < TB; ++tb) {
         const int t = t0 + tb;
         if (t >= NT) continue;
-        const int kk = kk_tab[e * NT + t];
+        const int kk = blk_kk[j * TB + tb];
         if (kk < 0) continue;
         const float w = sc[t * KS + kk];
         FM_UNROLL for (int r = 0; r < R; ++r) acc_y[tb][r] = FM_FMA(w, part[tb][r], acc_y[tb][r]);
@@ -403,8 +428,8 @@ REF_GATE_UP_BODY = r"""
     const int tk = gid / OUT_DIM;
     const int t = tk / KS;
     const int e = idx[tk];
-    const int wrow = (e * OUT_DIM + row) * WPR;
-    const int srow = (e * OUT_DIM + row) * GPR;
+    const size_t wrow = (size_t(e) * OUT_DIM + row) * WPR;
+    const size_t srow = (size_t(e) * OUT_DIM + row) * GPR;
     float g = 0.0f;
     float u = 0.0f;
     for (int i = 0; i < IN_DIM; ++i) {
@@ -432,8 +457,8 @@ REF_DOWN_BODY = r"""
     float yv = 0.0f;
     for (int k = 0; k < KS; ++k) {
       const int e = idx[t * KS + k];
-      const int wrow = (e * OUT_DIM + row) * WPR;
-      const int srow = (e * OUT_DIM + row) * GPR;
+      const size_t wrow = (size_t(e) * OUT_DIM + row) * WPR;
+      const size_t srow = (size_t(e) * OUT_DIM + row) * GPR;
       float d = 0.0f;
       for (int i = 0; i < IN_DIM; ++i) {
         const int bit = i * BITS;

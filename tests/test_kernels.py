@@ -4,7 +4,8 @@ CPU (CI): sources are well formed (no backend-foreign identifiers; the CUDA one 
 when nvcc exists), the dequant bit tricks match a numpy reference, the built-in expert block matches a
 float64 numpy expert block, backend selection honours env/CLI.
 GPU (skipped unless MLX's default device is a Metal or CUDA GPU): custom and reference kernels vs
-the built-in path on every expert shape of the 397B, 122B and 35B models, 2 and 4 bits, T=1 and T=4.
+the built-in path on every expert shape of the 397B, 122B and 35B models, 2 and 4 bits, T=1 and T=4;
+slot ids into a large cache pool (T up to 64, tokens sharing slots, a pool past 2^31 words).
 """
 
 import shutil
@@ -146,9 +147,10 @@ def _cuda_configs():
         lpr_g = 32 if H * bits // 32 >= 128 else H * bits // 128
         base = [("BITS", bits), ("GS", G)]
         yield ("fm_gate_up", gu_in, ["float32"], base + [("IN_DIM", H), ("OUT_DIM", I), ("NT", T), ("KS", 8),
-               ("R", 4), ("LPR", lpr_g), ("NWARP", 2), ("TB", min(T, 4)), ("LITERAL", lit), ("SCALE_T", "bfloat16")])
+               ("R", 4), ("LPR", lpr_g), ("NWARP", 2), ("TB", min(T, 4)), ("NE", 2260), ("LITERAL", lit),
+               ("SCALE_T", "bfloat16")])
         yield ("fm_down", dn_in, ["bfloat16"], base + [("IN_DIM", I), ("OUT_DIM", H), ("NT", T), ("KS", 8),
-               ("R", 4), ("LPR", lpr_d), ("NWARP", 2), ("TB", min(T, 4)), ("NE", 8 * T), ("LITERAL", lit),
+               ("R", 4), ("LPR", lpr_d), ("NWARP", 2), ("TB", min(T, 4)), ("NE", 2260), ("LITERAL", lit),
                ("HAS_ADD", True), ("SCALE_T", "bfloat16"), ("OutT", "bfloat16")])
     yield ("fm_ref_gate_up", gu_in, ["float32"], [("BITS", 4), ("GS", 64), ("IN_DIM", 4096), ("OUT_DIM", 1024),
            ("NT", 2), ("KS", 8), ("SCALE_T", "bfloat16")])
@@ -399,3 +401,72 @@ def test_custom_shared_expert_and_residual(shared_kind, poisoned):
 def test_auto_picks_custom_on_gpu(monkeypatch):
     monkeypatch.setenv(D.ENV, "auto")
     assert D.which_backend(T=1) == ("custom" if D.AUTO_CUSTOM.get(GPU) else "builtin")
+
+
+def _pool_routing(T, Kr, slots, share, seed):
+    """Slot ids for T tokens into a pool of `slots`: each token's Kr ids distinct, drawn from a `share`-sized
+    subset of the pool spread over its whole range (small share: many tokens name the same slots)."""
+    rng = np.random.default_rng(seed)
+    hot = rng.choice(slots, size=max(Kr, share), replace=False)
+    idx = np.stack([rng.choice(hot, Kr, replace=False) for _ in range(T)]).astype(np.int32)
+    sc = rng.random((T, Kr)).astype(np.float32)
+    return mx.array(idx), mx.array(sc / sc.sum(-1, keepdims=True))
+
+
+@gpu
+@pytest.mark.parametrize("T,share", [(1, 10), (3, 12), (4, 400), (8, 16), (32, 40), (64, 700)])
+def test_custom_slot_ids_into_large_pool(T, share, poisoned):
+    """The kernels take each token's slot ids into a table of any size (the runtime's GPU expert cache):
+    tokens sharing slots, ragged token blocks (T=3), and slots anywhere in a 700-slot pool."""
+    name, H, I, E, Kr, _ = MODELS[2]  # 35B shapes: 700 slots = 1.1 GB at 4 bits
+    bits, G, slots = 4, 64, 700
+    ex = make_experts(slots, H, I, bits, G, seed=5, scale=0.02)
+    idx, sc = _pool_routing(T, Kr, slots, share, seed=T)
+    x = mx.random.normal((T, H)).astype(mx.float32)
+    ex32 = {k: (v if k.endswith("weight") else v.astype(mx.float32)) for k, v in ex.items()}
+    yb = D.expert_block(x, ex32, idx, sc, bits, G, backend="builtin")
+    yc = D.expert_block(x, ex, idx, sc, bits, G, backend="custom")
+    yr = D.expert_block(x, ex, idx, sc, bits, G, backend="reference")
+    print(f"\nERR pool T={T} share={share} custom_vs_builtin={rel(yc, yb):.2e} custom_vs_reference={rel(yc, yr):.2e}")
+    assert rel(yc, yb) < 1e-3 and rel(yc, yr) < 1e-4
+    xb = x.astype(mx.bfloat16)
+    assert rel(D.expert_block(xb, ex, idx, sc, bits, G, backend="custom"),
+               D.expert_block(xb, ex, idx, sc, bits, G, backend="builtin")) < 2e-2
+
+
+@gpu
+def test_custom_ignores_out_of_range_slots(poisoned):
+    """A slot id outside the table contributes nothing (and reads nothing)."""
+    H, I, G, bits, slots = 2048, 512, 64, 4, 16
+    ex = make_experts(slots, H, I, bits, G, seed=9)
+    idx, sc = _pool_routing(2, 4, slots, 8, seed=1)
+    x = mx.random.normal((2, H)).astype(mx.float32)
+    bad = mx.array(np.concatenate([np.asarray(idx), np.full((2, 1), slots + 5, np.int32)], axis=1))
+    sc_bad = mx.concatenate([sc, mx.ones((2, 1))], axis=1)
+    want = D.expert_block(x, ex, idx, sc, bits, G, backend="custom")
+    got = D.expert_block(x, ex, bad, sc_bad, bits, G, backend="custom")
+    assert rel(got, want) < 1e-6
+
+
+def _gpu_memory():
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    return info.get("memory_size") or info.get("total_memory") or 0
+
+
+@gpu
+@pytest.mark.skipif(_gpu_memory() < 60e9, reason="needs ~30 GB of GPU memory")
+def test_custom_pool_past_2_31_words(poisoned):
+    """397B shapes, 4-bit, 4200 slots: each weight table holds more than 2^31 uint32 words, so slot
+    offsets must be computed in 64 bits. The experts used sit at the end of the pool."""
+    name, H, I, E, Kr, _ = MODELS[0]
+    bits, G, slots, n = 4, 64, 4200, 12
+    small = make_experts(n, H, I, bits, G, seed=21)
+    big = {k: mx.concatenate([mx.zeros((slots - n, *v.shape[1:]), v.dtype), v]) for k, v in small.items()}
+    mx.eval(big)
+    assert big["gate_proj.weight"].size > 2**31
+    idx, sc = _pool_routing(2, Kr, n, n, seed=2)
+    x = mx.random.normal((2, H)).astype(mx.float32)
+    want = D.expert_block(x, small, idx, sc, bits, G, backend="custom")
+    got = D.expert_block(x, big, idx + (slots - n), sc, bits, G, backend="custom")
+    assert rel(got, want) < 1e-6
+    del big
