@@ -7,12 +7,14 @@ Public API (stable; the runtime calls only this)
 shared_gate=None, backend=None, residual=None) -> y``
 
 * ``x``: ``[T, H]`` (or ``[..., H]``) activations, float16 / bfloat16 / float32.
-* ``experts``: dict of stacked arrays for the ``K'`` experts loaded this step, named as in the bundle
-  record (format/SPEC.md 3.1): ``"gate_proj.weight"`` ``[K', I, H*bits/32]`` uint32,
-  ``"gate_proj.scales"`` / ``"gate_proj.biases"`` ``[K', I, H/G]``; the same for ``up_proj``;
-  ``"down_proj.weight"`` ``[K', H, I*bits/32]``, ``"down_proj.scales"``/``"biases"`` ``[K', H, I/G]``.
-* ``indices``: ``[T, K]`` int32, indices INTO the ``K'`` loaded experts (not global expert ids);
-  every value must lie in ``[0, K')``.
+* ``experts``: dict of stacked arrays over ``S`` slots (the experts loaded this step, or a whole GPU
+  expert cache: the kernels touch only the slots ``indices`` names, so the cost does not grow with
+  ``S``), named as in the bundle record (format/SPEC.md 3.1): ``"gate_proj.weight"`` ``[S, I, H*bits/32]`` uint32,
+  ``"gate_proj.scales"`` / ``"gate_proj.biases"`` ``[S, I, H/G]``; the same for ``up_proj``;
+  ``"down_proj.weight"`` ``[S, H, I*bits/32]``, ``"down_proj.scales"``/``"biases"`` ``[S, H, I/G]``.
+* ``indices``: ``[T, K]`` int32 slot ids INTO ``experts`` (not global expert ids); a token's K ids
+  are distinct (as top-k routing gives them); a slot outside ``[0, S)`` contributes nothing on the
+  custom path and is an error on the built-in one.
 * ``scores``: ``[T, K]`` routing weights (already normalised as the model wants).
 * ``bits``, ``group_size``: the routed experts' quantization (manifest ``experts.bits/group_size``).
 * ``shared``: optional shared expert, dict with ``"gate_proj.weight"``, ``"up_proj.weight"``,
@@ -29,7 +31,7 @@ shared_gate=None, backend=None, residual=None) -> y``
 * ``backend``: ``None`` -> the CLI override if set (``set_backend``), else env ``FLASHMOE_KERNELS``
   in ``{auto, builtin, custom}`` (default ``auto``). ``auto`` = custom kernels when MLX's default
   device is a CUDA GPU, bits in (2, 4, 8), group_size in (32, 64, 128) and ``T <= AUTO_MAX_T``
-  (4; measured at T=1 and 4); built-ins (``mx.gather_qmm``/``mx.quantized_matmul``) otherwise: CPU,
+  (see dispatch.py for what it was measured at); built-ins (``mx.gather_qmm``/``mx.quantized_matmul``) otherwise: CPU,
   larger prefill batches, 3/5/6-bit, and Metal, whose instantiation has not yet been compiled by
   Apple's compiler nor timed on Apple hardware (``dispatch.AUTO_CUSTOM``; flip it once measured).
   ``custom`` forces the kernels on Metal or CUDA (error on CPU);
