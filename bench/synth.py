@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.format import BundleError, ExpertQuant, expert_components
-from flashmoe.format.bundle import (DENSE_GLOBAL, MANIFEST, build_manifest, dense_layer_path, expert_path,
-                                    validate_manifest, write_json_atomic)
+from flashmoe.format.bundle import DENSE_GLOBAL, MANIFEST, build_manifest, dense_layer_path, expert_path, write_manifest
 from flashmoe.format.experts import ExpertFileWriter, make_info
 from flashmoe.format.st import SafetensorsWriter
 
@@ -124,6 +123,7 @@ def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, gro
         raise BundleError(f"{out}: needs ~{need / 1e9:.1f} GB but {free / 1e9:.1f} GB is free; use fewer --layers")
     rb = RandomBytes(seed)
     files: dict[str, dict] = {}
+    digests: list[str] = []
     qmods: dict[str, dict] = {}
     H, E = cfg.hidden_size, cfg.num_experts
 
@@ -166,6 +166,7 @@ def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, gro
                 w.abort()
                 raise
             files[expert_path(L)] = {"size": size, "sha256": sha}
+            digests.append(w.record_digests)
             p = f"layers.{L}"
             Is = cfg.shared_expert_intermediate_size
             lin = {f"{p}.mlp.gate.weight": (E, H), f"{p}.mlp.shared_expert_gate.weight": (1, H),
@@ -203,9 +204,8 @@ def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, gro
     dense = {"dtype": "bfloat16", "bits": dense_bits, "group_size": group_size, "quantized": dict(sorted(qmods.items()))}
     source = {"kind": "synthetic", "preset": preset if isinstance(preset, str) else "custom", "seed": seed, "full_layers": conf.get("full_layers_in_model")}
     m = build_manifest(cfg, quant, info0, dense, source, {"vision": False, "mtp": False, "tensors": 0}, files,
-                       f"synthetic-{preset}-{layers}-{bits}-{seed}")
-    validate_manifest(m, out / MANIFEST)
-    write_json_atomic(out / MANIFEST, m)
+                       f"synthetic-{preset}-{layers}-{bits}-{seed}", records=digests)
+    write_manifest(out, m)
     print(f"made {out}: {preset} shapes, {layers} layers, {bits}-bit experts "
           f"({sum(f['size'] for f in files.values()) / 1e9:.2f} GB)", file=sys.stderr)
     return out

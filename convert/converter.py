@@ -9,8 +9,11 @@ manifest is written last.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -23,15 +26,16 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.format import BundleError, ExpertQuant, expert_components
-from flashmoe.format.bundle import (DENSE_GLOBAL, MANIFEST, build_manifest, dense_layer_path, expert_path,
-                                    sha256_file, validate_manifest, write_json_atomic)
-from flashmoe.format.experts import FORMAT_VERSION, ExpertFileWriter, make_info
+from flashmoe.format.bundle import (DENSE_GLOBAL, MANIFEST, PROGRESS, build_manifest, dense_layer_path, expert_path,
+                                    read_json_file, sha256_file, validate_manifest, write_json_atomic,
+                                    write_manifest)
+from flashmoe.format.experts import FORMAT_VERSION, ExpertFileWriter, file_record_digests, make_info
 from flashmoe.format.names import ZERO_CENTRED_NORMS, classify
 from flashmoe.format.st import SafetensorsWriter
 
 from .source import PROJS, Source, copy_tokenizer_files, hub_license, resolve
 
-PROGRESS = ".flashmoe-progress.json"
+LOCK = ".flashmoe-convert.lock"
 CHUNK_BYTES = 256 << 20  # float32 bytes of experts converted at once (bounds peak memory)
 MLX_TO_ST = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 MIN_ROUTER_BITS = 8  # routing is precision-sensitive: mlp.gate and shared_expert_gate never go below
@@ -113,19 +117,33 @@ class Converter:
 
     # ---- run ---------------------------------------------------------------------------------
     def run(self) -> Path:
+        """Convert, resume, or repair: files already in OUT are checked (size and sha256) against the
+        manifest or the progress record, and exactly the missing or wrong ones are (re)built."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise BundleError(f"{out} is a file; -o takes a directory (new, empty, or a bundle to repair)")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with OutputLock(out):
+                return self._run()
+        except OSError as e:
+            raise io_error(e, out) from None
+
+    def _run(self) -> Path:
         from tqdm.auto import tqdm
 
         out = self.out
-        out.mkdir(parents=True, exist_ok=True)
-        state = self._load_progress()
+        state = self._load_state()
         done = state["done"]
         plan = self.plan()
+        repaired = self._check_done(state)
         remaining = sum(f.size for f in plan if f.path not in done)
+        need = remaining + (64 << 20) if remaining else 0
         free = shutil.disk_usage(out).free
-        if remaining + (64 << 20) > free:
-            raise BundleError(f"{out}: needs about {remaining / 1e9:.2f} GB more but only {free / 1e9:.2f} GB is free; "
+        if need > free:
+            raise BundleError(f"{out}: needs about {human(need)} more but only {human(free)} is free; "
                               "free some space or choose another -o directory")
-        if done:
+        if done and remaining:
             self.log(f"resuming: {len(done)} of {len(plan)} files already converted")
         L_total = self.cfg.num_hidden_layers
         todo_bytes = sum(self.src.bytes_per_layer(L) for L in range(L_total)
@@ -138,7 +156,7 @@ class Converter:
                     continue
                 bar.set_postfix_str(f"layer {L + 1}/{L_total}")
                 if expert_path(L) not in done:
-                    done[expert_path(L)] = self._write_experts(L)
+                    done[expert_path(L)], state["records"][str(L)] = self._write_experts(L)
                     self._save_progress(state)
                 if dense_layer_path(L) not in done:
                     size, sha, q = self._write_dense(L, self.out / dense_layer_path(L))
@@ -154,50 +172,89 @@ class Converter:
                 state["quantized"].update(q)
                 self._save_progress(state)
         for name in ["config.json", *copy_tokenizer_files(self.src.path)]:
-            done[name] = self._copy(self.src.path / name, out / name)
+            if name not in done:
+                done[name] = self._copy(self.src.path / name, out / name)
+        for L in range(L_total):  # bundles converted before per-record CRCs: computed from the checked files
+            if str(L) not in state["records"]:
+                state["records"][str(L)] = file_record_digests(out / expert_path(L))
         manifest = self._manifest(state)
-        validate_manifest(manifest, out / MANIFEST)
-        write_json_atomic(out / MANIFEST, manifest)
+        write_manifest(out, manifest)
         (out / PROGRESS).unlink(missing_ok=True)
         dt = time.perf_counter() - t0
         total = sum(f["size"] for f in manifest["files"])
+        if repaired:
+            self.log(f"repaired {len(repaired)} file(s): " + "; ".join(f"{n} ({why})" for n, why in repaired))
         self.log(f"done: {out} ({total / 1e9:.3f} GB in {len(manifest['files'])} files; "
                  f"{L_total} layers x {self.cfg.num_experts} experts at "
                  f"{'float ' + self.dtype if self.quant.bits is None else str(self.quant.bits) + '-bit'}; "
                  f"read {read_bytes / 1e9:.3f} GB in {dt:.1f} s = {read_bytes / max(dt, 1e-9) / 1e9:.2f} GB/s)")
         return out
 
-    def _load_progress(self) -> dict:
-        p = self.out / PROGRESS
+    def _load_state(self) -> dict:
+        """What OUT already holds: a finished bundle of this conversion (its manifest), an unfinished one
+        (the progress record), a directory of our own files without either (rebuilt), or nothing."""
         key = self.plan_key()
-        if (self.out / MANIFEST).exists():
-            m = json.loads((self.out / MANIFEST).read_text())
-            if m.get("conversion") == _digest(key):
+        fresh = {"key": key, "done": {}, "quantized": {}, "records": {}}
+        mpath, ppath = self.out / MANIFEST, self.out / PROGRESS
+        if mpath.exists():
+            m = read_json_file(mpath, "the manifest", f"delete {mpath} and re-run the same command: it rebuilds the "
+                               "bundle in place")
+            if isinstance(m, dict) and m.get("conversion") == _digest(key):
+                try:
+                    validate_manifest(m, mpath)
+                except BundleError as e:
+                    raise BundleError(f"{e}. Delete {mpath} and re-run the same command: it rebuilds the bundle "
+                                      "in place") from None
+                digests = (m.get("records") or {}).get("digests") or []
                 return {"key": key, "done": {f["path"]: {"size": f["size"], "sha256": f["sha256"]} for f in m["files"]},
-                        "quantized": m["dense"].get("quantized", {})}
+                        "quantized": m["dense"]["quantized"], "records": {str(i): d for i, d in enumerate(digests)}}
             raise BundleError(f"{self.out} already holds a bundle converted with other settings or from another source; "
                               "choose an empty -o directory (nothing was changed)")
-        if p.exists():
+        if ppath.exists():
             try:
-                state = json.loads(p.read_text())
-            except ValueError:
-                state = {}
+                state = read_json_file(ppath, "the progress record", "")
+                ok = (isinstance(state, dict) and isinstance(state.get("done"), dict)
+                      and isinstance(state.get("quantized"), dict) and isinstance(state.get("records", {}), dict)
+                      and all(isinstance(f, dict) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str)
+                              for f in state["done"].values()))
+            except BundleError:
+                ok = False
+            if not ok:
+                self.log(f"{ppath.name} is unreadable (corrupt): rebuilding every file of the conversion")
+                return fresh
             if state.get("key") != json.loads(json.dumps(key)):
                 raise BundleError(f"{self.out} holds an unfinished conversion with other settings or from another "
                                   "source; re-run that command to finish it, or choose an empty -o directory")
-            done = {}
-            for rel, f in state.get("done", {}).items():
-                fp = self.out / rel
-                if fp.is_file() and fp.stat().st_size == f["size"]:
-                    done[rel] = f
-            state["done"] = done
-            state.setdefault("quantized", {})
+            state.setdefault("records", {})
             return state
-        stray = [x.name for x in self.out.iterdir() if not x.name.endswith(".partial")]
+        stray = sorted(x.name for x in self.out.iterdir() if not x.name.endswith(".partial") and x.name != LOCK)
+        if stray and not set(stray) <= self._own_names():
+            raise BundleError(f"{self.out} is not empty ({', '.join(stray[:4])}...); flashmoe-convert writes only "
+                              "into an empty or new directory, or resumes or repairs its own conversion")
         if stray:
-            raise BundleError(f"{self.out} is not empty ({', '.join(sorted(stray)[:4])}...); flashmoe-convert writes only "
-                              "into an empty or new directory, or resumes its own unfinished conversion")
-        return {"key": key, "done": {}, "quantized": {}}
+            self.log(f"{self.out} holds bundle files but no manifest or progress record: rebuilding every file")
+        return fresh
+
+    def _own_names(self) -> set[str]:
+        """Top-level names a conversion writes (what a directory of our own may hold)."""
+        return {"experts", "dense", "config.json", ".flashmoe-verified.json", "README.md",
+                *copy_tokenizer_files(self.src.path)}
+
+    def _check_done(self, state: dict) -> list[tuple[str, str]]:
+        """Size and sha256 of every file already written, against the record; the ones that fail are
+        dropped from `done` (so they are rebuilt) and returned with the reason."""
+        from flashmoe.format.verify import check_files
+
+        done = state["done"]
+        if not done:
+            return []
+        bad, _ = check_files(self.out, done, progress=self.progress)
+        for n, why in sorted(bad.items()):
+            self.log(f"repairing {n}: {why}")
+            del done[n]
+            if n.startswith("experts/"):
+                state["records"].pop(str(int(n[len("experts/layer-"):-len(".bin")])), None)
+        return sorted(bad.items())
 
     def _save_progress(self, state: dict) -> None:
         write_json_atomic(self.out / PROGRESS, state)
@@ -210,7 +267,7 @@ class Converter:
         return {"size": dst.stat().st_size, "sha256": sha256_file(dst)}
 
     # ---- experts -----------------------------------------------------------------------------
-    def _write_experts(self, L: int) -> dict:
+    def _write_experts(self, L: int) -> tuple[dict, str]:
         """Three stages overlap: preads of chunk i+1 and writes of chunk i-1 run in threads while the
         main thread (the only one touching MLX) quantizes chunk i."""
         cfg = self.cfg
@@ -243,7 +300,7 @@ class Converter:
         except BaseException:
             w.abort()
             raise
-        return {"size": size, "sha256": sha}
+        return {"size": size, "sha256": sha}, w.record_digests
 
     def _expert_parts(self, L: int, e0: int, e1: int, fetched: dict | None = None) -> dict[str, np.ndarray]:
         """{component name: numpy [n, ...]} for experts [e0, e1) in the bundle's representation."""
@@ -348,8 +405,60 @@ class Converter:
         prov["base_model"] = prov.get("repo") or src.raw_config.get("_name_or_path") or None
         dense = {"dtype": self.dtype, "bits": self.opts.dense_bits, "group_size": self.opts.dense_group_size,
                  "quantized": dict(sorted(state["quantized"].items()))}
+        records = [state["records"][str(L)] for L in range(self.cfg.num_hidden_layers)]
         return build_manifest(self.cfg, self.quant, info, dense, prov, src.skipped, state["done"],
-                              _digest(self.plan_key()))
+                              _digest(self.plan_key()), records=records)
+
+
+def human(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def io_error(e: OSError, out: Path) -> BundleError:
+    """An OSError while converting, as one sentence that says how to go on."""
+    what = f"{e.filename}: " if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return BundleError(f"{what}the disk is full ({e.strerror}) while writing into {out}; free some space (or "
+                           "choose another -o) and re-run the same command: it resumes")
+    return BundleError(f"{what}{e.strerror or e} while converting into {out}; fix that and re-run the same command: "
+                       "it resumes")
+
+
+class OutputLock:
+    """An exclusive fcntl lock on OUT/.flashmoe-convert.lock for the whole conversion, so that a second
+    converter into the same directory refuses at once instead of interleaving files."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK
+        self.fd = -1
+
+    def __enter__(self) -> "OutputLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise BundleError(f"{self.path.parent}: another flashmoe-convert (pid {holder or '?'}) is writing into "
+                                  "this directory; wait for it to finish, or choose another -o") from None
+            try:  # the holder before us may have removed the file after we opened it: lock the current one
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.path.unlink(missing_ok=True)  # while still holding the lock
+        finally:
+            os.close(self.fd)
 
 
 def _digest(obj) -> str:

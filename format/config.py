@@ -8,6 +8,7 @@ hard-coded to one model size.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,13 +77,17 @@ class TextConfig:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> "TextConfig":
-        """Read a Hugging Face config.json (dict). Raises BundleError on anything unsupported."""
+        """Read a Hugging Face config.json (dict). Raises BundleError on anything unsupported or mistyped."""
+        if not isinstance(config, dict):
+            raise BundleError("config.json is not a JSON object: is SOURCE a Hugging Face checkpoint?")
         top_type = config.get("model_type")
         text = config.get("text_config") or config
+        if not isinstance(text, dict):
+            raise BundleError(f"config.json text_config must be an object, not {type(text).__name__}")
         mtype = text.get("model_type") or top_type
         if top_type not in SUPPORTED_MODEL_TYPES and mtype not in SUPPORTED_MODEL_TYPES:
             raise BundleError(
-                f"unsupported model_type {top_type or mtype!r}: flashmoe converts the Qwen3.5 MoE family "
+                f"unsupported model_type {str(top_type or mtype)[:60]!r}: flashmoe converts the Qwen3.5 MoE family "
                 f"({', '.join(SUPPORTED_MODEL_TYPES)}). Check that SOURCE points at a Qwen3.5 MoE checkpoint "
                 "(e.g. Qwen/Qwen3.5-397B-A17B)."
             )
@@ -94,53 +99,84 @@ class TextConfig:
         ]
         if missing:
             raise BundleError(f"config.json lacks {', '.join(missing)}: is it a complete Qwen3.5 MoE config?")
-        n_layers = int(text["num_hidden_layers"])
+
+        def num(key: str, default=None, kind=int, d: dict = text):
+            v = d.get(key, default)
+            if v is None and default is None and key in ("head_dim",):
+                return None
+            ok = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            if not ok:
+                raise BundleError(f"config.json {key} must be {'an integer' if kind is int else 'a finite number'}, "
+                                  f"not {str(v)[:40]!r}; the checkpoint's config is corrupt")
+            return kind(v)
+
+        n_layers = num("num_hidden_layers")
+        if not 0 < n_layers <= 1000:
+            raise BundleError(f"impossible config value num_hidden_layers={n_layers}")
         layer_types = text.get("layer_types")
         if layer_types is None:
-            interval = int(text.get("full_attention_interval", 4))
+            interval = num("full_attention_interval", 4)
+            if interval <= 0:
+                raise BundleError(f"config.json full_attention_interval must be positive, not {interval}")
             layer_types = [
                 "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)
             ]
+        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+            raise BundleError(f"config.json layer_types is malformed: {str(layer_types)[:80]}")
         layer_types = list(layer_types)[:n_layers]
         if len(layer_types) != n_layers or set(layer_types) - {"linear_attention", "full_attention"}:
-            raise BundleError(f"config.json layer_types is malformed: {layer_types!r}")
-        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+            raise BundleError(f"config.json layer_types is malformed: {str(layer_types)[:80]}")
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise BundleError("config.json rope_parameters must be an object")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope", None):
-            raise BundleError(f"unsupported rope_type {rope_type!r} (only the default RoPE is implemented)")
+            raise BundleError(f"unsupported rope_type {str(rope_type)[:40]!r} (only the default RoPE is implemented)")
         eos = text.get("eos_token_id", config.get("eos_token_id"))
-        eos_list = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-        heads = int(text["num_attention_heads"])
-        hidden = int(text["hidden_size"])
+        eos_list = [] if eos is None else [eos] if not isinstance(eos, list) else eos
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos_list):
+            raise BundleError(f"config.json eos_token_id must be token ids, not {str(eos)[:40]}")
+        bos = text.get("bos_token_id", config.get("bos_token_id"))
+        if bos is not None and (not isinstance(bos, int) or isinstance(bos, bool) or bos < 0):
+            raise BundleError(f"config.json bos_token_id must be a token id or null, not {str(bos)[:40]}")
+        heads = num("num_attention_heads")
+        hidden = num("hidden_size")
+        if heads <= 0:
+            raise BundleError(f"impossible config value num_attention_heads={heads}")
+        tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        bias = text.get("attention_bias", False)
+        for key, v in (("tie_word_embeddings", tie), ("attention_bias", bias)):
+            if not isinstance(v, bool):
+                raise BundleError(f"config.json {key} must be true or false, not {str(v)[:40]!r}")
+        act = text.get("hidden_act", "silu")
         cfg = cls(
             model_type="qwen3_5_moe",
-            vocab_size=int(text["vocab_size"]),
+            vocab_size=num("vocab_size"),
             hidden_size=hidden,
             num_hidden_layers=n_layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(text["num_key_value_heads"]),
-            head_dim=int(text.get("head_dim") or hidden // heads),
+            num_key_value_heads=num("num_key_value_heads"),
+            head_dim=num("head_dim") or hidden // heads,
             layer_types=layer_types,
-            linear_conv_kernel_dim=int(text.get("linear_conv_kernel_dim", 4)),
-            linear_key_head_dim=int(text.get("linear_key_head_dim", 128)),
-            linear_value_head_dim=int(text.get("linear_value_head_dim", 128)),
-            linear_num_key_heads=int(text.get("linear_num_key_heads", 16)),
-            linear_num_value_heads=int(text.get("linear_num_value_heads", 32)),
-            moe_intermediate_size=int(text["moe_intermediate_size"]),
-            shared_expert_intermediate_size=int(text.get("shared_expert_intermediate_size", 0)),
-            num_experts=int(text["num_experts"]),
-            num_experts_per_tok=int(text["num_experts_per_tok"]),
-            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
-            partial_rotary_factor=float(
-                rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
-            ),
-            max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-            attention_bias=bool(text.get("attention_bias", False)),
-            hidden_act=str(text.get("hidden_act", "silu")),
+            linear_conv_kernel_dim=num("linear_conv_kernel_dim", 4),
+            linear_key_head_dim=num("linear_key_head_dim", 128),
+            linear_value_head_dim=num("linear_value_head_dim", 128),
+            linear_num_key_heads=num("linear_num_key_heads", 16),
+            linear_num_value_heads=num("linear_num_value_heads", 32),
+            moe_intermediate_size=num("moe_intermediate_size"),
+            shared_expert_intermediate_size=num("shared_expert_intermediate_size", 0),
+            num_experts=num("num_experts"),
+            num_experts_per_tok=num("num_experts_per_tok"),
+            rms_norm_eps=num("rms_norm_eps", 1e-6, float),
+            rope_theta=num("rope_theta", num("rope_theta", 10000.0, float), float, rope),
+            partial_rotary_factor=num("partial_rotary_factor", num("partial_rotary_factor", 0.25, float), float, rope),
+            max_position_embeddings=num("max_position_embeddings", 32768),
+            tie_word_embeddings=tie,
+            attention_bias=bias,
+            hidden_act=str(act),
             eos_token_id=eos_list,
-            bos_token_id=text.get("bos_token_id", config.get("bos_token_id")),
+            bos_token_id=bos,
         )
         cfg.check()
         return cfg
@@ -165,5 +201,10 @@ class TextConfig:
             raise BundleError("linear_num_value_heads must be a multiple of linear_num_key_heads")
         if len(self.layer_types) != self.num_hidden_layers:
             raise BundleError("layer_types must list one type per layer")
+        for name, lo, hi in (("rms_norm_eps", 0.0, 1.0), ("partial_rotary_factor", 0.0, 1.0),
+                             ("rope_theta", 0.0, 1e15)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo < v <= hi) or math.isnan(v):
+                raise BundleError(f"impossible config value {name}={v!r}")
         if self.hidden_act != "silu":
             raise BundleError(f"unsupported hidden_act {self.hidden_act!r} (Qwen3.5 MoE uses silu)")

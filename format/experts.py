@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +68,24 @@ class ExpertFileInfo:
 
 
 def parse_components(items) -> tuple[Component, ...]:
+    """A component table from JSON: a list of {name, dtype, shape, offset, nbytes} with the right types."""
+    def whole(v) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 62:
+            raise TypeError(f"{v!r} is not a non-negative integer")
+        return v
+
     try:
-        return tuple(
-            Component(str(c["name"]), str(c["dtype"]), tuple(int(d) for d in c["shape"]), int(c["offset"]),
-                      int(c["nbytes"]))
-            for c in items
-        )
-    except (KeyError, TypeError, ValueError) as e:
+        if not isinstance(items, list) or not items or len(items) > 64:
+            raise TypeError("expected a list of components")
+        out = []
+        for c in items:
+            if not isinstance(c, dict) or not isinstance(c["name"], str) or not isinstance(c["dtype"], str) \
+                    or not isinstance(c["shape"], list) or len(c["shape"]) > 8:
+                raise TypeError(f"malformed component {str(c)[:80]}")
+            out.append(Component(c["name"], c["dtype"], tuple(whole(d) for d in c["shape"]), whole(c["offset"]),
+                                 whole(c["nbytes"])))
+        return tuple(out)
+    except (KeyError, TypeError) as e:
         raise BundleError(f"malformed component table: {e}") from None
 
 
@@ -104,6 +116,7 @@ class ExpertFileWriter:
         self.tmp = self.path.with_name(self.path.name + ".partial")
         self.f = open(self.tmp, "wb")
         self.sha = hashlib.sha256()
+        self.crcs: list[str] = []  # CRC-32 of each record's record_size bytes (SPEC 3.2, manifest `records`)
         self.next_expert = 0
         self._write(encode_header(info))
 
@@ -127,8 +140,14 @@ class ExpertFileWriter:
                     f"({raw.nbytes} bytes), expected {list(c.shape)} ({c.nbytes} bytes)"
                 )
             rec[c.offset : c.offset + c.nbytes] = raw
+        self.crcs.append(f"{zlib.crc32(memoryview(rec)[: info.record_size]):08x}")
         self._write(rec)
         self.next_expert += 1
+
+    @property
+    def record_digests(self) -> str:
+        """The layer's entry of the manifest's `records.digests`: 8 hex digits per record, in expert order."""
+        return "".join(self.crcs)
 
     def close(self) -> tuple[int, str]:
         if self.next_expert != self.info.num_experts:
@@ -169,11 +188,17 @@ def read_info(path: str | os.PathLike) -> ExpertFileInfo:
             body = f.read(n)
     except FileNotFoundError:
         raise BundleError(f"{path}: missing expert file; {fix}") from None
+    from .manifest import load_json
+
+    h = load_json(body, path, "the expert file header", fix)
     try:
-        h = json.loads(body)
-        info = ExpertFileInfo(int(h["layer"]), int(h["num_experts"]), int(h["data_offset"]),
-                              int(h["record_size"]), int(h["record_stride"]), parse_components(h["components"]))
-    except (ValueError, KeyError, TypeError) as e:
+        if not isinstance(h, dict):
+            raise TypeError("not a JSON object")
+        fields = [h[k] for k in ("layer", "num_experts", "data_offset", "record_size", "record_stride")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62 for v in fields):
+            raise TypeError("layout fields must be non-negative integers")
+        info = ExpertFileInfo(*fields, parse_components(h["components"]))
+    except (KeyError, TypeError) as e:
         raise BundleError(f"{path}: corrupt header ({e}); {fix}") from None
     info.check()
     if PREAMBLE.size + n > info.data_offset:
@@ -220,6 +245,20 @@ class ExpertFile:
             self.close()
         except Exception:
             pass
+
+
+def file_record_digests(path: str | os.PathLike) -> str:
+    """CRC-32 of every record of a layer file (its `records.digests` entry), read record by record."""
+    f = ExpertFile(path)
+    try:
+        buf = bytearray(f.info.record_size)
+        out = []
+        for e in range(f.info.num_experts):
+            f.read_into(e, buf)
+            out.append(f"{zlib.crc32(buf):08x}")
+        return "".join(out)
+    finally:
+        f.close()
 
 
 def record_views(info: ExpertFileInfo, buf: np.ndarray) -> dict[str, np.ndarray]:

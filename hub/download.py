@@ -18,7 +18,7 @@ from pathlib import Path
 from flashmoe.format.bundle import MANIFEST, Bundle, safe_relpath, validate_manifest
 from flashmoe.format.errors import BundleError
 
-from . import verify as _verify
+from flashmoe.format import verify as _verify
 from .common import HubError, file_patterns, quiet_tqdm
 
 log = logging.getLogger("flashmoe.hub")

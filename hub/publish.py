@@ -22,7 +22,7 @@ from pathlib import Path
 from flashmoe.format.bundle import MANIFEST, Bundle
 from flashmoe.format.errors import BundleError
 
-from . import verify as _verify
+from flashmoe.format import verify as _verify
 from .card import CARD_MARKER, card_text
 from .common import HubError, file_patterns, with_retries
 

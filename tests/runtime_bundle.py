@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.format import DENSE_GLOBAL, ExpertFileWriter, ExpertQuant, TextConfig, dense_layer_path, expert_path
-from flashmoe.format.bundle import sha256_file, write_json_atomic
+from flashmoe.format.bundle import build_manifest, sha256_file, write_manifest
 from flashmoe.format.experts import make_info
 from flashmoe.format.layout import expert_components
 from flashmoe.format.names import ZERO_CENTRED_NORMS, layer_of
@@ -78,6 +78,7 @@ def write_bundle(model, out: Path, bits: int | None = None, group_size: int = 64
     q = ExpertQuant(bits, group_size, dtype)
     comps = expert_components(cfg.hidden_size, cfg.moe_intermediate_size, q)
     info = None
+    digests = []
     for L, (g, u, d) in _expert_weights(model).items():
         info = make_info(L, cfg.num_experts, comps)
         w = ExpertFileWriter(out / expert_path(L), info)
@@ -91,22 +92,15 @@ def write_bundle(model, out: Path, bits: int | None = None, group_size: int = 64
                         t, bits, group_size, dtype)
             w.write_record(parts)
         w.close()
+        digests.append(w.record_digests)
 
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     files = [f for f in files if f not in ("flashmoe.json", "README.md")]
-    manifest = {
-        "format": "flashmoe-bundle",
-        "format_version": 1,
-        "config": cfg.to_dict(),
-        "experts": {"bits": bits, "group_size": group_size, "dtype": dtype, "num_experts": cfg.num_experts,
-                    "data_offset": info.data_offset, "record_size": info.record_size,
-                    "record_stride": info.record_stride, "components": [c.to_dict() for c in comps]},
-        "dense": {"dtype": "float32", "bits": None, "group_size": group_size, "quantized": {}},
-        "source": {"path": "test", "kind": "float"},
-        "skipped": {"vision": False, "mtp": False, "tensors": 0},
-        "files": [{"path": f, "size": (out / f).stat().st_size, "sha256": sha256_file(out / f)} for f in files],
-    }
-    write_json_atomic(out / "flashmoe.json", manifest)
+    listed = {f: {"size": (out / f).stat().st_size, "sha256": sha256_file(out / f)} for f in files}
+    dense_q = {"dtype": "float32", "bits": None, "group_size": group_size, "quantized": {}}
+    manifest = build_manifest(cfg, q, info, dense_q, {"path": "test", "kind": "float"},
+                              {"vision": False, "mtp": False, "tensors": 0}, listed, "test", records=digests)
+    write_manifest(out, manifest)
     return out
 
 
