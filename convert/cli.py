@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flashmoe.cli import add_common_arguments, run_cli
+
+PROG = "flashmoe-convert"
+
 EPILOG = """examples:
   flashmoe-convert Qwen/Qwen3.5-397B-A17B -o ~/models/qwen3.5-397b-q4
   flashmoe-convert Qwen/Qwen3.5-397B-A17B -o ~/models/qwen3.5-397b-q2 --bits 2
@@ -42,24 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit to download")
     p.add_argument("--dry-run", action="store_true", help="print the files that would be written and their sizes")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_common_arguments(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _body(args: argparse.Namespace) -> int:
+    from flashmoe.format.errors import InputError
+
     try:
         from flashmoe.convert import convert_checkpoint
-        from flashmoe.format import BundleError
     except ImportError as e:
-        print(f"flashmoe-convert: {e}. On Linux install MLX's CPU build: pip install 'mlx[cpu]'", file=sys.stderr)
-        return 2
+        raise InputError(f"{e}. On Linux install MLX's CPU build: pip install 'mlx[cpu]'") from None
     try:
         res = convert_checkpoint(args.source, args.output, bits=args.bits, group_size=args.group_size,
                                  dtype=args.dtype, dense_bits=args.dense_bits, revision=args.revision,
                                  progress=not args.quiet, dry_run=args.dry_run)
-    except BundleError as e:
-        print(f"flashmoe-convert: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\nflashmoe-convert: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{f.size / 1e6:12.3f} MB{'' if f.exact else ' ~'}  {f.path}")
         print(f"{total / 1e9:12.3f} GB    total ({len(res)} files; ~ marks estimates) -> {args.output}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, build_parser(), _body, argv)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flashmoe.cli import add_common_arguments, run_cli
+
+PROG = "flashmoe-inspect"
+
 
 def summary(b) -> str:
     c, m = b.config, b.manifest
@@ -35,29 +39,34 @@ def summary(b) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flashmoe-inspect", description="Summarise a flashmoe bundle and check it.")
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Summarise a flashmoe bundle and check it.")
     p.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
-    p.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest")
-    args = p.parse_args(argv)
-    from flashmoe.format import Bundle, BundleError
+    p.add_argument("--verify", action="store_true",
+                   help="check every file's sha256 against the manifest (exit 1 if any differs)")
+    add_common_arguments(p)
+    return p
 
-    try:
-        b = Bundle.open(args.bundle)
-        for layer in range(b.config.num_hidden_layers):
-            b.expert_file(layer).close()  # header, size and layout checks of every expert file
-        print(summary(b))
-        if args.verify:
-            bad = b.verify(progress=True)
-            if bad:
-                print(f"flashmoe-inspect: {len(bad)} file(s) fail their sha256: {', '.join(bad)}. "
-                      "Re-pull (flashmoe-pull repairs them) or re-convert.", file=sys.stderr)
-                return 1
-            print("verify      all files match their sha256")
-    except BundleError as e:
-        print(f"flashmoe-inspect: error: {e}", file=sys.stderr)
-        return 2
+
+def _body(args: argparse.Namespace) -> int:
+    from flashmoe.format import Bundle
+
+    b = Bundle.open(args.bundle)
+    for layer in range(b.config.num_hidden_layers):
+        b.expert_file(layer).close()  # header, size and layout checks of every expert file
+    print(summary(b))
+    if args.verify:
+        bad = b.verify(progress=True)
+        if bad:
+            print(f"{PROG}: {len(bad)} file(s) fail their sha256: {', '.join(bad)}. "
+                  "Re-pull (flashmoe-pull repairs them) or re-convert.", file=sys.stderr)
+            return 1
+        print("verify      all files match their sha256")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, _parser(), _body, argv)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flashmoe.cli import add_common_arguments, run_cli
+
 PUBLISH_EPILOG = """\
 Tokens come from HF_TOKEN or `hf auth login` (never printed). The upload resumes: if it is
 interrupted, run the same command again. Private storage on free Hub accounts is limited; a
@@ -12,14 +14,7 @@ interrupted, run the same command again. Private storage on free Hub accounts is
 """
 
 
-def _fail(prog: str, e: BaseException) -> int:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 1
-
-
-def publish_main(argv: list[str] | None = None) -> int:
-    from flashmoe.format.errors import BundleError
-
+def _publish_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashmoe-publish", epilog=PUBLISH_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Verify a converted bundle and upload it, with a model card, to the "
@@ -32,8 +27,12 @@ def publish_main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed", help='measured speed for the model card, e.g. "9.5 tok/s on M3 Max 64 GB"')
     p.add_argument("--retries", type=int, default=5, help="attempts per upload step on network errors (default 5)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    from .common import HubError
+    add_common_arguments(p)
+    return p
+
+
+def _publish(a: argparse.Namespace) -> int:
+    from .common import HubError, is_transient
     from .publish import publish_bundle
 
     try:
@@ -43,19 +42,22 @@ def publish_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flashmoe-publish: interrupted; run the same command again to resume the upload", file=sys.stderr)
         return 130
-    except (HubError, BundleError) as e:
-        return _fail("flashmoe-publish", e)
-    except Exception as e:  # huggingface_hub errors carry the URL, never the token
-        return _fail("flashmoe-publish", f"{type(e).__name__}: {e}\nRe-run the same command to resume.")
+    except Exception as e:  # network trouble that outlasted the retries: the user re-runs; anything else is a bug
+        if not is_transient(e):
+            raise
+        # huggingface_hub errors carry the URL, never the token
+        raise HubError(f"{type(e).__name__}: {e}. Re-run the same command to resume.") from None
     url = getattr(info, "commit_url", None) or ""
     print(f"published {a.bundle} to {a.repo_id} (commit {info.oid[:12]}) {url}".rstrip())
     print(f"run it with: flashmoe-run {a.repo_id}")
     return 0
 
 
-def pull_main(argv: list[str] | None = None) -> int:
-    from flashmoe.format.errors import BundleError
+def publish_main(argv: list[str] | None = None) -> int:
+    return run_cli("flashmoe-publish", _publish_parser(), _publish, argv)
 
+
+def _pull_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashmoe-pull",
                                 description="Download a flashmoe bundle from the Hugging Face Hub and check every "
                                             "file against the sha256 in its manifest (repairing what does not "
@@ -67,8 +69,12 @@ def pull_main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="re-hash every file even if it was verified before and has not changed since")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    from .common import HubError
+    add_common_arguments(p)
+    return p
+
+
+def _pull(a: argparse.Namespace) -> int:
+    from .common import HubError, is_transient
     from .download import pull_bundle
 
     try:
@@ -77,12 +83,17 @@ def pull_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flashmoe-pull: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (HubError, BundleError) as e:
-        return _fail("flashmoe-pull", e)
-    except Exception as e:
-        return _fail("flashmoe-pull", f"{type(e).__name__}: {e}")
+    except Exception as e:  # network trouble is the user's to retry; anything else is a bug
+        if not is_transient(e):
+            raise
+        raise HubError(f"cannot reach the Hub ({type(e).__name__}: {e}); check the connection and run the "
+                       "same command again") from None
     print(path)
     return 0
+
+
+def pull_main(argv: list[str] | None = None) -> int:
+    return run_cli("flashmoe-pull", _pull_parser(), _pull, argv)
 
 
 if __name__ == "__main__":  # python -m flashmoe.hub.cli publish|pull ...

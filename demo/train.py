@@ -1,0 +1,186 @@
+"""Rebuild the demo checkpoint in demo/model/: a small Qwen3.5-MoE trained on Python's own documentation.
+
+    python demo/train.py                 # ~15-20 min on 2 CPU cores; writes demo/model/
+    python demo/train.py --steps 50 -o /tmp/quick   # a quick smoke run
+
+Dev-only: needs torch and transformers (`pip install -e ".[test]"`); `make demo` does not.
+
+The text is `pydoc_data.topics`, the help topics every CPython ships (the Python documentation,
+PSF License; see demo/README.md). Some topics are held out of training and written to
+demo/heldout.txt, the text `flashmoe-eval` measures perplexity on. Besides the plain topic text, each
+topic's opening also appears as a chat turn ("Tell me about the "for" statement." -> its first
+paragraphs), so that the chat template and `flashmoe-run` chat produce on-topic answers.
+
+The model keeps the real Qwen3.5-MoE structure: Gated DeltaNet and full-attention layers (full every
+4th), GQA, partial RoPE, 16 routed experts (4 per token) plus a shared expert. Training runs a fixed
+number of steps with fixed seeds; torch's CPU kernels can still differ in the last bits across
+machines and thread counts, so a rebuild is equivalent, not byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HELDOUT = ("bitwise", "shifting", "unary", "power", "imaginary", "floating", "integers", "in", "truth")
+SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CONFIG = dict(
+    vocab_size=2048,
+    hidden_size=256,
+    num_hidden_layers=4,  # layers 0-2 Gated DeltaNet, layer 3 full attention
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    linear_key_head_dim=64,
+    linear_value_head_dim=64,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_conv_kernel_dim=4,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=128,
+    num_experts=16,
+    num_experts_per_tok=4,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    eos_token_id=1,  # <|im_end|>
+    pad_token_id=0,
+    bos_token_id=None,
+)
+QUESTIONS = ("Tell me about {}.", "What is {}?", "Explain {}.")
+
+
+def topics() -> dict[str, str]:
+    from pydoc_data.topics import topics as t
+
+    return {k: v.strip() for k, v in sorted(t.items())}
+
+
+def opening(text: str, limit: int = 700) -> str:
+    """The title and first paragraphs of a topic, cut at a paragraph end near `limit` characters."""
+    paras = text.split("\n\n")
+    out = paras[0]
+    for p in paras[1:]:
+        if len(out) + 2 + len(p) > limit and len(out) > 200:
+            break
+        out += "\n\n" + p
+    return out
+
+
+def chat_samples(docs: dict[str, str]) -> list[str]:
+    out = []
+    for text in docs.values():
+        title = text.split("\n", 1)[0].strip()
+        subject = title[0].lower() + title[1:] if title[:2].istitle() or title.startswith("The ") else title
+        for q in QUESTIONS:
+            out.append(f"<|im_start|>user\n{q.format(subject)}<|im_end|>\n<|im_start|>assistant\n"
+                       f"{opening(text)}<|im_end|>\n")
+    return out
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([AddedToken(s, special=True) for s in SPECIALS])
+    assert [tok.token_to_id(s) for s in SPECIALS] == [0, 1, 2]
+    return tok
+
+
+def save(model, tok, out: Path) -> None:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out)  # config.json, generation_config.json, model.safetensors
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": TEMPLATE}, indent=1) + "\n")
+    (out / "chat_template.jinja").write_text(TEMPLATE)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", "--output", type=Path, default=HERE / "model", help="checkpoint directory to write")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init and batch order (default 0)")
+    p.add_argument("--heldout", type=Path, default=HERE / "heldout.txt", help="where to write the held-out text")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    a = p.parse_args(argv)
+
+    import torch
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    torch.set_num_threads(a.threads)
+    docs = topics()
+    train_docs = {k: v for k, v in docs.items() if k not in HELDOUT}
+    heldout = "\n\n".join(docs[k] for k in HELDOUT if k in docs) + "\n"
+    chats = chat_samples(train_docs)
+    plain = [v + "<|endoftext|>" for v in train_docs.values()]
+    tok = build_tokenizer(list(train_docs.values()) + chats, CONFIG["vocab_size"])
+
+    rng = random.Random(a.seed)
+    pieces = plain + chats
+    rng.shuffle(pieces)
+    ids = []
+    for s in pieces:
+        ids += tok.encode(s).ids
+    data = torch.tensor(ids)
+    print(f"corpus: {len(train_docs)} topics + {len(chats)} chat turns = {len(ids)} tokens "
+          f"(vocab {tok.get_vocab_size()}); held out: {len(tok.encode(heldout).ids)} tokens", flush=True)
+
+    torch.manual_seed(a.seed)
+    model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**CONFIG))
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f} M parameters ({n_params * 2 / 1e6:.1f} MB in bfloat16)", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warm = max(1, a.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / a.steps)))))
+    g = torch.Generator().manual_seed(a.seed)
+    t0 = time.time()
+    for step in range(1, a.steps + 1):
+        starts = torch.randint(0, len(ids) - a.seq - 1, (a.batch,), generator=g)
+        x = torch.stack([data[s: s + a.seq] for s in starts])
+        y = torch.stack([data[s + 1: s + a.seq + 1] for s in starts])
+        logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == 1:
+            print(f"step {step}/{a.steps}  loss {loss.item():.3f}  {time.time() - t0:.0f} s", flush=True)
+    model.eval()
+    save(model, tok, a.output)
+    a.heldout.write_text(heldout)
+    with torch.no_grad():
+        prompt = tok.encode('The "for" statement is used to').ids
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)
+    print("greedy sample:", tok.decode(out[0].tolist()), flush=True)
+    print(f"wrote {a.output} in {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The interactive chat of flashmoe-run (no --prompt): line editing and history, multi-line input, replies
+that Ctrl-C stops without losing the conversation, and a cache that carries every earlier turn.
+
+The conversation is kept as token ids, not text: each turn's prompt is (every token of the conversation
+so far, the generated ones as generated) + (the tokens of the chat template's text between the last
+reply and the next reply). So the cache keeps working when a reply does not re-tokenize to the ids the
+model produced, and when the template would render earlier turns differently (e.g. dropping thinking).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from flashmoe.format.errors import FlashmoeError, InputError
+
+from .generate import Session, generate
+
+PROMPT, MORE = ">>> ", "... "
+FENCE = '"""'
+PREFILL_CHUNK = 512  # tokens per forward when the chat prefills a long prompt itself (with a progress line)
+PROGRESS_MIN = 512  # new tokens from which a turn shows prefill progress
+REPLY = "\x00flashmoe-reply\x00"  # stands for a reply's text when rendering the template around it
+HISTORY = Path.home() / ".cache" / "flashmoe" / "chat_history"
+
+HELP = f"""commands:
+  /help            this list
+  /reset           clear the conversation (asks first)
+  /system [TEXT]   show the system prompt, or set it (the conversation starts over); /system off clears it
+  /stats           the last reply's prefill and decode figures, and the tokens in the cache
+  /exit, /quit     leave (or Ctrl-D)
+input:
+  Enter sends. Pasted text with several lines is one message. {FENCE} on a line of its own starts a
+  multi-line message and another {FENCE} ends it. Up/Down walk the history (in a terminal).
+  Ctrl-C stops a reply and keeps the conversation; at the prompt it clears the line."""
+
+
+class Conversation:
+    """Token ids of the conversation, its messages and the generation Session holding their cache."""
+
+    def __init__(self, tok, system: str | None = None, template: bool = True):
+        self.tok = tok
+        self.template = template and tok.chat_template is not None
+        self.system = system
+        self.session = Session()
+        self.ids: list[int] = []  # every token of the conversation so far, replies as generated
+        self.turns = 0
+
+    def reset(self) -> None:
+        self.ids, self.turns = [], 0
+        self.session.reset()
+
+    def _system(self) -> list[dict]:
+        return [{"role": "system", "content": self.system}] if self.system else []
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids the model sees before its next reply, if the user says `text`."""
+        if not self.template:
+            return self.ids + self.tok.encode(("\n" if self.ids else "") + text + "\n")
+        if not self.ids:
+            msgs = self._system() + [{"role": "user", "content": text}]
+            return self.tok.encode(self.tok.apply_chat_template(msgs, add_generation_prompt=True))
+        # the template's text after an assistant reply's content, up to the next reply's start
+        probe = self._system() + [{"role": "user", "content": "?"}, {"role": "assistant", "content": REPLY},
+                                  {"role": "user", "content": text}]
+        rendered = self.tok.apply_chat_template(probe, add_generation_prompt=True)
+        i = rendered.find(REPLY)
+        if i < 0:
+            raise InputError("the chat template drops earlier replies, so a conversation cannot continue; "
+                             "use --prompt for single questions")
+        return self.ids + self.tok.encode(rendered[i + len(REPLY):])
+
+
+class Interrupt:
+    """While active, the first Ctrl-C sets a flag (the reply stops at the next token); a second one
+    raises KeyboardInterrupt as usual."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        self.hit = False
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+        return False
+
+
+class LineReader:
+    """prompt_toolkit line editing and history on a terminal; plain lines otherwise (pipes, files)."""
+
+    def __init__(self, tty: bool):
+        self.ps = None
+        if tty:
+            from prompt_toolkit import PromptSession
+            from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+            try:
+                HISTORY.parent.mkdir(parents=True, exist_ok=True)
+                history = FileHistory(str(HISTORY))
+            except OSError:
+                history = InMemoryHistory()
+            self.ps = PromptSession(history=history)
+
+    def read(self, prompt: str) -> str:
+        """One line (a paste may hold several); EOFError on Ctrl-D / end of input."""
+        if self.ps is not None:
+            return self.ps.prompt(prompt)
+        sys.stderr.write(prompt)
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    def message(self) -> str:
+        """A whole message: a line, or a {FENCE} block over several lines."""
+        text = self.read(PROMPT)
+        if not text.strip().startswith(FENCE):
+            return text
+        body = text.strip()[len(FENCE):]
+        while not body.rstrip().endswith(FENCE):
+            body += "\n" + self.read(MORE)
+        return body.rstrip()[: -len(FENCE)].strip("\n")
+
+
+def _progress(done: int, total: int) -> None:
+    sys.stderr.write(f"\rprefill {done}/{total} tokens ({100 * done // max(total, 1)}%)")
+    sys.stderr.flush()
+
+
+def prefill(model, session: Session, ids: list[int], stop: Interrupt | None = None) -> None:
+    """Feed ids[len(session.ids):] into the session's cache chunk by chunk with a progress line, stopping
+    between chunks on Ctrl-C (the session then holds what was fed)."""
+    if not (session.cache is not None and ids[: len(session.ids)] == session.ids):
+        session.reset()
+        session.cache = model.make_cache()
+    start, total = len(session.ids), len(ids) - len(session.ids)
+    for i in range(start, len(ids), PREFILL_CHUNK):
+        chunk = ids[i: i + PREFILL_CHUNK]
+        mx.eval(model(mx.array([chunk]), session.cache, last_only=True))
+        session.ids = ids[: i + len(chunk)]
+        _progress(len(session.ids) - start, total)
+        if stop is not None and stop.hit:
+            break
+    sys.stderr.write("\r\033[K")
+    sys.stderr.flush()
+
+
+class Chat:
+    def __init__(self, model, tok, args, out=None, err=None):
+        self.model, self.tok, self.args = model, tok, args
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.conv = Conversation(tok, args.system_prompt, template=not args.no_chat_template)
+        self.last: dict | None = None  # figures of the last reply
+
+    def say(self, msg: str) -> None:
+        print(msg, file=self.err, flush=True)
+
+    # ---- one reply ---------------------------------------------------------------------------
+    def reply(self, text: str) -> None:
+        from .cli import fmt_stats, gen_kwargs
+
+        conv, model = self.conv, self.model
+        ids = conv.prompt_ids(text)
+        cached = len(conv.session.ids) if ids[: len(conv.session.ids)] == conv.session.ids else 0
+        generated: list[int] = []
+        stats = None
+        t0 = time.perf_counter()
+        with Interrupt() as stop:
+            try:
+                if len(ids) - cached > PROGRESS_MIN and len(ids) < model.config.max_position_embeddings:
+                    prefill(model, conv.session, ids[:-1], stop)  # generate() then feeds the last token
+                t_own = time.perf_counter() - t0
+                if not stop.hit:
+                    gen = generate(model, self.tok, ids, session=conv.session, **gen_kwargs(self.args))
+                    for chunk in gen:
+                        if chunk.token is not None:
+                            generated.append(chunk.token)
+                        if chunk.text:
+                            self.out.write(chunk.text)
+                            self.out.flush()
+                        if chunk.finish_reason is not None:
+                            stats = chunk.stats
+                        if stop.hit:
+                            gen.close()
+                            break
+            except KeyboardInterrupt:  # a second Ctrl-C: the cache may be half-updated, start it over
+                conv.session.reset()
+                stop.hit = True
+        self.out.write("\n")
+        self.out.flush()
+        conv.ids = ids + generated
+        conv.turns += 1
+        if stop.hit:
+            self.say("[stopped]")
+            self.keep_cache()
+        if stats is not None:
+            self.last = {"new": len(ids) - cached, "cached": cached, "prefill_s": t_own + stats["prefill_s"],
+                         "generated": stats["generated_tokens"], "decode_s": stats["decode_s"],
+                         "decode_tps": stats["decode_tps"]}
+            if self.args.stats:
+                self.say(fmt_stats(stats))
+
+    def keep_cache(self) -> None:
+        """After a stopped reply, make the cache hold the conversation again (re-reading it if the stop
+        left the session empty), so the next turn prefills only its new tokens."""
+        session, ids = self.conv.session, self.conv.ids
+        if session.cache is not None and ids[: len(session.ids)] == session.ids:
+            return
+        with Interrupt() as stop:
+            try:
+                prefill(self.model, session, ids, stop)
+            except KeyboardInterrupt:
+                session.reset()
+
+    def stats_text(self) -> str:
+        held = len(self.conv.session.ids)
+        if self.last is None:
+            return f"no reply yet; {held} tokens in the cache"
+        s = self.last
+        return (f"prefill: {s['new']} new tokens in {s['prefill_s']:.2f} s ({s['cached']} from the cache)\n"
+                f"decode:  {s['generated']} tokens in {s['decode_s']:.2f} s ({s['decode_tps']:.2f} tok/s)\n"
+                f"cache:   {held} tokens of {self.model.config.max_position_embeddings}")
+
+    # ---- commands ----------------------------------------------------------------------------
+    def confirm(self, reader: LineReader, question: str) -> bool:
+        try:
+            return reader.read(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+        except (EOFError, KeyboardInterrupt):
+            return False
+
+    def command(self, line: str, reader: LineReader) -> bool:
+        """Run a /command; False means leave the chat."""
+        name, _, rest = line.strip().partition(" ")
+        rest = rest.strip()
+        if name in ("/exit", "/quit", "/bye"):
+            return False
+        if name in ("/help", "/?"):
+            self.say(HELP)
+        elif name == "/reset":
+            if not self.conv.ids:
+                self.say("the conversation is already empty")
+            elif self.confirm(reader, "Clear the conversation?"):
+                self.conv.reset()
+                self.last = None
+                self.say("conversation cleared")
+            else:
+                self.say("kept the conversation")
+        elif name == "/system":
+            if not self.conv.template:
+                self.say("a system prompt needs the chat template (this chat runs without one)")
+            elif not rest:
+                self.say(f"system prompt: {self.conv.system!r}" if self.conv.system else "no system prompt")
+            elif self.conv.ids and not self.confirm(reader, "Changing the system prompt starts over. Continue?"):
+                self.say("kept the conversation")
+            else:
+                self.conv.system = None if rest == "off" else rest
+                self.conv.reset()
+                self.last = None
+                self.say("system prompt cleared" if rest == "off" else "system prompt set")
+                if self.conv.ids:
+                    self.say("the conversation starts over")
+        elif name == "/stats":
+            self.say(self.stats_text())
+        else:
+            self.say(f"unknown command {name}; /help lists the commands")
+        return True
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self, reader: LineReader) -> None:
+        self.say(f"flashmoe-run: chatting with {self.args.bundle}. /help lists commands; Ctrl-C stops a "
+                 "reply, Ctrl-D quits.")
+        while True:
+            try:
+                text = reader.message()
+            except EOFError:
+                self.say("")
+                return
+            except KeyboardInterrupt:
+                self.say("(Ctrl-D or /exit quits)")
+                continue
+            if not text.strip():
+                continue
+            if text.lstrip().startswith("/") and "\n" not in text.strip():
+                if not self.command(text, reader):
+                    return
+                continue
+            try:
+                self.reply(text)
+            except FlashmoeError as e:
+                self.say(f"error: {' '.join(str(e).split())}" + ("; /reset starts over" if "context" in str(e) else ""))
+
+
+def chat(model, tok, args) -> None:
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    Chat(model, tok, args).run(LineReader(tty))
