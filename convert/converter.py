@@ -401,8 +401,9 @@ class Converter:
         if "path" in prov:  # a bundle may be published: keep only the directory's name, never the user's full path
             prov["path"] = Path(prov["path"]).name
         prov["kind"] = src.kind
-        prov["license"] = hub_license(src.path / "README.md") or src.raw_config.get("license")
-        prov["base_model"] = prov.get("repo") or src.raw_config.get("_name_or_path") or None
+        text = lambda v: v if isinstance(v, str) and v else None  # noqa: E731  (config.json fields are untrusted)
+        prov["license"] = hub_license(src.path / "README.md") or text(src.raw_config.get("license"))
+        prov["base_model"] = prov.get("repo") or text(src.raw_config.get("_name_or_path"))
         dense = {"dtype": self.dtype, "bits": self.opts.dense_bits, "group_size": self.opts.dense_group_size,
                  "quantized": dict(sorted(state["quantized"].items()))}
         records = [state["records"][str(L)] for L in range(self.cfg.num_hidden_layers)]

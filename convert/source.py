@@ -13,14 +13,16 @@ Nothing is loaded up front: each read is one pread of exactly the bytes needed.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import mlx.core as mx
 import numpy as np
 
 from flashmoe.format import BundleError, TextConfig
+from flashmoe.format.bundle import inside
+from flashmoe.format.manifest import read_json_file
 from flashmoe.format.names import ExpertKey, classify, layer_of
 from flashmoe.format.st import TensorInfo, read_header, read_tensor
 
@@ -127,15 +129,16 @@ class Source:
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise BundleError(f"{path}: config.json not found; SOURCE must be a Hugging Face checkpoint directory")
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except ValueError as e:
-            raise BundleError(f"{cfg_path}: invalid JSON ({e})") from None
+        contained(cfg_path, path)
+        raw = read_json_file(cfg_path, "config.json", "re-download the checkpoint", limit=16 << 20)
         config = TextConfig.from_hf(raw)
         files = _weight_files(path)
         tensors: dict[str, TensorInfo] = {}
         for f in files:
             tensors.update(read_header(f))
+        for k in ("quantization", "quantization_config"):
+            if raw.get(k) is not None and not isinstance(raw[k], dict):
+                raise BundleError(f"{cfg_path}: {k} must be an object, not {type(raw[k]).__name__}")
         qc = raw.get("quantization") or (raw.get("quantization_config") if "bits" in (raw.get("quantization_config") or {}) else None)
         if qc and any(k.endswith(".scales") for k in tensors):
             kind = "mlx"
@@ -147,7 +150,9 @@ class Source:
         src = cls(path, raw, config, kind, tensors, mlx_quant=dict(qc or {}))
         if kind == "fp8":
             blk = (raw.get("quantization_config") or {}).get("weight_block_size") or [128, 128]
-            src.fp8_block = (int(blk[0]), int(blk[1]))
+            if not (isinstance(blk, list) and len(blk) == 2 and all(isinstance(b, int) and 0 < b <= 1 << 16 for b in blk)):
+                raise BundleError(f"{cfg_path}: quantization_config.weight_block_size must be two positive integers")
+            src.fp8_block = (blk[0], blk[1])
         src._classify()
         return src
 
@@ -173,9 +178,30 @@ class Source:
         self.skipped = {"vision": vision, "mtp": mtp, "tensors": n_skip}
         for layer in range(cfg.num_hidden_layers):
             self._check_expert_layer(layer)
-        for need in ("embed_tokens.weight",):
-            if not any(classify(n) == need for n in self.dense.get(None, [])):
-                raise BundleError(f"{self.path}: checkpoint has no {need}; is a weight shard missing?")
+        self._check_dense()
+
+    def _check_dense(self) -> None:
+        """Every dense tensor the runtime needs is present with the shape config.json implies (vocab_size,
+        head counts, ...), so a checkpoint that disagrees with its config fails here, before writing."""
+        have = {classify(n): n for names in self.dense.values() for n in names}
+        for layer in [None, *range(self.config.num_hidden_layers)]:
+            for name, want in self.config.dense_shapes(layer).items():
+                n = have.get(name)
+                if n is None:
+                    raise BundleError(f"{self.path}: checkpoint has no {name} (config.json implies one); is a weight "
+                                      "shard missing?")
+                got = tuple(self.tensors[n].shape)
+                if self.kind == "mlx" and self.tensors[n].dtype == "U32" and len(got) == 2 and len(want) == 2:
+                    bits = self.mlx_module_quant(n[: -len(".weight")])[0]
+                    ok = got[0] == want[0] and got[1] * 32 == want[1] * bits
+                elif name.endswith("conv1d.weight"):  # [C, 1, W] (Hugging Face) or [C, W, 1] (mlx-lm)
+                    ok = got in (want, (want[0], want[2], 1), (want[0], want[2]))
+                else:
+                    ok = got == want
+                if not ok:
+                    raise BundleError(f"{n}: shape {list(got)} does not match {list(want)} implied by config.json "
+                                      "(vocab_size, hidden_size, head counts, ...); the checkpoint and its config "
+                                      "disagree")
 
     def _check_expert_layer(self, layer: int) -> None:
         cfg = self.config
@@ -275,10 +301,16 @@ class Source:
     def mlx_module_quant(self, module: str) -> tuple[int, int]:
         """(bits, group_size) of a quantized module of an MLX checkpoint (per-module overrides first)."""
         q = self.mlx_quant
+        entry = q
         for key in (module, "language_model." + module, "model." + module):
             if isinstance(q.get(key), dict):
-                return int(q[key]["bits"]), int(q[key]["group_size"])
-        return int(q["bits"]), int(q["group_size"])
+                entry = q[key]
+                break
+        bits, gs = entry.get("bits"), entry.get("group_size")
+        if bits not in (2, 3, 4, 5, 6, 8) or gs not in (32, 64, 128):
+            raise BundleError(f"{self.path}/config.json: quantization of {module} is bits={str(bits)[:20]}, "
+                              f"group_size={str(gs)[:20]}; expected bits in 2-8 and group_size 32, 64 or 128")
+        return bits, gs
 
     def expert_chunk(self, layer: int, e0: int, e1: int, fetched: dict | None = None) -> dict[str, mx.array]:
         """Float weights of experts [e0, e1): {proj: [n, out, in]} (mlx sources: dequantized)."""
@@ -323,32 +355,47 @@ class Source:
         return sum(self.tensors[n].nbytes for n in names)
 
 
+def contained(p: Path, root: Path) -> Path:
+    """`p` itself, if it stays inside the checkpoint `root` with every link followed (a Hugging Face
+    cache snapshot may link into its repo's blobs/); never a link out of the source."""
+    if not inside(p, root):
+        raise BundleError(f"{p} leads outside the checkpoint directory {root} (a link or path to "
+                          f"{os.path.realpath(p)}); flashmoe never reads files from outside the source")
+    return p
+
+
 def _weight_files(path: Path) -> list[Path]:
     index = sorted(path.glob("*.safetensors.index.json"))
     if index:
-        try:
-            wm = json.loads(index[0].read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise BundleError(f"{index[0]}: malformed index ({e})") from None
+        fix = "the checkpoint's index is corrupt: re-download it"
+        data = read_json_file(index[0], "the weight index", fix)
+        wm = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise BundleError(f"{index[0]}: weight_map must map tensor names to file names; {fix}")
+        for f in set(wm.values()):
+            pf = PurePosixPath(f)
+            if not f or pf.is_absolute() or ".." in pf.parts or "\\" in f or "\0" in f or f.startswith("~"):
+                raise BundleError(f"{index[0]}: weight_map names {f[:120]!r}, a path outside the checkpoint; "
+                                  "flashmoe reads only files inside SOURCE. The index is corrupt or malicious")
         files = sorted({path / f for f in wm.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise BundleError(f"{path}: weight files listed in {index[0].name} are missing: {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''}. Re-run the download (it resumes).")
-        return files
+        return [contained(f, path) for f in files]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise BundleError(f"{path}: no *.safetensors weight files found")
-    return files
+    return [contained(f, path) for f in files]
 
 
 def copy_tokenizer_files(src: Path, names=TOKENIZER_FILES) -> list[str]:
-    return [n for n in names if (src / n).is_file()]
+    return [n for n in names if (src / n).is_file() and contained(src / n, src)]
 
 
 def hub_license(raw_readme: Path) -> str | None:
     """license: field of a model card's YAML header, if any."""
-    if not raw_readme.is_file():
+    if not raw_readme.is_file() or not inside(raw_readme, raw_readme.parent):
         return None
     text = raw_readme.read_text(errors="replace")
     if not text.startswith("---"):

@@ -67,6 +67,36 @@ class TextConfig:
     def is_linear(self, layer: int) -> bool:
         return self.layer_types[layer] == "linear_attention"
 
+    def dense_shapes(self, layer: int | None) -> dict[str, tuple[int, ...]]:
+        """Bundle name -> [out, in] (or [n]) of every dense tensor of `layer` (None: the global ones),
+        as the Hugging Face checkpoint stores them (conv1d as [C, 1, W]). lm_head is absent with tied
+        embeddings. The converter checks a checkpoint against this before it writes anything."""
+        H, V = self.hidden_size, self.vocab_size
+        if layer is None:
+            out = {"embed_tokens.weight": (V, H), "norm.weight": (H,)}
+            if not self.tie_word_embeddings:
+                out["lm_head.weight"] = (V, H)
+            return out
+        p = f"layers.{layer}."
+        Is, E = self.shared_expert_intermediate_size, self.num_experts
+        out = {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+               p + "mlp.gate.weight": (E, H), p + "mlp.shared_expert_gate.weight": (1, H),
+               p + "mlp.shared_expert.gate_proj.weight": (Is, H), p + "mlp.shared_expert.up_proj.weight": (Is, H),
+               p + "mlp.shared_expert.down_proj.weight": (H, Is)}
+        if self.is_linear(layer):
+            a, nv = p + "linear_attn.", self.linear_num_value_heads
+            out.update({a + "in_proj_qkv.weight": (self.conv_dim, H), a + "in_proj_z.weight": (self.value_dim, H),
+                        a + "in_proj_b.weight": (nv, H), a + "in_proj_a.weight": (nv, H),
+                        a + "out_proj.weight": (H, self.value_dim),
+                        a + "conv1d.weight": (self.conv_dim, 1, self.linear_conv_kernel_dim),
+                        a + "dt_bias": (nv,), a + "A_log": (nv,), a + "norm.weight": (self.linear_value_head_dim,)})
+        else:
+            a, n, kv, d = p + "self_attn.", self.num_attention_heads, self.num_key_value_heads, self.head_dim
+            out.update({a + "q_proj.weight": (2 * n * d, H), a + "k_proj.weight": (kv * d, H),
+                        a + "v_proj.weight": (kv * d, H), a + "o_proj.weight": (H, n * d),
+                        a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)})
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

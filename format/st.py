@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError
+from .manifest import load_json
 
 MAX_HEADER = 100 << 20
 NP_DTYPES = {
@@ -54,22 +55,27 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if n > MAX_HEADER or 8 + n > size:
                 raise BundleError(f"{path}: safetensors header length {n} is impossible for a {size}-byte file "
                                   "(truncated or not safetensors); re-download it")
-            header = json.loads(f.read(n))
+            header = load_json(f.read(n), path, "the safetensors header", "re-download it (the file is corrupt)")
     except FileNotFoundError:
         raise BundleError(f"{path}: file not found; re-download the checkpoint (or pass the right directory)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: corrupt safetensors header ({e}); re-download it") from None
+    except IsADirectoryError:
+        raise BundleError(f"{path}: is a directory, not a safetensors file") from None
     base = 8 + n
+    if not isinstance(header, dict):
+        raise BundleError(f"{path}: corrupt safetensors header (not a JSON object); re-download it")
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (b, e) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+            dtype, shape, (b, e) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            if not isinstance(dtype, str) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                     for v in (*shape, b, e)):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise BundleError(f"{path}: malformed header entry for {name!r}") from None
+            raise BundleError(f"{path}: malformed safetensors header entry for {name[:80]!r}; re-download it") from None
         if dtype not in ITEMSIZE:
-            raise BundleError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+            raise BundleError(f"{path}: tensor {name} has unsupported dtype {dtype[:20]}")
         want = int(np.prod(shape, dtype=object)) * ITEMSIZE[dtype]
         if not (0 <= b <= e) or e - b != want or base + e > size:
             raise BundleError(f"{path}: tensor {name} has bad offsets [{b}, {e}) for shape {list(shape)} "
@@ -126,11 +132,15 @@ class SafetensorsWriter:
         hb += b" " * (-len(hb) % 8)  # align data to 8 bytes, as the reference writer does
         tmp = self.path.with_name(self.path.name + ".partial")
         sha = hashlib.sha256()
-        with open(tmp, "wb") as f:
-            for chunk in (struct.pack("<Q", len(hb)), hb, *(memoryview(self.tensors[n][1]).cast("B") for n in names)):
-                f.write(chunk)
-                sha.update(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in (struct.pack("<Q", len(hb)), hb, *(memoryview(self.tensors[n][1]).cast("B") for n in names)):
+                    f.write(chunk)
+                    sha.update(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never leave a partial file taking the space a retry needs
+            raise
         return 8 + len(hb) + off, sha.hexdigest()
