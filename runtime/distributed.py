@@ -1,0 +1,524 @@
+"""One model across several processes or machines with `mx.distributed` (expert parallel).
+
+    mlx.launch --hosts 10.0.0.1,10.0.0.2 flashmoe-run BUNDLE --prompt "..."
+
+Every rank loads the same bundle (dense weights replicated) and owns the routed experts e with
+e % size == rank: it reads and applies only those, and after each MoE layer the ranks add their partial
+outputs with `all_sum` (runtime/experts.py; the shared expert is applied once, after the sum). So each
+rank reads 1/size of the expert bytes from its own disk and caches 1/size of the model.
+
+Rank 0 (the leader) owns tokenization, sampling and output. The other ranks (followers) run no front
+end: they execute the same model calls as the leader, in the same order, told by a *plan* that the
+leader broadcasts before each call. A plan is a method name and JSON arguments (token ids, cache
+handles), sent with mx.distributed collectives only: all_sum of a fixed-size int32 frame to which the
+other ranks contribute zeros (a second all_sum carries what does not fit). `Leader.call` broadcasts and
+then runs the call locally; `follow` is the followers' loop.
+
+Failures end every rank within a bounded time, never a hang:
+  * a rank whose process dies closes its sockets: the others' next collective fails at once
+    ("[ring] connection to a peer was lost") and they stop with a DistributedError;
+  * a rank that hangs or a host that becomes unreachable closes nothing, and a ring all_sum with such
+    a peer blocks forever: a Watchdog thread ends this process when a collective makes no progress for
+    `timeout` seconds (it is re-armed at every MoE layer, so long prefills are fine). While the leader
+    is idle (a chat waiting for input, a server waiting for requests) it broadcasts an empty plan every
+    `timeout / 4` seconds, so followers can tell "idle" from "gone".
+At start the ranks compare their bundles (sha256 of the manifest, and the experts per token) and
+whether each has its part of a sharded bundle (hub/shard.py); any mismatch stops every rank, naming
+the rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from flashmoe.format.errors import BundleError, FlashmoeError
+
+DEFAULT_TIMEOUT_S = 60.0  # longest wait in one collective (one MoE layer's imbalance) before giving up
+FRAME = 256  # int32 words in the first all_sum of a plan: [length, payload bytes ...]; the rest follows
+EXIT_LOST = 2  # exit status of a rank stopped by the watchdog (an error the user can act on)
+SHARD_MARKER = ".flashmoe-shard.json"  # written by `flashmoe-pull --shard r/N` (hub/shard.py)
+
+
+class DistributedError(FlashmoeError):
+    """A rank stopped, hung, became unreachable, or holds a different bundle; str() says which and what to do."""
+
+
+def _link_error(e: BaseException) -> bool:
+    """A backend's error for a lost peer (ring: "[ring] connection to a peer was lost", and the like)."""
+    s = str(e)
+    return isinstance(e, RuntimeError) and any(t in s for t in ("[ring]", "[nccl]", "[mpi]", "[jaccl]", "peer"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the watchdog
+
+
+class Watchdog:
+    """Ends this process if a guarded section makes no progress for `timeout` seconds.
+
+    The main thread sits inside `mx.eval` during a collective (MLX releases the GIL there), so a Python
+    thread can watch it; os._exit is the only way out of a blocked collective."""
+
+    def __init__(self, rank: int, timeout: float, prog: str = "flashmoe"):
+        self.rank, self.timeout, self.prog = rank, float(timeout), prog
+        self._deadline: float | None = None
+        self._what = ""
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="flashmoe-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, what: str) -> None:
+        with self._lock:
+            self._what = what
+            self._deadline = time.monotonic() + self.timeout
+
+    def kick(self) -> None:
+        """Progress: the deadline moves `timeout` seconds ahead (if armed)."""
+        with self._lock:
+            if self._deadline is not None:
+                self._deadline = time.monotonic() + self.timeout
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._deadline = None
+
+    def guard(self, what: str):
+        dog = self
+
+        class _Guard:
+            def __enter__(self):
+                dog.arm(what)
+
+            def __exit__(self, *exc):
+                dog.disarm()
+                return False
+
+        return _Guard()
+
+    def _watch(self) -> None:
+        step = min(0.25, self.timeout / 4)
+        while True:
+            time.sleep(step)
+            with self._lock:
+                late = self._deadline is not None and time.monotonic() > self._deadline
+                what = self._what
+            if late:
+                fail_now(self.prog, f"rank {self.rank}: no answer from the other ranks for {self.timeout:.0f} s while "
+                                    f"{what}: a rank stopped or hung, or its host became unreachable. Stopping this "
+                                    "rank; check the other ranks' errors and the network, then start all ranks again")
+
+
+def fail_now(prog: str, msg: str) -> None:
+    """Print one error line and end the process at once (threads blocked in a collective cannot be joined)."""
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    sys.stderr.write(f"{prog}: error: {msg}\n")
+    sys.stderr.flush()
+    os._exit(EXIT_LOST)
+
+
+# ----------------------------------------------------------------------------------------------
+# the control plane: broadcast from rank 0 and gather, with all_sum / all_gather only
+
+
+class Link:
+    """The ranks' control collectives, each under the watchdog, with backend errors turned into
+    DistributedError."""
+
+    def __init__(self, group, watchdog: Watchdog):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self.watchdog = watchdog
+
+    def _all_sum(self, x: mx.array, what: str) -> np.ndarray:
+        with self.watchdog.guard(what):
+            try:
+                y = mx.distributed.all_sum(x, group=self.group, stream=mx.cpu)
+                mx.eval(y)
+            except RuntimeError as e:
+                if _link_error(e):
+                    raise DistributedError(lost_message(self.rank, what, e)) from None
+                raise
+        return np.array(y)
+
+    def broadcast(self, payload: bytes | None, what: str) -> bytes:
+        """Rank 0 passes the bytes, the others None; every rank returns rank 0's bytes."""
+        frame = np.zeros(FRAME, np.int32)
+        if self.rank == 0:
+            data = np.frombuffer(payload, np.uint8).astype(np.int32)
+            frame[0] = len(data)
+            head = data[: FRAME - 1]
+            frame[1 : 1 + len(head)] = head
+        got = self._all_sum(mx.array(frame), what)
+        n = int(got[0])
+        body = got[1 : 1 + min(n, FRAME - 1)]
+        if n > FRAME - 1:  # the rest in one more collective
+            rest = data[FRAME - 1 :] if self.rank == 0 else np.zeros(n - (FRAME - 1), np.int32)
+            body = np.concatenate([body, self._all_sum(mx.array(rest), what)])
+        return body.astype(np.uint8).tobytes()
+
+    def gather(self, row: np.ndarray, what: str) -> np.ndarray:
+        """Every rank's int32 row (same length everywhere), as [size, len]."""
+        row = np.asarray(row, np.int32).reshape(-1)
+        mine = np.zeros((self.size, len(row)), np.int32)
+        mine[self.rank] = row
+        return self._all_sum(mx.array(mine), what).reshape(self.size, len(row))
+
+
+def lost_message(rank: int, what: str, e: BaseException) -> str:
+    return (f"rank {rank}: lost the connection to another rank while {what} ({e}): a rank stopped (its own "
+            "error says why) or its host became unreachable. Start all ranks again")
+
+
+# ----------------------------------------------------------------------------------------------
+# who we are
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Expert-parallel ownership: rank `rank` of `size` owns the experts e with e % size == rank."""
+
+    rank: int
+    size: int
+
+    def owns(self, expert: int) -> bool:
+        return expert % self.size == self.rank
+
+    def owned(self, num_experts: int) -> list[int]:
+        return list(range(self.rank, num_experts, self.size))
+
+
+class Dist:
+    """This process's place among the ranks: group, shard, watchdog and control link. size == 1 (no
+    launcher) means a single process: nothing is sent and nothing changes."""
+
+    def __init__(self, group, timeout: float = DEFAULT_TIMEOUT_S, prog: str = "flashmoe"):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self.shard = Shard(self.rank, self.size)
+        self.prog = prog
+        self.timeout = float(timeout)
+        self.watchdog = Watchdog(self.rank, timeout, prog) if self.size > 1 else None
+        self.link = Link(group, self.watchdog) if self.size > 1 else None
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, launched: bool, timeout: float = DEFAULT_TIMEOUT_S, prog: str = "flashmoe") -> "Dist":
+        """Join the group. `launched`: a launcher (mlx.launch, mpirun) started this process, so failing to
+        join is an error rather than a silent single process that would print the output N times."""
+        if timeout <= 0:
+            raise DistributedError(f"the distributed timeout must be > 0 seconds (got {timeout})")
+        try:
+            group = mx.distributed.init(strict=launched)
+        except RuntimeError as e:
+            raise DistributedError(f"could not join the other ranks ({e}); check the hostfile, that every host "
+                                   "can reach the others on the ports mlx.launch chose, and start all ranks again") from None
+        return cls(group, timeout, prog)
+
+    # ---- checks at start ---------------------------------------------------------------------
+    def check_bundle(self, bundle_dir, experts_per_token: int | None = None) -> None:
+        """Every rank holds the same conversion and its own part of it; otherwise every rank stops with
+        an error naming the ranks. Call before loading (a sharded bundle lacks other ranks' records)."""
+        problem = bundle_part_problem(Path(bundle_dir), self.shard)
+        if self.size == 1:
+            if problem:
+                raise BundleError(problem)
+            return
+        digest = bundle_digest(Path(bundle_dir), experts_per_token)
+        row = np.concatenate([[0 if problem is None else 1], np.frombuffer(digest, np.uint8)]).astype(np.int32)
+        rows = self.link.gather(row, "comparing bundles at start")
+        if problem is not None:
+            raise BundleError(problem)
+        missing = [r for r in range(self.size) if rows[r, 0]]
+        if missing:
+            raise DistributedError(f"rank {self.rank}: rank(s) {', '.join(map(str, missing))} lack their part of the "
+                                   "bundle (their own errors name the file and the fix); stopping every rank")
+        ref = rows[0, 1:]
+        differ = [r for r in range(self.size) if not np.array_equal(rows[r, 1:], ref)]
+        if differ:
+            raise DistributedError(
+                f"rank {self.rank}: rank(s) {', '.join(map(str, differ))} run a different bundle (another conversion "
+                "or revision) or other settings than rank 0: every rank needs a copy of the same bundle "
+                "(flashmoe-pull the same repo and revision on each host) and the same flags")
+
+    def attach(self, model) -> None:
+        """Make `model` (from flashmoe.load) expert-parallel over this group: its experts read and apply
+        only this rank's share and add the ranks' parts with all_sum; the watchdog is kicked every layer."""
+        if self.size == 1:
+            return
+        ex = model.experts
+        ex.shard = (self.rank, self.size)
+        ex.owned = (np.arange(ex.num_experts) % self.size) == self.rank
+        ex.group = self.group
+        object.__setattr__(model, "experts", _Kicked(ex, self.watchdog))
+
+
+class _Kicked:
+    """The model's experts callable, kicking the watchdog at each MoE layer (before and after its
+    all_sum); everything else passes through."""
+
+    def __init__(self, inner, watchdog: Watchdog):
+        self.__dict__["inner"] = inner
+        self.__dict__["watchdog"] = watchdog
+
+    def __call__(self, *a, **k):
+        self.watchdog.kick()
+        y = self.inner(*a, **k)
+        self.watchdog.kick()
+        return y
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.inner, name, value)
+
+
+def bundle_digest(bundle_dir: Path, experts_per_token: int | None) -> bytes:
+    """sha256 of the manifest (which names the conversion and every file's sha256) and the run settings
+    every rank must share."""
+    h = hashlib.sha256((bundle_dir / "flashmoe.json").read_bytes())
+    h.update(json.dumps({"experts_per_token": experts_per_token}).encode())
+    return h.digest()
+
+
+def bundle_part_problem(bundle_dir: Path, shard: Shard) -> str | None:
+    """Why this rank cannot run from `bundle_dir` (a message naming the rank, the file and the fix), or
+    None. A bundle pulled with `flashmoe-pull --shard r/N` holds only rank r's expert records and says so
+    in SHARD_MARKER; a whole bundle serves any rank."""
+    from flashmoe.format.bundle import expert_path
+
+    who = f"rank {shard.rank} of {shard.size}"
+    marker = bundle_dir / SHARD_MARKER
+    if not (bundle_dir / "flashmoe.json").is_file():
+        return (f"{who}: {bundle_dir / 'flashmoe.json'} is missing: this host has no copy of the bundle. On this host "
+                f"run `flashmoe-pull REPO --shard {shard.rank}/{shard.size} -o {bundle_dir}` (or copy the bundle there)")
+    if not marker.is_file():
+        return None
+    try:
+        m = json.loads(marker.read_text())
+        have = Shard(int(m["rank"]), int(m["size"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{who}: {marker} is unreadable; re-run `flashmoe-pull REPO --shard {shard.rank}/{shard.size} -o {bundle_dir}`"
+    fix = (f"on this host run `flashmoe-pull REPO --shard {shard.rank}/{shard.size} -o DIR` and give this rank that "
+           "directory (or a whole bundle)")
+    if have != shard:
+        if shard.size == 1:
+            return (f"{bundle_dir} holds only the experts of shard {have.rank}/{have.size} (flashmoe-pull --shard): run it "
+                    f"on {have.size} ranks with mlx.launch, or pull the whole bundle without --shard")
+        return f"{who}: {bundle_dir} holds the experts of shard {have.rank}/{have.size}, not this rank's; {fix}"
+    import hashlib as _h
+
+    if m.get("manifest_sha256") != _h.sha256((bundle_dir / "flashmoe.json").read_bytes()).hexdigest():
+        return f"{who}: {marker} belongs to another version of the bundle; {fix}"
+    layers = json.loads((bundle_dir / "flashmoe.json").read_text())["config"].get("num_hidden_layers", 0)
+    for layer in range(int(layers)):
+        p = bundle_dir / expert_path(layer)
+        if not p.is_file():
+            return f"{who}: {p} is missing; {fix} (it resumes)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# plans: the leader calls, the followers follow
+
+
+_STOP, _NOOP = "__stop__", "__noop__"
+
+
+class Leader:
+    """Rank 0's side: `call(name, *args)` broadcasts the plan, then runs target.name(*args) here.
+    Arguments must be JSON (ints, lists, bools, None). A heartbeat thread sends an empty plan while no
+    call is made, so that idle followers know rank 0 is alive."""
+
+    def __init__(self, dist: Dist, target):
+        self.dist, self.target = dist, target
+        self._lock = threading.RLock()
+        self._last = time.monotonic()
+        self._closed = False
+        self.interval = max(0.5, dist.timeout / 4)
+        self._beat = threading.Thread(target=self._heartbeat, name="flashmoe-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _send(self, name: str, args: tuple, what: str) -> None:
+        msg = json.dumps([name, list(args)], separators=(",", ":")).encode()
+        self.dist.link.broadcast(msg, what)
+        self._last = time.monotonic()
+
+    def call(self, name: str, *args):
+        with self._lock:
+            if self._closed:
+                raise DistributedError("the ranks were already released (Leader.close)")
+            self._send(name, args, f"sending the plan for {name}")
+            dog = self.dist.watchdog
+            try:
+                with dog.guard(f"running {name} with the other ranks"):
+                    return getattr(self.target, name)(*args)
+            except RuntimeError as e:
+                if _link_error(e):
+                    raise DistributedError(lost_message(self.dist.rank, f"running {name}", e)) from None
+                raise
+
+    def close(self) -> None:
+        """Release the followers (they return from `follow`). Safe to call twice."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                try:
+                    self._send(_STOP, (), "releasing the other ranks")
+                except DistributedError:
+                    pass  # they are gone already
+
+    def abandon(self) -> None:
+        """Stop the heartbeat without telling anyone (the other ranks are gone)."""
+        self._closed = True
+
+    def _heartbeat(self) -> None:
+        while True:
+            time.sleep(self.interval / 2)
+            if self._closed:
+                return
+            if time.monotonic() - self._last < self.interval or not self._lock.acquire(blocking=False):
+                continue
+            try:
+                if not self._closed:
+                    self._send(_NOOP, (), "waiting for work (heartbeat)")
+            except DistributedError as e:
+                fail_now(self.dist.prog, str(e))
+            finally:
+                self._lock.release()
+
+
+def follow(dist: Dist, target) -> None:
+    """A follower's loop: run each plan rank 0 broadcasts on `target`, until rank 0 releases us. An
+    error here (a missing file, a lost rank) propagates; rank 0 then sees this rank leave and stops."""
+    dog = dist.watchdog
+    while True:
+        raw = dist.link.broadcast(None, "waiting for rank 0's next step")
+        name, args = json.loads(raw.decode())
+        if name == _STOP:
+            return
+        if name == _NOOP:
+            continue
+        try:
+            with dog.guard(f"running {name} with the other ranks"):
+                getattr(target, name)(*args)
+        except RuntimeError as e:
+            if _link_error(e):
+                raise DistributedError(lost_message(dist.rank, f"running {name}", e)) from None
+            raise
+
+
+# ----------------------------------------------------------------------------------------------
+# the model behind plans: what flashmoe.generate drives
+
+
+class ModelPlans:
+    """The calls a follower mirrors for the single-sequence path (flashmoe.generate, flashmoe-run):
+    caches are named by integer handles that the leader allocates."""
+
+    def __init__(self, model):
+        self.model = model
+        self.caches: dict[int, object] = {}
+
+    def new_cache(self, handle: int) -> None:
+        self.caches[handle] = self.model.make_cache()
+
+    def drop(self, handles: list[int]) -> None:
+        for h in handles:
+            self.caches.pop(h, None)
+
+    def forward(self, handle: int, ids: list[list[int]], last_only: bool):
+        return self.model(mx.array(ids, mx.int32), self.caches[handle], last_only=last_only)
+
+
+class LeaderModel:
+    """Rank 0's model for flashmoe.generate: looks like the model, but every make_cache and forward is
+    also run by the followers. Caches the leader frees are dropped on the followers with the next plan."""
+
+    def __init__(self, model, leader: Leader, plans: ModelPlans):
+        self.__dict__.update(_model=model, _leader=leader, _plans=plans, _next=0, _dead=[])
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def make_cache(self):
+        h = self.__dict__["_next"]
+        self.__dict__["_next"] = h + 1
+        self._flush()
+        self._leader.call("new_cache", h)
+        cache = self._plans.caches.pop(h)  # the leader keeps its own reference, not the registry
+        cache.dist_handle = h
+        weakref.finalize(cache, self._dead.append, h)
+        return cache
+
+    def __call__(self, ids, cache, last_only: bool = False):
+        self._flush()
+        self._plans.caches[cache.dist_handle] = cache
+        try:
+            return self._leader.call("forward", cache.dist_handle, np.array(ids).tolist(), bool(last_only))
+        finally:
+            self._plans.caches.pop(cache.dist_handle, None)
+
+    def _flush(self) -> None:
+        dead = self._dead
+        if dead:
+            handles, dead[:] = list(dead), []
+            self._leader.call("drop", handles)
+
+
+# ----------------------------------------------------------------------------------------------
+# what the CLIs call
+
+
+LAUNCHER_VARS = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # set by mlx.launch / mpirun on every rank
+
+
+def start_from_env(prog: str, environ=None) -> Dist:
+    """For CLIs only: join the ranks if a launcher started us (MLX_RANK etc.), with the collective timeout
+    FLASHMOE_DIST_TIMEOUT (seconds, default 60). Without a launcher: a single process, nothing changes."""
+    env = os.environ if environ is None else environ
+    raw = env.get("FLASHMOE_DIST_TIMEOUT", "").strip()
+    try:
+        timeout = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise DistributedError(f"FLASHMOE_DIST_TIMEOUT={raw!r}: give a number of seconds") from None
+    return Dist.start(any(v in env for v in LAUNCHER_VARS), timeout, prog)
+
+
+def run_model(dist: Dist, model, body) -> int | None:
+    """Run a front end over `model` on every rank: rank 0 runs body(model') where model' broadcasts each
+    call to the followers; the followers follow until rank 0 is done. Single process: body(model)."""
+    if dist.size == 1:
+        return body(model)
+    plans = ModelPlans(model)
+    if not dist.leader:
+        follow(dist, plans)
+        return 0
+    leader = Leader(dist, plans)
+    try:
+        rc = body(LeaderModel(model, leader, plans))
+    except DistributedError:
+        leader.abandon()  # the link is gone: nothing to release
+        raise
+    except BaseException:
+        leader.close()
+        raise
+    leader.close()
+    return rc
