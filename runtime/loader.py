@@ -1,4 +1,4 @@
-"""Load a bundle: dense weights resident (MLX), routed experts streamed (ExpertStreamer), tokenizer."""
+"""Load a bundle: dense weights resident (MLX), routed experts streamed (RoutedExperts), tokenizer."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from flashmoe.format import Bundle, BundleError
+from flashmoe.format import Bundle, BundleError, InputError
 from flashmoe.format.config import SUPPORTED_MODEL_TYPES
 
-from .experts import ExpertStreamer
+from .config import RuntimeConfig
+from .experts import RoutedExperts
 from .model import Model, dense_weight_names
 from .tokenizer import Tokenizer
 
@@ -61,52 +62,50 @@ def _load_dense(model: Model, bundle: Bundle) -> None:
     mx.eval(model.parameters())
 
 
-def compute_dtype(bundle: Bundle):
+def compute_dtype(bundle: Bundle, forced: str | None = None):
     """Activation dtype. On the CPU, float32: MLX's CPU quantized matmul is ~8x slower with bfloat16
     activations than with float32 ones (measured: an 8-bit 248320x2048 lm_head takes 5.2 s vs 0.65 s),
     while weights stay packed either way. On a GPU, the bundle's own float dtype (bfloat16 for real
-    models). FLASHMOE_DTYPE=float32|bfloat16|float16 overrides."""
-    forced = os.environ.get("FLASHMOE_DTYPE", "").strip()
+    models). RuntimeConfig.dtype (FLASHMOE_DTYPE in the CLIs) overrides."""
     if forced:
-        if forced not in ("float32", "bfloat16", "float16"):
-            raise BundleError(f"FLASHMOE_DTYPE={forced!r}: choose float32, bfloat16 or float16")
         return getattr(mx, forced)
     if mx.default_device() == mx.cpu:
         return mx.float32
     return getattr(mx, bundle.manifest["dense"]["dtype"])
 
 
-def load(path, experts_per_token: int | None = None, io: str = "pread", slots: int | None = None,
-         threads: int | None = None, verify: bool = False):
-    """Open a converted bundle. Returns (model, tokenizer).
+def load(path, config: RuntimeConfig | None = None, **overrides):
+    """Open a converted bundle (or a Hub repo id of one). Returns (model, tokenizer).
 
-    experts_per_token  override the model's K (routed experts per token)
-    io                 "pread" (default, faster in benchmarks/bench_io.py) or "mmap"
-    slots              expert records held in memory at once (default 32; bounds resident memory)
-    verify             check every file's sha256 first (slow: reads the whole bundle)
+    config     a RuntimeConfig (io mode, kernels, GPU cache size, dtype, slots, threads, experts per
+               token, verify); keyword overrides of its fields are accepted too, e.g.
+               load(path, experts_per_token=4, io="mmap"). Resolved once, here.
     """
+    cfg_rt = (config or RuntimeConfig()).with_(**overrides).check()
     bundle = Bundle.open(_resolve(path))
     cfg = bundle.config
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
         raise BundleError(f"{bundle.path}: unknown model type {cfg.model_type!r}; this flashmoe runs "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     cfg.check()
-    if verify:
+    if cfg_rt.verify:
         bad = bundle.verify(progress=False)
         if bad:
             raise BundleError(f"{bundle.path}: {len(bad)} file(s) fail their sha256 ({', '.join(bad[:3])}); "
                               "re-run flashmoe-pull to repair")
     model = Model(cfg)
     _load_dense(model, bundle)
-    object.__setattr__(model, "compute_dtype", compute_dtype(bundle))
-    if experts_per_token is not None:
-        k = int(experts_per_token)
+    object.__setattr__(model, "compute_dtype", compute_dtype(bundle, cfg_rt.dtype))
+    if cfg_rt.experts_per_token is not None:
+        k = cfg_rt.experts_per_token
         if not 1 <= k <= cfg.num_experts:
-            raise BundleError(f"--experts-per-token {k} is out of range: the model has {cfg.num_experts} experts "
-                              f"(its default is {cfg.num_experts_per_tok})")
+            raise InputError(f"--experts-per-token {k} is out of range: the model has {cfg.num_experts} experts "
+                             f"(its default is {cfg.num_experts_per_tok})")
         model.set_experts_per_token(k)
-    streamer = ExpertStreamer(bundle, io=io, slots=slots, threads=threads, stats=model.stats)
-    object.__setattr__(model, "experts", streamer)
+    experts = RoutedExperts(bundle, io=cfg_rt.io, slots=cfg_rt.slots, threads=cfg_rt.threads, stats=model.stats,
+                            kernels=cfg_rt.kernels, gpu_cache_gb=cfg_rt.gpu_cache_gb)
+    object.__setattr__(model, "experts", experts)
     object.__setattr__(model, "bundle", bundle)
+    object.__setattr__(model, "runtime_config", cfg_rt)
     tokenizer = Tokenizer(bundle.path, config_eos=cfg.eos_token_id)
     return model, tokenizer

@@ -13,16 +13,23 @@ Shape letters used in comments:
     Hk linear key heads    Hv linear value heads          Dk, Dv linear key / value head dims
     C conv channels (2*Hk*Dk + Hv*Dv)                     W conv kernel width
     E experts              K experts per token            I shared expert intermediate size
+
+Batches. Rows of a batch are separate sequences of different lengths, laid out left-padded: every row
+ends at the same column, and row b's first `left_pad[b]` columns are padding. A pad column never
+touches state: attention masks it out as a key, the delta net gives it beta = 0 and decay 1 (and a zero
+conv input), and the MoE block neither routes nor reads experts for it. Row b's position of column j
+is j - left_pad[b] (RoPE takes per-row offsets).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from flashmoe.format import TextConfig
 
@@ -59,15 +66,26 @@ class Stats:
 
 @dataclass
 class LinearCache:
-    """Gated DeltaNet state: the last W-1 conv inputs and the recurrent state."""
+    """Gated DeltaNet state: the last W-1 conv inputs and the recurrent state, per row."""
 
     conv: mx.array | None = None  # [B, W-1, C]
     state: mx.array | None = None  # [B, Hv, Dv, Dk] float32
 
+    def rows(self, idx: mx.array) -> "LinearCache":
+        return LinearCache(None if self.conv is None else self.conv[idx], None if self.state is None else self.state[idx])
+
+    @staticmethod
+    def concat(parts: list["LinearCache"]) -> "LinearCache":
+        return LinearCache(mx.concatenate([p.conv for p in parts]), mx.concatenate([p.state for p in parts]))
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.conv, self.state) if a is not None)
+
 
 @dataclass
 class KVCache:
-    """Keys/values of a full-attention layer, grown in steps to avoid a copy per token."""
+    """Keys/values of a full-attention layer, grown in steps to avoid a copy per token. Columns
+    [0, offset) are written; left-padded rows have pad columns first (Cache.left_pad)."""
 
     keys: mx.array | None = None  # [B, Nk, cap, D]
     values: mx.array | None = None
@@ -90,11 +108,95 @@ class KVCache:
         self.offset = need
         return self.keys[:, :, :need], self.values[:, :, :need]
 
+    def rows(self, idx: mx.array, drop: int = 0) -> "KVCache":
+        """These rows, without the first `drop` columns (padding every kept row has)."""
+        if self.keys is None:
+            return KVCache(step=self.step)
+        return KVCache(self.keys[idx, :, drop : self.offset], self.values[idx, :, drop : self.offset],
+                       self.offset - drop, self.step)
+
+    @staticmethod
+    def concat(parts: list["KVCache"], pads: list[int]) -> "KVCache":
+        """Stack rows of caches written to different offsets, each left-padded by pads[i] columns so
+        that all end at the same column."""
+        n = max(p.offset + pad for p, pad in zip(parts, pads))
+        ref = next(p for p in parts if p.keys is not None)
+        _, Nk, _, D = ref.keys.shape
+        ks, vs = [], []
+        for p, pad in zip(parts, pads):
+            B = p.keys.shape[0]
+            z = mx.zeros((B, Nk, pad, D), ref.keys.dtype)
+            ks.append(mx.concatenate([z, p.keys[:, :, : p.offset]], axis=2) if pad else p.keys[:, :, : p.offset])
+            vs.append(mx.concatenate([z, p.values[:, :, : p.offset]], axis=2) if pad else p.values[:, :, : p.offset])
+        return KVCache(mx.concatenate(ks), mx.concatenate(vs), n, ref.step)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys, self.values) if a is not None)
+
 
 @dataclass
 class Cache:
+    """Per-layer caches of a batch of rows. `offset`: columns written (the same for every row);
+    `left_pad[b]`: leading pad columns of row b, so row b holds `offset - left_pad[b]` tokens."""
+
     layers: list  # LinearCache | KVCache per layer
-    offset: int = 0  # tokens seen so far (positions of the next call start here)
+    offset: int = 0
+    left_pad: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+
+    @property
+    def batch(self) -> int:
+        return len(self.left_pad)
+
+    def lengths(self) -> np.ndarray:
+        return self.offset - self.left_pad
+
+    def rows(self, keep: list[int]) -> "Cache":
+        """A cache of only these rows (sequences leaving the batch), with padding no kept row needs dropped."""
+        lp = self.left_pad[np.asarray(keep, np.int64)]
+        drop = int(lp.min()) if len(lp) else 0
+        idx = mx.array(np.asarray(keep, np.int32))
+        layers = [c.rows(idx, drop) if isinstance(c, KVCache) else c.rows(idx) for c in self.layers]
+        return Cache(layers, self.offset - drop, lp - drop)
+
+    @staticmethod
+    def concat(parts: list["Cache"]) -> "Cache":
+        """One batch from several (sequences joining): rows right-aligned, shorter ones left-padded."""
+        n = max(p.offset for p in parts)
+        pads = [n - p.offset for p in parts]
+        layers = []
+        for i, c in enumerate(parts[0].layers):
+            group = [p.layers[i] for p in parts]
+            layers.append(KVCache.concat(group, pads) if isinstance(c, KVCache) else LinearCache.concat(group))
+        return Cache(layers, n, np.concatenate([p.left_pad + pad for p, pad in zip(parts, pads)]))
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers)
+
+
+@dataclass
+class StepInfo:
+    """What one forward needs to know about its rows' padding (built once per call by Model)."""
+
+    mask: mx.array | str | None  # attention mask [B, 1, S, P+S] (True = attend), "causal" or None
+    rope_offset: int | mx.array  # position of each row's first new token
+    valid: np.ndarray | None  # [B, S] bool: real (not pad) tokens of this call; None = all real
+    gate: mx.array | None  # valid as float [B, S, 1] for the delta net
+
+    @staticmethod
+    def build(cache: Cache, S: int) -> "StepInfo":
+        P, lp = cache.offset, cache.left_pad
+        if not lp.any():
+            return StepInfo("causal" if S > 1 else None, P, None, None)
+        kpos = mx.arange(P + S)[None, None, None, :]
+        qpos = (P + mx.arange(S))[None, None, :, None]
+        lpa = mx.array(lp.astype(np.int32))[:, None, None, None]
+        # causal, and no pad key, except that a pad query sees itself (so its softmax stays finite)
+        mask = (kpos <= qpos) & ((kpos >= lpa) | (kpos == qpos))
+        rope = mx.array((P - lp).astype(np.int32))
+        valid = (P + np.arange(S))[None, :] >= lp[:, None]  # [B, S]
+        if valid.all():
+            return StepInfo(mask, rope, None, None)
+        return StepInfo(mask, rope, valid, mx.array(valid.astype(np.float32))[..., None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,9 +276,11 @@ class GatedDeltaNet(nn.Module):
         self.norm = RMSNormGated(self.Dv, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
 
-    def __call__(self, x: mx.array, cache: LinearCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LinearCache, step: StepInfo) -> mx.array:
         B, S, _ = x.shape
         qkv = self.in_proj_qkv(x)  # [B, S, C]
+        if step.gate is not None:  # pad tokens: zero conv input (as before a sequence starts)
+            qkv = qkv * step.gate.astype(qkv.dtype)
         z = self.in_proj_z(x).reshape(B, S, self.Hv, self.Dv)
         b = self.in_proj_b(x)  # [B, S, Hv]
         a = self.in_proj_a(x)  # [B, S, Hv]
@@ -202,6 +306,9 @@ class GatedDeltaNet(nn.Module):
         beta = mx.sigmoid(b.astype(f32))  # [B, S, Hv]
         # decay g = -exp(A_log) * softplus(a + dt_bias) in log space; the kernel takes exp(g)
         g = -mx.exp(self.A_log.astype(f32)) * nn.softplus(a.astype(f32) + self.dt_bias.astype(f32))
+        if step.gate is not None:  # pad tokens: beta 0 and decay exp(0) = 1 leave the state as it was
+            beta = beta * step.gate
+            g = g * step.gate
         state = cache.state
         if state is None:
             state = mx.zeros((B, self.Hv, self.Dv, self.Dk), f32)
@@ -229,7 +336,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache, step: StepInfo) -> mx.array:
         B, S, _ = x.shape
         N, Nk, D = self.N, self.Nk, self.D
         qg = self.q_proj(x).reshape(B, S, N, 2 * D)
@@ -239,10 +346,10 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).reshape(B, S, Nk, D)).transpose(0, 2, 1, 3)  # [B, Nk, S, D]
         v = self.v_proj(x).reshape(B, S, Nk, D).transpose(0, 2, 1, 3)  # [B, Nk, S, D]
         # rotate_half-style (non-interleaved) RoPE on the first R dims; the rest pass through
-        q = mx.fast.rope(q, self.R, traditional=False, base=self.theta, scale=1.0, offset=cache.offset)
-        k = mx.fast.rope(k, self.R, traditional=False, base=self.theta, scale=1.0, offset=cache.offset)
+        q = mx.fast.rope(q, self.R, traditional=False, base=self.theta, scale=1.0, offset=step.rope_offset)
+        k = mx.fast.rope(k, self.R, traditional=False, base=self.theta, scale=1.0, offset=step.rope_offset)
         k, v = cache.update(k, v)  # [B, Nk, P+S, D]
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask="causal" if S > 1 else None)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask=step.mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, S, N * D)  # [B, S, N*D]
         return self.o_proj(out * mx.sigmoid(gate))
 
@@ -250,12 +357,7 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # MoE block
 
-ExpertsFn = Callable[..., mx.array]  # (layer, x [T, H], indices [T, K], scores [T, K], shared=, shared_gate=)
-
-
-def linear_params(m: nn.Module) -> dict[str, mx.array]:
-    """A Linear or QuantizedLinear as the {weight[, scales, biases]} dict the expert kernels take."""
-    return {k: m[k] for k in ("weight", "scales", "biases") if k in m}
+ExpertsFn = Callable[..., mx.array]  # (layer, x [T, H], indices [T, K], scores [T, K]) -> routed output [T, H]
 
 
 class SparseMoeBlock(nn.Module):
@@ -279,21 +381,25 @@ class SparseMoeBlock(nn.Module):
         scores = scores / scores.sum(-1, keepdims=True)
         return inds.astype(mx.int32), scores.astype(x.dtype)
 
-    def __call__(self, x: mx.array, experts: ExpertsFn, stats: Stats) -> mx.array:
+    def __call__(self, x: mx.array, experts: ExpertsFn, stats: Stats, step: StepInfo) -> mx.array:
         B, S, H = x.shape
         xf = x.reshape(B * S, H)  # [T, H]
+        rows = None
+        if step.valid is not None:  # pad tokens neither route nor read experts
+            rows = mx.array(np.flatnonzero(step.valid.reshape(-1)).astype(np.int32))
+            xf = xf[rows]
         t0 = time.perf_counter()
         inds, scores = self.route(xf)
         mx.eval(inds, scores)  # the host needs the indices to read the experts
         stats.routing += time.perf_counter() - t0
-        # routed experts + the sigmoid-gated shared expert, in one call so that the expert kernels can fuse
-        # them; [T, H], evaluated (the routed weights' buffers get reused)
-        se = self.shared_expert
-        shared = {f"{n}.{k}": v for n in ("gate_proj", "up_proj", "down_proj")
-                  for k, v in linear_params(se[n]).items()}
-        out = experts(self.layer, xf, inds, scores, shared=shared,
-                      shared_gate=linear_params(self.shared_expert_gate))
-        return out.reshape(B, S, H)
+        y = experts(self.layer, xf, inds, scores)  # routed experts [T', H], summed over ranks if sharded
+        shared = self.shared_expert(xf) * mx.sigmoid(self.shared_expert_gate(xf).astype(mx.float32)).astype(xf.dtype)
+        y = y + shared.astype(y.dtype)
+        if rows is not None:
+            out = mx.zeros((B * S, H), y.dtype)
+            out[rows] = y
+            y = out
+        return y.reshape(B, S, H)
 
 
 class DecoderLayer(nn.Module):
@@ -308,16 +414,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache, experts: ExpertsFn, stats: Stats) -> mx.array:
+    def __call__(self, x: mx.array, cache, experts: ExpertsFn, stats: Stats, step: StepInfo) -> mx.array:
         t0 = time.perf_counter()
         h = self.input_layernorm(x)
-        h = self.linear_attn(h, cache) if self.is_linear else self.self_attn(h, cache)
+        h = self.linear_attn(h, cache, step) if self.is_linear else self.self_attn(h, cache, step)
         x = x + h
         h = self.post_attention_layernorm(x)
         if stats.enabled:
             mx.eval(h)
         stats.attention += time.perf_counter() - t0
-        return x + self.mlp(h, experts, stats)
+        return x + self.mlp(h, experts, stats, step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,8 +457,11 @@ class Model(nn.Module):
             layer.mlp.top_k = int(k)
 
     # ---- cache ----------------------------------------------------------------------------
-    def make_cache(self) -> Cache:
-        return Cache([LinearCache() if layer.is_linear else KVCache() for layer in self.layers])
+    def make_cache(self, left_pad=None) -> Cache:
+        """An empty cache for one row, or for len(left_pad) rows with that much leading padding each
+        (the ids passed to the first call are left-padded to match)."""
+        lp = np.zeros(1, np.int64) if left_pad is None else np.asarray(left_pad, np.int64)
+        return Cache([LinearCache() if layer.is_linear else KVCache() for layer in self.layers], 0, lp)
 
     # ---- forward --------------------------------------------------------------------------
     def __call__(self, ids: mx.array, cache: Cache, last_only: bool = False) -> mx.array:
@@ -362,8 +471,11 @@ class Model(nn.Module):
         x = self.embed_tokens(ids)  # [B, S, H]
         if self.compute_dtype is not None:
             x = x.astype(self.compute_dtype)
+        if ids.shape[0] != cache.batch:
+            raise ValueError(f"ids have {ids.shape[0]} rows but the cache has {cache.batch}")
+        step = StepInfo.build(cache, ids.shape[1])
         for layer, c in zip(self.layers, cache.layers):
-            x = layer(x, c, self.experts, stats)
+            x = layer(x, c, self.experts, stats, step)
         cache.offset += ids.shape[1]
         t0 = time.perf_counter()
         if last_only:
@@ -383,4 +495,4 @@ def dense_weight_names(model: Model) -> set[str]:
     return {k for k, _ in tree_flatten(model.parameters())}
 
 
-__all__ = ["Model", "Cache", "KVCache", "LinearCache", "Stats", "dense_weight_names"]
+__all__ = ["Model", "Cache", "KVCache", "LinearCache", "StepInfo", "Stats", "dense_weight_names"]

@@ -1,0 +1,67 @@
+"""RuntimeConfig: every knob of the runtime in one object, resolved once by `flashmoe.load`.
+
+Library code never reads environment variables; the CLIs build a RuntimeConfig with `from_env` (which
+reads FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE) and their flags, and pass it down.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields, replace
+
+from flashmoe.format.errors import InputError
+
+IO_MODES = ("pread", "mmap")
+KERNELS = ("auto", "builtin", "custom")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    io: str = "pread"  # expert read method: pread (measured faster) or mmap
+    kernels: str = "auto"  # expert kernels: auto, builtin (MLX), custom (dequant-FMA, GPU only)
+    gpu_cache_gb: float | None = None  # CUDA expert cache size; None: 16 GB or 40% of a smaller GPU
+    dtype: str | None = None  # activation dtype; None: float32 on the CPU, the bundle's dtype on a GPU
+    slots: int | None = None  # expert records resident at once; None: derived (see experts.default_slots)
+    threads: int | None = None  # read threads; None: min(16, max(4, K))
+    experts_per_token: int | None = None  # override the model's K
+    verify: bool = False  # sha256 every file at load (slow)
+
+    def check(self) -> "RuntimeConfig":
+        if self.io not in IO_MODES:
+            raise InputError(f"io mode {self.io!r} is unknown: choose one of {', '.join(IO_MODES)}")
+        if self.kernels not in KERNELS:
+            raise InputError(f"kernels {self.kernels!r} is unknown: choose one of {', '.join(KERNELS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise InputError(f"dtype {self.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
+        if self.gpu_cache_gb is not None and (not math.isfinite(self.gpu_cache_gb) or self.gpu_cache_gb < 0):
+            raise InputError(f"GPU cache size {self.gpu_cache_gb!r} GB: give a number >= 0 (0 = no GPU cache)")
+        for name in ("slots", "threads", "experts_per_token"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise InputError(f"{name.replace('_', ' ')} must be a whole number >= 1 (got {v!r})")
+        return self
+
+    def with_(self, **changes) -> "RuntimeConfig":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "RuntimeConfig":
+        """For CLIs only: FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, then `overrides`
+        (flags; None means not given)."""
+        env = os.environ if environ is None else environ
+        kw: dict = {}
+        if env.get("FLASHMOE_KERNELS", "").strip():
+            kw["kernels"] = env["FLASHMOE_KERNELS"].strip().lower()
+        if env.get("FLASHMOE_DTYPE", "").strip():
+            kw["dtype"] = env["FLASHMOE_DTYPE"].strip()
+        gb = env.get("FLASHMOE_GPU_CACHE_GB", "").strip()
+        if gb:
+            try:
+                kw["gpu_cache_gb"] = float(gb)
+            except ValueError:
+                raise InputError(f"FLASHMOE_GPU_CACHE_GB={gb!r}: give a number of gigabytes (0 = no GPU cache)") from None
+        names = {f.name for f in fields(cls)}
+        kw.update({k: v for k, v in overrides.items() if k in names and v is not None})
+        return cls(**kw).check()

@@ -1,0 +1,121 @@
+"""ExpertCache: which (layer, expert) record sits in which slot of the resident expert buffers.
+
+One job: residency. It owns the slot buffers (one MLX array per record component, `[slots, *shape]`,
+allocated once, whose bytes the reader scatters into with no copy), the eviction policy
+(least recently used across layers and tokens), and the table `slot[layer, expert]` (-1 = not resident),
+kept on the host and mirrored to the device on demand.
+
+On unified memory (Apple GPUs, CPU) a few dozen slots suffice and the OS page cache is the real cache;
+on CUDA the slots are a GPU-resident expert cache of several GB (see experts.default_slots).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import mlx.core as mx
+import numpy as np
+
+_STORAGE = {"uint32": mx.uint32, "float32": mx.uint32, "bfloat16": mx.uint16, "float16": mx.uint16}
+_TYPED = {"uint32": mx.uint32, "float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class ExpertCache:
+    def __init__(self, info, slots: int, num_layers: int, num_experts: int):
+        self.info = info
+        self.slots = int(slots)
+        self.table = np.full((num_layers, num_experts), -1, np.int32)  # slot of (layer, expert), -1 = absent
+        self._device_table: mx.array | None = None
+        self._alloc()
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every record (the next use of each reads it again)."""
+        self.table.fill(-1)
+        self._device_table = None
+        self.owner: list[tuple[int, int] | None] = [None] * self.slots
+        self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(self.slots))  # oldest first
+
+    # ---- buffers --------------------------------------------------------------------------
+    def _alloc(self) -> None:
+        """One MLX array per component, [slots, *shape], plus per-slot byte views for the reads."""
+        S, comps = self.slots, sorted(self.info.components, key=lambda c: c.offset)
+        self.weights: dict[str, mx.array] = {}
+        self._storage = []  # keeps the raw arrays (and thus the memory the views point at) alive
+        byte_views = {}
+        for c in comps:
+            raw = mx.zeros((S, *c.shape), _STORAGE[c.dtype])
+            typed = raw.view(_TYPED[c.dtype])  # same buffer, as the dtype the kernels want
+            mx.eval(raw, typed)
+            self._storage.append(raw)
+            self.weights[c.name] = typed
+            byte_views[c.name] = np.frombuffer(memoryview(raw), dtype=np.uint8).reshape(S, c.nbytes)
+        # iovecs per slot: component views in file order, a scratch buffer for any alignment gaps
+        gap_max = max([b.offset - (a.offset + a.nbytes) for a, b in zip(comps, comps[1:])] + [0])
+        self._scratch = np.zeros(max(gap_max, 1), np.uint8)
+        self.iov: list[list[memoryview]] = []
+        self.copy_plan: list[list[tuple[np.ndarray, int]]] = []  # (dst, offset in record) for mmap
+        self.byte_views = byte_views
+        for s in range(S):
+            iov, plan, pos = [], [], 0
+            for c in comps:
+                if c.offset > pos:
+                    iov.append(memoryview(self._scratch)[: c.offset - pos])
+                dst = byte_views[c.name][s]
+                iov.append(memoryview(dst))
+                plan.append((dst, c.offset))
+                pos = c.offset + c.nbytes
+            self.iov.append(iov)
+            self.copy_plan.append(plan)
+        # every view must be a live view of the MLX buffer, not a copy
+        assert all(not v.flags.owndata for v in byte_views.values())
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(a.nbytes for a in self._storage)
+
+    def record_bytes(self, slot: int) -> list[np.ndarray]:
+        """The component bytes of one slot, in file order (for integrity checks)."""
+        return [dst for dst, _ in self.copy_plan[slot]]
+
+    # ---- residency ------------------------------------------------------------------------
+    def place(self, layer: int, experts: list[int]) -> tuple[np.ndarray, list[int], list[int]]:
+        """Slots for `experts` of `layer` (at most `slots` of them): resident ones as they are, the
+        others assigned the least recently used slots this call does not need. Returns (slot of each,
+        experts to read, their slots); the caller reads them before using the slots."""
+        row = self.table[layer]
+        slot_of = row[np.asarray(experts, np.int64)].astype(np.int64)
+        miss = np.flatnonzero(slot_of < 0)
+        to_read, read_slots = [], []
+        if len(miss):
+            keep = set(slot_of[slot_of >= 0].tolist())
+            victims = [s for s in self.lru if s not in keep][: len(miss)]
+            for i, s in zip(miss.tolist(), victims):
+                old = self.owner[s]
+                if old is not None:
+                    self.table[old] = -1
+                e = experts[i]
+                self.owner[s] = (layer, e)
+                row[e] = s
+                slot_of[i] = s
+                to_read.append(e)
+                read_slots.append(s)
+            self._device_table = None
+        for s in slot_of.tolist():
+            self.lru.move_to_end(s)
+        return slot_of, to_read, read_slots
+
+    def invalidate(self, slots: list[int]) -> None:
+        """Mark slots empty (e.g. after a failed read), so nothing trusts their bytes."""
+        for s in slots:
+            old = self.owner[s]
+            if old is not None:
+                self.table[old] = -1
+                self.owner[s] = None
+        self._device_table = None
+
+    def device_table(self) -> mx.array:
+        """`slot[layer, expert]` as an int32 device array (uploaded again only after a change)."""
+        if self._device_table is None:
+            self._device_table = mx.array(self.table)
+        return self._device_table

@@ -1,0 +1,155 @@
+"""One sequence's choices: sampling parameters, the sampler, and the text side of decoding (EOS, stop
+strings, max tokens, UTF-8-safe streaming). Shared by `generate` (one prompt) and the batched Engine, so
+both pick and stop the same way."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+
+from flashmoe.format.errors import InputError
+
+from .tokenizer import StreamingDetokenizer
+
+MAX_SEED = (1 << 63) - 1
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass; 1 = off
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # per sequence: the same seed gives the same sample whatever else is batched
+    stop: tuple[str, ...] = ()
+    logits_processor: Callable | None = None  # (generated ids, logits [V]) -> logits [V]
+    sampler: Callable | None = None  # (logits [V], generated ids) -> token id; replaces the built-in one
+
+    def check(self) -> "SamplingParams":
+        def num(name, v, lo, hi, lo_open=False):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < lo or v > hi or (lo_open and v == lo):
+                rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
+                raise InputError(f"{name} must be a number in {rng} (got {v!r})")
+
+        def whole(name, v, lo, hi):
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise InputError(f"{name} must be a whole number from {lo} to {hi} (got {v!r})")
+
+        num("temperature", self.temperature, 0, 1e4)
+        num("top-p", self.top_p, 0, 1, lo_open=True)
+        whole("top-k", self.top_k, 0, 1 << 31)
+        whole("max tokens", self.max_tokens, 0, 1 << 31)
+        if self.seed is not None:
+            whole("seed", self.seed, 0, MAX_SEED)
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if not all(isinstance(s, str) for s in self.stop):
+            raise InputError(f"stop must be a list of strings (got {self.stop!r})")
+        self.stop = tuple(s for s in self.stop if s)
+        return self
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
+    """logits [V] -> token id. temperature 0 is greedy; otherwise top-k then top-p (nucleus) filtering,
+    drawn from this sampler's own random key (seeded: reproducible per sequence)."""
+    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).check()
+    if temperature == 0:
+        return lambda logits: int(mx.argmax(logits, axis=-1).item())
+    state = {"key": mx.random.key(seed if seed is not None else random.SystemRandom().randrange(1 << 62))}
+
+    def sample(logits: mx.array) -> int:
+        x = logits.astype(mx.float32) / temperature  # [V]
+        if 0 < top_k < x.shape[-1]:
+            kth = mx.sort(x)[-top_k]
+            x = mx.where(x < kth, -mx.inf, x)
+        if top_p < 1.0:
+            order = mx.argsort(-x)
+            p = mx.softmax(x[order], axis=-1)
+            cum = mx.cumsum(p, axis=-1)
+            drop_sorted = (cum - p) >= top_p  # keep the smallest prefix whose mass reaches top_p
+            threshold = mx.min(mx.where(drop_sorted, mx.inf, x[order]))  # smallest kept logit
+            x = mx.where(x < threshold, -mx.inf, x)
+        state["key"], sub = mx.random.split(state["key"])
+        return int(mx.random.categorical(x, key=sub).item())
+
+    return sample
+
+
+def _stop_hold(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best
+
+
+@dataclass
+class Sequence:
+    """The text side of one sequence being generated: choose a token from logits, accept it (EOS, stop
+    strings, max tokens), and hand out text that never splits a UTF-8 character or shows a stop string."""
+
+    prompt: list[int]
+    params: SamplingParams
+    tokenizer: object
+    eos: frozenset
+    generated: list[int] = field(default_factory=list)
+    finish: str | None = None  # None while running; "stop" or "length"
+    fed: int = 0  # generated tokens already fed to the model (its cache holds prompt + generated[:fed])
+
+    def __post_init__(self):
+        p = self.params
+        self.sampler = p.sampler
+        if self.sampler is None:
+            base = make_sampler(p.temperature, p.top_p, p.top_k, p.seed)
+            self.sampler = lambda logits, _ids: base(logits)
+        self.greedy = p.sampler is None and p.logits_processor is None and p.temperature == 0
+        self.detok = StreamingDetokenizer(self.tokenizer)
+        self.pending = ""
+        if p.max_tokens == 0:
+            self.finish = "length"
+
+    def choose(self, logits: mx.array) -> int:
+        """logits [V] -> the next token id."""
+        if self.params.logits_processor is not None:
+            logits = self.params.logits_processor(self.generated, logits)
+        return int(self.sampler(logits, self.generated))
+
+    def accept(self, token: int) -> tuple[str, bool]:
+        """Take the chosen token. Returns (text to show now, whether the token counts as output);
+        sets `finish` when the sequence ends (an EOS token is not output)."""
+        if token in self.eos:
+            self.finish = "stop"
+            return "", False
+        self.generated.append(token)
+        self.pending += self.detok.add(token)
+        stops = self.params.stop
+        if stops:
+            hits = [self.pending.find(s) for s in stops if s in self.pending]
+            if hits:
+                out, self.pending = self.pending[: min(hits)], ""
+                self.finish = "stop"
+                return out, True
+            hold = _stop_hold(self.pending, stops)
+        else:
+            hold = 0
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        if len(self.generated) >= self.params.max_tokens:
+            self.finish = "length"
+        return out, True
+
+    def tail(self) -> str:
+        """The text still held back, once the sequence has ended."""
+        stopped_by_string = self.finish == "stop" and self.params.stop
+        return self.pending + ("" if stopped_by_string else self.detok.flush())
+
+    def cached_ids(self) -> list[int]:
+        """Every token the model's cache holds for this sequence."""
+        return self.prompt + self.generated[: self.fed]
