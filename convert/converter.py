@@ -469,10 +469,11 @@ def _digest(obj) -> str:
 def convert_checkpoint(source: str | Path, out: str | Path, bits: int | None = 4, group_size: int = 64,
                        dtype: str | None = None, dense_bits: int | None = 8, revision: str | None = None,
                        progress: bool = True, dry_run: bool = False,
-                       log: Callable[[str], None] | None = None) -> Path | list[PlannedFile]:
-    """Convert SOURCE (a local checkpoint directory or a Hub repo id) into a bundle at OUT.
-    With dry_run, returns the plan (files and sizes) and writes nothing."""
-    path, provenance = resolve(str(source), revision=revision, progress=progress)
+                       log: Callable[[str], None] | None = None, timeout: float = 10.0) -> Path | list[PlannedFile]:
+    """Convert SOURCE (a local checkpoint directory or a Hub repo id) into a bundle at OUT, or check and repair
+    the bundle already there. With dry_run, returns the plan (files and sizes) and writes nothing. `timeout`
+    bounds each Hub request (seconds)."""
+    path, provenance = resolve(str(source), revision=revision, progress=progress, timeout=timeout)
     src = Source.open(path)
     conv = Converter(src, Path(out).expanduser(), Options(bits, group_size, dtype, dense_bits, group_size),
                      provenance, progress=progress, log=log)

@@ -14,6 +14,7 @@ Nothing is loaded up front: each read is one pread of exactly the bytes needed.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -35,35 +36,51 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
-def resolve(source: str, revision: str | None = None, progress: bool = True) -> tuple[Path, dict]:
+def resolve(source: str, revision: str | None = None, progress: bool = True, timeout: float = 10.0) -> tuple[Path, dict]:
     """A local directory is used as is; anything else is a Hub repo id downloaded (resumable, cached)
-    with huggingface_hub. Returns (directory, provenance)."""
+    with huggingface_hub: every request under a `timeout`-second limit, a bounded number of attempts, and
+    the cached copy when the Hub cannot be reached or HF_HUB_OFFLINE is set. Returns (directory, provenance)."""
     p = Path(source).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise BundleError(f"{source}: expected a checkpoint directory (with config.json and *.safetensors)")
+            raise BundleError(f"{source}: is a file; expected a checkpoint directory (with config.json and "
+                              "*.safetensors) or a Hub repo id")
         return p, {"path": str(p.resolve()), "revision": revision}
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise BundleError(f"{source}: no such directory, and it is not a Hub repo id like Qwen/Qwen3.5-397B-A17B")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from flashmoe.hub.common import network_timeout, with_retries
+
+    def download() -> str:
+        return snapshot_download(source, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
+                                 tqdm_class=None if progress else _NoTqdm)
+
     try:
-        d = snapshot_download(source, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
-                              tqdm_class=None if progress else _NoTqdm)
+        with network_timeout(timeout):
+            d = with_retries(download, "download", 3, 2.0, progress=False)
     except RepositoryNotFoundError:
         raise BundleError(f"{source}: repository not found on the Hub (or private: log in with `hf auth login`)") from None
     except LocalEntryNotFoundError as e:
-        raise BundleError(f"{source}: cannot download and no cached copy ({e}); check your network") from None
+        cause = e.__cause__ or e.__context__
+        why = f"{type(cause).__name__}: {str(cause)[:160]}" if cause else str(e)[:200]
+        raise BundleError(f"{source}: cannot download it ({why}) and there is no cached copy; check the network "
+                          "(or unset HF_HUB_OFFLINE) and re-run: the download resumes") from None
     except HfHubHTTPError as e:
-        raise BundleError(f"{source}: download failed: {e}") from None
-    from huggingface_hub import HfApi
+        raise BundleError(f"{source}: download failed: {str(e)[:300]}") from None
+    except OSError as e:  # network trouble that outlived the retries (httpx errors are not OSErrors)
+        raise BundleError(f"{source}: download failed ({e}); re-run to resume") from None
+    except Exception as e:
+        from flashmoe.hub.common import is_transient
 
-    try:
-        sha = HfApi().model_info(source, revision=revision).sha
-    except Exception:
-        sha = revision
-    return Path(d), {"repo": source, "revision": sha}
+        if is_transient(e):
+            raise BundleError(f"{source}: the Hub did not answer ({type(e).__name__}); re-run to resume the "
+                              "download") from None
+        raise
+    # the snapshot folder is named after the commit it holds: no second request to learn it
+    d = Path(d)
+    return d, {"repo": source, "revision": d.name if re.fullmatch(r"[0-9a-f]{40}", d.name) else revision}
 
 
 class _NoTqdm:  # tqdm stand-in that shows nothing

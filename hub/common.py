@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Callable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
 
 log = logging.getLogger("flashmoe.hub")
 T = TypeVar("T")
@@ -19,6 +20,37 @@ from flashmoe.format.errors import BundleError
 class HubError(BundleError):
     """A Hub operation failed in a way the user can act on; the message says how. Never holds a token.
     A BundleError, so callers that report BundleError as a user error (flashmoe-run) do the same here."""
+
+
+# Seconds. Every flashmoe Hub operation runs under network_timeout(), so that no request waits forever on a
+# Hub that accepts connections and never answers (huggingface_hub's own client has no default timeout).
+RESOLVE_TIMEOUT_CACHED = 3.0  # resolving a revision when a verified local copy exists: then use it
+DOWNLOAD_TIMEOUT = 10.0  # metadata calls of pulls and conversions (file bodies: huggingface_hub's 10 s)
+UPLOAD_TIMEOUT = 60.0  # publish: a commit of many files can take the Hub a while to answer
+CONNECT_TIMEOUT = 10.0
+
+
+@contextmanager
+def network_timeout(read: float) -> Iterator[None]:
+    """Give huggingface_hub's shared HTTP client a timeout (connect: at most CONNECT_TIMEOUT, then `read`
+    seconds between bytes) for the duration; calls that pass their own timeout keep it."""
+    import httpx2
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    old = session.timeout
+    session.timeout = httpx2.Timeout(read, connect=min(read, CONNECT_TIMEOUT))
+    try:
+        yield
+    finally:
+        session.timeout = old
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE, as huggingface_hub read it."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def file_patterns(names: list[str]) -> list[str]:

@@ -8,18 +8,18 @@ deleted too (never used) and the pull fails, naming it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import sys
 from pathlib import Path
 
-from flashmoe.format.bundle import MANIFEST, Bundle, safe_relpath, validate_manifest
+from flashmoe.format import verify as _verify
+from flashmoe.format.bundle import MANIFEST, Bundle, inside, read_json_file, validate_manifest
 from flashmoe.format.errors import BundleError
 
-from flashmoe.format import verify as _verify
-from .common import HubError, file_patterns, quiet_tqdm
+from .common import (DOWNLOAD_TIMEOUT, RESOLVE_TIMEOUT_CACHED, HubError, file_patterns, network_timeout, offline,
+                     quiet_tqdm, with_retries)
 
 log = logging.getLogger("flashmoe.hub")
 
@@ -50,14 +50,22 @@ def _storage_folder(cache_dir: str | None, repo_id: str) -> Path:
 
 
 def _resolve_commit(api, repo_id: str, revision: str, cache_dir: str | None, local_dir: Path | None,
-                    token_sent: bool) -> tuple[str | None, Exception | None]:
-    """(commit sha, None) from the Hub, or (sha from the local cache or None, the connection error)."""
+                    token_sent: bool, timeout: float) -> tuple[str | None, Exception | None]:
+    """(commit sha, None) from the Hub, or (sha from the local cache or None, the connection error). With a
+    local copy at hand the Hub gets RESOLVE_TIMEOUT_CACHED seconds and one try; without, `timeout` and
+    bounded retries. Under HF_HUB_OFFLINE the Hub is not asked."""
     import httpx2
     from huggingface_hub.errors import (HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
+    local = _local_commit(revision, cache_dir, local_dir, repo_id)
+    have_copy = local is not None or (local_dir is not None and (local_dir / MANIFEST).is_file())
+    if offline():
+        return local, OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
+    t = min(timeout, RESOLVE_TIMEOUT_CACHED) if have_copy else timeout
     try:
-        return api.repo_info(repo_id, revision=revision).sha, None
+        return with_retries(lambda: api.repo_info(repo_id, revision=revision, timeout=t).sha, "resolve revision",
+                            1 if have_copy else 3, 1.0, progress=False), None
     except RevisionNotFoundError:
         raise HubError(f"{repo_id} has no revision {revision!r} (branch, tag or commit)") from None
     except RepositoryNotFoundError:
@@ -65,15 +73,19 @@ def _resolve_commit(api, repo_id: str, revision: str, cache_dir: str | None, loc
     except (httpx2.TransportError, OfflineModeIsEnabled, HfHubHTTPError) as e:
         if isinstance(e, HfHubHTTPError) and e.response is not None and e.response.status_code in (401, 403):
             raise HubError(_not_found_message(repo_id, token_sent)) from None
-        err = e
-    # offline / Hub unreachable: fall back to what is on disk
+        return local, e  # offline / Hub unreachable: fall back to what is on disk
+
+
+def _local_commit(revision: str, cache_dir: str | None, local_dir: Path | None, repo_id: str) -> str | None:
+    """The commit `revision` names in the local cache, if the cache knows it."""
     if COMMIT_RE.match(revision):
-        return revision, err
+        return revision
     if local_dir is None:
         ref = _storage_folder(cache_dir, repo_id) / "refs" / revision
         if ref.is_file():
-            return ref.read_text().strip(), err
-    return None, err
+            sha = ref.read_text().strip()
+            return sha if COMMIT_RE.match(sha) else None
+    return None
 
 
 def _write_ref(cache_dir: str | None, repo_id: str, revision: str, commit: str) -> None:
@@ -91,14 +103,15 @@ def _write_ref(cache_dir: str | None, repo_id: str, revision: str, commit: str) 
         log.warning("could not record %s -> %s in the cache: %s", revision, commit, e)
 
 
-def _discard(path: Path) -> None:
-    """Delete a local copy so it can never be used: in the HF cache the snapshot entry is a symlink
-    into blobs/, and both go."""
+def _discard(path: Path, root: Path) -> None:
+    """Delete a local copy so it can never be used. In the HF cache the snapshot entry is a link into the
+    repo's blobs/, and both go; a link that leads anywhere else (out of `root`'s repo folder, or any link in
+    a -o directory) is removed itself and its target is never touched."""
     try:
         if path.is_symlink():
-            target = path.resolve()
+            target = Path(os.path.realpath(path))
             path.unlink()
-            if target.is_file():
+            if root.parent.name == "snapshots" and inside(target, root) and target.is_file():
                 target.unlink()
         elif path.exists():
             path.unlink()
@@ -108,12 +121,8 @@ def _discard(path: Path) -> None:
 
 def _read_manifest(path: Path, where: str) -> dict:
     try:
-        m = json.loads(path.read_text())
+        m = read_json_file(path, "the manifest", "the published bundle is corrupt")
         validate_manifest(m, where)
-        for f in m["files"]:
-            safe_relpath(f["path"])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise HubError(f"{where}: flashmoe.json is not valid JSON ({e}); the published bundle is corrupt") from None
     except BundleError as e:
         raise HubError(str(e)) from None
     return m
@@ -122,14 +131,23 @@ def _read_manifest(path: Path, where: str) -> dict:
 def pull_bundle(repo_id: str, *, revision: str | None = None, local_dir: str | os.PathLike | None = None,
                 cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                 endpoint: str | None = None, progress: bool = True, full_verify: bool = False,
-                max_repairs: int = 2, max_workers: int = 8) -> Path:
+                max_repairs: int = 2, max_workers: int = 8, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
     """Download bundle `repo_id` (at `revision`, default main) and verify it; returns its directory.
 
     Without `local_dir` the files go into the Hugging Face cache (HF_HUB_CACHE) and the returned path
     is the snapshot folder (symlinks into blobs/). Only the files the manifest lists, the manifest
     and README.md are downloaded. A pull of a bundle that is already complete and verified makes one
     small API call (to resolve the revision) and hashes nothing. `full_verify` re-hashes every file.
+    No request waits longer than `timeout` seconds (huggingface_hub's file transfers: its own 10 s); with a
+    local copy the Hub gets a few seconds to answer, then the copy is used. HF_HUB_OFFLINE: no request.
     """
+    with network_timeout(timeout):
+        return _pull(repo_id, revision, local_dir, cache_dir, token, endpoint, progress, full_verify, max_repairs,
+                     max_workers, timeout)
+
+
+def _pull(repo_id, revision, local_dir, cache_dir, token, endpoint, progress, full_verify, max_repairs, max_workers,
+          timeout) -> Path:
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     from huggingface_hub.utils import get_token
@@ -146,7 +164,7 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, local_dir: str | o
     where = dict(cache_dir=cache_dir, local_dir=str(local_dir) if local_dir else None)
     common = dict(repo_id=repo_id, endpoint=endpoint, token=token, **where)
 
-    commit, offline_error = _resolve_commit(api, repo_id, revision, cache_dir, local_dir, token_sent)
+    commit, offline_error = _resolve_commit(api, repo_id, revision, cache_dir, local_dir, token_sent, timeout)
     if commit is None:
         if local_dir is not None and (local_dir / MANIFEST).is_file():
             commit = None  # use the local copy as it is (verified below)
@@ -167,7 +185,7 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, local_dir: str | o
                        "not finish (flashmoe-publish commits the manifest last)") from None
     bundle_dir = manifest_path.parent
     manifest = _read_manifest(manifest_path, f"{repo_id}@{(commit or 'local')[:12]}")
-    names = sorted(safe_relpath(f["path"]) for f in manifest["files"])
+    names = sorted(f["path"] for f in manifest["files"])
 
     if commit is not None:
         try:
@@ -190,7 +208,7 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, local_dir: str | o
         attempt += 1
         for n, why in sorted(bad.items()):
             _say(f"flashmoe-pull: {n}: {why}; re-downloading it (repair {attempt}/{max_repairs})", progress)
-            _discard(bundle_dir / n)
+            _discard(bundle_dir / n, bundle_dir)
             try:
                 hf_hub_download(filename=n, revision=commit, force_download=True, tqdm_class=tqdm_class, **common)
             except EntryNotFoundError:
@@ -198,7 +216,7 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, local_dir: str | o
         bad = _verify.verify(bundle, names=sorted(bad), full=True, progress=progress)
     if bad:
         for n in bad:
-            _discard(bundle_dir / n)
+            _discard(bundle_dir / n, bundle_dir)
         listing = "; ".join(f"{n}: {why}" for n, why in sorted(bad.items()))
         if commit is None or offline_error is not None:
             hint = "the Hub cannot be reached to repair them; connect and re-run flashmoe-pull"
@@ -222,7 +240,8 @@ def resolve_bundle(path_or_repo_id: str | os.PathLike, revision: str | None = No
     p = Path(s).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise HubError(f"{p} is a file; give a bundle directory or a Hub repo id")
+            raise HubError(f"{p} is a file, not a bundle directory; give the directory flashmoe-convert -o wrote, "
+                           "or a Hub repo id NAMESPACE/NAME")
         return p
     if looks_like_path(s) or not REPO_ID_RE.match(s):
         raise HubError(f"{s}: no such bundle directory (and not a Hub repo id NAMESPACE/NAME). "

@@ -24,7 +24,7 @@ from flashmoe.format.errors import BundleError
 
 from flashmoe.format import verify as _verify
 from .card import CARD_MARKER, card_text
-from .common import HubError, file_patterns, with_retries
+from .common import UPLOAD_TIMEOUT, HubError, file_patterns, is_transient, network_timeout, offline, with_retries
 
 log = logging.getLogger("flashmoe.hub")
 
@@ -61,9 +61,19 @@ def _auth_error(e: Exception, repo_id: str) -> HubError | None:
 def publish_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
                    revision: str | None = None, commit_message: str | None = None, token: str | None = None,
                    endpoint: str | None = None, speed: str | None = None, retries: int = 5,
-                   backoff: float = 5.0, progress: bool = True):
+                   backoff: float = 5.0, progress: bool = True, timeout: float = UPLOAD_TIMEOUT):
     """Verify `bundle_dir` and upload it to `repo_id`; returns the final CommitInfo (its .oid is the
-    commit that holds the manifest)."""
+    commit that holds the manifest). No request waits longer than `timeout` seconds for an answer, and each
+    step is tried at most `retries` times."""
+    if offline():
+        raise HubError("HF_HUB_OFFLINE is set: publishing needs the Hub. Unset HF_HUB_OFFLINE and re-run")
+    with network_timeout(timeout):
+        return _publish(bundle_dir, repo_id, private, revision, commit_message, token, endpoint, speed, retries,
+                        backoff, progress)
+
+
+def _publish(bundle_dir, repo_id, private, revision, commit_message, token, endpoint, speed, retries, backoff,
+             progress):
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
@@ -85,7 +95,7 @@ def publish_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool
         raise HubError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access")
     try:
         if "/" not in repo_id:
-            repo_id = f"{api.whoami()['name']}/{repo_id}"
+            repo_id = f"{with_retries(api.whoami, 'whoami', retries, backoff, progress)['name']}/{repo_id}"
         with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
                      "create repo", retries, backoff, progress)
         if revision and revision != "main":
@@ -93,6 +103,11 @@ def publish_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool
                          "create branch", retries, backoff, progress)
     except HfHubHTTPError as e:
         raise (_auth_error(e, repo_id) or e) from None
+    except Exception as e:
+        if is_transient(e):
+            raise HubError(f"cannot reach the Hub at {api.endpoint} ({type(e).__name__}: {str(e)[:200]}) after "
+                           f"{retries} attempt(s); check the connection and re-run") from None
+        raise
 
     _write_card(bundle, repo_id, speed, progress)
     names = sorted(bundle.files)
@@ -112,6 +127,11 @@ def publish_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool
                                 "upload manifest", retries, backoff, progress)
         except HfHubHTTPError as e:
             raise (_auth_error(e, repo_id) or e) from None
+        except Exception as e:
+            if is_transient(e):
+                raise HubError(f"the upload to {repo_id} failed {retries} time(s) ({type(e).__name__}: "
+                               f"{str(e)[:200]}); re-run the same command to resume it") from None
+            raise
     finally:
         if quiet:
             enable_progress_bars()
