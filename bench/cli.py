@@ -2,6 +2,7 @@
 
     flashmoe-bench make --shape qwen3.5-397b-a17b --layers 4 --bits 4 -o DIR
     flashmoe-bench run DIR [--tokens 32] [--experts-per-token K] [--json FILE] [--chart FILE.png] [--peer]
+    flashmoe-bench run DIR --batch 1,8,32,128 [--routing uniform,calibrated]
     flashmoe-bench doctor [--dir PATH]
 """
 
@@ -10,75 +11,116 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flashmoe.cli import add_common_arguments, run_cli
+from flashmoe.format.errors import InputError
+
 from .presets import PRESETS
+from .routing import MODELS as ROUTING_MODELS
+
+PROG = "flashmoe-bench"
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give batch sizes as comma-separated integers, e.g. 1,8,32") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be positive integers, e.g. 1,8,32")
+    return out
+
+
+def _routings(text: str) -> list[str]:
+    out = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in out if v not in ROUTING_MODELS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"{text!r}: routing models are {', '.join(ROUTING_MODELS)} (comma-separated)")
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{make,run,doctor}")
+    m = sub.add_parser("make", help="write a bundle with a real model's shapes and random weights")
+    m.add_argument("--shape", required=True, choices=sorted(PRESETS), help="which model's shapes to copy")
+    m.add_argument("--layers", type=int, default=4, help="layers to write (the full model's pattern; default 4)")
+    m.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="bits per expert weight (default 4)")
+    m.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="weights sharing one scale and bias (default 64)")
+    m.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    m.add_argument("-o", "--output", required=True, help="directory to write the bundle to")
+    r = sub.add_parser("run", help="decode through the runtime, cold and warm, against this machine's limits")
+    r.add_argument("bundle", help="bundle directory (flashmoe-bench make writes one)")
+    r.add_argument("--tokens", type=int, default=32,
+                   help="tokens to time per pass (default 32; fewer than 16 gives noisy figures)")
+    r.add_argument("--experts-per-token", type=int, default=None,
+                   help="experts each token uses (default: the model's own)")
+    r.add_argument("--io", choices=("pread", "mmap"), default="pread", help="how expert records are read (default pread)")
+    r.add_argument("--stickiness", type=float, default=0.2, help="uniform synthetic routing: share of experts kept from "
+                                                                  "the previous token (default 0.2)")
+    r.add_argument("--seed", type=int, default=0, help="random seed of the synthetic routing (default 0)")
+    r.add_argument("--peer", action="store_true", help="also decode the same weights with mlx-lm in memory "
+                                                        "(needs mlx-lm, RAM for the whole bundle, and 4 or more layers)")
+    r.add_argument("--prefill", type=int, default=0, metavar="N",
+                   help="also time a batched prefill of an N-token prompt (cold), e.g. 512")
+    r.add_argument("--batch", type=_sizes, default=None, metavar="B1,B2,...",
+                   help="also decode B sequences together through the batched engine for each batch size, "
+                        "against the read-sharing bound and the compute ceiling, e.g. 1,8,32,128")
+    r.add_argument("--batch-tokens", type=int, default=16, metavar="N",
+                   help="with --batch: tokens generated per sequence (default 16)")
+    r.add_argument("--batch-prompt-tokens", type=int, default=256, metavar="N",
+                   help="with --batch: prompt tokens per sequence; more than the largest batch (default 256)")
+    r.add_argument("--routing", type=_routings, default=list(ROUTING_MODELS), metavar="MODELS",
+                   help="with --batch: synthetic routing models to run, comma-separated: uniform (random, sticky) "
+                        "and/or calibrated (matches real models' cache hit rates); default both")
+    r.add_argument("--json", default=None, metavar="FILE", help="also write the full report as JSON")
+    r.add_argument("--chart", default=None, metavar="FILE.png", help="also draw a chart of time per layer (needs matplotlib)")
+    d = sub.add_parser("doctor", help="what this machine can run, and how fast, before downloading")
+    d.add_argument("--dir", default=".", help="where bundles would live (its disk is measured)")
+    d.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    return p
+
+
+def body(a: argparse.Namespace) -> int:
+    if a.cmd == "make":
+        from .synth import make_bundle
+
+        make_bundle(a.shape, a.layers, a.bits, a.output, group_size=a.group_size, seed=a.seed)
+    elif a.cmd == "run":
+        from .probe import peak_rss_mb
+        from .run import chart, format_table, run, write_json
+
+        if a.tokens < 1:
+            raise InputError("--tokens must be at least 1")
+        if a.chart:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise InputError("--chart needs matplotlib: pip install 'flashmoe[bench]'") from None
+        rep = run(a.bundle, tokens=a.tokens, experts_per_token=a.experts_per_token, io=a.io,
+                  stickiness=a.stickiness, seed=a.seed, peer=a.peer, prefill=a.prefill, batch=a.batch,
+                  batch_tokens=a.batch_tokens, batch_prompt_tokens=a.batch_prompt_tokens, routing=a.routing)
+        rep["peak_rss_mb"] = peak_rss_mb()
+        print(format_table(rep))
+        if a.json:
+            write_json(rep, a.json)
+        if a.chart:
+            chart(rep, a.chart)
+    else:
+        from .doctor import doctor, format_report
+
+        rep = doctor(a.dir)
+        print(format_report(rep))
+        if a.json:
+            from .run import write_json
+
+            write_json(rep, a.json)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flashmoe-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("make", help="write a bundle with a real model's shapes and random weights")
-    m.add_argument("--shape", required=True, choices=sorted(PRESETS))
-    m.add_argument("--layers", type=int, default=4, help="layers to write (the full model's pattern; default 4)")
-    m.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    m.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("-o", "--output", required=True)
-    r = sub.add_parser("run", help="decode through the runtime, cold and warm, against this machine's limits")
-    r.add_argument("bundle")
-    r.add_argument("--tokens", type=int, default=32)
-    r.add_argument("--experts-per-token", type=int, default=None)
-    r.add_argument("--io", choices=("pread", "mmap"), default="pread")
-    r.add_argument("--stickiness", type=float, default=0.2, help="synthetic routing: share of experts kept from the "
-                                                                  "previous token (default 0.2)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--peer", action="store_true", help="also decode the same weights with mlx-lm in memory "
-                                                        "(needs mlx-lm and RAM for the whole bundle)")
-    r.add_argument("--prefill", type=int, default=0, metavar="N",
-                   help="also time a batched prefill of an N-token prompt (cold), e.g. 512")
-    r.add_argument("--json", default=None, metavar="FILE")
-    r.add_argument("--chart", default=None, metavar="FILE.png")
-    d = sub.add_parser("doctor", help="what this machine can run, and how fast, before downloading")
-    d.add_argument("--dir", default=".", help="where bundles would live (its disk is measured)")
-    d.add_argument("--json", default=None, metavar="FILE")
-    a = p.parse_args(argv)
-    from flashmoe.format import BundleError
-
-    try:
-        if a.cmd == "make":
-            from .synth import make_bundle
-
-            make_bundle(a.shape, a.layers, a.bits, a.output, group_size=a.group_size, seed=a.seed)
-        elif a.cmd == "run":
-            from .probe import peak_rss_mb
-            from .run import chart, format_table, run, write_json
-
-            rep = run(a.bundle, tokens=a.tokens, experts_per_token=a.experts_per_token, io=a.io,
-                      stickiness=a.stickiness, seed=a.seed, peer=a.peer, prefill=a.prefill)
-            rep["peak_rss_mb"] = peak_rss_mb()
-            print(format_table(rep))
-            if a.json:
-                write_json(rep, a.json)
-            if a.chart:
-                try:
-                    chart(rep, a.chart)
-                except ImportError:
-                    print("flashmoe-bench: --chart needs matplotlib (pip install 'flashmoe[bench]')", file=sys.stderr)
-                    return 2
-        else:
-            from .doctor import doctor, format_report
-
-            rep = doctor(a.dir)
-            print(format_report(rep))
-            if a.json:
-                import json
-
-                with open(a.json, "w") as f:
-                    json.dump(rep, f, indent=1)
-    except BundleError as e:
-        print(f"flashmoe-bench: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(PROG, parser(), body, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """`flashmoe-bench run DIR`: decode through the real runtime, cold and warm, with the machine's raw
 limits measured on the same files in the same run; report, JSON and chart.
 
-Routing uses bench.routing.StickyRouter (random weights have no useful router); everything else is
-the production path: flashmoe.load, the model, the expert streamer, the kernels.
+Routing uses bench.routing (random weights have no useful router); everything else is the production
+path: flashmoe.load, the model, the expert streamer, the kernels.
+
+Honest cold timing: MLX compiles its GPU kernels the first time each is used, which would land inside
+the first timed pass. So every timed pass is preceded by a throwaway pass of the same shapes (other
+routes), then the bundle's pages are evicted and the expert cache emptied, and only then is the cold
+pass timed.
 """
 
 from __future__ import annotations
@@ -16,11 +21,28 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.format import Bundle
+from flashmoe.format.errors import InputError
 
 from . import probe
-from .routing import StickyRouter, route_stats
+from .batch import format_batch_row
+from .routing import MODELS as ROUTING_MODELS
+from .routing import StickyRouter, make_router, route_stats, simulated_lru_hits
 
 STAGES = ("attention", "routing", "expert_io", "expert_compute", "head")
+# Fewer timed tokens than this: run-to-run differences of tens of percent (two identical 4-token runs
+# differed by 40% on the CPU machine), so the report says the figures are noise.
+MIN_TOKENS = 16
+# What the report says about each target, in plain words: (sentence with {v}, goal, pass test).
+TARGETS = {
+    "cold_vs_disk_roofline": ("cold decode ran at {v:.0%} of what this disk allows (its random-read speed "
+                              "divided by the expert bytes each token reads)", "at least 85%", lambda v: v >= 0.85),
+    "cold_io_vs_raw_random_read": ("cold expert reads ran at {v:.0%} of this disk's own random-read speed",
+                                   "at least 85%", lambda v: v >= 0.85),
+    "warm_vs_mlx_lm": ("warm decode ran at {v:.2f}x the speed of mlx-lm holding the same weights in memory",
+                       "at least 0.8x", lambda v: v >= 0.8),
+    "gpu_per_layer_non_io_ms": ("each layer spent {v:.2f} ms on work other than reading experts (warm, on the GPU)",
+                                "at most 1.0 ms", lambda v: v <= 1.0),
+}
 
 
 def install_router(model, router: StickyRouter) -> None:
@@ -37,6 +59,24 @@ def install_router(model, router: StickyRouter) -> None:
             return mx.array(ids.astype(np.int32)), scores
 
         object.__setattr__(mlp, "route", route)
+
+
+def forget_experts(model) -> None:
+    """Empty the runtime's expert slots (the GPU expert cache), so the next pass reads every record again."""
+    model.experts.clear_cache()
+
+
+def compile_pass(model, cfg, k: int, tokens: int = 2, prompt: int = 1, seed: int = 12345) -> None:
+    """A throwaway pass with the shapes of the timed one (its own routes), so that MLX compiles its
+    kernels here and not inside the timed pass."""
+    install_router(model, StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, 0.0, seed))
+    if prompt > 1:
+        import mlx.core as mx
+
+        ids = mx.array(np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(1, prompt)))
+        mx.eval(model(ids, model.make_cache(), last_only=True))
+    else:
+        decode(model, tokens)
 
 
 def decode(model, tokens: int) -> dict:
@@ -63,10 +103,11 @@ def measure_prefill(model, files, cfg, k: int, n: int, stickiness: float, seed: 
     the union of the experts its n tokens route to, once."""
     import mlx.core as mx
 
+    compile_pass(model, cfg, k, prompt=min(n, 1024))  # same kernels; a long prompt need not be read twice
     install_router(model, StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed + 1))
     if cold:
         probe.evict(files)
-    model.experts.clear_cache()
+    forget_experts(model)
     model.stats.reset()
     cache = model.make_cache()
     ids = mx.array(np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(1, n)))
@@ -79,8 +120,23 @@ def measure_prefill(model, files, cfg, k: int, n: int, stickiness: float, seed: 
             "projected_full_model_seconds": (dt - st["head"]) / cfg.num_hidden_layers * full_layers + st["head"]}
 
 
+def check_peer(cfg) -> None:
+    """mlx-lm builds the Qwen3.5 layer pattern itself (full attention every 4th layer) and needs at least
+    one full-attention layer: refuse bundles it would build differently, before any work is done."""
+    import importlib.util
+
+    want = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(cfg.num_hidden_layers)]
+    if cfg.num_hidden_layers < 4 or list(cfg.layer_types) != want:
+        raise InputError(f"--peer needs a bundle of 4 or more layers with full attention on every 4th layer "
+                         f"(mlx-lm builds that pattern itself); this one has {cfg.num_hidden_layers} layer(s). "
+                         "Make one with: flashmoe-bench make --layers 4 ...")
+    if importlib.util.find_spec("mlx_lm") is None:
+        raise InputError("--peer needs mlx-lm: pip install mlx-lm")
+
+
 def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None = None, io: str = "pread",
-        stickiness: float = 0.2, seed: int = 0, peer: bool = False, prefill: int = 0, log=None) -> dict:
+        stickiness: float = 0.2, seed: int = 0, peer: bool = False, prefill: int = 0, batch=None,
+        batch_tokens: int = 16, batch_prompt_tokens: int = 256, routing=("uniform", "calibrated"), log=None) -> dict:
     import mlx.core as mx
 
     import flashmoe
@@ -88,6 +144,17 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     log = log or (lambda m: print(m, file=sys.stderr))
     b = Bundle.open(bundle_dir)
     cfg = b.config
+    if peer:
+        check_peer(cfg)
+    if batch:
+        if batch_prompt_tokens <= max(batch):
+            raise InputError(f"--batch-prompt-tokens ({batch_prompt_tokens}) must be larger than the largest batch "
+                             f"({max(batch)}): the synthetic router tells prompts from decode steps by their length")
+        try:
+            import flashmoe.runtime.engine  # noqa: F401
+        except ImportError:
+            raise InputError("--batch needs the batched engine (flashmoe.runtime.engine), which this install "
+                             "lacks; update flashmoe") from None
     files = probe.file_list(b)
     info = b.expert_info(0)
     full_layers = b.manifest.get("source", {}).get("full_layers") or cfg.num_hidden_layers
@@ -119,17 +186,24 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     rep["limits"] = lim
 
     # ---- decode through the runtime --------------------------------------------------------------
-    model, _ = flashmoe.load(b.path, experts_per_token=k, io=io)
+    model, tokenizer = flashmoe.load(b.path, experts_per_token=k, io=io)
     model.stats.enabled = True
     rep["expert_slots"] = model.experts.slots
     rep["expert_slot_bytes"] = model.experts.slots * info.record_stride
+    # how often an LRU cache of this many slots would hit, per routing model (slots shared by all layers)
+    share = min(1.0, model.experts.slots / cfg.num_hidden_layers / cfg.num_experts)
+    rep["expert_cache_share_per_layer"] = share
+    rep["expert_cache_hit_rate_by_routing"] = {m: simulated_lru_hits(m, cfg.num_experts, k, [share])[share]
+                                               for m in ROUTING_MODELS}
+    log("compiling (a throwaway pass, not timed)")
+    compile_pass(model, cfg, k)
     results = {}
     for phase in (["cold"] if cold_ok else []) + ["warm"]:
         router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed)
         install_router(model, router)
         if phase == "cold":
             probe.evict(files)
-            model.experts.clear_cache()
+            forget_experts(model)
         # warm: the same routes again; every record they need is in the page cache (and, on a discrete
         # GPU, in the GPU expert cache as far as it holds them)
         d0 = probe.disk_read_bytes()
@@ -154,6 +228,11 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     if prefill:
         rep["prefill"] = measure_prefill(model, files, cfg, k, prefill, stickiness, seed, cold_ok, full_layers)
         log(f"prefill: {prefill} tokens in {rep['prefill']['seconds']:.2f} s ({rep['prefill']['tok_s']:.1f} tok/s)")
+    if batch:
+        from .batch import run_batches
+
+        rep["batch"] = run_batches(b, model, tokenizer, files, batch, routing, batch_tokens, batch_prompt_tokens, k,
+                                   seed=seed, cold=cold_ok, log=log)
     model.experts.close()
     del model
 
@@ -165,6 +244,12 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         # found in the page cache (sticky routing) would otherwise inflate the ratio
         disk = cold.get("disk_bytes", cold["expert_bytes"])
         t["cold_io_vs_raw_random_read"] = disk / cold["expert_io"] / 1e9 / lim["rand_read_cold_gbps"]
+        # the disk roofline: random-read speed / expert bytes each token reads from the disk (same layers)
+        per_token = disk / tokens
+        if per_token > 0:
+            roofline = lim["rand_read_cold_gbps"] * 1e9 / per_token
+            cold["disk_roofline_tok_s"] = roofline
+            t["cold_vs_disk_roofline"] = cold["tok_s"] / roofline
     if mx.default_device() == mx.gpu:
         t["gpu_per_layer_non_io_ms"] = results["warm"]["per_layer_non_io_ms"]
 
@@ -181,45 +266,69 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         rep["peer"] = {"engine": "mlx-lm", "tok_s": peer_tps}
         t["warm_vs_mlx_lm"] = results["warm"]["tok_s"] / peer_tps
     rep["targets"] = t
+    rep["warnings"] = warnings_for(rep)
     return rep
+
+
+def warnings_for(rep: dict) -> list[str]:
+    """Plain-language cautions about figures too small to trust."""
+    out = []
+    if rep["tokens"] < MIN_TOKENS:
+        out.append(f"only {rep['tokens']} tokens were timed: figures this short vary by tens of percent from "
+                   f"run to run; use --tokens {2 * MIN_TOKENS} or more before comparing numbers")
+    return out
 
 
 def format_table(rep: dict) -> str:
     lim = rep["limits"]
     f = lambda v, fmt="{:.2f}": "-" if v is None else fmt.format(v)  # noqa: E731
+    L = rep["full_model_layers"]
     lines = [f"machine   {rep['machine']}",
-             f"bundle    {rep['bundle']} ({rep.get('preset') or 'custom'}, {rep['layers']} layers, "
-             f"{rep['bits']}-bit, K={rep['experts_per_token']}, {rep['tokens']} tokens, io={rep['io']})",
-             f"raw       seq read cold {f(lim.get('seq_read_cold_gbps'))} / warm {f(lim.get('seq_read_warm_gbps'))} GB/s; "
-             f"random {rep['record_bytes'] / 2**20:.2f} MiB reads cold {f(lim.get('rand_read_cold_gbps'))} / warm "
-             f"{f(lim.get('rand_read_warm_gbps'))} GB/s; memory {f(lim.get('cpu_mem_gbps'))} GB/s CPU"
-             + (f", {f(lim.get('gpu_mem_gbps'))} GB/s GPU" if lim.get("gpu_mem_gbps") else ""), "",
-             f"{'':<6}{'tok/s':>8}{'proj.':>8}{'attn':>8}{'route':>8}{'io':>8}{'compute':>9}{'MB/tok':>8}{'exp GB/s':>9}"
-             f"{'hit':>6}{'RSS MB':>8}"]
+             f"bundle    {rep['bundle']} ({rep.get('preset') or 'custom'}, {rep['layers']} of {L} layers, "
+             f"{rep['bits']}-bit, {rep['experts_per_token']} experts per token, {rep['tokens']} tokens timed, "
+             f"reads by {rep['io']})",
+             f"disk      whole files {f(lim.get('seq_read_cold_gbps'))} GB/s from disk, "
+             f"{f(lim.get('seq_read_warm_gbps'))} GB/s from the page cache; one expert at a time "
+             f"({rep['record_bytes'] / 2**20:.2f} MiB reads at random) {f(lim.get('rand_read_cold_gbps'))} GB/s from "
+             f"disk, {f(lim.get('rand_read_warm_gbps'))} GB/s from the page cache",
+             f"memory    {f(lim.get('cpu_mem_gbps'))} GB/s CPU copy"
+             + (f", {f(lim.get('gpu_mem_gbps'))} GB/s GPU copy" if lim.get("gpu_mem_gbps") else ""), "",
+             "decode    cold = experts read from the disk (pages evicted first); warm = the same routes again",
+             f"{'':<6}{'tok/s':>8}{f'{L} layers':>11}{'attn':>8}{'route':>8}{'read':>8}{'experts':>9}{'MB/tok':>8}"
+             f"{'read GB/s':>10}{'cached':>8}{'RSS MB':>8}"]
     for phase, r in rep["decode"].items():
         pl = r["per_layer_ms"]
-        lines.append(f"{phase:<6}{r['tok_s']:>8.2f}{r['projected_full_model_tok_s']:>8.2f}{pl['attention']:>8.2f}"
+        lines.append(f"{phase:<6}{r['tok_s']:>8.2f}{r['projected_full_model_tok_s']:>11.2f}{pl['attention']:>8.2f}"
                      f"{pl['routing']:>8.2f}{pl['expert_io']:>8.2f}{pl['expert_compute']:>9.2f}"
-                     f"{r['expert_bytes_per_token'] / 1e6:>8.1f}{f(r.get('expert_gbps')):>9}"
-                     f"{f(r.get('page_cache_hit_rate'), '{:.0%}'):>6}{rep.get('peak_rss_mb', 0):>8.0f}")
-    lines.append("          (per-layer ms by stage; proj. = projected tok/s of the full "
-                 f"{rep['full_model_layers']}-layer model)")
+                     f"{r['expert_bytes_per_token'] / 1e6:>8.1f}{f(r.get('expert_gbps')):>10}"
+                     f"{f(r.get('page_cache_hit_rate'), '{:.0%}'):>8}{rep.get('peak_rss_mb', 0):>8.0f}")
+    lines.append(f"          (tok/s over the {rep['layers']} layers in the bundle, then projected to all {L}; "
+                 "then milliseconds per layer per token: attention, routing, reading experts, expert math; "
+                 "expert megabytes read per token, their read speed, share found in the page cache)")
     routes = next(iter(rep["decode"].values()))["routes"]
-    lines.append(f"routing   synthetic sticky-uniform: {f(routes['consecutive_overlap'], '{:.0%}')} overlap between "
-                 f"consecutive tokens, {f(routes['touched_per_window'], '{:.0%}')} of experts touched per "
-                 f"{routes['window']} tokens")
+    lines.append(f"routing   synthetic (uniform, sticky): consecutive tokens share {f(routes['consecutive_overlap'], '{:.0%}')} "
+                 f"of their experts; {routes['window']} tokens touch {f(routes['touched_per_window'], '{:.0%}')} "
+                 "of a layer's experts")
+    hits = rep.get("expert_cache_hit_rate_by_routing")
+    if hits:
+        lines.append(f"cache     the expert cache ({rep['expert_slots']} slots) holds {rep['expert_cache_share_per_layer']:.0%} "
+                     f"of each layer's experts; it would serve {hits['uniform']:.0%} of reads under uniform routing, "
+                     f"{hits['calibrated']:.0%} under routing calibrated to real models")
     if rep.get("prefill"):
         p = rep["prefill"]
-        lines.append(f"prefill   {p['tokens']} tokens{' (cold)' if p['cold'] else ''}: {p['seconds']:.2f} s = "
+        lines.append(f"prefill   {p['tokens']} prompt tokens{' from a cold disk' if p['cold'] else ''}: {p['seconds']:.2f} s = "
                      f"{p['tok_s']:.1f} tok/s; {p['experts_read_per_layer']:.0f} experts read per layer "
-                     f"({p['expert_bytes'] / 1e9:.2f} GB); projected {p['projected_full_model_seconds']:.1f} s "
-                     f"for all {rep['full_model_layers']} layers")
+                     f"({p['expert_bytes'] / 1e9:.2f} GB); about {p['projected_full_model_seconds']:.1f} s "
+                     f"for all {L} layers")
     if rep.get("peer"):
-        lines.append(f"peer      mlx-lm in memory: {rep['peer']['tok_s']:.2f} tok/s")
+        lines.append(f"peer      mlx-lm with every weight in memory: {rep['peer']['tok_s']:.2f} tok/s")
+    for b in rep.get("batch", {}).get("rows", []):
+        lines.append(format_batch_row(b))
     for name, v in rep["targets"].items():
-        goal = {"cold_io_vs_raw_random_read": ">= 0.85", "warm_vs_mlx_lm": ">= 0.80",
-                "gpu_per_layer_non_io_ms": "<= 1.0 ms"}[name]
-        lines.append(f"target    {name} = {v:.2f} (goal {goal})")
+        text, goal, ok = TARGETS[name]
+        lines.append(f"check     {'OK  ' if ok(v) else 'LOW '} {text.format(v=v)} (goal: {goal})")
+    for w in rep.get("warnings", []):
+        lines.append(f"warning   {w}")
     return "\n".join(lines)
 
 
@@ -232,16 +341,18 @@ def chart(rep: dict, path: str | Path) -> None:
 
     phases = list(rep["decode"])
     stages = ["attention", "routing", "expert_io", "expert_compute"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     left = np.zeros(len(phases))
     for s in stages:
         vals = np.array([rep["decode"][p]["per_layer_ms"][s] for p in phases])
-        ax.barh(phases, vals, left=left, label=s)
+        ax.barh(phases, vals, left=left, label=s.replace("_", " "))
         left += vals
     ax.set_xlabel("ms per layer per token")
-    ax.set_title(f"{rep.get('preset') or 'bundle'} {rep['bits']}-bit K={rep['experts_per_token']}: "
-                 + ", ".join(f"{p} {rep['decode'][p]['tok_s']:.2f} tok/s" for p in phases), fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{rep.get('preset') or 'bundle'} {rep['bits']}-bit K={rep['experts_per_token']}, projected to "
+                 f"{rep['full_model_layers']} layers: "
+                 + ", ".join(f"{p} {rep['decode'][p]['projected_full_model_tok_s']:.2f} tok/s" for p in phases), fontsize=9)
+    # below the axes, so it never covers a bar
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(stages), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

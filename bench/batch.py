@@ -1,0 +1,210 @@
+"""`flashmoe-bench run --batch B1,B2,...`: many sequences decoded together through the batched engine
+(flashmoe.runtime.engine.Engine), with the two bounds that say what each batch size could reach,
+measured in the same run:
+
+* read-sharing bound = B*K / union x single-stream tok/s: one step reads each distinct expert once
+  for all B sequences, so a step costs what a single-stream step costs times union / K (the distinct
+  experts per layer per step, `union`, over a single token's K);
+* compute ceiling = the expert block's tok/s with every expert of a layer resident (no reads at all):
+  B tokens routed by the same routing model through `flashmoe.metal.dispatch.expert_block` over a
+  table of all E experts, timed per layer and scaled to the bundle's layers.
+
+Per batch size and routing model (bench.routing: `uniform` and `calibrated`) it reports aggregate
+decode and prefill tok/s, the distinct experts needed per layer per step, the records actually read per
+layer per step (after the expert cache), and expert bytes read per generated token. Each batch size
+starts cold (pages evicted, expert cache emptied) after a throwaway compile pass.
+
+Synthetic routing: decode rows are the running sequences, one routing stream each; prefill rows (more
+rows than sequences, since every prompt is longer than the largest batch) are routed as consecutive
+tokens. Sampling is scripted (a fixed non-EOS token), so every sequence runs its full length.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import probe
+from .routing import make_router
+
+
+class BatchRouter:
+    """Routes a forward's rows: decode rows (at most `max_streams`) continue one stream per row,
+    longer (prefill) inputs are consecutive tokens of a prefill stream. Records each decode step's union."""
+
+    def __init__(self, router, max_streams: int):
+        self.router, self.max_streams = router, max_streams
+        self.decode_unions: list[int] = []  # distinct experts per layer per decode step
+        self.prefill_unions: list[int] = []
+
+    def __call__(self, layer: int, rows: int) -> np.ndarray:
+        if rows <= self.max_streams:
+            ids = self.router.route_streams(layer, range(rows))
+            self.decode_unions.append(len(np.unique(ids)))
+        else:
+            ids = self.router.route(layer, rows, stream=-1)
+            self.prefill_unions.append(len(np.unique(ids)))
+        return ids
+
+
+def install(model, route_rows) -> None:
+    """Replace each layer's routing decision with `route_rows(layer, rows) -> [rows, K]` (uniform scores)."""
+    import mlx.core as mx
+
+    for layer in model.layers:
+        mlp = layer.mlp
+
+        def route(x, _layer=mlp.layer):
+            ids = route_rows(_layer, x.shape[0])
+            scores = mx.full(ids.shape, 1.0 / ids.shape[1], dtype=x.dtype)
+            return mx.array(ids.astype(np.int32)), scores
+
+        object.__setattr__(mlp, "route", route)
+
+
+def compute_ceiling(bundle, router_model: str, batch: int, k: int, seed: int = 0, reps: int = 5) -> dict:
+    """Expert-block tok/s with every expert of one layer resident: `batch` tokens per step routed by
+    `router_model`, through expert_block over a table of all E experts (layer 0's records)."""
+    import mlx.core as mx
+
+    from flashmoe.format import record_views
+    from flashmoe.metal.dispatch import expert_block
+
+    cfg = bundle.config
+    f = bundle.expert_file(0)
+    info = f.info
+    buf = np.zeros(info.record_stride, dtype=np.uint8)
+    stacks = {n: np.empty((info.num_experts, *v.shape), dtype=v.dtype) for n, v in record_views(info, buf).items()}
+    for e in range(info.num_experts):
+        f.read_into(e, buf)
+        for n, v in record_views(info, buf).items():
+            stacks[n][e] = v
+    f.close()
+    typed = {"uint32": mx.uint32, "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+    table = {}
+    for c in info.components:
+        a = stacks[c.name]
+        table[c.name] = mx.array(a.view(np.uint16)).view(typed[c.dtype]) if c.dtype in ("bfloat16", "float16") \
+            else mx.array(a)
+    del stacks
+    q = bundle.expert_quant
+    r = make_router(router_model, 1, cfg.num_experts, k, seed=seed)
+    steps = [mx.array(r.route_streams(0, range(batch)).astype(np.int32)) for _ in range(8)]
+    dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    x = mx.random.normal((batch, cfg.hidden_size)).astype(dtype)
+    sc = mx.full((batch, k), 1.0 / k, dtype=dtype)
+    mx.eval(table, x, sc, *steps)
+    for idx in steps[:2]:  # compile
+        mx.eval(expert_block(x, table, idx, sc, q.bits, q.group_size))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        mx.eval([expert_block(x, table, idx, sc, q.bits, q.group_size) for idx in steps])
+        times.append((time.perf_counter() - t) / len(steps))
+    per_layer = float(np.median(times))
+    del table
+    return {"per_layer_s": per_layer, "tok_s": batch / (per_layer * cfg.num_hidden_layers),
+            "projected_full_model_tok_s": batch / (per_layer * (bundle.manifest.get("source", {}).get("full_layers")
+                                                               or cfg.num_hidden_layers))}
+
+
+def _time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, vocab: int, seed: int) -> dict:
+    """B sequences of `prompt_tokens` random ids, `tokens` generated each, added at once; wall time of the
+    steps until every sequence has its first token (prefill) and of the rest (decode)."""
+    from flashmoe.runtime.engine import Engine, SamplingParams
+
+    engine = Engine(model, tokenizer, max_batch=batch)
+    rng = np.random.default_rng(seed)
+    fixed = 1 if tokenizer is None else next(t for t in range(vocab) if t not in set(_eos_ids(tokenizer)))
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, stop=(), sampler=lambda logits, ids: fixed)
+    for _ in range(batch):
+        engine.add(rng.integers(3, vocab, size=prompt_tokens).tolist(), params)
+    started: set[int] = set()
+    bytes0 = engine.counters.get("expert_bytes", 0)
+    t0 = time.perf_counter()
+    t_first = None
+    bytes_first = bytes0
+    gen_first = 0
+    finished = 0
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.token is not None:
+                started.add(ev.seq_id)
+            finished += ev.finish_reason is not None
+        if t_first is None and len(started) == batch:
+            t_first = time.perf_counter()
+            bytes_first = engine.counters.get("expert_bytes", 0)
+            gen_first = engine.counters.get("generated_tokens", batch)
+    t_end = time.perf_counter()
+    c = engine.counters
+    gen_decode = c["generated_tokens"] - gen_first
+    return {"prefill_s": t_first - t0, "prompt_tokens": batch * prompt_tokens,
+            "prefill_tok_s": batch * prompt_tokens / (t_first - t0),
+            "decode_s": t_end - t_first, "decode_tokens": gen_decode,
+            "decode_tok_s": gen_decode / (t_end - t_first) if t_end > t_first else None,
+            "expert_bytes_prefill": bytes_first - bytes0, "expert_bytes_decode": c.get("expert_bytes", 0) - bytes_first,
+            "finished": finished}
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    ids = getattr(tokenizer, "eos_token_ids", None) or [getattr(tokenizer, "eos_token_id", None)]
+    return [int(i) for i in ids if i is not None]
+
+
+def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, tokens: int, prompt_tokens: int,
+                k: int, seed: int = 0, cold: bool = True, log=print) -> dict:
+    """The --batch table: one row per (routing model, batch size); B=1 is always measured (the
+    read-sharing bound needs it)."""
+    cfg = bundle.config
+    sizes = sorted(set(batch_sizes) | {1})
+    if prompt_tokens <= max(sizes):
+        raise ValueError(f"--batch-prompt-tokens ({prompt_tokens}) must exceed the largest batch ({max(sizes)}): "
+                         "the synthetic router tells prefill rows from decode rows by their count")
+    record = bundle.expert_info(0).record_size
+    rows = []
+    for routing in routing_models:
+        # throwaway pass of the largest shapes, so MLX compiles outside the timed runs
+        br = BatchRouter(make_router(routing, cfg.num_hidden_layers, cfg.num_experts, k, seed=seed + 99), max(sizes))
+        install(model, br)
+        log(f"batch: compiling ({routing} routing, B={max(sizes)}, not timed)")
+        _time_engine(model, tokenizer, max(sizes), prompt_tokens, 2, cfg.vocab_size, seed + 99)
+        single = None
+        for B in sizes:
+            br = BatchRouter(make_router(routing, cfg.num_hidden_layers, cfg.num_experts, k, seed=seed), B)
+            install(model, br)
+            if cold:
+                probe.evict(files)
+            model.experts.clear_cache()
+            r = _time_engine(model, tokenizer, B, prompt_tokens, tokens, cfg.vocab_size, seed)
+            union = float(np.mean(br.decode_unions)) if br.decode_unions else None
+            steps = len(br.decode_unions) / cfg.num_hidden_layers
+            row = {"routing": routing, "batch": B, **r, "distinct_experts_per_layer_step": union,
+                   "records_read_per_layer_step": (r["expert_bytes_decode"] / record / cfg.num_hidden_layers / steps)
+                   if steps else None,
+                   "expert_bytes_per_generated_token": r["expert_bytes_decode"] / r["decode_tokens"]
+                   if r["decode_tokens"] else None}
+            if B == 1:
+                single = r["decode_tok_s"]
+            if union and single:
+                row["read_sharing_bound_tok_s"] = B * k / union * single
+            ceil = compute_ceiling(bundle, routing, B, k, seed=seed)
+            row["compute_ceiling_tok_s"] = ceil["tok_s"]
+            bounds = [v for v in (row.get("read_sharing_bound_tok_s"), ceil["tok_s"]) if v]
+            if bounds and r["decode_tok_s"]:
+                row["decode_vs_smaller_bound"] = r["decode_tok_s"] / min(bounds)
+            row["prefill_vs_compute_ceiling"] = r["prefill_tok_s"] / ceil["tok_s"] if ceil["tok_s"] else None
+            rows.append(row)
+            log(format_batch_row(row))
+    return {"tokens": tokens, "prompt_tokens": prompt_tokens, "cold": cold, "rows": rows}
+
+
+def format_batch_row(b: dict) -> str:
+    f = lambda v, fmt="{:.1f}": "-" if v is None else fmt.format(v)  # noqa: E731
+    return (f"batch     {b['routing']:<10} B={b['batch']:<4} decode {f(b['decode_tok_s'])} tok/s "
+            f"(bounds: read sharing {f(b.get('read_sharing_bound_tok_s'))}, compute {f(b.get('compute_ceiling_tok_s'))}; "
+            f"{f(b.get('decode_vs_smaller_bound'), '{:.0%}')} of the smaller), prefill {f(b['prefill_tok_s'])} tok/s "
+            f"({f(b.get('prefill_vs_compute_ceiling'), '{:.0%}')} of compute); "
+            f"{f(b['distinct_experts_per_layer_step'])} distinct experts per layer per step, "
+            f"{f(b['records_read_per_layer_step'])} read; "
+            f"{f((b['expert_bytes_per_generated_token'] or 0) / 1e6)} MB read per generated token")
