@@ -1,53 +1,97 @@
 #!/usr/bin/env bash
-# Runtime checks and benchmarks on an NVIDIA GPU machine with MLX's CUDA build installed
-# (see ../shared/gpu/stage-mlx-cuda.sh for getting it onto a machine without package access).
-#   bash benchmarks/gpu_session.sh tests            runtime + kernel tests on the GPU
-#   bash benchmarks/gpu_session.sh bench397 BITS    397B-shaped bundle: decode K=4 and K=10, cold and warm
-#   bash benchmarks/gpu_session.sh prefill BITS     397B-shaped bundle: cold batched prefill of 128 and 512 tokens
-#   bash benchmarks/gpu_session.sh peer             35B-shaped bundle vs mlx-lm in memory (needs mlx-lm)
-# Results go to $OUT (or ./out/gpu).
+# Checks and benchmarks on an NVIDIA GPU machine (MLX's CUDA build), each mode sized to fit one device
+# call (<= 9 minutes). Results (JSON + logs) go to $OUT (or ./out/gpu).
+#
+# A fresh machine has no MLX: stage it here with `bash ../shared/gpu/stage-mlx-cuda.sh` (and, for the mlx-lm
+# peer, `pip download --no-deps -d .whl/part2 mlx-lm==0.32.2`), then
+#   call 1 (carry .whl/part1):  mkdir -p /tmp/stage && cp .whl/part1/* /tmp/stage/
+#   call 2 (carry .whl/part2, within 30 s):  bash benchmarks/gpu_session.sh setup && bash benchmarks/gpu_session.sh MODE
+# Later calls on the same warm machine need only `bash benchmarks/gpu_session.sh MODE ...` (setup is kept).
+#
+# Modes (the issue-9 table is single + batch for both shapes, four calls; bundles stay in $BENCH_DIR
+# between calls on a warm machine and are made again on a fresh one):
+#   setup                 install the staged MLX wheels, mlx-lm if staged, and flashmoe (editable, no deps)
+#   tests                 runtime + kernel + bench tests on the GPU
+#   kernels               kernel tests; custom vs built-in over a 16 GB cache pool by batch size; end to end
+#                         through the runtime (397B shapes, warm GPU cache), builtin vs custom
+#   single SHAPE          SHAPE = 397b | 35b: single-stream decode, cold (honestly timed: compiled first, pages
+#                         evicted) vs the disk roofline, warm; 35b adds the mlx-lm peer on the same weights
+#   batch SHAPE           --batch 1,8,32,128 (uniform and calibrated routing) vs the read-sharing bound and the
+#                         compute ceiling; 512-token prompts, so B=128 is a batched prefill of 65536 tokens
+#   prefill SHAPE         cold single-prompt prefill of 128 and 512 tokens
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 D=${BENCH_DIR:-/tmp/flashmoe-bench}
-LAYERS=${LAYERS:-8}
+LAYERS=${LAYERS:-4}
 TOKENS=${TOKENS:-32}
+LOG="$OUT/log.txt"
+
+shape_name() { case "$1" in 397b) echo qwen3.5-397b-a17b ;; 35b) echo qwen3.5-35b-a3b ;; *) echo "unknown shape $1 (397b|35b)" >&2; exit 2 ;; esac; }
+
+bundle() {  # bundle SHAPE BITS -> path (made once per machine)
+  local dir="$D/$1-q$2"
+  if [ ! -f "$dir/flashmoe.json" ]; then
+    rm -rf "$dir"
+    /usr/bin/time -f "make $1 q$2: %e s, %M KB peak RSS" flashmoe-bench make --shape "$(shape_name "$1")" \
+      --layers "$LAYERS" --bits "$2" -o "$dir" >>"$LOG" 2>&1 || { tail -5 "$LOG"; exit 1; }
+  fi
+  echo "$dir"
+}
+
+gpu_info() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+  python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee -a "$LOG"
+  date -u | tee -a "$LOG"
+}
+
 case "${1:-}" in
-  tests)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-    python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" | tee -a "$OUT/gpu.txt"
-    python3 -m pytest -q tests/test_runtime.py tests/test_convert.py tests/test_bench.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+  setup)
+    name=$(cat /tmp/stage/mlx.wheelname)
+    cat /tmp/stage/mlxcuda.part.aa .whl/part2/mlxcuda.part.ab > "/tmp/stage/$name"
+    python3 -m pip install -q --no-deps --no-index /tmp/stage/mlx-*.whl "/tmp/stage/$name" 2>&1 | grep -v WARNING
+    ls .whl/part2/mlx_lm-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index .whl/part2/mlx_lm-*.whl 2>&1 | grep -v WARNING
+    python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
+    gpu_info
     ;;
-  bench397)
-    bits=${2:-4}
-    rm -rf "$D/q$bits"
-    /usr/bin/time -v flashmoe-bench make --shape qwen3.5-397b-a17b --layers "$LAYERS" --bits "$bits" -o "$D/q$bits" \
-      2> "$OUT/make-q$bits.txt" || { tail "$OUT/make-q$bits.txt"; exit 1; }
-    grep -E "Elapsed|Maximum resident" "$OUT/make-q$bits.txt"
-    for k in 4 10; do
-      for kern in ${KERNS:-auto builtin}; do
-        FLASHMOE_KERNELS=$kern flashmoe-bench run "$D/q$bits" --tokens "$TOKENS" --experts-per-token "$k" \
-          --json "$OUT/397b-q$bits-k$k-$kern.json" | tee "$OUT/397b-q$bits-k$k-$kern.txt"
-      done
+  tests)
+    gpu_info
+    timeout 500 python3 -m pytest -q -s tests/test_kernels.py tests/test_runtime.py tests/test_bench.py 2>&1 \
+      | grep -E "^ERR|passed|failed|Error|error" | tee "$OUT/tests.txt"
+    ;;
+  kernels)
+    gpu_info
+    timeout 200 python3 -m pytest -q -s tests/test_kernels.py 2>&1 | grep -E "^ERR|passed|failed|Error" | tee -a "$LOG"
+    timeout 150 python3 benchmarks/bench_kernels.py --pool 2260 --K 10 --bits 4 --T 1 4 16 64 \
+      --json "$OUT/kernels-pool.json" 2>&1 | grep -E "^\||bandwidth|pool" | tee -a "$LOG"
+    b=$(bundle 397b 4)
+    for kern in builtin custom; do
+      echo "== end to end, FLASHMOE_KERNELS=$kern" | tee -a "$LOG"
+      FLASHMOE_KERNELS=$kern timeout 150 flashmoe-bench run "$b" --tokens "$TOKENS" \
+        --json "$OUT/e2e-397b-k10-$kern.json" 2>&1 | tee -a "$LOG"
     done
-    rm -rf "$D/q$bits"
+    ;;
+  single)
+    s=${2:?shape: 397b or 35b}
+    gpu_info
+    b=$(bundle "$s" 4)
+    peer=""; [ "$s" = 35b ] && peer="--peer"
+    timeout 480 flashmoe-bench run "$b" --tokens "$TOKENS" $peer --json "$OUT/single-$s.json" 2>&1 | tee -a "$LOG"
+    ;;
+  batch)
+    s=${2:?shape: 397b or 35b}
+    gpu_info
+    b=$(bundle "$s" 4)
+    timeout 500 flashmoe-bench run "$b" --tokens 16 --batch "${BATCH:-1,8,32,128}" --batch-tokens "${BATCH_TOKENS:-16}" \
+      --batch-prompt-tokens "${BATCH_PROMPT:-512}" --json "$OUT/batch-$s.json" 2>&1 | tee -a "$LOG"
     ;;
   prefill)
-    bits=${2:-4}
-    rm -rf "$D/f$bits"
-    flashmoe-bench make --shape qwen3.5-397b-a17b --layers "$LAYERS" --bits "$bits" -o "$D/f$bits" 2>/dev/null
+    s=${2:?shape: 397b or 35b}
+    b=$(bundle "$s" 4)
     for n in 128 512; do
-      flashmoe-bench run "$D/f$bits" --tokens 8 --prefill "$n" --json "$OUT/397b-q$bits-prefill$n.json" \
-        | tee "$OUT/397b-q$bits-prefill$n.txt"
+      timeout 240 flashmoe-bench run "$b" --tokens 8 --prefill "$n" --json "$OUT/prefill-$s-$n.json" 2>&1 | tee -a "$LOG"
     done
-    rm -rf "$D/f$bits"
     ;;
-  peer)
-    rm -rf "$D/p4"
-    flashmoe-bench make --shape qwen3.5-35b-a3b --layers "$LAYERS" --bits 4 -o "$D/p4"
-    flashmoe-bench run "$D/p4" --tokens "$TOKENS" --peer --json "$OUT/35b-peer.json" | tee "$OUT/35b-peer.txt"
-    rm -rf "$D/p4"
-    ;;
-  *) echo "usage: $0 tests|bench397 BITS|prefill BITS|peer"; exit 2 ;;
+  *) echo "usage: $0 setup|tests|kernels|single SHAPE|batch SHAPE|prefill SHAPE  (SHAPE: 397b|35b)"; exit 2 ;;
 esac
