@@ -187,21 +187,30 @@ def _body(args: argparse.Namespace) -> int:
     from .generate import make_sampler
     from .loader import load
 
+    from .distributed import run_model, start_from_env
+
     make_sampler(args.temperature, args.top_p, args.top_k, args.seed)  # validate before loading
+    dist = start_from_env(PROG)  # under mlx.launch: this rank's place (runtime/distributed.py); else size 1
+    dist.check_bundle(args.bundle, args.experts_per_token)
     model, tok = load(args.bundle, experts_per_token=args.experts_per_token, io=args.io)
+    dist.attach(model)
     check_kernels_fit(model)
     if args.system_prompt is not None and tok.chat_template is None:
         raise InputError(f"{args.bundle} has no chat template, so --system-prompt cannot be placed; drop it")
     model.stats.enabled = args.stats
-    if prompt is not None:
-        run_once(model, tok, prompt, args)
-        if sys.stdout.isatty():
-            sys.stdout.write("\n")
-        return 0
-    from .chat import chat
 
-    chat(model, tok, args)
-    return 0
+    def body(model) -> int:  # rank 0 only (the other ranks follow its model calls)
+        if prompt is not None:
+            run_once(model, tok, prompt, args)
+            if sys.stdout.isatty():
+                sys.stdout.write("\n")
+            return 0
+        from .chat import chat
+
+        chat(model, tok, args)
+        return 0
+
+    return run_model(dist, model, body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -235,7 +236,14 @@ class Dist:
     def check_bundle(self, bundle_dir, experts_per_token: int | None = None) -> None:
         """Every rank holds the same conversion and its own part of it; otherwise every rank stops with
         an error naming the ranks. Call before loading (a sharded bundle lacks other ranks' records)."""
-        problem = bundle_part_problem(Path(bundle_dir), self.shard)
+        bundle_dir = Path(os.fspath(bundle_dir)).expanduser()
+        if not bundle_dir.is_dir():
+            if self.size == 1:
+                return  # a Hub repo id, or a typo: flashmoe.load resolves or reports it
+            raise BundleError(f"rank {self.rank} of {self.size}: {bundle_dir} is not a bundle directory on this host; "
+                              f"give every rank a local copy (on this host: `flashmoe-pull REPO --shard "
+                              f"{self.rank}/{self.size} -o DIR`)")
+        problem = bundle_part_problem(bundle_dir, self.shard)
         if self.size == 1:
             if problem:
                 raise BundleError(problem)
@@ -362,7 +370,7 @@ class Leader:
         self._last = time.monotonic()
 
     def call(self, name: str, *args):
-        with self._lock:
+        with self._lock, _sigint_deferred():  # a plan sent is a plan run: Ctrl-C lands after the call
             if self._closed:
                 raise DistributedError("the ranks were already released (Leader.close)")
             self._send(name, args, f"sending the plan for {name}")
@@ -403,6 +411,27 @@ class Leader:
                 fail_now(self.dist.prog, str(e))
             finally:
                 self._lock.release()
+
+
+class _sigint_deferred:
+    """On the main thread, hold a Ctrl-C until the block ends (then raise it): the followers run every
+    plan the leader sends, so the leader must run it too, or the ranks' collectives fall out of step."""
+
+    def __enter__(self):
+        self.prev = None
+        if threading.current_thread() is threading.main_thread():
+            self.hit = False
+            self.prev = signal.signal(signal.SIGINT, self._hold)
+
+    def _hold(self, *_):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
+            if self.hit and exc[0] is None:
+                raise KeyboardInterrupt
+        return False
 
 
 def follow(dist: Dist, target) -> None:
@@ -483,6 +512,44 @@ class LeaderModel:
             self._leader.call("drop", handles)
 
 
+class RunnerPlans:
+    """The calls a follower mirrors for the batched engine (runtime/engine.py): its BatchRunner's
+    prefill / decode / remove, with JSON-friendly arguments ((sid, ids) pairs, not dicts with int keys)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def prefill(self, seqs: list):
+        return self.runner.prefill([(int(sid), [int(t) for t in ids]) for sid, ids in seqs])
+
+    def decode(self, tokens: list[int]):
+        return self.runner.decode([int(t) for t in tokens])
+
+    def remove(self, seq_ids: list[int], keep: list | None):
+        return self.runner.remove([int(s) for s in seq_ids],
+                                  None if keep is None else {int(sid): [int(t) for t in ids] for sid, ids in keep})
+
+
+class LeaderRunner:
+    """Rank 0's BatchRunner for Engine(runner=...): each call is broadcast, then run here."""
+
+    def __init__(self, plans: RunnerPlans, leader: Leader):
+        self.__dict__.update(_plans=plans, _leader=leader)
+
+    def __getattr__(self, name):  # rows, cache, prompt_cache, cache_bytes, ...
+        return getattr(self._plans.runner, name)
+
+    def prefill(self, seqs):
+        return self._leader.call("prefill", [[int(sid), [int(t) for t in ids]] for sid, ids in seqs])
+
+    def decode(self, tokens):
+        return self._leader.call("decode", [int(t) for t in tokens])
+
+    def remove(self, seq_ids, keep=None):
+        pairs = None if keep is None else [[int(sid), [int(t) for t in ids]] for sid, ids in keep.items()]
+        return self._leader.call("remove", [int(s) for s in seq_ids], pairs)
+
+
 # ----------------------------------------------------------------------------------------------
 # what the CLIs call
 
@@ -503,17 +570,36 @@ def start_from_env(prog: str, environ=None) -> Dist:
 
 
 def run_model(dist: Dist, model, body) -> int | None:
-    """Run a front end over `model` on every rank: rank 0 runs body(model') where model' broadcasts each
-    call to the followers; the followers follow until rank 0 is done. Single process: body(model)."""
+    """Run a front end that drives `model` directly (flashmoe.generate, flashmoe-run) on every rank:
+    rank 0 runs body(model') where model' broadcasts each call to the followers; the followers follow
+    until rank 0 is done, then return 0. Single process: body(model)."""
     if dist.size == 1:
         return body(model)
     plans = ModelPlans(model)
+    return _lead_or_follow(dist, plans, lambda leader: body(LeaderModel(model, leader, plans)))
+
+
+def run_engine(dist: Dist, engine, body) -> int | None:
+    """The same for a front end on the batched Engine (flashmoe-batch, flashmoe-serve). Every rank builds
+    the same Engine (same flags); rank 0 runs body(engine) with the engine's model calls broadcast."""
+    if dist.size == 1:
+        return body(engine)
+    plans = RunnerPlans(engine.runner)
+
+    def lead(leader: Leader):
+        engine.runner = LeaderRunner(plans, leader)
+        return body(engine)
+
+    return _lead_or_follow(dist, plans, lead)
+
+
+def _lead_or_follow(dist: Dist, plans, lead) -> int | None:
     if not dist.leader:
         follow(dist, plans)
         return 0
     leader = Leader(dist, plans)
     try:
-        rc = body(LeaderModel(model, leader, plans))
+        rc = lead(leader)
     except DistributedError:
         leader.abandon()  # the link is gone: nothing to release
         raise
