@@ -206,7 +206,7 @@ def sampling_defaults(bundle_dir: Path) -> dict:
 
 def open_server(bundle, runtime_config=None, config: ServerConfig | None = None, **engine_kw) -> Server:
     """Load a bundle (directory or Hub repo id) and build its engine: a Server ready for create_app.
-    engine_kw: Engine's max_batch, memory_budget_gb, prompt_cache_gb, prefill_chunk."""
+    engine_kw: Engine's max_batch, memory_budget_gb, prompt_cache_gb, prefill_tokens (None: its default)."""
     from flashmoe.runtime.engine import Engine
 
     import flashmoe

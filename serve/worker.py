@@ -3,7 +3,7 @@ their events from per-request asyncio queues.
 
 Engine.add and Engine.cancel are thread-safe; Engine.step runs only on the worker thread, which sleeps
 while the engine has no work. A request that ends early (client gone) is cancelled at once, freeing its
-rows at the next step. The number of requests in flight is bounded: past max_batch + max_queue, submit
+rows at the next step. The number of requests in flight is bounded: past a full batch + max_queue, submit
 raises Overloaded (the server answers 429)."""
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class Ticket:
 class EngineWorker:
     def __init__(self, engine, max_queue: int = 64):
         self.engine = engine
-        self.limit = int(engine.plan.max_batch) + max(0, int(max_queue))
+        batch = max(1, min(int(engine.max_batch), int(engine.plan.max_batch)))  # rows that fit at once
+        self.limit = batch + max(0, int(max_queue))
         self._cond = threading.Condition()
         self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False

@@ -252,3 +252,117 @@ def test_json_format_check():
     assert "schema" in f.check('{"n": "one"}')[0]
     assert "not valid JSON" in f.check("{n: 1")[0]
     assert parse_response_format({"type": "json_object"}).check("[1]")[0] == "not a JSON object"
+
+
+# ----------------------------------------------------------------------------------------------
+# the server, through real clients
+
+MODEL = "tiny"
+PROMPTS = ["The quick brown fox", "A journey of a thousand", "To be or not to be", "All that glitters",
+           "The early bird catches", "The second mouse gets", "jumps over the lazy", "begins with a single"]
+
+
+class LiveServer:
+    """uvicorn serving create_app(server) on 127.0.0.1 (a free port), in a thread of this process."""
+
+    def __init__(self, server):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        from flashmoe.serve.app import create_app
+
+        self.server = server
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        t0 = time.time()
+        while not self.uv.started:
+            assert time.time() - t0 < 30 and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+
+    def openai(self, key="none"):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, timeout=120, max_retries=0)
+
+    def anthropic(self, key="none"):
+        import anthropic
+
+        return anthropic.Anthropic(base_url=self.url, api_key=key, timeout=120, max_retries=0)
+
+    def close(self):
+        self.uv.should_exit = True
+        self.thread.join(30)
+
+
+def _server(loaded, server_cls=None, bits=None, engine_kw=None, **config):
+    from flashmoe.runtime.engine import Engine
+    from flashmoe.serve.app import Server, ServerConfig
+
+    model, tok = loaded(bits)
+    engine = Engine(model, tok, **(engine_kw or {}))
+    cfg = ServerConfig(model_id=MODEL, sampling={"temperature": 0.0, "top_p": 1.0, "top_k": 0}, **config)
+    return (server_cls or Server)(model, tok, engine, cfg)
+
+
+@pytest.fixture(scope="module")
+def live(loaded):
+    s = LiveServer(_server(loaded))
+    yield s
+    s.close()
+
+
+def _reference(loaded, prompt, max_tokens, chat=True):
+    import flashmoe
+
+    model, tok = loaded(None)
+    chunks = list(flashmoe.generate(model, tok, prompt, max_tokens=max_tokens, chat_template=chat))
+    return "".join(c.text for c in chunks), chunks[-1].stats["generated_tokens"]
+
+
+def test_models_health_and_greedy_chat_equals_generate(live, loaded):
+    import httpx
+
+    oa = live.openai()
+    assert [m.id for m in oa.models.list().data] == [MODEL]
+    assert httpx.get(live.url + "/health", timeout=10).json()["status"] == "ok"
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    want, n = _reference(loaded, msgs, 24)
+    r = oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == want
+    assert r.usage.completion_tokens == n and r.choices[0].finish_reason in ("stop", "length")
+    stream = oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True,
+                                        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == n
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [r.choices[0].finish_reason]
+
+
+def test_completions_raw_text_equals_generate(live, loaded):
+    want, _ = _reference(loaded, PROMPTS[1], 20, chat=False)
+    oa = live.openai()
+    r = oa.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=20, temperature=0)
+    assert r.choices[0].text == want
+    s = oa.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in s if c.choices) == want
+
+
+def test_anthropic_messages_equal_generate(live, loaded):
+    msgs = [{"role": "user", "content": PROMPTS[2]}]
+    want, n = _reference(loaded, [{"role": "system", "content": "Be brief."}] + msgs, 20)
+    ac = live.anthropic()
+    r = ac.messages.create(model=MODEL, system="Be brief.", messages=msgs, max_tokens=20)
+    assert [b.type for b in r.content] == ["text"] and r.content[0].text == want
+    assert r.usage.output_tokens == n and r.stop_reason in ("end_turn", "max_tokens")
+    with ac.messages.stream(model=MODEL, system="Be brief.", messages=msgs, max_tokens=20) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == want and final.content[0].text == want and final.stop_reason == r.stop_reason
