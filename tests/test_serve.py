@@ -3,6 +3,7 @@ official `openai` and `anthropic` clients against a uvicorn server on 127.0.0.1 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -366,3 +367,167 @@ def test_anthropic_messages_equal_generate(live, loaded):
         text = "".join(s.text_stream)
         final = s.get_final_message()
     assert text == want and final.content[0].text == want and final.stop_reason == r.stop_reason
+
+
+# ---- tool calls: scripted model output through the Qwen3.5 template ----------------------------
+
+
+class ScriptedServer:
+    """A Server whose model 'writes' self.script (its tokens, then EOS) through SamplingParams.sampler:
+    a tiny model cannot choose tools, so the tool-call path is driven with forced output."""
+
+    @staticmethod
+    def of(base_cls):
+        class Scripted(base_cls):
+            script = ""
+
+            def make_params(self, **kw):
+                p = super().make_params(**kw)
+                ids, eos = self.tokenizer.encode(self.script), min(self.engine.eos)
+                p.sampler = lambda logits, gen: ids[len(gen)] if len(gen) < len(ids) else eos
+                return p
+
+        return Scripted
+
+
+@pytest.fixture(scope="module")
+def qwen_bundle(bundles, tmp_path_factory):
+    import shutil
+
+    d = tmp_path_factory.mktemp("qwen35") / "bundle"
+    shutil.copytree(bundles[None], d)
+    (d / "chat_template.jinja").write_text(QWEN35_TEMPLATE)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = QWEN35_TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    manifest = json.loads((d / "flashmoe.json").read_text())
+    for f in manifest["files"]:  # the manifest records every file's size and sha256
+        if f["path"] in ("chat_template.jinja", "tokenizer_config.json"):
+            data = (d / f["path"]).read_bytes()
+            f["size"], f["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (d / "flashmoe.json").write_text(json.dumps(manifest))
+    return d
+
+
+@pytest.fixture(scope="module")
+def qwen_live(qwen_bundle):
+    """Two servers on the Qwen3.5-template bundle: one scripted, one running the model itself."""
+    import flashmoe
+    from flashmoe.runtime.engine import Engine
+    from flashmoe.serve.app import Server, ServerConfig
+
+    model, tok = flashmoe.load(qwen_bundle)
+    cfg = ServerConfig(model_id=MODEL, sampling={"temperature": 0.0, "top_p": 1.0, "top_k": 0})
+    scripted = LiveServer(ScriptedServer.of(Server)(model, tok, Engine(model, tok), cfg))
+    real = LiveServer(Server(model, tok, Engine(model, tok), cfg))
+    yield scripted, real
+    scripted.close()
+    real.close()
+
+
+def _accumulate_openai_stream(chunks):
+    content, reasoning, calls, reasons = [], [], {}, []
+    for c in chunks:
+        if not c.choices:
+            continue
+        d = c.choices[0].delta
+        content.append(d.content or "")
+        reasoning.append((d.model_extra or {}).get("reasoning_content") or "")
+        for tc in d.tool_calls or []:
+            slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            slot["id"] = tc.id or slot["id"]
+            slot["name"] += tc.function.name or ""
+            slot["arguments"] += tc.function.arguments or ""
+        if c.choices[0].finish_reason:
+            reasons.append(c.choices[0].finish_reason)
+    return "".join(content), "".join(reasoning), [calls[i] for i in sorted(calls)], reasons
+
+
+def test_tool_calls_openai_structured_and_streamed(qwen_live):
+    scripted, _ = qwen_live
+    scripted.server.script = CALL_TEXT
+    oa = scripted.openai()
+    msgs = [{"role": "user", "content": "Weather in New York?"}]
+    r = oa.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=400)
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert m.content == "Let me check." and m.model_extra["reasoning_content"] == "The user wants weather."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls] == \
+        [("get_weather", a) for a in CALL_ARGS]
+    assert len({c.id for c in m.tool_calls}) == 2
+    content, reasoning, calls, reasons = _accumulate_openai_stream(
+        oa.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=400, stream=True))
+    assert (content, reasoning, reasons) == ("Let me check.", "The user wants weather.", ["tool_calls"])
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", a) for a in CALL_ARGS]
+    assert all(c["id"] for c in calls)
+    # the reply goes back into the conversation: assistant tool_calls + tool results render and run
+    follow = msgs + [m.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": c.id, "content": "sunny"} for c in m.tool_calls]
+    scripted.server.script = "</think>\n\nIt is sunny."
+    r2 = oa.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], max_tokens=50)
+    assert r2.choices[0].message.content == "It is sunny." and r2.choices[0].finish_reason == "stop"
+
+
+def test_tool_choice_forces_a_call(qwen_live, qwen_bundle):
+    scripted, _ = qwen_live
+    scripted.server.script = "<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>"
+    oa = scripted.openai()
+    msgs = [{"role": "user", "content": "Weather?"}]
+    r = oa.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=100,
+                                   tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    m = r.choices[0].message
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    assert not m.content and "reasoning_content" not in (m.model_extra or {})
+    tok = scripted.server.tokenizer
+    forced = render(tok, openai_messages(msgs), [WEATHER], "get_weather")
+    assert r.usage.prompt_tokens == len(tok.encode(forced.text))
+
+
+def test_tool_use_anthropic_structured_and_streamed(qwen_live):
+    scripted, _ = qwen_live
+    scripted.server.script = CALL_TEXT
+    ac = scripted.anthropic()
+    tools = [{"name": "get_weather", "description": "Weather for a city",
+              "input_schema": WEATHER["function"]["parameters"]}]
+    msgs = [{"role": "user", "content": "Weather in New York?"}]
+    r = ac.messages.create(model=MODEL, messages=msgs, tools=tools, max_tokens=400)
+    assert [b.type for b in r.content] == ["text", "tool_use", "tool_use"] and r.stop_reason == "tool_use"
+    assert r.content[0].text == "Let me check." and [b.input for b in r.content[1:]] == CALL_ARGS
+    think = ac.messages.create(model=MODEL, messages=msgs, tools=tools, max_tokens=400,
+                               thinking={"type": "enabled", "budget_tokens": 1024})
+    assert [b.type for b in think.content] == ["thinking", "text", "tool_use", "tool_use"]
+    assert think.content[0].thinking == "The user wants weather."
+    with ac.messages.stream(model=MODEL, messages=msgs, tools=tools, max_tokens=400) as s:
+        final = s.get_final_message()
+    assert [b.type for b in final.content] == ["text", "tool_use", "tool_use"] and final.stop_reason == "tool_use"
+    assert final.content[0].text == "Let me check." and [b.input for b in final.content[1:]] == CALL_ARGS
+    # tool results go back as tool_result blocks
+    follow = msgs + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in r.content]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": b.id, "content": "sunny"}
+                                                  for b in r.content[1:]]}]
+    scripted.server.script = "</think>\n\nIt is sunny."
+    r2 = ac.messages.create(model=MODEL, messages=follow, tools=tools, max_tokens=50)
+    assert [b.type for b in r2.content] == ["text"] and r2.content[0].text == "It is sunny."
+    assert r2.stop_reason == "end_turn"
+
+
+def test_end_to_end_real_template_with_tools(qwen_live):
+    """The model itself (greedy) behind the Qwen3.5 template with tools: the prompt is the template's
+    rendering with the tools block, and the answer is the model's own output, parsed."""
+    import flashmoe
+
+    _, real = qwen_live
+    tok, model = real.server.tokenizer, real.server.model
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"}]
+    prompt = render(tok, openai_messages(msgs), [WEATHER])
+    assert "<tools>\n" + json.dumps(WEATHER) in prompt.text and prompt.reasoning
+    ids = tok.encode(prompt.text)
+    text = "".join(c.text for c in flashmoe.generate(model, tok, ids, max_tokens=24))
+    p = OutputParser(True, tool_schemas([WEATHER]))
+    want_r, want_c, want_calls = _split(p.feed(text) + p.close())
+    r = real.openai().chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=24,
+                                              temperature=0)
+    m = r.choices[0].message
+    assert r.usage.prompt_tokens == len(ids)
+    assert (m.model_extra or {}).get("reasoning_content", "") == want_r and (m.content or "") == want_c
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls or []] == want_calls
