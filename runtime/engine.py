@@ -41,6 +41,7 @@ from .model import Cache
 from .sampling import SamplingParams, Sequence
 
 PREFILL_TOKENS = 2048  # tokens per prefill forward (all joining rows together)
+MAX_BATCH = 256  # rows at once unless the caller says otherwise (the memory budget usually binds first)
 REFERENCE_CONTEXT = 4096  # context length at which the plan quotes sequences per budget
 
 
@@ -82,7 +83,7 @@ class MemoryPlan:
     state_bytes: int  # fixed per sequence
     kv_bytes_per_token: int  # per token of context
     budget_bytes: int
-    max_batch: int  # at the reference context, capped by the caller's max_batch
+    max_batch: int  # sequences that fit at the reference context, capped by the caller's max_batch
     reference_context: int
 
     @staticmethod
@@ -98,7 +99,7 @@ class MemoryPlan:
         ctx = min(reference_context, cfg.max_position_embeddings)
         fit = max(0, budget_bytes // (state + kv * ctx))
         cap = fit if max_batch is None else min(fit, max_batch)
-        return MemoryPlan(state, kv, budget_bytes, max(1, cap) if fit else 0, ctx)
+        return MemoryPlan(state, kv, budget_bytes, cap, ctx)
 
     @property
     def per_sequence_bytes(self) -> int:
@@ -279,11 +280,14 @@ class Engine:
             raise CapacityError(f"memory budget {memory_budget_gb!r} GB: give a positive number of gigabytes")
         budget = int(memory_budget_gb * 1e9) if memory_budget_gb is not None else available_memory() // 2
         self.plan = MemoryPlan.for_model(model, budget, max_batch)
-        if self.plan.max_batch == 0:
-            need = self.plan.bytes_for(1, 1)
-            raise CapacityError(f"the memory budget ({budget / 1e9:.2f} GB) cannot hold even one sequence "
-                                f"({need / 1e9:.3f} GB of state); raise --memory-budget")
-        self.max_batch = self.plan.max_batch
+        need = self.plan.bytes_for(1, 1)
+        if need > budget:
+            raise CapacityError(f"the memory budget ({budget / 1e6:.3g} MB) cannot hold even one sequence "
+                                f"({need / 1e6:.3g} MB of state); raise --memory-budget")
+        # rows at once: the caller's cap; admission then checks the real sizes against the budget
+        self.max_batch = int(max_batch) if max_batch is not None else MAX_BATCH
+        if self.max_batch < 1:
+            raise CapacityError(f"max batch must be >= 1 (got {max_batch})")
         pc = PromptCache(int(prompt_cache_gb * 1e9)) if prompt_cache_gb and prompt_cache_gb > 0 else None
         self.runner = runner or BatchRunner(model, prefill_tokens, pc)
         self.prompt_cache = self.runner.prompt_cache
