@@ -50,7 +50,7 @@ class JobSummary:
     prefill_s: float = 0.0  # engine steps that prefilled (they decode running rows too)
     decode_s: float = 0.0  # engine steps that only decoded
     decode_only_tokens: int = 0  # tokens generated in decode-only steps
-    max_batch: int = 0
+    max_batch: int = 0  # the engine's cap on rows at once (its memory plan admits within it)
     plan: str = ""
 
     @property
@@ -138,9 +138,8 @@ def _run(model, tokenizer, source, log: OutputLog, options: JobOptions, engine) 
         from flashmoe.runtime.engine import Engine
 
         engine = Engine(model, tokenizer, max_batch=options.batch_size, memory_budget_gb=options.memory_budget_gb)
-    plan = engine.plan
-    summary.max_batch, summary.plan = plan.max_batch, plan.describe()
-    limit = min(plan.max_context, model.config.max_position_embeddings)
+    summary.max_batch, summary.plan = engine.max_batch, engine.plan.describe()
+    limit = model.config.max_position_embeddings
 
     errors, ready = [], []
     for it in todo:
@@ -159,16 +158,16 @@ def _run(model, tokenizer, source, log: OutputLog, options: JobOptions, engine) 
 
     progress = JobProgress(summary, enabled=options.progress)
     try:
-        _drive(engine, deque(ready), log, summary, progress, options.model_name, max(1, plan.max_batch))
+        _drive(engine, deque(ready), log, summary, progress, options.model_name)
     finally:
         progress.close()
         summary.wall_s = time.perf_counter() - t0
     return summary
 
 
-def _drive(engine, queue: deque, log: OutputLog, summary: JobSummary, progress: JobProgress, model_name: str,
-           max_batch: int) -> None:
-    window = 2 * max_batch  # queued ahead of the engine's rows, so a freed row is refilled at the next step
+def _drive(engine, queue: deque, log: OutputLog, summary: JobSummary, progress: JobProgress,
+           model_name: str) -> None:
+    window = 2 * engine.max_batch  # queued ahead of the engine's rows: a freed row is refilled at the next step
     running: dict[int, tuple[Request, int, list[str]]] = {}
     c0 = dict(engine.counters)
     while queue or running:
@@ -177,7 +176,7 @@ def _drive(engine, queue: deque, log: OutputLog, summary: JobSummary, progress: 
             req, ids, params = queue.popleft()
             try:
                 sid = engine.add(ids.tolist(), params, tag=req.line)
-            except FlashmoeError as e:  # the engine's own checks (its plan's context, its queue)
+            except FlashmoeError as e:  # the engine's own checks (one sequence past the memory budget)
                 records.append(error_record(_bad(req, e, "capacity" if isinstance(e, CapacityError) else
                                                  "invalid_request")))
                 summary.failed += 1

@@ -6,7 +6,6 @@ every request exactly once with its uninterrupted answer, and two runs on one ou
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,7 +13,6 @@ import sys
 import time
 
 import pytest
-
 from flashmoe.batch.journal import OutputLog
 from flashmoe.batch.output import answer_record, error_record, line_of
 from flashmoe.batch.requests import BadLine, Defaults, Request, parse_lines
@@ -117,9 +115,12 @@ def test_duplicate_custom_id_is_an_error_line():
 def test_output_records_validate_as_openai_types():
     from openai.types import BatchError, Completion
     from openai.types.chat import ChatCompletion
-    from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
-    from openai.types.completion_create_params import \
-        CompletionCreateParamsNonStreaming as LegacyParams
+    from openai.types.chat.completion_create_params import (
+        CompletionCreateParamsNonStreaming,
+    )
+    from openai.types.completion_create_params import (
+        CompletionCreateParamsNonStreaming as LegacyParams,
+    )
     from pydantic import TypeAdapter
 
     chat_body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -186,3 +187,196 @@ def test_journal_lock_refuses_a_second_writer(tmp_path):
         with pytest.raises(InputError, match="in use by another flashmoe-batch run"):
             OutputLog(out)
     OutputLog(out).close()  # released with the first
+
+
+# ----------------------------------------------------------------------------------------------
+# whole jobs on the trained tiny model
+
+
+def make_job(n, seed=0, max_tokens=(3, 6, 10)):
+    """n request lines in every form: simple prompt, simple messages, OpenAI chat, OpenAI completions (raw),
+    some with a stop string, a few sampled with a seed."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        mt = rng.choice(max_tokens)
+        p = text(rng, rng.randint(2, 40))
+        k = i % 5
+        if k == 0:
+            lines.append(json.dumps({"id": f"s{i}", "prompt": p, "max_tokens": mt}))
+        elif k == 1:
+            lines.append(json.dumps({"id": f"m{i}", "messages": [{"role": "user", "content": p}],
+                                     "max_tokens": mt, "stop": ["the"]}))
+        elif k == 2:
+            lines.append(oa(f"c{i}", CHAT, model="tiny", max_tokens=mt,
+                            messages=[{"role": "system", "content": text(rng, 5)}, {"role": "user", "content": p}]))
+        elif k == 3:
+            lines.append(oa(f"t{i}", COMPL, model="tiny", prompt=p, max_tokens=mt))
+        else:
+            lines.append(oa(f"r{i}", COMPL, model="tiny", prompt=p, max_tokens=mt, temperature=0.9, seed=i))
+    return lines
+
+
+def alone(model, tok, req):
+    """The request run by itself through flashmoe.generate: (text, finish_reason, generated tokens)."""
+    import flashmoe
+
+    s = req.sampling
+    chunks = list(flashmoe.generate(model, tok, req.prompt, max_tokens=s["max_tokens"], temperature=s["temperature"],
+                                    top_p=s["top_p"], top_k=s["top_k"], seed=s["seed"], stop=list(s["stop"]),
+                                    chat_template=req.chat))
+    return ("".join(c.text for c in chunks), chunks[-1].finish_reason,
+            sum(c.token is not None for c in chunks))
+
+
+def answer_of(rec):
+    body = rec["response"]["body"]
+    ch = body["choices"][0]
+    return (ch["message"]["content"] if body["object"] == "chat.completion" else ch["text"], ch["finish_reason"],
+            body["usage"]["completion_tokens"])
+
+
+def test_job_answers_equal_each_line_alone(loaded, tmp_path):
+    from flashmoe.batch import JobOptions, run_jobs
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    model, tok = loaded(None)
+    lines = [ln for ln in make_job(40) if '"temperature"' not in ln]  # greedy only: 32 lines
+    lines += [json.dumps({"id": f"g{i}", "prompt": text(random.Random(i), 300), "max_tokens": 8})
+              for i in range(8)]  # and 8 long prompts
+    assert len(lines) == 40
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    summary = run_jobs(model, tok, src, tmp_path / "out.jsonl", JobOptions(batch_size=6, progress=False))
+    assert (summary.total, summary.done, summary.failed, summary.skipped) == (40, 40, 0, 0)
+    recs = records(tmp_path / "out.jsonl")
+    assert sorted(line_of(r) for r in recs) == list(range(1, 41))
+    reqs = {r.line: r for r in parse_lines(lines)}
+    for rec in recs:
+        req = reqs[line_of(rec)]
+        assert rec["custom_id"] == req.custom_id and rec["error"] is None
+        (ChatCompletion if req.chat else Completion).model_validate(rec["response"]["body"])
+        assert answer_of(rec) == alone(model, tok, req), req
+    assert summary.generated_tokens == sum(answer_of(r)[2] for r in recs)
+
+
+def test_malformed_lines_become_error_lines(bundles, tmp_path, capsys):
+    from flashmoe.batch.cli import main
+
+    rng = random.Random(5)
+    lines = [json.dumps({"id": f"ok{i}", "prompt": text(rng, 5)}) for i in range(45)]
+    bad = {  # line number -> expected error code
+        4: ("{\"id\": \"broken\", \"prompt\": ", "invalid_json"),
+        11: (oa("u", "/v1/embeddings", input="x"), "unknown_url"),
+        20: (json.dumps({"id": "np", "max_tokens": 3}), "missing_prompt"),
+        31: (json.dumps({"id": "long", "prompt": "fox " * 5000}), "context_length_exceeded"),
+        42: (oa("t", CHAT, messages=[{"role": "user", "content": "a"}], temperature=-1), "invalid_sampling"),
+    }
+    for n in sorted(bad):
+        lines.insert(n - 1, bad[n][0])
+    assert len(lines) == 50
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    rc = main([str(bundles[None]), str(src), "-o", str(out), "--max-tokens", "3", "--batch-size", "8", "-q",
+               "--stats-json", str(stats)])
+    assert rc == 0
+    assert "45 done, 5 failed, 0 skipped" in capsys.readouterr().err
+    recs = records(out)
+    assert len(recs) == 50
+    errs = {line_of(r): r["error"] for r in recs if r["error"] is not None}
+    assert {n: e["code"] for n, e in errs.items()} == {n: code for n, (_, code) in bad.items()}
+    assert "past the context limit of 4096" in errs[31]["message"]
+    assert "temperature" in errs[42]["message"]
+    assert all(r["response"]["status_code"] == 200 for r in recs if r["error"] is None)
+    s = json.loads(stats.read_text())
+    assert (s["done"], s["failed"], s["skipped"]) == (45, 5, 0) and s["generated_tokens"] > 0
+    # the same command again: nothing to do, nothing written twice
+    assert main([str(bundles[None]), str(src), "-o", str(out), "-q"]) == 0
+    assert "0 done, 0 failed, 50 skipped" in capsys.readouterr().err
+    assert len(records(out)) == 50
+    # a different input on the same output is refused
+    src.write_text("\n".join(reversed(lines)) + "\n")
+    assert main([str(bundles[None]), str(src), "-o", str(out), "-q"]) == 2
+    assert "was written for a different input" in capsys.readouterr().err
+
+
+def _cli(bundle, src, out, *extra):
+    return [sys.executable, "-m", "flashmoe.batch.cli", str(bundle), str(src), "-o", str(out), "-q",
+            "--max-tokens", "3", "--batch-size", "16", *extra]
+
+
+def _tail_ok(path):
+    """Every complete line is a valid record; returns (lines, torn tail bytes)."""
+    data = path.read_bytes() if path.exists() else b""
+    end = data.rfind(b"\n") + 1
+    return [json.loads(x) for x in data[:end].split(b"\n")[:-1]], len(data) - end
+
+
+def test_kill9_at_random_moments_then_resume(loaded, bundles, tmp_path):
+    from flashmoe.batch import Defaults, JobOptions, run_jobs
+
+    model, tok = loaded(None)
+    rng = random.Random(7)
+    lines = [json.dumps({"id": f"d{i}", "prompt": text(rng, rng.randint(1, 6))}) if i % 7 else
+             json.dumps({"id": f"d{i}", "prompt": text(rng, 3), "temperature": 0.8, "seed": i}) for i in range(200)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    ref = tmp_path / "ref.jsonl"
+    run_jobs(model, tok, src, ref, JobOptions(Defaults(max_tokens=3), batch_size=16, progress=False))
+    want = {r["custom_id"]: answer_of(r) for r in records(ref)}
+    assert len(want) == 200
+
+    out = tmp_path / "out.jsonl"
+    kills, mid_job = 0, 0
+    for attempt in range(8):
+        before = len(_tail_ok(out)[0])
+        p = subprocess.Popen(_cli(bundles[None], src, out), stderr=subprocess.PIPE)
+        if attempt == 0:
+            time.sleep(rng.uniform(0.2, 1.5))  # during start-up and recovery
+        else:  # once it writes answers, at a random moment among them
+            t_end = time.time() + 60
+            while p.poll() is None and len(_tail_ok(out)[0]) == before and time.time() < t_end:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.4))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        done, torn = _tail_ok(out)  # valid JSONL (at most one torn line a resume removes)
+        mid_job += 0 < len(done) < 200 and p.returncode == -signal.SIGKILL
+        if p.returncode == 0:
+            break
+    r = subprocess.run(_cli(bundles[None], src, out), stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert kills >= 3 and mid_job >= 2, (kills, mid_job)
+    got = records(out)
+    assert len(got) == 200 and len({line_of(x) for x in got}) == 200  # each request exactly once
+    assert {x["custom_id"]: answer_of(x) for x in got} == want  # each equal to its uninterrupted answer
+    assert "0 done, 0 failed, 200 skipped" in r.stderr
+
+
+def test_two_runs_on_one_output_are_refused(bundles, tmp_path):
+    rng = random.Random(3)
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": text(rng, 4)}) for _ in range(200)) + "\n")
+    out = tmp_path / "out.jsonl"
+    first = subprocess.Popen(_cli(bundles[None], src, out, "--max-tokens", "50"), stderr=subprocess.PIPE)
+    try:
+        t_end = time.time() + 60
+        while True:  # until the first run holds the output
+            try:
+                OutputLog(out).close()
+            except InputError:
+                break
+            assert first.poll() is None and time.time() < t_end
+            time.sleep(0.02)
+        size = out.stat().st_size
+        second = subprocess.run(_cli(bundles[None], src, out), stderr=subprocess.PIPE, text=True, timeout=120)
+        assert second.returncode == 2
+        assert "in use by another flashmoe-batch run" in second.stderr and "Traceback" not in second.stderr
+        assert first.poll() is None and out.stat().st_size >= size
+    finally:
+        first.kill()
+        first.wait()
