@@ -117,13 +117,13 @@ def save(model, tok, out: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", type=Path, default=HERE / "model", help="checkpoint directory to write")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
+    p.add_argument("--batch", type=int, default=12, help="sequences per step (default 12)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and batch order (default 0)")
     p.add_argument("--heldout", type=Path, default=HERE / "heldout.txt", help="where to write the held-out text")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a busy machine more threads stall each other)")
     a = p.parse_args(argv)
 
     import torch

@@ -10,7 +10,7 @@ from flashmoe.cli import add_common_arguments, run_cli
 PUBLISH_EPILOG = """\
 Tokens come from HF_TOKEN or `hf auth login` (never printed). The upload resumes: if it is
 interrupted, run the same command again. Private storage on free Hub accounts is limited; a
-120-209 GB bundle needs a public repo or a paid plan.
+120-230 GB bundle needs a public repo or a paid plan.
 """
 
 
@@ -69,6 +69,9 @@ def _pull_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="re-hash every file even if it was verified before and has not changed since")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--shard", metavar="R/N",
+                   help="only rank R of N's part for a run on N machines (mlx.launch): its experts (e %% N == R) "
+                        "and the dense weights, into -o DIR (README: Several machines)")
     add_common_arguments(p)
     return p
 
@@ -78,8 +81,17 @@ def _pull(a: argparse.Namespace) -> int:
     from .download import pull_bundle
 
     try:
-        path = pull_bundle(a.repo_id, revision=a.revision, local_dir=a.output, cache_dir=a.cache_dir,
-                           progress=not a.quiet, full_verify=a.verify)
+        if a.shard is not None:
+            from .shard import parse_shard, pull_shard
+
+            rank, size = parse_shard(a.shard)
+            if a.output is None:
+                raise HubError("--shard needs -o DIR: a part of a bundle is kept in its own directory, not in the "
+                               "Hugging Face cache")
+            path = pull_shard(a.repo_id, rank, size, a.output, revision=a.revision, progress=not a.quiet)
+        else:
+            path = pull_bundle(a.repo_id, revision=a.revision, local_dir=a.output, cache_dir=a.cache_dir,
+                               progress=not a.quiet, full_verify=a.verify)
     except KeyboardInterrupt:
         print("flashmoe-pull: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -140,14 +140,10 @@ class LineReader:
         return body.rstrip()[: -len(FENCE)].strip("\n")
 
 
-def _progress(done: int, total: int) -> None:
-    sys.stderr.write(f"\rprefill {done}/{total} tokens ({100 * done // max(total, 1)}%)")
-    sys.stderr.flush()
-
-
-def prefill(model, session: Session, ids: list[int], stop: Interrupt | None = None) -> None:
+def prefill(model, session: Session, ids: list[int], stop: Interrupt | None = None, err=None) -> None:
     """Feed ids[len(session.ids):] into the session's cache chunk by chunk with a progress line, stopping
     between chunks on Ctrl-C (the session then holds what was fed)."""
+    err = err or sys.stderr
     if not (session.cache is not None and ids[: len(session.ids)] == session.ids):
         session.reset()
         session.cache = model.make_cache()
@@ -156,11 +152,13 @@ def prefill(model, session: Session, ids: list[int], stop: Interrupt | None = No
         chunk = ids[i: i + PREFILL_CHUNK]
         mx.eval(model(mx.array([chunk]), session.cache, last_only=True))
         session.ids = ids[: i + len(chunk)]
-        _progress(len(session.ids) - start, total)
+        done = len(session.ids) - start
+        err.write(f"\rprefill {done}/{total} tokens ({100 * done // max(total, 1)}%)")
+        err.flush()
         if stop is not None and stop.hit:
             break
-    sys.stderr.write("\r\033[K")
-    sys.stderr.flush()
+    err.write("\r\033[K")
+    err.flush()
 
 
 class Chat:
@@ -186,7 +184,7 @@ class Chat:
         with Interrupt() as stop:
             try:
                 if len(ids) - cached > PROGRESS_MIN and len(ids) < model.config.max_position_embeddings:
-                    prefill(model, conv.session, ids[:-1], stop)  # generate() then feeds the last token
+                    prefill(model, conv.session, ids[:-1], stop, self.err)  # generate() then feeds the last token
                 t_own = time.perf_counter() - t0
                 if not stop.hit:
                     gen = generate(model, self.tok, ids, session=conv.session, **gen_kwargs(self.args))
@@ -215,8 +213,8 @@ class Chat:
             self.last = {"new": len(ids) - cached, "cached": cached, "prefill_s": t_own + stats["prefill_s"],
                          "generated": stats["generated_tokens"], "decode_s": stats["decode_s"],
                          "decode_tps": stats["decode_tps"]}
-            if self.args.stats:
-                self.say(fmt_stats(stats))
+            if self.args.stats:  # this turn's figures, then where the time went
+                self.say(self.stats_text() + "\n" + "\n".join(fmt_stats(stats).splitlines()[2:]))
 
     def keep_cache(self) -> None:
         """After a stopped reply, make the cache hold the conversation again (re-reading it if the stop
@@ -226,7 +224,7 @@ class Chat:
             return
         with Interrupt() as stop:
             try:
-                prefill(self.model, session, ids, stop)
+                prefill(self.model, session, ids, stop, self.err)
             except KeyboardInterrupt:
                 session.reset()
 
