@@ -511,6 +511,27 @@ def test_tool_use_anthropic_structured_and_streamed(qwen_live):
     assert r2.stop_reason == "end_turn"
 
 
+def test_response_format_validated_with_retries(qwen_live):
+    import openai
+
+    scripted, _ = qwen_live
+    oa = scripted.openai()
+    msgs = [{"role": "user", "content": "Give n as JSON"}]
+    schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}
+    scripted.server.script = '</think>\n\n```json\n{"n": 1}\n```'
+    r = oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, response_format=schema)
+    assert r.choices[0].message.content == '{"n": 1}'
+    s = oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, stream=True,
+                                   response_format={"type": "json_object"})
+    assert _accumulate_openai_stream(s)[0] == '{"n": 1}'
+    scripted.server.script = '</think>\n\n{"n": "one"}'  # valid JSON, wrong type: every retry fails
+    before = scripted.server.engine.counters["finished"]
+    with pytest.raises(openai.UnprocessableEntityError, match="schema"):
+        oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, response_format=schema)
+    assert scripted.server.engine.counters["finished"] - before == scripted.server.config.json_attempts
+
+
 def test_end_to_end_real_template_with_tools(qwen_live):
     """The model itself (greedy) behind the Qwen3.5 template with tools: the prompt is the template's
     rendering with the tools block, and the answer is the model's own output, parsed."""
@@ -531,3 +552,193 @@ def test_end_to_end_real_template_with_tools(qwen_live):
     assert r.usage.prompt_tokens == len(ids)
     assert (m.model_extra or {}).get("reasoning_content", "") == want_r and (m.content or "") == want_c
     assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls or []] == want_calls
+
+
+# ---- concurrency, disconnects, errors, keys ------------------------------------------------------
+
+
+def _stream_text(live, prompt, max_tokens):
+    s = live.openai().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=max_tokens, temperature=0, stream=True)
+    return "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+
+
+def test_16_concurrent_streams_each_get_their_alone_text(live):
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(PROMPTS[i % len(PROMPTS)], 8 + 2 * i) for i in range(16)]
+    alone = {}
+    for p, n in jobs:
+        alone[p, n] = _stream_text(live, p, n)
+    steps0 = live.server.engine.counters["steps"]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda j: _stream_text(live, *j), jobs))
+    assert together == [alone[j] for j in jobs]
+    # they really ran batched: far fewer engine steps than the tokens generated
+    assert live.server.engine.counters["steps"] - steps0 < sum(n for _, n in jobs) / 2
+
+
+def test_20_clients_disconnecting_mid_stream_leave_nothing_behind(live):
+    import threading
+    import time
+
+    import httpx
+
+    engine, worker = live.server.engine, live.server.worker
+    threads0, cancelled0 = threading.active_count(), engine.counters["cancelled"]
+    got = []
+
+    def client(i):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": 3000, "stream": True}
+        with httpx.Client(timeout=60) as c, c.stream("POST", live.url + "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content"' in line and '"content": ""' not in line:
+                    got.append(i)
+                    break  # leave mid-stream: the connection closes
+
+    ts = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert sorted(got) == list(range(20))
+    t0 = time.time()
+    while (engine.counters["running"] or engine.counters["waiting"] or worker.in_flight) and time.time() - t0 < 30:
+        time.sleep(0.05)
+    assert engine.counters["running"] == engine.counters["waiting"] == worker.in_flight == 0
+    assert engine.counters["cancelled"] - cancelled0 == 20
+    assert engine.runner.rows == [] and engine.runner.cache_bytes() == 0  # no sequence state left
+    assert not engine.has_work()
+    assert threading.active_count() == threads0
+    assert time.time() - t0 < 30  # cancelled at once, not run to 3000 tokens
+
+
+BAD = [  # path, body (dict, or raw bytes), status, words in the message
+    ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model is required"),
+    ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-9"),
+    ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+     400, "temperature"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+     400, "temperature"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+     400, "temperature"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5},
+     400, "top-p"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_k": -2},
+     400, "top_k"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": -5},
+     400, "seed"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+     400, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
+     400, "limit"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n=1"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": [1]},
+     400, "stop"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+     400, "stream"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "tool_choice": "required"}, 400, "no tools"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "yaml"}}, 400, "yaml"),
+    ("/v1/completions", {"model": MODEL, "prompt": list(range(3, 200)) * 25}, 413, "context"),
+    ("/v1/completions", {"model": MODEL, "prompt": [99999]}, 400, "token ids"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "empty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/messages", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, 400, "max_tokens"),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]}, 400, "role"),
+    ("/v1/messages", {"model": "claude-9", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+     404, "claude-9"),
+    ("/v1/nothing", {}, 404, "no route"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, words", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_their_4xx(live, path, body, status, words):
+    import httpx
+
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(live.url + path, timeout=30, **kw)
+    assert r.status_code == status, r.text
+    j = r.json()
+    err = j["error"] if path != "/v1/messages" else (j["type"] == "error" and j["error"])
+    assert words in err["message"] and "Traceback" not in r.text and err["type"]
+
+
+def test_bad_requests_through_the_clients(live):
+    import anthropic
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        live.openai().chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        live.openai().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=7)
+    with pytest.raises(anthropic.NotFoundError):
+        live.anthropic().messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+
+
+def test_full_queue_answers_429(loaded):
+    import threading
+
+    import httpx
+    import openai
+
+    s = LiveServer(_server(loaded, engine_kw={"max_batch": 1}, max_queue=0))
+    try:
+        started, stop = threading.Event(), threading.Event()
+
+        def hold():
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000, "stream": True}
+            with httpx.Client(timeout=60) as c, c.stream("POST", s.url + "/v1/chat/completions", json=body) as r:
+                for _ in r.iter_lines():
+                    started.set()
+                    if stop.is_set():
+                        break
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert started.wait(30)
+        with pytest.raises(openai.RateLimitError):
+            s.openai().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        stop.set()
+        t.join(60)
+    finally:
+        s.close()
+
+
+def test_api_key(loaded):
+    import httpx
+    import openai
+
+    s = LiveServer(_server(loaded, api_key="sekrit"))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.openai("wrong").models.list()
+        assert httpx.get(s.url + "/v1/models", timeout=10).status_code == 401
+        assert httpx.post(s.url + "/v1/chat/completions", json={}, timeout=10).status_code == 401
+        assert [m.id for m in s.openai("sekrit").models.list().data] == [MODEL]
+        r = s.anthropic("sekrit").messages.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "x"}])
+        assert r.type == "message"
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200  # health stays open
+    finally:
+        s.close()
+
+
+def test_prompt_cache_reuses_an_earlier_conversation(loaded):
+    s = LiveServer(_server(loaded, engine_kw={"prompt_cache_gb": 0.5}))
+    try:
+        oa = s.openai()
+        msgs = [{"role": "user", "content": PROMPTS[0]}]
+        r1 = oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+        assert r1.usage.prompt_tokens_details.cached_tokens == 0
+        msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": PROMPTS[1]}]
+        r2 = oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+        assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
+    finally:
+        s.close()
