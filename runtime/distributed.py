@@ -44,11 +44,11 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.format.errors import BundleError, FlashmoeError
+from flashmoe.hub.shard import SHARD_MARKER  # written by `flashmoe-pull --shard r/N`
 
 DEFAULT_TIMEOUT_S = 60.0  # longest wait in one collective (one MoE layer's imbalance) before giving up
 FRAME = 256  # int32 words in the first all_sum of a plan: [length, payload bytes ...]; the rest follows
 EXIT_LOST = 2  # exit status of a rank stopped by the watchdog (an error the user can act on)
-SHARD_MARKER = ".flashmoe-shard.json"  # written by `flashmoe-pull --shard r/N` (hub/shard.py)
 
 
 class DistributedError(FlashmoeError):
@@ -147,7 +147,7 @@ class Link:
     def _all_sum(self, x: mx.array, what: str) -> np.ndarray:
         with self.watchdog.guard(what):
             try:
-                y = mx.distributed.all_sum(x, group=self.group, stream=mx.cpu)
+                y = mx.distributed.all_sum(x, group=self.group)
                 mx.eval(y)
             except RuntimeError as e:
                 if _link_error(e):
