@@ -198,9 +198,9 @@ def sampling_defaults(bundle_dir: Path) -> dict:
         g = json.loads(f.read_text()) if f.is_file() else {}
     except ValueError:
         g = {}
-    for k in d:
+    for k, v in d.items():
         if isinstance(g.get(k), (int, float)) and not isinstance(g.get(k), bool):
-            d[k] = type(d[k])(g[k])
+            d[k] = type(v)(g[k])
     return d
 
 

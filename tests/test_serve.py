@@ -8,9 +8,14 @@ import json
 import random
 
 import pytest
-
-from flashmoe.serve.chat import (anthropic_messages, anthropic_tools, force_from_tool_choice, openai_messages,
-                                 openai_tools, render)
+from flashmoe.serve.chat import (
+    anthropic_messages,
+    anthropic_tools,
+    force_from_tool_choice,
+    openai_messages,
+    openai_tools,
+    render,
+)
 from flashmoe.serve.errors import APIError
 from flashmoe.serve.jsonformat import parse_response_format
 from flashmoe.serve.toolcalls import OutputParser, convert_value, tool_schemas
@@ -168,8 +173,8 @@ class _Tok:
     """Just the chat-template part of runtime.tokenizer.Tokenizer, on a given template."""
 
     def __init__(self, tmp_path, template):
-        from flashmoe.runtime.tokenizer import Tokenizer
         from flashmoe.bench.synth import write_byte_tokenizer
+        from flashmoe.runtime.tokenizer import Tokenizer
 
         write_byte_tokenizer(tmp_path, 512)
         (tmp_path / "chat_template.jinja").write_text(template)
@@ -195,7 +200,7 @@ def test_render_qwen35_tools_and_history(tmp_path):
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n" in p.text
     assert p.text.endswith("<|im_start|>assistant\n<think>\n") and p.reasoning and p.forced == ""
     # a named tool_choice starts the call after closing the think block
-    use, force = force_from_tool_choice({"type": "function", "function": {"name": "get_weather"}}, openai_tools([WEATHER]))
+    _, force = force_from_tool_choice({"type": "function", "function": {"name": "get_weather"}}, openai_tools([WEATHER]))
     p2 = render(tok, msgs, openai_tools([WEATHER]), force)
     assert p2.text.endswith("<think>\n\n</think>\n\n<tool_call>\n<function=get_weather>\n") and not p2.reasoning
     # enable_thinking=false through template kwargs
@@ -272,7 +277,6 @@ class LiveServer:
         import time
 
         import uvicorn
-
         from flashmoe.serve.app import create_app
 
         self.server = server
@@ -412,9 +416,10 @@ def qwen_bundle(bundles, tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen_live(qwen_bundle):
     """Two servers on the Qwen3.5-template bundle: one scripted, one running the model itself."""
-    import flashmoe
     from flashmoe.runtime.engine import Engine
     from flashmoe.serve.app import Server, ServerConfig
+
+    import flashmoe
 
     model, tok = flashmoe.load(qwen_bundle)
     cfg = ServerConfig(model_id=MODEL, sampling={"temperature": 0.0, "top_p": 1.0, "top_k": 0})
@@ -585,6 +590,7 @@ def test_20_clients_disconnecting_mid_stream_leave_nothing_behind(live):
     import httpx
 
     engine, worker = live.server.engine, live.server.worker
+    _stream_text(live, PROMPTS[0], 4)  # warm: the expert reader's thread pool starts on first use
     threads0, cancelled0 = threading.active_count(), engine.counters["cancelled"]
     got = []
 
@@ -610,7 +616,7 @@ def test_20_clients_disconnecting_mid_stream_leave_nothing_behind(live):
     assert engine.counters["cancelled"] - cancelled0 == 20
     assert engine.runner.rows == [] and engine.runner.cache_bytes() == 0  # no sequence state left
     assert not engine.has_work()
-    assert threading.active_count() == threads0
+    assert threading.active_count() == threads0, [t.name for t in threading.enumerate()]
     assert time.time() - t0 < 30  # cancelled at once, not run to 3000 tokens
 
 
@@ -742,3 +748,45 @@ def test_prompt_cache_reuses_an_earlier_conversation(loaded):
         assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
     finally:
         s.close()
+
+
+def test_cli_serves_with_key_from_env_and_refuses_bad_flags(bundles):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    cmd = [sys.executable, "-c", "import sys; from flashmoe.serve.cli import main; sys.exit(main())"]
+    bad = subprocess.run(cmd + [str(bundles[None]), "--port", "70000"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--port 70000" in bad.stderr and "Traceback" not in bad.stderr
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, FLASHMOE_API_KEY="from-env")
+    p = subprocess.Popen(cmd + [str(bundles[None]), "--port", str(port), "--model-name", "m", "--max-tokens", "8"],
+                         env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url, t0 = f"http://127.0.0.1:{port}", time.time()
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert p.poll() is None and time.time() - t0 < 120, "flashmoe-serve did not come up"
+            time.sleep(0.2)
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        import openai
+
+        oa = openai.OpenAI(base_url=url + "/v1", api_key="from-env", timeout=60, max_retries=0)
+        assert [m.id for m in oa.models.list().data] == ["m"]
+        r = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature=0)
+        assert r.usage.completion_tokens <= 8
+    finally:
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "serving 'm' on http://127.0.0.1" in err and "API key required" in err
