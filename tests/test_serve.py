@@ -761,7 +761,8 @@ def test_cli_serves_with_key_from_env_and_refuses_bad_flags(bundles):
     import httpx
 
     cmd = [sys.executable, "-c", "import sys; from flashmoe.serve.cli import main; sys.exit(main())"]
-    bad = subprocess.run(cmd + [str(bundles[None]), "--port", "70000"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(cmd + [str(bundles[None]), "--port", "70000"], capture_output=True, text=True, timeout=120,
+                         check=False)
     assert bad.returncode == 2 and "--port 70000" in bad.stderr and "Traceback" not in bad.stderr
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
