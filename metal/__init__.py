@@ -29,11 +29,11 @@ shared_gate=None, backend=None, residual=None) -> y``
   ``residual + sum_k scores[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) + sigmoid(sg.x_t) * shared(x_t)``
   with ``e = indices[t, k]``.
 * ``backend``: ``None`` -> the CLI override if set (``set_backend``), else env ``FLASHMOE_KERNELS``
-  in ``{auto, builtin, custom}`` (default ``auto``). ``auto`` = custom kernels when MLX's default
-  device is a CUDA GPU, bits in (2, 4, 8), group_size in (32, 64, 128) and ``T <= AUTO_MAX_T``
-  (see dispatch.py for what it was measured at); built-ins (``mx.gather_qmm``/``mx.quantized_matmul``) otherwise: CPU,
-  larger prefill batches, 3/5/6-bit, and Metal, whose instantiation has not yet been compiled by
-  Apple's compiler nor timed on Apple hardware (``dispatch.AUTO_CUSTOM``; flip it once measured).
+  in ``{auto, builtin, custom}`` (default ``auto``). ``auto`` = custom kernels where
+  ``dispatch.AUTO_CUSTOM`` allows them for the GPU backend (today: nowhere; on CUDA they win in
+  isolation but not yet end to end, see dispatch.py and benchmarks/RESULTS.md), with bits in (2, 4, 8),
+  group_size in (32, 64, 128) and ``T <= AUTO_MAX_T``; MLX's built-ins (``mx.gather_qmm`` /
+  ``mx.quantized_matmul``) otherwise.
   ``custom`` forces the kernels on Metal or CUDA (error on CPU);
   ``builtin`` forces MLX's ops.
 

@@ -16,14 +16,19 @@ ENV = "FLASHMOE_KERNELS"
 CHOICES = ("auto", "builtin", "custom")
 CUSTOM_BITS = (2, 4, 8)
 CUSTOM_GROUPS = (32, 64, 128)
-# Largest token count the custom kernels take in auto mode (measured at T=1 and T=4 only). Above it
-# the gather_qmm path (sorted indices, tiled matmul) reads each expert once for all tokens and wins.
-AUTO_MAX_T = 4
+# Largest token count auto hands to the custom kernels (where AUTO_CUSTOM allows them). With slot ids into a
+# 2260-slot (16 GB) pool they measured 1.43x / 1.51x / 1.36x / 1.24x faster than the built-ins at T = 1 / 4 /
+# 16 / 64 on an H100 (397B shapes, 4-bit, K=10; benchmarks/RESULTS.md, 2026-11-25); not measured above 64.
+AUTO_MAX_T = 64
 # Where auto picks the custom kernels, per GPU backend; set from benchmarks/RESULTS.md.
-# CUDA: measured 1.6-2.2x faster at batch 1 and 1.2-1.5x at T=4 on an H100 (RESULTS.md). Metal: the
-# same body, but neither compiled by Apple's compiler nor timed on Apple hardware yet, so auto keeps
-# MLX's kernels there; FLASHMOE_KERNELS=custom (or --kernels custom) runs the Metal instantiation.
-AUTO_CUSTOM = {"cuda": True, "metal": False}
+# CUDA: off. The kernels win in isolation at every measured T, but end to end through the runtime with the
+# GPU expert cache (397B shapes, 4 layers, K=10, warm, one run each on an H100, 2026-11-25) the built-ins
+# decoded 124.1 tok/s and the custom kernels 107.2 (expert stage 0.37 vs 0.43 ms per layer; the kernel-
+# independent attention stage was also 14% slower in the custom run, so part of the gap is the machine).
+# Flip it when `benchmarks/gpu_session.sh kernels` shows an end-to-end win. Metal: the same body, neither
+# compiled by Apple's compiler nor timed on Apple hardware yet. FLASHMOE_KERNELS=custom (or --kernels
+# custom) runs the kernels on either.
+AUTO_CUSTOM = {"cuda": False, "metal": False}
 
 # Launch shapes (tunable; benchmarks/bench_kernels.py sweeps them).
 #  R: rows per lane group, NWARP: warps per threadgroup, TB: tokens per pass (register blocking).

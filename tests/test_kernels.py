@@ -311,7 +311,7 @@ def test_backend_selection(monkeypatch):
         with pytest.raises(RuntimeError):
             D.which_backend(T=1, backend="custom")
     assert D.which_backend(T=1, bits=3) == "builtin"
-    assert D.which_backend(T=64) == "builtin"
+    assert D.which_backend(T=D.AUTO_MAX_T + 1) == "builtin"
     import argparse
     p = argparse.ArgumentParser()
     D.add_cli_argument(p)
@@ -414,10 +414,11 @@ def _pool_routing(T, Kr, slots, share, seed):
 
 
 @gpu
-@pytest.mark.parametrize("T,share", [(1, 10), (3, 12), (4, 400), (8, 16), (32, 40), (64, 700)])
+@pytest.mark.parametrize("T,share", [(1, 10), (6, 14), (64, 700)])
 def test_custom_slot_ids_into_large_pool(T, share, poisoned):
     """The kernels take each token's slot ids into a table of any size (the runtime's GPU expert cache):
-    tokens sharing slots, ragged token blocks (T=3), and slots anywhere in a 700-slot pool."""
+    tokens sharing slots (T=6: 48 picks among 14 slots), a ragged last token block (6 = 4 + 2), and slots
+    anywhere in a 700-slot pool."""
     name, H, I, E, Kr, _ = MODELS[2]  # 35B shapes: 700 slots = 1.1 GB at 4 bits
     bits, G, slots = 4, 64, 700
     ex = make_experts(slots, H, I, bits, G, seed=5, scale=0.02)
