@@ -115,6 +115,33 @@ def gpu_mem_bandwidth(nbytes: int = 1 << 30) -> float | None:
     return best
 
 
+def matmul_gbps(bits_list=(8, 4, 2), rows: int = 2048, cols: int = 4096, n: int = 4, reps: int = 3) -> dict[int, float]:
+    """GB/s of quantized weights that MLX's quantized matmul gets through at batch 1 (one token), per bit
+    width, on MLX's default device: the speed at which decode can touch weights once they are in memory.
+    `n` matrices of rows x cols are cycled so that they do not stay in the CPU's caches."""
+    import mlx.core as mx
+
+    gpu = mx.default_device() == mx.gpu
+    x = mx.random.normal((1, cols)).astype(mx.bfloat16 if gpu else mx.float32)  # the runtime's activation dtype
+    out = {}
+    for bits in bits_list:
+        ws = [((mx.random.randint(0, 1 << 16, (rows, cols * bits // 32)).astype(mx.uint32) << 16)  # random codes
+               | mx.random.randint(0, 1 << 16, (rows, cols * bits // 32)).astype(mx.uint32),
+               mx.full((rows, cols // 64), 0.01, x.dtype), mx.full((rows, cols // 64), -0.05, x.dtype))
+              for _ in range(n)]
+        mx.eval(ws, x)
+        nbytes = sum(q.nbytes + s.nbytes + b.nbytes for q, s, b in ws)
+        mx.eval([mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=bits) for q, s, b in ws])
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            mx.eval([mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=bits) for q, s, b in ws])
+            best = min(best, time.perf_counter() - t)
+        out[bits] = nbytes / best / 1e9
+        del ws
+    return out
+
+
 def peak_rss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024

@@ -120,10 +120,20 @@ def _has_matplotlib() -> bool:
 
 
 def test_doctor_runs(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "flashmoe.bench.cli", "doctor", "--dir", str(tmp_path)],
+    out = tmp_path / "d.json"
+    r = subprocess.run([sys.executable, "-m", "flashmoe.bench.cli", "doctor", "--dir", str(tmp_path), "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "qwen3.5-397b-a17b" in r.stdout and "GiB RAM" in r.stdout
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.strip()}
+    assert "GB free" in lines["disk"] and "GB free" not in lines["memory"]  # disk figures under "disk"
+    rep = json.loads(out.read_text())
+    assert all(v > 0 for v in rep["matmul_gbps"].values())
+    for p in rep["presets"]:
+        # the estimate counts compute: never faster than the arithmetic alone allows
+        assert p["compute_s_per_token"] > 0 and p["estimated_tok_s"] <= 1 / p["compute_s_per_token"] + 1e-9
+        if p["disk_s_per_token"] is not None:
+            assert p["estimated_tok_s"] <= 1 / max(p["disk_s_per_token"], 1e-12) + 1e-9
 
 
 def _bench(*args, timeout=120):
