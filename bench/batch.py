@@ -7,12 +7,14 @@ measured in the same run:
   experts per layer per step, `union`, over a single token's K);
 * compute ceiling = the expert block's tok/s with every expert of a layer resident (no reads at all):
   B tokens routed by the same routing model through `flashmoe.metal.dispatch.expert_block` over a
-  table of all E experts, timed per layer and scaled to the bundle's layers.
+  table of all E experts, timed per layer and scaled to the bundle's layers. Prefill has its own,
+  at the rows of one of the engine's prefill forwards (B prompts x PREFILL_TOKENS // B columns).
 
 Per batch size and routing model (bench.routing: `uniform` and `calibrated`) it reports aggregate
 decode and prefill tok/s, the distinct experts needed per layer per step, the records actually read per
 layer per step (after the expert cache), and expert bytes read per generated token. Each batch size
-starts cold (pages evicted, expert cache emptied) after a throwaway compile pass.
+starts cold (pages evicted, expert cache emptied) after a throwaway compile pass. Prefill time is the
+wall time until every sequence has its first token (it includes the engine's first decode step).
 
 Synthetic routing: decode rows are the running sequences, one routing stream each; prefill rows (more
 rows than sequences, since every prompt is longer than the largest batch) are routed as consecutive
@@ -63,15 +65,12 @@ def install(model, route_rows) -> None:
         object.__setattr__(mlp, "route", route)
 
 
-def compute_ceiling(bundle, router_model: str, batch: int, k: int, seed: int = 0, reps: int = 5) -> dict:
-    """Expert-block tok/s with every expert of one layer resident: `batch` tokens per step routed by
-    `router_model`, through expert_block over a table of all E experts (layer 0's records)."""
+def resident_table(bundle) -> dict:
+    """Every expert of layer 0 as one resident table {component: [E, ...]} (what the compute ceiling runs on)."""
     import mlx.core as mx
 
     from flashmoe.format import record_views
-    from flashmoe.metal.dispatch import expert_block
 
-    cfg = bundle.config
     f = bundle.expert_file(0)
     info = f.info
     buf = np.zeros(info.record_stride, dtype=np.uint8)
@@ -81,20 +80,33 @@ def compute_ceiling(bundle, router_model: str, batch: int, k: int, seed: int = 0
         for n, v in record_views(info, buf).items():
             stacks[n][e] = v
     f.close()
-    typed = {"uint32": mx.uint32, "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+    typed = {"bfloat16": mx.bfloat16, "float16": mx.float16}
     table = {}
     for c in info.components:
-        a = stacks[c.name]
-        table[c.name] = mx.array(a.view(np.uint16)).view(typed[c.dtype]) if c.dtype in ("bfloat16", "float16") \
-            else mx.array(a)
-    del stacks
+        a = stacks.pop(c.name)
+        table[c.name] = mx.array(a.view(np.uint16)).view(typed[c.dtype]) if c.dtype in typed else mx.array(a)
+    mx.eval(table)
+    return table
+
+
+def compute_ceiling(bundle, table: dict, router_model: str, rows: int, k: int, prefill: bool = False, seed: int = 0,
+                    reps: int = 5) -> float:
+    """Tokens/s of the bundle's layers if expert compute were all there is: `rows` tokens per forward
+    (decode: one per sequence, one routing stream each; prefill: consecutive tokens of one stream),
+    through expert_block over `table` (every expert resident), per layer, scaled to the bundle's layers."""
+    import mlx.core as mx
+
+    from flashmoe.metal.dispatch import expert_block
+
+    cfg = bundle.config
     q = bundle.expert_quant
     r = make_router(router_model, 1, cfg.num_experts, k, seed=seed)
-    steps = [mx.array(r.route_streams(0, range(batch)).astype(np.int32)) for _ in range(8)]
-    dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
-    x = mx.random.normal((batch, cfg.hidden_size)).astype(dtype)
-    sc = mx.full((batch, k), 1.0 / k, dtype=dtype)
-    mx.eval(table, x, sc, *steps)
+    draw = (lambda: r.route(0, rows)) if prefill else (lambda: r.route_streams(0, range(rows)))
+    steps = [mx.array(draw().astype(np.int32)) for _ in range(4 if prefill else 8)]
+    dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32  # the runtime's activation dtype
+    x = mx.random.normal((rows, cfg.hidden_size)).astype(dtype)
+    sc = mx.full((rows, k), 1.0 / k, dtype=dtype)
+    mx.eval(x, sc, *steps)
     for idx in steps[:2]:  # compile
         mx.eval(expert_block(x, table, idx, sc, q.bits, q.group_size))
     times = []
@@ -102,11 +114,7 @@ def compute_ceiling(bundle, router_model: str, batch: int, k: int, seed: int = 0
         t = time.perf_counter()
         mx.eval([expert_block(x, table, idx, sc, q.bits, q.group_size) for idx in steps])
         times.append((time.perf_counter() - t) / len(steps))
-    per_layer = float(np.median(times))
-    del table
-    return {"per_layer_s": per_layer, "tok_s": batch / (per_layer * cfg.num_hidden_layers),
-            "projected_full_model_tok_s": batch / (per_layer * (bundle.manifest.get("source", {}).get("full_layers")
-                                                               or cfg.num_hidden_layers))}
+    return rows / (float(np.median(times)) * cfg.num_hidden_layers)
 
 
 def _time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, vocab: int, seed: int) -> dict:
@@ -116,7 +124,7 @@ def _time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, 
 
     engine = Engine(model, tokenizer, max_batch=batch)
     rng = np.random.default_rng(seed)
-    fixed = 1 if tokenizer is None else next(t for t in range(vocab) if t not in set(_eos_ids(tokenizer)))
+    fixed = next(t for t in range(3, vocab) if t not in set(engine.eos))  # never an end-of-sequence token
     params = SamplingParams(max_tokens=tokens, temperature=0.0, stop=(), sampler=lambda logits, ids: fixed)
     for _ in range(batch):
         engine.add(rng.integers(3, vocab, size=prompt_tokens).tolist(), params)
@@ -147,11 +155,6 @@ def _time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, 
             "finished": finished}
 
 
-def _eos_ids(tokenizer) -> list[int]:
-    ids = getattr(tokenizer, "eos_token_ids", None) or [getattr(tokenizer, "eos_token_id", None)]
-    return [int(i) for i in ids if i is not None]
-
-
 def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, tokens: int, prompt_tokens: int,
                 k: int, seed: int = 0, cold: bool = True, log=print) -> dict:
     """The --batch table: one row per (routing model, batch size); B=1 is always measured (the
@@ -161,7 +164,10 @@ def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, to
     if prompt_tokens <= max(sizes):
         raise ValueError(f"--batch-prompt-tokens ({prompt_tokens}) must exceed the largest batch ({max(sizes)}): "
                          "the synthetic router tells prefill rows from decode rows by their count")
+    from flashmoe.runtime.engine import PREFILL_TOKENS
+
     record = bundle.expert_info(0).record_size
+    table = resident_table(bundle)
     rows = []
     for routing in routing_models:
         # throwaway pass of the largest shapes, so MLX compiles outside the timed runs
@@ -188,14 +194,17 @@ def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, to
                 single = r["decode_tok_s"]
             if union and single:
                 row["read_sharing_bound_tok_s"] = B * k / union * single
-            ceil = compute_ceiling(bundle, routing, B, k, seed=seed)
-            row["compute_ceiling_tok_s"] = ceil["tok_s"]
-            bounds = [v for v in (row.get("read_sharing_bound_tok_s"), ceil["tok_s"]) if v]
+            row["compute_ceiling_tok_s"] = compute_ceiling(bundle, table, routing, B, k, seed=seed)
+            chunk_rows = B * min(prompt_tokens, max(1, PREFILL_TOKENS // B))  # the engine's prefill forward
+            row["prefill_compute_ceiling_tok_s"] = compute_ceiling(bundle, table, routing, chunk_rows, k,
+                                                                   prefill=True, seed=seed)
+            bounds = [v for v in (row.get("read_sharing_bound_tok_s"), row["compute_ceiling_tok_s"]) if v]
             if bounds and r["decode_tok_s"]:
                 row["decode_vs_smaller_bound"] = r["decode_tok_s"] / min(bounds)
-            row["prefill_vs_compute_ceiling"] = r["prefill_tok_s"] / ceil["tok_s"] if ceil["tok_s"] else None
+            row["prefill_vs_compute_ceiling"] = r["prefill_tok_s"] / row["prefill_compute_ceiling_tok_s"]
             rows.append(row)
             log(format_batch_row(row))
+    del table
     return {"tokens": tokens, "prompt_tokens": prompt_tokens, "cold": cold, "rows": rows}
 
 
@@ -204,7 +213,8 @@ def format_batch_row(b: dict) -> str:
     return (f"batch     {b['routing']:<10} B={b['batch']:<4} decode {f(b['decode_tok_s'])} tok/s "
             f"(bounds: read sharing {f(b.get('read_sharing_bound_tok_s'))}, compute {f(b.get('compute_ceiling_tok_s'))}; "
             f"{f(b.get('decode_vs_smaller_bound'), '{:.0%}')} of the smaller), prefill {f(b['prefill_tok_s'])} tok/s "
-            f"({f(b.get('prefill_vs_compute_ceiling'), '{:.0%}')} of compute); "
+            f"({f(b.get('prefill_vs_compute_ceiling'), '{:.0%}')} of its compute ceiling "
+            f"{f(b.get('prefill_compute_ceiling_tok_s'))}); "
             f"{f(b['distinct_experts_per_layer_step'])} distinct experts per layer per step, "
             f"{f(b['records_read_per_layer_step'])} read; "
             f"{f((b['expert_bytes_per_generated_token'] or 0) / 1e6)} MB read per generated token")

@@ -166,3 +166,25 @@ def test_cli_user_errors_are_one_line_rc2(tmp_path):
     assert r.returncode == 2 and "must be larger than the largest batch" in r.stderr
     r = _bench("run", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no such bundle" in r.stderr
+
+
+def test_run_batch_reports_bounds(small_bundle, tmp_path):
+    """--batch through the batched engine: one row per batch size (B=1 always, for the read-sharing bound)
+    with aggregate tok/s, distinct experts per layer per step, bytes per token and both bounds."""
+    out = tmp_path / "b.json"
+    r = _bench("run", str(small_bundle), "--tokens", "2", "--batch", "3", "--batch-tokens", "3",
+               "--batch-prompt-tokens", "8", "--routing", "uniform", "--json", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["batch"]["rows"]
+    assert [(b["routing"], b["batch"]) for b in rows] == [("uniform", 1), ("uniform", 3)]
+    one, three = rows
+    assert one["distinct_experts_per_layer_step"] == 4  # K distinct experts for a single stream
+    assert 4 < three["distinct_experts_per_layer_step"] <= 12  # 3 streams x K=4, some shared
+    for b in rows:
+        assert b["decode_tokens"] == b["batch"] * (3 - 2)  # 3 tokens each: 1 from prefill, 1 in its step, 1 after
+        for key in ("decode_tok_s", "prefill_tok_s", "compute_ceiling_tok_s", "prefill_compute_ceiling_tok_s",
+                    "read_sharing_bound_tok_s", "expert_bytes_per_generated_token", "records_read_per_layer_step"):
+            assert b[key] is not None and b[key] >= 0, key
+    assert three["read_sharing_bound_tok_s"] == pytest.approx(
+        3 * 4 / three["distinct_experts_per_layer_step"] * one["decode_tok_s"])
+    assert "read sharing" in r.stdout and "B=3" in r.stdout
