@@ -26,7 +26,7 @@ from flashmoe.format.errors import InputError
 from . import probe
 from .batch import format_batch_row
 from .routing import MODELS as ROUTING_MODELS
-from .routing import StickyRouter, make_router, route_stats, simulated_lru_hits
+from .routing import StickyRouter, route_stats, simulated_lru_hits
 
 STAGES = ("attention", "routing", "expert_io", "expert_compute", "head")
 # Fewer timed tokens than this: run-to-run differences of tens of percent (two identical 4-token runs
