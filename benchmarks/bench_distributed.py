@@ -97,7 +97,8 @@ def worker_decode(a) -> dict:
 
     class BenchPlans(ModelPlans):  # the model calls, plus what every rank must do between passes
         def route(self, seed: int) -> None:
-            install_router(model, StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, 0.2, seed))
+            self.router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, 0.2, seed)
+            install_router(model, self.router)
 
         def evict(self) -> None:
             forget_experts(model)
@@ -124,6 +125,10 @@ def worker_decode(a) -> dict:
                 call("evict")
             r = decode(m, a.tokens)
             out[name] = r["tok_s"]
+            if name == "cold":  # each layer waits for its busiest rank: K / (that rank's share) per step
+                steps = [ids for h in plans.router.history for ids in h]
+                busiest = sum(max(sum(1 for e in ids if e % dist.size == q) for q in range(dist.size)) for ids in steps)
+                balance = len(steps) * k / busiest
             call("mark", name)
         if leader:
             leader.close()
@@ -133,6 +138,7 @@ def worker_decode(a) -> dict:
     if not dist.leader:
         return {}
     return {"ranks": dist.size, "tokens": a.tokens, "tok_s": out, "layers": cfg.num_hidden_layers,
+            "experts_per_token": k, "ideal_io_speedup_per_layer_sync": round(balance, 3),
             "expert_kib_per_rank": {"cold": [r[0] for r in rows], "warm": [r[1] for r in rows]},
             "machine": probe.machine()}
 
@@ -177,9 +183,14 @@ def main(argv=None) -> int:
         q.add_argument("--backend", default="ring", help="mlx.launch backend: ring (default) or nccl")
         q.add_argument("--json", help="also write the results here")
         q.add_argument("--timeout", type=float, default=560, help="seconds per launch (default 560)")
+        q.add_argument("--gpu-per-rank", action="store_true",
+                       help="bind rank r to GPU r (CUDA_VISIBLE_DEVICES) where the launcher does not (ring on a "
+                            "multi-GPU host; mlx.launch --backend nccl does it itself)")
         q.add_argument("--worker-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker_out:  # a rank
+        if a.gpu_per_rank and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("MLX_RANK", "0")  # before MLX starts CUDA
         res = worker_collective(a) if a.mode == "collective" else worker_decode(a)
         if res:
             Path(a.worker_out).write_text(json.dumps(res))
@@ -192,7 +203,7 @@ def main(argv=None) -> int:
         base = res["runs"][0]
         for r in res["runs"]:
             r["speedup_vs_1_rank"] = {k: r["tok_s"][k] / base["tok_s"][k] for k in r["tok_s"]}
-            r["ideal_io_bound_speedup"] = r["ranks"] / base["ranks"]
+            r["ideal_io_bound_speedup"] = r["ranks"] / base["ranks"]  # each rank reads 1/N of the bytes
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     res["load_average"] = os.getloadavg()[0]
     print(json.dumps(res, indent=1))

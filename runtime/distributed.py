@@ -213,6 +213,7 @@ class Dist:
         self.prog = prog
         self.timeout = float(timeout)
         self.watchdog = Watchdog(self.rank, timeout, prog) if self.size > 1 else None
+        self.in_plan = False  # inside a plan's call, where model forwards are mirrored on every rank
         self.link = Link(group, self.watchdog) if self.size > 1 else None
 
     @property
@@ -274,18 +275,24 @@ class Dist:
         ex.shard = (self.rank, self.size)
         ex.owned = (np.arange(ex.num_experts) % self.size) == self.rank
         ex.group = self.group
-        object.__setattr__(model, "experts", _Kicked(ex, self.watchdog))
+        ex.optimistic = False  # Model.decode's optimistic pass retries locally: ranks would fall out of step
+        object.__setattr__(model, "experts", _Kicked(ex, self))
 
 
 class _Kicked:
     """The model's experts callable, kicking the watchdog at each MoE layer (before and after its
-    all_sum); everything else passes through."""
+    all_sum), and refusing a forward that no plan announced (the other ranks would not run it, and every
+    later collective would pair with the wrong one); everything else passes through."""
 
-    def __init__(self, inner, watchdog: Watchdog):
+    def __init__(self, inner, dist: Dist):
         self.__dict__["inner"] = inner
-        self.__dict__["watchdog"] = watchdog
+        self.__dict__["watchdog"] = dist.watchdog
+        self.__dict__["dist"] = dist
 
     def __call__(self, *a, **k):
+        if not self.dist.in_plan:
+            raise RuntimeError("a model forward ran outside a broadcast plan (a call that LeaderModel or "
+                               "LeaderRunner does not wrap); the ranks would fall out of step")
         self.watchdog.kick()
         y = self.inner(*a, **k)
         self.watchdog.kick()
@@ -377,11 +384,14 @@ class Leader:
             dog = self.dist.watchdog
             try:
                 with dog.guard(f"running {name} with the other ranks"):
+                    self.dist.in_plan = True
                     return getattr(self.target, name)(*args)
             except RuntimeError as e:
                 if _link_error(e):
                     raise DistributedError(lost_message(self.dist.rank, f"running {name}", e)) from None
                 raise
+            finally:
+                self.dist.in_plan = False
 
     def close(self) -> None:
         """Release the followers (they return from `follow`). Safe to call twice."""
@@ -438,6 +448,7 @@ def follow(dist: Dist, target) -> None:
     """A follower's loop: run each plan rank 0 broadcasts on `target`, until rank 0 releases us. An
     error here (a missing file, a lost rank) propagates; rank 0 then sees this rank leave and stops."""
     dog = dist.watchdog
+    dist.in_plan = True  # a follower runs nothing but plans
     while True:
         raw = dist.link.broadcast(None, "waiting for rank 0's next step")
         name, args = json.loads(raw.decode())
@@ -476,6 +487,9 @@ class ModelPlans:
     def forward(self, handle: int, ids: list[list[int]], last_only: bool):
         return self.model(mx.array(ids, mx.int32), self.caches[handle], last_only=last_only)
 
+    def decode(self, handle: int, ids: list[list[int]]):
+        return self.model.decode(mx.array(ids, mx.int32), self.caches[handle])
+
 
 class LeaderModel:
     """Rank 0's model for flashmoe.generate: looks like the model, but every make_cache and forward is
@@ -498,10 +512,16 @@ class LeaderModel:
         return cache
 
     def __call__(self, ids, cache, last_only: bool = False):
+        return self._run(cache, "forward", np.array(ids).tolist(), bool(last_only))
+
+    def decode(self, ids, cache):
+        return self._run(cache, "decode", np.array(ids).tolist())
+
+    def _run(self, cache, name: str, *args):
         self._flush()
         self._plans.caches[cache.dist_handle] = cache
         try:
-            return self._leader.call("forward", cache.dist_handle, np.array(ids).tolist(), bool(last_only))
+            return self._leader.call(name, cache.dist_handle, *args)
         finally:
             self._plans.caches.pop(cache.dist_handle, None)
 
