@@ -57,13 +57,15 @@ case "${1:-}" in
     ;;
   tests)
     gpu_info
-    timeout 500 python3 -m pytest -q -s tests/test_kernels.py tests/test_runtime.py tests/test_bench.py 2>&1 \
+    timeout 520 python3 -m pytest -q -s tests/test_kernels.py tests/test_runtime.py tests/test_bench.py \
+      -k "not nvcc and not stub" 2>&1 \
       | grep -E "^ERR|passed|failed|Error|error" | tee "$OUT/tests.txt"
     ;;
   kernels)
     gpu_info
-    # the GPU tests only (the source checks are CPU-side; NVRTC compiles each configuration in ~5-30 s)
-    timeout 300 python3 -m pytest -q -s tests/test_kernels.py -k "custom or auto" 2>&1 \
+    # the slot-id GPU tests only (NVRTC compiles each configuration in ~5-30 s, so the full file takes
+    # longer than one call; `tests` runs it)
+    timeout 200 python3 -m pytest -q -s tests/test_kernels.py -k "pool or out_of_range or auto" 2>&1 \
       | grep -E "^ERR|passed|failed|Error" | tee -a "$LOG"
     timeout 150 python3 benchmarks/bench_kernels.py --pool 2260 --K 10 --bits 4 --T 1 4 16 64 \
       --json "$OUT/kernels-pool.json" 2>&1 | grep -E "^\||bandwidth|pool" | tee -a "$LOG"
