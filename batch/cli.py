@@ -85,6 +85,13 @@ def _body(args: argparse.Namespace) -> int:
         raise InputError(f"--max-tokens must be >= 0 (got {args.max_tokens})")
     if args.memory_budget is not None and not args.memory_budget > 0:
         raise InputError(f"--memory-budget must be a positive number of GB (got {args.memory_budget})")
+    from flashmoe.runtime.distributed import follow_engine, run_engine, start_from_env
+    from flashmoe.runtime.engine import Engine
+
+    engine_kw = dict(max_batch=args.batch_size, memory_budget_gb=args.memory_budget)
+    dist = start_from_env(PROG)  # under mlx.launch: rank 0 runs the jobs, the other ranks mirror its model calls
+    if not dist.leader:  # (before any input is read: only rank 0 reads it)
+        return follow_engine(dist, args.bundle, dict(experts_per_token=args.experts_per_token), engine_kw)
     if args.input != "-" and Path(args.input).resolve() == Path(args.output).resolve():
         raise InputError("the output would overwrite the input; give a different -o")
     template = Path(args.prompt_file).read_text() if args.prompt_file else None
@@ -103,9 +110,12 @@ def _body(args: argparse.Namespace) -> int:
         if log.dropped_bytes:
             print(f"{PROG}: removed a torn last line ({log.dropped_bytes} bytes) that an interrupted run left",
                   file=sys.stderr)
+        dist.check_bundle(args.bundle, args.experts_per_token)
         model, tokenizer = flashmoe.load(args.bundle, experts_per_token=args.experts_per_token)
+        dist.attach(model)
+        engine = Engine(model, tokenizer, **{k: v for k, v in engine_kw.items() if v is not None})
         try:
-            summary = run_jobs(model, tokenizer, source, log, opts)
+            summary = run_engine(dist, engine, lambda e: run_jobs(model, tokenizer, source, log, opts, engine=e))
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; every finished answer is in {args.output}. Run the same command to "
                   "resume.", file=sys.stderr)

@@ -176,7 +176,12 @@ def _body(args: argparse.Namespace) -> int:
     check_arg_text(args.system_prompt, "--system-prompt")
     for s in args.stop or []:
         check_arg_text(s, "--stop")
-    if prompt == "-":
+    from .distributed import run_model, start_from_env
+
+    dist = start_from_env(PROG)  # under mlx.launch: this rank's place (runtime/distributed.py); else size 1
+    if not dist.leader:  # the other ranks read no input: they run rank 0's model calls
+        prompt = None
+    elif prompt == "-":
         prompt = read_text("-", "--prompt")
     elif args.prompt_file is not None:
         prompt = read_text(args.prompt_file, "--prompt-file")
@@ -187,10 +192,7 @@ def _body(args: argparse.Namespace) -> int:
     from .generate import make_sampler
     from .loader import load
 
-    from .distributed import run_model, start_from_env
-
     make_sampler(args.temperature, args.top_p, args.top_k, args.seed)  # validate before loading
-    dist = start_from_env(PROG)  # under mlx.launch: this rank's place (runtime/distributed.py); else size 1
     dist.check_bundle(args.bundle, args.experts_per_token)
     model, tok = load(args.bundle, experts_per_token=args.experts_per_token, io=args.io)
     dist.attach(model)

@@ -628,3 +628,19 @@ def _lead_or_follow(dist: Dist, plans, lead) -> int | None:
         raise
     leader.close()
     return rc
+
+
+def follow_engine(dist: Dist, bundle, load_kw: dict | None = None, engine_kw: dict | None = None) -> int:
+    """A follower of flashmoe-batch / flashmoe-serve: load the bundle and build the Engine exactly as rank 0
+    does (the same flags: its runner's prefill chunking and prompt cache must match), then mirror rank 0's
+    batched model calls until it is done. Returns the exit status (0)."""
+    import flashmoe
+    from flashmoe.runtime.engine import Engine
+
+    load_kw = dict(load_kw or {})
+    k = load_kw.get("experts_per_token") or getattr(load_kw.get("config"), "experts_per_token", None)
+    dist.check_bundle(bundle, k)
+    model, tokenizer = flashmoe.load(bundle, **load_kw)
+    dist.attach(model)
+    engine = Engine(model, tokenizer, **{k: v for k, v in (engine_kw or {}).items() if v is not None})
+    return run_engine(dist, engine, None)

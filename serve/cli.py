@@ -64,16 +64,26 @@ def _body(args: argparse.Namespace) -> int:
         raise InputError("--prompt-cache-gb must be >= 0")
     api_key = args.api_key if args.api_key is not None else os.environ.get("FLASHMOE_API_KEY") or None
     runtime = RuntimeConfig.from_env(io=args.io, kernels=args.kernels, experts_per_token=args.experts_per_token)
+    from flashmoe.runtime.distributed import follow_engine, run_engine, start_from_env
+
     from .app import ServerConfig, create_app, open_server
 
+    engine_kw = dict(max_batch=args.max_batch, memory_budget_gb=args.memory_budget_gb,
+                     prompt_cache_gb=args.prompt_cache_gb)
+    dist = start_from_env(PROG)  # under mlx.launch: rank 0 serves, the other ranks mirror its model calls
+    if not dist.leader:
+        return follow_engine(dist, args.bundle, dict(config=runtime), engine_kw)
+    dist.check_bundle(args.bundle, runtime.experts_per_token)
     server = open_server(args.bundle, runtime, ServerConfig(
         model_id=args.model_name or "", api_key=api_key, max_tokens=args.max_tokens, max_queue=args.max_queue),
-        max_batch=args.max_batch, memory_budget_gb=args.memory_budget_gb, prompt_cache_gb=args.prompt_cache_gb)
+        **engine_kw)
+    dist.attach(server.model)
     import uvicorn
 
     print(f"{PROG}: serving {server.config.model_id!r} on http://{args.host}:{args.port}/v1 "
           f"({server.engine.plan.describe()}){'; API key required' if api_key else ''}", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    run_engine(dist, server.engine, lambda engine: uvicorn.run(create_app(server), host=args.host, port=args.port,
+                                                              log_level=args.log_level))
     return 0
 
 
