@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -354,7 +355,8 @@ def test_kill9_at_random_moments_then_resume(loaded, bundles, tmp_path):
     got = records(out)
     assert len(got) == 200 and len({line_of(x) for x in got}) == 200  # each request exactly once
     assert {x["custom_id"]: answer_of(x) for x in got} == want  # each equal to its uninterrupted answer
-    assert "0 done, 0 failed, 200 skipped" in r.stderr
+    m = re.search(r"(\d+) done, 0 failed, (\d+) skipped", r.stderr)
+    assert m and int(m.group(1)) + int(m.group(2)) == 200 and int(m.group(2)) > 0, r.stderr
 
 
 def test_two_runs_on_one_output_are_refused(bundles, tmp_path):
