@@ -1,5 +1,5 @@
 """Expert read throughput: pread (os.preadv straight into the MLX slot buffers) vs mmap (copy out of a
-read-only mapping, then MADV_DONTNEED), through the runtime's own ExpertStreamer read path.
+read-only mapping, then MADV_DONTNEED), through the runtime's own ExpertReader read path.
 
 Writes synthetic layer files with the real Qwen3.5-397B-A17B record layout (4-bit, G=64, bf16 scales:
 6.75 MiB per expert) and reads K random experts per layer per "token", like decode does.
@@ -24,7 +24,8 @@ import numpy as np
 from flashmoe.format import ExpertFile, ExpertFileWriter, ExpertQuant
 from flashmoe.format.experts import make_info
 from flashmoe.format.layout import expert_components
-from flashmoe.runtime.experts import ExpertStreamer
+from flashmoe.runtime.expert_cache import ExpertCache
+from flashmoe.runtime.reader import ExpertReader
 
 
 def make_files(root: Path, layers: int, experts: int, H: int, I: int, bits: int) -> list[Path]:
@@ -59,7 +60,8 @@ def run(paths, io: str, k: int, tokens: int, cold: bool, seed: int = 0) -> tuple
     cfg = SimpleNamespace(num_hidden_layers=len(files), num_experts=info.num_experts, num_experts_per_tok=k)
     shim = SimpleNamespace(config=cfg, expert_quant=None, expert_info=lambda L: info,
                            expert_file=lambda L: files[L])
-    s = ExpertStreamer(shim, io=io, slots=k)
+    s = ExpertReader(shim, io=io)
+    cache = ExpertCache(info, k, len(files), info.num_experts)
     rng = np.random.default_rng(seed)
     elapsed, nbytes = 0.0, 0
     for _ in range(tokens):
@@ -68,7 +70,7 @@ def run(paths, io: str, k: int, tokens: int, cold: bool, seed: int = 0) -> tuple
         for L in range(len(files)):
             ids = sorted(rng.choice(info.num_experts, k, replace=False).tolist())
             t0 = time.perf_counter()
-            s.read(L, ids)
+            s.read(L, ids, list(range(k)), cache)
             elapsed += time.perf_counter() - t0
             nbytes += k * info.record_size
     s.close()

@@ -37,6 +37,7 @@ import numpy as np
 from flashmoe.format.errors import CapacityError
 
 from .generate import GenerationChunk, eos_ids, prompt_ids
+from .integrity import check_logits
 from .model import Cache
 from .sampling import SamplingParams, Sequence
 
@@ -181,7 +182,7 @@ class BatchRunner:
         logits = None
         for c0 in range(0, L, chunk):
             logits = self.model(mx.array(grid[:, c0 : c0 + chunk]), cache, last_only=True)
-            mx.eval(logits)
+        check_logits(logits[:, -1])
         return logits[:, -1]
 
     def prefill(self, seqs: list[tuple[int, list[int]]]) -> tuple[mx.array, list[int]]:
@@ -220,8 +221,8 @@ class BatchRunner:
 
     def decode(self, tokens: list[int]) -> mx.array:
         """One token for every row (in row order) -> next-token logits [B, V]."""
-        logits = self.model(mx.array(np.asarray(tokens, np.int32)[:, None]), self.cache, last_only=True)
-        mx.eval(logits)
+        logits = self.model.decode(mx.array(np.asarray(tokens, np.int32)[:, None]), self.cache)
+        check_logits(logits[:, -1])
         return logits[:, -1]
 
     def remove(self, seq_ids: list[int], keep: dict[int, list[int]] | None = None) -> None:

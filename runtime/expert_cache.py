@@ -74,9 +74,13 @@ class ExpertCache:
     def resident_bytes(self) -> int:
         return sum(a.nbytes for a in self._storage)
 
-    def record_bytes(self, slot: int) -> list[np.ndarray]:
-        """The component bytes of one slot, in file order (for integrity checks)."""
-        return [dst for dst, _ in self.copy_plan[slot]]
+    def record_image(self, slot: int) -> bytes:
+        """The record as it lies in the file (record_size bytes: components and the zero gaps between
+        them), rebuilt from the slot, for integrity checks."""
+        out = bytearray(self.info.record_size)
+        for dst, off in self.copy_plan[slot]:
+            out[off : off + dst.nbytes] = dst.data.cast("B")
+        return bytes(out)
 
     # ---- residency ------------------------------------------------------------------------
     def place(self, layer: int, experts: list[int]) -> tuple[np.ndarray, list[int], list[int]]:
@@ -104,6 +108,12 @@ class ExpertCache:
         for s in slot_of.tolist():
             self.lru.move_to_end(s)
         return slot_of, to_read, read_slots
+
+    def touch(self, layer: int, experts: list[int]) -> None:
+        """Resident experts of `layer` were used: most recently used now."""
+        for s in self.table[layer][np.asarray(experts, np.int64)].tolist():
+            if s >= 0:
+                self.lru.move_to_end(s)
 
     def invalidate(self, slots: list[int]) -> None:
         """Mark slots empty (e.g. after a failed read), so nothing trusts their bytes."""

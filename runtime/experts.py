@@ -32,6 +32,7 @@ from .reader import ExpertReader
 
 DEFAULT_SLOTS = 32  # records held at once on unified memory; 32 x 6.75 MiB = 216 MiB for the 397B at 4 bits
 DEFAULT_GPU_CACHE_GB = 16.0
+OPTIMISTIC_MIN_LAYERS_RESIDENT = 4  # optimistic decode when the slots hold >= 4 tokens' worth of experts
 
 
 def default_slots(record_stride: int, k: int, gpu: str | None, gpu_cache_gb: float | None = None) -> int:
@@ -57,7 +58,7 @@ class RoutedExperts:
 
     def __init__(self, bundle: Bundle, io: str = "pread", slots: int | None = None, threads: int | None = None,
                  stats=None, kernels: str = "auto", gpu_cache_gb: float | None = None,
-                 shard: tuple[int, int] | None = None, group=None):
+                 shard: tuple[int, int] | None = None, group=None, optimistic: bool | None = None):
         from flashmoe.metal.dispatch import gpu_backend
 
         cfg = bundle.config
@@ -73,6 +74,11 @@ class RoutedExperts:
         self.cache = ExpertCache(info, n, cfg.num_hidden_layers, cfg.num_experts)
         self.shard = shard
         self.group = group
+        # optimistic decode (Model.decode): worth it when the cache is a real cache (the GPU expert cache,
+        # or a test's large slot count), not a one-layer staging area; never across ranks
+        self.optimistic = optimistic if optimistic is not None else (
+            shard is None and n >= OPTIMISTIC_MIN_LAYERS_RESIDENT * cfg.num_experts_per_tok * cfg.num_hidden_layers)
+        self.optimistic_hits = self.optimistic_misses = 0
         self.owned = None  # bool [E]: experts this process applies (None: all)
         if shard is not None:
             rank, size = shard
@@ -103,11 +109,17 @@ class RoutedExperts:
         self.cache.clear()
 
     # ---- apply ------------------------------------------------------------------------------
-    def _apply(self, x, slot_ids, scores):
+    def apply(self, x, slot_ids, scores):
+        """The pure part: x [T, H], slot ids [T, K] into the resident buffers, scores [T, K] -> [T, H]."""
         from flashmoe.metal.dispatch import expert_block
 
         q = self.quant
         return expert_block(x, self.cache.weights, slot_ids, scores, q.bits, q.group_size, backend=self.kernels)
+
+    def touch(self, used: list[tuple[int, np.ndarray]]) -> None:
+        """Mark (layer, expert ids) as just used (after an optimistic step, which skipped the host)."""
+        for layer, ids in used:
+            self.cache.touch(layer, np.unique(ids).tolist())
 
     def _load(self, layer: int, experts: list[int]) -> np.ndarray:
         slot_of, to_read, read_slots = self.cache.place(layer, experts)
@@ -148,7 +160,7 @@ class RoutedExperts:
         if len(union) <= self.cache.slots:  # the usual case: one read round, one call
             slot_of = self._load(layer, union.tolist())  # [U] slot of each union member
             t0 = time.perf_counter()
-            y = self._apply(x, mx.array(slot_of[inv].astype(np.int32)), scores)
+            y = self.apply(x, mx.array(slot_of[inv].astype(np.int32)), scores)
             mx.eval(y)
             if stats is not None:
                 stats.expert_compute += time.perf_counter() - t0
@@ -165,7 +177,7 @@ class RoutedExperts:
             tok_a = mx.array(tok.astype(np.int32))
             local = mx.array(slot_of[inv[tok, kk] - g0].astype(np.int32)[:, None])  # [P, 1]
             sc = scores[tok_a, mx.array(kk.astype(np.int32))][:, None]  # [P, 1]
-            part = self._apply(x[tok_a], local, sc)  # [P, H]
+            part = self.apply(x[tok_a], local, sc)  # [P, H]
             y = y.at[tok_a].add(part)
             mx.eval(y)  # before the next group overwrites the slots
             if stats is not None:

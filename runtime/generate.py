@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from flashmoe.format import CapacityError, InputError
 
+from .integrity import check_logits
 from .sampling import SamplingParams, Sequence, make_sampler  # noqa: F401  (make_sampler: public API)
 from .tokenizer import Tokenizer
 
@@ -101,7 +102,7 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
     logits = None
     for i in range(cached, len(ids), prefill_chunk):
         logits = model(mx.array([ids[i : i + prefill_chunk]]), cache, last_only=True)  # [1, 1, V]
-        mx.eval(logits)
+    check_logits(logits)
     t_prefill = time.perf_counter() - t0
     prefill_stats = stats.snapshot()
     stats.reset()
@@ -113,7 +114,8 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
         if output:
             yield GenerationChunk(text, token)
         if seq.finish is None:
-            logits = model(mx.array([[token]]), cache, last_only=True)
+            logits = model.decode(mx.array([[token]]), cache)
+            check_logits(logits)
             seq.fed += 1
     t_decode = time.perf_counter() - t1
     n_gen = len(seq.generated)

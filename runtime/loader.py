@@ -13,6 +13,7 @@ from flashmoe.format.config import SUPPORTED_MODEL_TYPES
 
 from .config import RuntimeConfig
 from .experts import RoutedExperts
+from .integrity import RecordVerifier
 from .model import Model, dense_weight_names
 from .tokenizer import Tokenizer
 
@@ -104,6 +105,10 @@ def load(path, config: RuntimeConfig | None = None, **overrides):
         model.set_experts_per_token(k)
     experts = RoutedExperts(bundle, io=cfg_rt.io, slots=cfg_rt.slots, threads=cfg_rt.threads, stats=model.stats,
                             kernels=cfg_rt.kernels, gpu_cache_gb=cfg_rt.gpu_cache_gb)
+    verifier = RecordVerifier(bundle)
+    if verifier.enabled:  # each record's CRC-32, checked the first time this process reads it
+        experts.reader.verifier = lambda layer, expert, slot: verifier.check(
+            layer, expert, experts.cache.record_image(slot))
     object.__setattr__(model, "experts", experts)
     object.__setattr__(model, "bundle", bundle)
     object.__setattr__(model, "runtime_config", cfg_rt)

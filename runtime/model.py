@@ -33,6 +33,8 @@ import numpy as np
 
 from flashmoe.format import TextConfig
 
+from .integrity import check_finite, nonfinite
+
 # ----------------------------------------------------------------------------------------------
 # stats: wall time per stage. Stages are only separable when we synchronise at their ends, so the
 # model evaluates eagerly at stage boundaries when stats are on (`Stats.enabled`), and only where
@@ -181,6 +183,9 @@ class StepInfo:
     rope_offset: int | mx.array  # position of each row's first new token
     valid: np.ndarray | None  # [B, S] bool: real (not pad) tokens of this call; None = all real
     gate: mx.array | None  # valid as float [B, S, 1] for the delta net
+    # optimistic decode (Model.decode): MoE blocks look their experts up in the device-side slot table
+    # instead of syncing with the host, and append (layer, indices, slot ids, nonfinite flag) here
+    lookups: list | None = None
 
     @staticmethod
     def build(cache: Cache, S: int) -> "StepInfo":
@@ -384,13 +389,23 @@ class SparseMoeBlock(nn.Module):
     def __call__(self, x: mx.array, experts: ExpertsFn, stats: Stats, step: StepInfo) -> mx.array:
         B, S, H = x.shape
         xf = x.reshape(B * S, H)  # [T, H]
+        if step.lookups is not None:  # optimistic: no host round trip; Model.decode checks for misses
+            inds, scores = self.route(xf)
+            slots = experts.cache.device_table()[self.layer][inds]  # [T, K], -1 where not resident
+            step.lookups.append((self.layer, inds, slots, nonfinite(xf)))
+            y = experts.apply(xf, mx.maximum(slots, 0), scores)
+            shared = self.shared_expert(xf) * mx.sigmoid(self.shared_expert_gate(xf).astype(mx.float32)).astype(xf.dtype)
+            return (y + shared.astype(y.dtype)).reshape(B, S, H)
         rows = None
         if step.valid is not None:  # pad tokens neither route nor read experts
             rows = mx.array(np.flatnonzero(step.valid.reshape(-1)).astype(np.int32))
             xf = xf[rows]
         t0 = time.perf_counter()
         inds, scores = self.route(xf)
-        mx.eval(inds, scores)  # the host needs the indices to read the experts
+        bad = nonfinite(xf)  # corruption guard, evaluated with the indices: no round trip of its own
+        mx.eval(inds, scores, bad)  # the host needs the indices to read the experts
+        if bad.item():
+            check_finite(xf, f"layer {self.layer}")
         stats.routing += time.perf_counter() - t0
         y = experts(self.layer, xf, inds, scores)  # routed experts [T', H], summed over ranks if sharded
         shared = self.shared_expert(xf) * mx.sigmoid(self.shared_expert_gate(xf).astype(mx.float32)).astype(xf.dtype)
@@ -464,7 +479,37 @@ class Model(nn.Module):
         return Cache([LinearCache() if layer.is_linear else KVCache() for layer in self.layers], 0, lp)
 
     # ---- forward --------------------------------------------------------------------------
-    def __call__(self, ids: mx.array, cache: Cache, last_only: bool = False) -> mx.array:
+    def decode(self, ids: mx.array, cache: Cache) -> mx.array:
+        """One new token per row ([B, 1]) -> logits [B, 1, V], evaluated. When the expert cache is large
+        enough to be worth it (experts.optimistic), the token first runs against the device-side slot
+        table with no host round trip per layer; only if some expert was not resident (or a guard
+        fired) is the token run again the ordinary way, from the caches as they were."""
+        experts = self.experts
+        if not getattr(experts, "optimistic", False):
+            logits = self(ids, cache, last_only=True)
+            mx.eval(logits)
+            return logits
+        saved = [(c.conv, c.state) if isinstance(c, LinearCache) else c.offset for c in cache.layers]
+        offset, lookups = cache.offset, []
+        logits = self(ids, cache, last_only=True, lookups=lookups)
+        flags = [mx.any(sl < 0) | bad for _, _, sl, bad in lookups]
+        mx.eval(logits, *flags, *[i for _, i, _, _ in lookups])
+        if not any(f.item() for f in flags):
+            experts.touch([(layer, np.array(i)) for layer, i, _, _ in lookups])
+            experts.optimistic_hits += 1
+            return logits
+        experts.optimistic_misses += 1
+        for c, old in zip(cache.layers, saved):  # roll back: KV columns past the offset are rewritten
+            if isinstance(c, LinearCache):
+                c.conv, c.state = old
+            else:
+                c.offset = old
+        cache.offset = offset
+        logits = self(ids, cache, last_only=True)
+        mx.eval(logits)
+        return logits
+
+    def __call__(self, ids: mx.array, cache: Cache, last_only: bool = False, lookups: list | None = None) -> mx.array:
         if self.experts is None:
             raise RuntimeError("Model.experts is not set; load the model with flashmoe.load")
         stats = self.stats
@@ -474,6 +519,10 @@ class Model(nn.Module):
         if ids.shape[0] != cache.batch:
             raise ValueError(f"ids have {ids.shape[0]} rows but the cache has {cache.batch}")
         step = StepInfo.build(cache, ids.shape[1])
+        if lookups is not None:
+            if ids.shape[1] != 1 or step.valid is not None:
+                raise ValueError("optimistic lookups are for decode steps (one real token per row)")
+            step.lookups = lookups
         for layer, c in zip(self.layers, cache.layers):
             x = layer(x, c, self.experts, stats, step)
         cache.offset += ids.shape[1]

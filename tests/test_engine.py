@@ -251,3 +251,21 @@ def test_memory_plan_matches_real_state(model_tok, corpus_ids):
     assert cache.nbytes() == engine.plan.bytes_for(cache.batch, cap)
     assert "per sequence" in engine.plan.describe()
     assert np.all(cache.lengths() == np.array([300 + 1, 120 + 1]))
+
+
+def test_optimistic_decode_equals_host_routing(loaded, corpus_ids):
+    """With a large expert cache, decode runs against the device-side slot table with no host round trip
+    per layer, and falls back (rolling the caches back) when an expert is missing: same tokens either way."""
+    plain, tok = loaded(8)
+    fast, _ = loaded(8, slots=64)
+    assert not plain.experts.optimistic and fast.experts.optimistic
+    fast.experts.clear_cache()
+    h0, m0 = fast.experts.optimistic_hits, fast.experts.optimistic_misses
+    for p in ([corpus_ids[7]], prompts_of(corpus_ids)[2]):  # 1 token: few experts resident, so misses first
+        a = alone(plain, tok, p, max_tokens=24)
+        b = alone(fast, tok, p, max_tokens=24)
+        assert a == b
+    assert fast.experts.optimistic_misses > m0 and fast.experts.optimistic_hits > h0
+    res = flashmoe.batch_generate(fast, tok, prompts_of(corpus_ids)[:4], max_tokens=8)
+    ref = flashmoe.batch_generate(plain, tok, prompts_of(corpus_ids)[:4], max_tokens=8)
+    assert [r.tokens for r in res] == [r.tokens for r in ref]
