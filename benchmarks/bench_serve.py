@@ -141,7 +141,11 @@ def main(argv=None) -> int:
     finally:
         if proc is not None:
             proc.terminate()
-            proc.wait(60)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:  # stuck in a long engine step
+                proc.kill()
+                proc.wait()
     out = {"bundle": args.bundle, "url": args.url, "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
            "serve_args": args.serve_args, "machine": platform.platform(), "cpus": os.cpu_count(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levels": rows}

@@ -53,6 +53,8 @@ def register(app: FastAPI, server: Server) -> None:
     async def chat_completions(request: Request):
         body = await server.body(request)
         _single_choice(body)
+        if body.get("logprobs") or body.get("top_logprobs"):
+            raise bad("logprobs are not supported by this server", "logprobs")
         stream = flag(body, "stream")
         messages = openai_messages(body.get("messages"))
         tools = openai_tools(body.get("tools"))

@@ -51,7 +51,7 @@ class EngineWorker:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=30)  # a step in progress finishes first (a daemon thread: never blocks exit)
             self._thread = None
 
     @property
