@@ -111,7 +111,9 @@ def _body(args: argparse.Namespace) -> int:
             print(f"{PROG}: removed a torn last line ({log.dropped_bytes} bytes) that an interrupted run left",
                   file=sys.stderr)
         dist.check_bundle(args.bundle, args.experts_per_token)
-        model, tokenizer = flashmoe.load(args.bundle, experts_per_token=args.experts_per_token)
+        from flashmoe.runtime.config import RuntimeConfig
+
+        model, tokenizer = flashmoe.load(args.bundle, RuntimeConfig.from_env(experts_per_token=args.experts_per_token))
         dist.attach(model)
         engine = Engine(model, tokenizer, **{k: v for k, v in engine_kw.items() if v is not None})
         try:

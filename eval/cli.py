@@ -60,11 +60,13 @@ def _body(a: argparse.Namespace) -> int:
     text = read_text(a.text, "--text")
     if a.max_tokens is not None and a.max_tokens < 2:
         raise InputError(f"--max-tokens must be >= 2 (got {a.max_tokens})")
-    model, tok = flashmoe.load(a.bundle, experts_per_token=a.experts_per_token, io=a.io)
+    from flashmoe.runtime.config import RuntimeConfig
+
+    model, tok = flashmoe.load(a.bundle, RuntimeConfig.from_env(experts_per_token=a.experts_per_token, io=a.io))
     ids = tok.encode(text)[: a.max_tokens]
     ref = None
     if a.compare:
-        ref, ref_tok = flashmoe.load(a.compare, io=a.io)
+        ref, ref_tok = flashmoe.load(a.compare, RuntimeConfig.from_env(io=a.io))
         if ref_tok.encode(text)[: len(ids)] != ids:
             raise InputError(f"{a.compare} tokenizes the text differently from {a.bundle}; "
                              "compare bundles of the same model")

@@ -194,7 +194,10 @@ def _body(args: argparse.Namespace) -> int:
 
     make_sampler(args.temperature, args.top_p, args.top_k, args.seed)  # validate before loading
     dist.check_bundle(args.bundle, args.experts_per_token)
-    model, tok = load(args.bundle, experts_per_token=args.experts_per_token, io=args.io)
+    from .config import RuntimeConfig
+
+    model, tok = load(args.bundle, RuntimeConfig.from_env(experts_per_token=args.experts_per_token, io=args.io,
+                                                          kernels=getattr(args, "kernels", None)))
     dist.attach(model)
     check_kernels_fit(model)
     if args.system_prompt is not None and tok.chat_template is None:
