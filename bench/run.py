@@ -186,7 +186,9 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     rep["limits"] = lim
 
     # ---- decode through the runtime --------------------------------------------------------------
-    model, tokenizer = flashmoe.load(b.path, experts_per_token=k, io=io)
+    from flashmoe.runtime.config import RuntimeConfig
+
+    model, tokenizer = flashmoe.load(b.path, RuntimeConfig.from_env(experts_per_token=k, io=io))
     model.stats.enabled = True
     rep["expert_slots"] = model.experts.slots
     rep["expert_slot_bytes"] = model.experts.slots * info.record_stride
