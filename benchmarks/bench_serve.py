@@ -9,7 +9,7 @@ waits for /health, sends one warm-up request, then for each client count sends t
 reports, per level:
 
     aggregate tok/s   every completion token of the level / the level's wall time
-    TTFT              time from sending a request to its first generated chunk (mean, p50, max)
+    TTFT              time from sending a request to its first token's chunk (mean, p50, max)
     per-client tok/s  each client's (tokens - 1) / (last chunk - first chunk), averaged
 
 Tokens are counted from the server's usage numbers, not from chunks.
@@ -57,8 +57,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                 tokens = chunk["usage"]["completion_tokens"]
             for ch in chunk.get("choices") or []:
                 d = ch.get("delta") or {}
-                if d.get("content") or d.get("reasoning_content") or d.get("tool_calls"):
-                    now = time.perf_counter()
+                if "role" not in d and any(k in d for k in ("content", "reasoning_content", "tool_calls")):
+                    now = time.perf_counter()  # a generated token (the server sends one chunk per token)
                     t_first = t_first or now
                     t_last = now
     t_end = time.perf_counter()

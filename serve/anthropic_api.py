@@ -87,7 +87,7 @@ def register(app: FastAPI, server: Server) -> None:
 
             try:
                 async for kind, x in server.parts(ticket, parser):
-                    if kind == "reasoning" and not show_thinking:
+                    if kind == "tick" or (kind == "reasoning" and not show_thinking):
                         continue
                     if kind in ("content", "reasoning"):
                         block = "text" if kind == "content" else "thinking"

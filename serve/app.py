@@ -151,10 +151,14 @@ class Server:
 
     async def parts(self, ticket, parser: OutputParser | None) -> AsyncIterator[tuple[str, object]]:
         """Parsed output: ("reasoning"|"content", str), ("tool_call", ToolCall), then ("end", Event).
-        parser None: the raw text, all of it content."""
+        parser None: the raw text, all of it content. A generated token that shows nothing yet (held back,
+        part of a call or of a character) gives ("tick", None), so streams can show progress."""
         async for ev in self.worker.events(ticket):
-            for part in parser.feed(ev.text) if parser else [("content", ev.text)] if ev.text else []:
+            parts = parser.feed(ev.text) if parser else [("content", ev.text)] if ev.text else []
+            for part in parts:
                 yield part
+            if not parts and ev.token is not None and ev.finish_reason is None:
+                yield "tick", None
             if ev.finish_reason is not None:
                 for part in parser.close() if parser else []:
                     yield part
@@ -171,7 +175,7 @@ class Server:
                     c.append(x)
                 elif kind == "tool_call":
                     calls.append(x)
-                else:
+                elif kind == "end":
                     end = x
             return Answer("".join(r), "".join(c), calls, end.finish_reason, list(end.tokens), dict(end.stats))
 

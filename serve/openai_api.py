@@ -112,6 +112,8 @@ def register(app: FastAPI, server: Server) -> None:
                         async for kind, x in server.parts(ticket, new_parser()):
                             if kind == "content":
                                 yield chunk({"content": x})
+                            elif kind == "tick":  # a token with nothing to show yet
+                                yield chunk({"content": ""})
                             elif kind == "reasoning":
                                 yield chunk({"reasoning_content": x})
                             elif kind == "tool_call":
@@ -157,9 +159,9 @@ def register(app: FastAPI, server: Server) -> None:
             async def events():
                 try:
                     async for kind, x in server.parts(ticket, None):
-                        if kind == "content":
+                        if kind in ("content", "tick"):
                             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                       "choices": [choice(x, None)]})
+                                       "choices": [choice(x or "", None)]})
                         elif kind == "end":
                             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                        "choices": [choice("", finish(x.finish_reason, False))]})
