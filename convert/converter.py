@@ -184,6 +184,8 @@ class Converter:
         total = sum(f["size"] for f in manifest["files"])
         if repaired:
             self.log(f"repaired {len(repaired)} file(s): " + "; ".join(f"{n} ({why})" for n, why in repaired))
+        elif state.get("finished"):
+            self.log(f"checked {len(manifest['files'])} files against the manifest (size and sha256): nothing to repair")
         self.log(f"done: {out} ({total / 1e9:.3f} GB in {len(manifest['files'])} files; "
                  f"{L_total} layers x {self.cfg.num_experts} experts at "
                  f"{'float ' + self.dtype if self.quant.bits is None else str(self.quant.bits) + '-bit'}; "
@@ -207,7 +209,8 @@ class Converter:
                                       "in place") from None
                 digests = (m.get("records") or {}).get("digests") or []
                 return {"key": key, "done": {f["path"]: {"size": f["size"], "sha256": f["sha256"]} for f in m["files"]},
-                        "quantized": m["dense"]["quantized"], "records": {str(i): d for i, d in enumerate(digests)}}
+                        "quantized": m["dense"]["quantized"], "records": {str(i): d for i, d in enumerate(digests)},
+                        "finished": True}
             raise BundleError(f"{self.out} already holds a bundle converted with other settings or from another source; "
                               "choose an empty -o directory (nothing was changed)")
         if ppath.exists():
@@ -418,9 +421,13 @@ def human(n: int) -> str:
 def io_error(e: OSError, out: Path) -> BundleError:
     """An OSError while converting, as one sentence that says how to go on."""
     what = f"{e.filename}: " if e.filename else ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return BundleError(f"{what}the disk is full ({e.strerror}) while writing into {out}; free some space (or "
                            "choose another -o) and re-run the same command: it resumes")
+    if e.errno == errno.EFBIG:
+        return BundleError(f"{what}the file outgrew this system's file size limit ({e.strerror}; see `ulimit -f` "
+                           f"and the file system's maximum) while writing into {out}; lift the limit or choose "
+                           "another -o, then re-run the same command: it resumes")
     return BundleError(f"{what}{e.strerror or e} while converting into {out}; fix that and re-run the same command: "
                        "it resumes")
 

@@ -59,7 +59,7 @@ def resolve(source: str, revision: str | None = None, progress: bool = True, tim
 
     try:
         with network_timeout(timeout):
-            d = with_retries(download, "download", 3, 2.0, progress=False)
+            d = with_retries(download, "download", 3, 1.0, progress=False, note="the download resumes")
     except RepositoryNotFoundError:
         raise BundleError(f"{source}: repository not found on the Hub (or private: log in with `hf auth login`)") from None
     except LocalEntryNotFoundError as e:

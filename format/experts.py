@@ -118,7 +118,11 @@ class ExpertFileWriter:
         self.sha = hashlib.sha256()
         self.crcs: list[str] = []  # CRC-32 of each record's record_size bytes (SPEC 3.2, manifest `records`)
         self.next_expert = 0
-        self._write(encode_header(info))
+        try:
+            self._write(encode_header(info))
+        except BaseException:
+            self.abort()
+            raise
 
     def _write(self, b) -> None:
         self.f.write(b)
@@ -159,7 +163,11 @@ class ExpertFileWriter:
         return self.info.file_size, self.sha.hexdigest()
 
     def abort(self) -> None:
-        self.f.close()
+        """Drop the unfinished file (also after a failed write: a full disk gets its space back)."""
+        try:
+            self.f.close()
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
 
 

@@ -108,8 +108,8 @@ def _is_type(v, t: str) -> bool:
 
 
 def _same(a, b) -> bool:
-    """JSON equality (true is not 1)."""
-    return type(a) is type(b) and a == b if isinstance(a, bool) or isinstance(b, bool) else a == b
+    """Equality of JSON scalars, stricter than JSON Schema's: true is not 1, and 64.0 is not 64."""
+    return type(a) is type(b) and a == b
 
 
 def _check_schema_keywords(s, at="#") -> None:

@@ -32,18 +32,24 @@ CONNECT_TIMEOUT = 10.0
 
 @contextmanager
 def network_timeout(read: float) -> Iterator[None]:
-    """Give huggingface_hub's shared HTTP client a timeout (connect: at most CONNECT_TIMEOUT, then `read`
-    seconds between bytes) for the duration; calls that pass their own timeout keep it."""
-    import httpx2
+    """Bound every request huggingface_hub's shared HTTP client sends for the duration: connect at most
+    CONNECT_TIMEOUT, then at most `read` seconds between bytes (also for the calls that huggingface_hub makes
+    with an explicit `timeout=None`, such as snapshot_download's repo_info): a request hook caps the
+    request's own timeouts."""
     from huggingface_hub.utils import get_session
 
-    session = get_session()
-    old = session.timeout
-    session.timeout = httpx2.Timeout(read, connect=min(read, CONNECT_TIMEOUT))
+    limits = {"connect": min(read, CONNECT_TIMEOUT), "read": read, "write": read, "pool": read}
+
+    def cap(request) -> None:
+        own = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {k: lim if own.get(k) is None else min(own[k], lim) for k, lim in limits.items()}
+
+    hooks = get_session().event_hooks["request"]
+    hooks.append(cap)
     try:
         yield
     finally:
-        session.timeout = old
+        hooks.remove(cap)
 
 
 def offline() -> bool:
@@ -91,7 +97,8 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def with_retries(fn: Callable[[], T], what: str, retries: int, backoff: float, progress: bool = True) -> T:
+def with_retries(fn: Callable[[], T], what: str, retries: int, backoff: float, progress: bool = True,
+                 note: str = "already-uploaded files are not sent again") -> T:
     """Run fn; on a transient error wait (backoff * 2**k, at most 60 s) and run it again, `retries`
     attempts in all. Uploads are idempotent: objects already on the Hub are not sent again."""
     retries = max(1, int(retries))
@@ -103,7 +110,7 @@ def with_retries(fn: Callable[[], T], what: str, retries: int, backoff: float, p
                 raise
             wait = min(backoff * 2 ** (attempt - 1), 60.0)
             msg = (f"{what} failed (attempt {attempt}/{retries}: {type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                   f"retrying in {wait:.0f} s, already-uploaded files are not sent again")
+                   f"retrying in {wait:.0f} s{', ' + note if note else ''}")
             log.warning(msg)
             if progress:
                 print(f"flashmoe-publish: {msg}", file=sys.stderr, flush=True)

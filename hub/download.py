@@ -65,7 +65,7 @@ def _resolve_commit(api, repo_id: str, revision: str, cache_dir: str | None, loc
     t = min(timeout, RESOLVE_TIMEOUT_CACHED) if have_copy else timeout
     try:
         return with_retries(lambda: api.repo_info(repo_id, revision=revision, timeout=t).sha, "resolve revision",
-                            1 if have_copy else 3, 1.0, progress=False), None
+                            1 if have_copy else 3, 1.0, progress=False, note=""), None
     except RevisionNotFoundError:
         raise HubError(f"{repo_id} has no revision {revision!r} (branch, tag or commit)") from None
     except RepositoryNotFoundError:
