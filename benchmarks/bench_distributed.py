@@ -71,7 +71,7 @@ def worker_collective(a) -> dict:
                                                           max(20, a.iters // max(1, T // 8)))
     plan = json.dumps(["decode", [[1234] * 8]]).encode()  # a decode step of 8 sequences
     res["plan_broadcast_ms"] = _timed(lambda: dist.link.broadcast(plan if dist.leader else None, "bench"), a.iters)
-    return res
+    return res if dist.leader else {}
 
 
 def worker_decode(a) -> dict:

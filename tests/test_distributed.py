@@ -25,6 +25,8 @@ import pytest
 
 from test_hub import hf_env, hub  # noqa: F401  (fixtures: a Hub server on 127.0.0.1)
 
+# huggingface_hub's uploads (the Hub test server) pass data= to httpx2, which it deprecates (not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 HERE = Path(__file__).resolve()
 PROMPT = "The quick brown fox"
 LONG_PROMPT = ("A journey of a thousand miles begins with a single step. To be or not to be, that is the question. "
@@ -197,6 +199,20 @@ def test_flashmoe_run_on_two_ranks_prints_the_single_process_text(bundles):
     two = mlx_launch(2, args)
     assert "error" not in two.stderr, two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()  # rank 0 alone prints, the same text
+
+
+def test_flashmoe_batch_on_two_ranks_writes_the_single_process_answers(bundles, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(ENGINE_PROMPTS)))
+    answers = {}
+    for n in (1, 2):
+        out = tmp_path / f"out{n}.jsonl"
+        cmd = ["flashmoe-batch", str(bundles[8]), str(inp), "-o", str(out), "--max-tokens", "8", "-q"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env()) if n == 1 else mlx_launch(n, cmd)
+        assert "error" not in r.stderr, r.stderr
+        recs = [json.loads(line) for line in out.read_text().splitlines()]
+        answers[n] = sorted((rec["custom_id"], json.dumps(rec["response"]["body"]["choices"])) for rec in recs)
+    assert len(answers[1]) == 3 and answers[2] == answers[1]
 
 
 def _wait_rounds(p: subprocess.Popen, rounds: int, timeout: float = 90) -> None:
