@@ -55,7 +55,6 @@ def _timed(fn, n: int, warmup: int = 10) -> dict:
 
 def worker_collective(a) -> dict:
     import mlx.core as mx
-
     from flashmoe.runtime.distributed import Dist
 
     dist = Dist.start(launched=True, timeout=120)
@@ -67,7 +66,7 @@ def worker_collective(a) -> dict:
         for T in (1, 8, 64, 512):
             x = mx.random.normal((T, a.hidden)).astype(getattr(mx, dtype))
             mx.eval(x)
-            res["all_sum_ms"][f"{dtype} T={T}"] = _timed(lambda: mx.eval(mx.distributed.all_sum(x, group=g)),
+            res["all_sum_ms"][f"{dtype} T={T}"] = _timed(lambda x=x: mx.eval(mx.distributed.all_sum(x, group=g)),
                                                           max(20, a.iters // max(1, T // 8)))
     plan = json.dumps(["decode", [[1234] * 8]]).encode()  # a decode step of 8 sequences
     res["plan_broadcast_ms"] = _timed(lambda: dist.link.broadcast(plan if dist.leader else None, "bench"), a.iters)
@@ -76,13 +75,19 @@ def worker_collective(a) -> dict:
 
 def worker_decode(a) -> dict:
     import mlx.core as mx  # noqa: F401
-
-    import flashmoe
     from flashmoe.bench import probe
     from flashmoe.bench.routing import StickyRouter
     from flashmoe.bench.run import decode, forget_experts, install_router
     from flashmoe.format import Bundle
-    from flashmoe.runtime.distributed import Dist, Leader, LeaderModel, ModelPlans, follow
+    from flashmoe.runtime.distributed import (
+        Dist,
+        Leader,
+        LeaderModel,
+        ModelPlans,
+        follow,
+    )
+
+    import flashmoe
 
     dist = Dist.start(launched="MLX_RANK" in os.environ, timeout=600)
     path = a.bundle.replace("{rank}", str(dist.rank))
@@ -160,7 +165,7 @@ def launch(n: int, argv: list[str], backend: str, timeout: float) -> dict:
         if n > 1:
             cmd = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "-n", str(n),
                    "-p", str(free_base(n)), "--backend", backend, "--", *cmd]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         if not out.exists():
             raise SystemExit(f"{n} rank(s) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         return json.loads(out.read_text())

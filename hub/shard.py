@@ -21,17 +21,24 @@ the right CRC-32 are not fetched again.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from flashmoe.format.bundle import MANIFEST, Bundle, expert_path, write_json_atomic
 from flashmoe.format.experts import ExpertFile
 
-from .common import DOWNLOAD_TIMEOUT, HubError, file_patterns, is_transient, network_timeout, quiet_tqdm
+from .common import (
+    DOWNLOAD_TIMEOUT,
+    HubError,
+    file_patterns,
+    is_transient,
+    network_timeout,
+    quiet_tqdm,
+)
 
 SHARD_MARKER = ".flashmoe-shard.json"  # the runtime reads it too (runtime/distributed.py)
 ATTEMPTS = 3  # tries per record (network errors and CRC mismatches)
@@ -77,7 +84,7 @@ def _pull_shard(repo_id, rank, size, out: Path, revision, token, endpoint, progr
                        "access to it; check the repo id, or log in with `hf auth login`") from None
     out.mkdir(parents=True, exist_ok=True)
     tqdm_class = None if progress else quiet_tqdm()
-    common = dict(repo_id=repo_id, revision=commit, endpoint=endpoint, token=token, local_dir=str(out))
+    common = {"repo_id": repo_id, "revision": commit, "endpoint": endpoint, "token": token, "local_dir": str(out)}
     marker = out / SHARD_MARKER
     marker.unlink(missing_ok=True)  # the part is incomplete until the end of this pull
 
@@ -126,18 +133,9 @@ def _pull_shard(repo_id, rank, size, out: Path, revision, token, endpoint, progr
             fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 os.ftruncate(fd, info.file_size)  # holes where other ranks' records go
-                head = _get_range(url, token, 0, info.data_offset, timeout)
-                os.pwrite(fd, head, 0)
-                crcs = digests[layer]
-
-                def one(e: int) -> None:
-                    want = int(crcs[8 * e : 8 * e + 8], 16)
-                    off = info.data_offset + e * info.record_stride
-                    if not resumed or zlib.crc32(os.pread(fd, info.record_size, off)) != want:
-                        os.pwrite(fd, _fetch_record(url, token, off, info.record_size, want, rel, e, timeout), off)
-                    bar.update(info.record_size)
-
-                list(pool.map(one, owned))
+                os.pwrite(fd, _get_range(url, token, 0, info.data_offset, timeout), 0)
+                fetch = partial(_fetch_record, url, token, rel=rel, timeout=timeout)
+                _fill_layer(pool, bar, fd, info, digests[layer], owned, fetch, check_present=resumed)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -147,6 +145,19 @@ def _pull_shard(repo_id, rank, size, out: Path, revision, token, endpoint, progr
     write_json_atomic(marker, {"rank": rank, "size": size, "repo": repo_id, "commit": commit,
                                "manifest_sha256": _sha256(out / MANIFEST)})
     return out
+
+
+def _fill_layer(pool, bar, fd: int, info, crcs: str, owned: list[int], fetch, check_present: bool) -> None:
+    """Write each owned record of one layer file (open as `fd`) at its offset, fetching it unless
+    `check_present` and the file already holds it with the right CRC-32."""
+    def one(e: int) -> None:
+        want = int(crcs[8 * e : 8 * e + 8], 16)
+        off = info.data_offset + e * info.record_stride
+        if not check_present or zlib.crc32(os.pread(fd, info.record_size, off)) != want:
+            os.pwrite(fd, fetch(off, info.record_size, want, expert=e), off)
+        bar.update(info.record_size)
+
+    list(pool.map(one, owned))
 
 
 def _sha256(p: Path) -> str:
@@ -171,7 +182,7 @@ def _get_range(url: str, token, start: int, length: int, timeout: float) -> byte
     return r.content
 
 
-def _fetch_record(url, token, off, size, want, rel, expert, timeout) -> bytes:
+def _fetch_record(url, token, off, size, want, *, rel, expert, timeout) -> bytes:
     last = ""
     for _ in range(ATTEMPTS):
         try:
@@ -191,4 +202,4 @@ def _fetch_record(url, token, off, size, want, rel, expert, timeout) -> bytes:
                    "if it persists the copy on the Hub is corrupt")
 
 
-__all__ = ["pull_shard", "parse_shard", "SHARD_MARKER"]
+__all__ = ["SHARD_MARKER", "parse_shard", "pull_shard"]

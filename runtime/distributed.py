@@ -42,7 +42,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-
 from flashmoe.format.errors import BundleError, FlashmoeError
 from flashmoe.hub.shard import SHARD_MARKER  # written by `flashmoe-pull --shard r/N`
 
@@ -124,7 +123,7 @@ def fail_now(prog: str, msg: str) -> None:
     """Print one error line and end the process at once (threads blocked in a collective cannot be joined)."""
     try:
         sys.stdout.flush()
-    except Exception:
+    except (OSError, ValueError):  # a closed or broken stdout must not keep us from stopping
         pass
     sys.stderr.write(f"{prog}: error: {msg}\n")
     sys.stderr.flush()
@@ -195,11 +194,9 @@ class Shard:
     rank: int
     size: int
 
-    def owns(self, expert: int) -> bool:
-        return expert % self.size == self.rank
-
-    def owned(self, num_experts: int) -> list[int]:
-        return list(range(self.rank, num_experts, self.size))
+    def mask(self, num_experts: int) -> np.ndarray:
+        """bool [num_experts]: the experts this rank owns."""
+        return (np.arange(num_experts) % self.size) == self.rank
 
 
 class Dist:
@@ -221,7 +218,7 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def start(cls, launched: bool, timeout: float = DEFAULT_TIMEOUT_S, prog: str = "flashmoe") -> "Dist":
+    def start(cls, launched: bool, timeout: float = DEFAULT_TIMEOUT_S, prog: str = "flashmoe") -> Dist:
         """Join the group. `launched`: a launcher (mlx.launch, mpirun) started this process, so failing to
         join is an error rather than a silent single process that would print the output N times."""
         if timeout <= 0:
@@ -238,9 +235,9 @@ class Dist:
         """Every rank holds the same conversion and its own part of it; otherwise every rank stops with
         an error naming the ranks. Call before loading (a sharded bundle lacks other ranks' records)."""
         bundle_dir = Path(os.fspath(bundle_dir)).expanduser()
-        if not bundle_dir.is_dir():
+        if not (bundle_dir / "flashmoe.json").is_file():
             if self.size == 1:
-                return  # a Hub repo id, or a typo: flashmoe.load resolves or reports it
+                return  # a Hub repo id, a typo or an unfinished conversion: flashmoe.load resolves or reports it
             raise BundleError(f"rank {self.rank} of {self.size}: {bundle_dir} is not a bundle directory on this host; "
                               f"give every rank a local copy (on this host: `flashmoe-pull REPO --shard "
                               f"{self.rank}/{self.size} -o DIR`)")
@@ -273,7 +270,7 @@ class Dist:
             return
         ex = model.experts
         ex.shard = (self.rank, self.size)
-        ex.owned = (np.arange(ex.num_experts) % self.size) == self.rank
+        ex.owned = self.shard.mask(ex.num_experts)
         ex.group = self.group
         ex.optimistic = False  # Model.decode's optimistic pass retries locally: ranks would fall out of step
         object.__setattr__(model, "experts", _Kicked(ex, self))
@@ -338,9 +335,7 @@ def bundle_part_problem(bundle_dir: Path, shard: Shard) -> str | None:
             return (f"{bundle_dir} holds only the experts of shard {have.rank}/{have.size} (flashmoe-pull --shard): run it "
                     f"on {have.size} ranks with mlx.launch, or pull the whole bundle without --shard")
         return f"{who}: {bundle_dir} holds the experts of shard {have.rank}/{have.size}, not this rank's; {fix}"
-    import hashlib as _h
-
-    if m.get("manifest_sha256") != _h.sha256((bundle_dir / "flashmoe.json").read_bytes()).hexdigest():
+    if m.get("manifest_sha256") != hashlib.sha256((bundle_dir / "flashmoe.json").read_bytes()).hexdigest():
         return f"{who}: {marker} belongs to another version of the bundle; {fix}"
     layers = json.loads((bundle_dir / "flashmoe.json").read_text())["config"].get("num_hidden_layers", 0)
     for layer in range(int(layers)):
@@ -634,8 +629,9 @@ def follow_engine(dist: Dist, bundle, load_kw: dict | None = None, engine_kw: di
     """A follower of flashmoe-batch / flashmoe-serve: load the bundle and build the Engine exactly as rank 0
     does (the same flags: its runner's prefill chunking and prompt cache must match), then mirror rank 0's
     batched model calls until it is done. Returns the exit status (0)."""
-    import flashmoe
     from flashmoe.runtime.engine import Engine
+
+    import flashmoe
 
     load_kw = dict(load_kw or {})
     k = load_kw.get("experts_per_token") or getattr(load_kw.get("config"), "experts_per_token", None)

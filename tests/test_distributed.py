@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_hub import hf_env, hub  # noqa: F401  (fixtures: a Hub server on 127.0.0.1)
 
 # huggingface_hub's uploads (the Hub test server) pass data= to httpx2, which it deprecates (not ours)
@@ -40,9 +39,10 @@ SLOTS = 64  # the tiny model's 4 layers x 16 experts: every record stays residen
 
 
 def _worker(argv: list[str]) -> int:
-    import flashmoe
     from flashmoe.runtime import distributed as D
     from flashmoe.runtime.generate import generate
+
+    import flashmoe
 
     bundle, out, mode, prompt, n = argv[0], argv[1], argv[2], argv[3], int(argv[4])
     try:
@@ -129,7 +129,7 @@ def _env(**extra) -> dict:
 def mlx_launch(n: int, cmd: list[str], timeout: float = 120, **env) -> subprocess.CompletedProcess:
     launch = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
               "-n", str(n), "-p", str(_free_base(n)), "--backend", "ring", "--"]
-    return subprocess.run(launch + cmd, capture_output=True, text=True, timeout=timeout, env=_env(**env))
+    return subprocess.run(launch + cmd, capture_output=True, text=True, timeout=timeout, env=_env(**env), check=False)
 
 
 def start_ranks(n: int, cmd: list[str], tmp: Path, **env) -> list[subprocess.Popen]:
@@ -152,8 +152,9 @@ def worker_cmd(bundle, out, mode: str, prompt: str = PROMPT, n: int = 12) -> lis
 @pytest.fixture(scope="module")
 def reference(bundles):
     """Greedy tokens and expert reads of one process, per prompt."""
-    import flashmoe
     from flashmoe.runtime.generate import generate
+
+    import flashmoe
 
     model, tok = flashmoe.load(bundles[8], slots=SLOTS)
     out = {}
@@ -194,7 +195,7 @@ def test_batched_engine_on_two_ranks_matches_single_process(bundles, reference, 
 
 def test_flashmoe_run_on_two_ranks_prints_the_single_process_text(bundles):
     args = ["flashmoe-run", str(bundles[8]), "--prompt", PROMPT, "--max-tokens", "12", "--no-chat-template"]
-    one = subprocess.run(args, capture_output=True, text=True, timeout=120, env=_env())
+    one = subprocess.run(args, capture_output=True, text=True, timeout=120, env=_env(), check=False)
     assert one.returncode == 0, one.stderr
     two = mlx_launch(2, args)
     assert "error" not in two.stderr, two.stderr
@@ -208,7 +209,7 @@ def test_flashmoe_batch_on_two_ranks_writes_the_single_process_answers(bundles, 
     for n in (1, 2):
         out = tmp_path / f"out{n}.jsonl"
         cmd = ["flashmoe-batch", str(bundles[8]), str(inp), "-o", str(out), "--max-tokens", "8", "-q"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env()) if n == 1 else mlx_launch(n, cmd)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), check=False) if n == 1 else mlx_launch(n, cmd)
         assert "error" not in r.stderr, r.stderr
         recs = [json.loads(line) for line in out.read_text().splitlines()]
         answers[n] = sorted((rec["custom_id"], json.dumps(rec["response"]["body"]["choices"])) for rec in recs)
@@ -314,7 +315,7 @@ def test_rank_missing_its_part_names_rank_file_and_fix(bundles, tmp_path):
                           "`flashmoe-pull REPO --shard 0/2 -o DIR`")
 
 
-def test_pull_shard_fetches_only_its_records_and_the_parts_run_together(bundles, reference, hub, tmp_path):
+def test_pull_shard_fetches_only_its_records_and_the_parts_run_together(bundles, reference, hub, tmp_path):  # noqa: F811
     """flashmoe-pull --shard r/2 from a Hub (tests/hubserver.py): each part holds the dense files and only its
     own records (others are holes), re-pulling fetches nothing, and the two parts run as two ranks."""
     import shutil
