@@ -404,7 +404,9 @@ class Converter:
         if "path" in prov:  # a bundle may be published: keep only the directory's name, never the user's full path
             prov["path"] = Path(prov["path"]).name
         prov["kind"] = src.kind
-        text = lambda v: v if isinstance(v, str) and v else None  # noqa: E731  (config.json fields are untrusted)
+        def text(v):  # config.json fields are untrusted: only a non-empty string goes into the manifest
+            return v if isinstance(v, str) and v else None
+
         prov["license"] = hub_license(src.path / "README.md") or text(src.raw_config.get("license"))
         prov["base_model"] = prov.get("repo") or text(src.raw_config.get("_name_or_path"))
         dense = {"dtype": self.dtype, "bits": self.opts.dense_bits, "group_size": self.opts.dense_group_size,
