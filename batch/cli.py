@@ -90,8 +90,11 @@ def _body(args: argparse.Namespace) -> int:
 
     engine_kw = dict(max_batch=args.batch_size, memory_budget_gb=args.memory_budget)
     dist = start_from_env(PROG)  # under mlx.launch: rank 0 runs the jobs, the other ranks mirror its model calls
-    if not dist.leader:  # (before any input is read: only rank 0 reads it)
-        return follow_engine(dist, args.bundle, dict(experts_per_token=args.experts_per_token), engine_kw)
+    if not dist.leader:  # (before any input is read: only rank 0 reads it); loaded as rank 0 loads it below
+        from flashmoe.runtime.config import RuntimeConfig
+
+        config = RuntimeConfig.from_env(experts_per_token=args.experts_per_token)
+        return follow_engine(dist, args.bundle, {"config": config}, engine_kw)
     if args.input != "-" and Path(args.input).resolve() == Path(args.output).resolve():
         raise InputError("the output would overwrite the input; give a different -o")
     template = Path(args.prompt_file).read_text() if args.prompt_file else None

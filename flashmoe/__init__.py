@@ -11,11 +11,12 @@
 __version__ = "0.1.0"
 
 
-def load(path, **kwargs):
-    """Load a converted bundle (or a Hub repo id of one): returns (model, tokenizer)."""
+def load(path, config=None, **kwargs):
+    """Load a converted bundle (or a Hub repo id of one): returns (model, tokenizer). `config`: a
+    flashmoe.runtime.config.RuntimeConfig (keyword overrides of its fields are accepted too)."""
     from flashmoe.runtime.loader import load as _load
 
-    return _load(path, **kwargs)
+    return _load(path, config, **kwargs)
 
 
 def generate(model, tokenizer, prompt, **kwargs):
