@@ -21,7 +21,8 @@ Failures end every rank within a bounded time, never a hang:
     a peer blocks forever: a Watchdog thread ends this process when a collective makes no progress for
     `timeout` seconds (it is re-armed at every MoE layer, so long prefills are fine). While the leader
     is idle (a chat waiting for input, a server waiting for requests) it broadcasts an empty plan every
-    `timeout / 4` seconds, so followers can tell "idle" from "gone".
+    `timeout / 4` seconds, so followers can tell "idle" from "gone". Loading, which takes as long as each
+    host's disk needs, is waited for separately (up to LOAD_TIMEOUT_S, after which the ranks also stop).
 At start the ranks compare their bundles (sha256 of the manifest, and the experts per token) and
 whether each has its part of a sharded bundle (hub/shard.py); any mismatch stops every rank, naming
 the rank.
@@ -46,6 +47,7 @@ from flashmoe.format.errors import BundleError, FlashmoeError
 from flashmoe.hub.shard import SHARD_MARKER  # written by `flashmoe-pull --shard r/N`
 
 DEFAULT_TIMEOUT_S = 60.0  # longest wait in one collective (one MoE layer's imbalance) before giving up
+LOAD_TIMEOUT_S = 900.0  # how long the ranks wait for the slowest one to load its bundle
 FRAME = 256  # int32 words in the first all_sum of a plan: [length, payload bytes ...]; the rest follows
 EXIT_LOST = 2  # exit status of a rank stopped by the watchdog (an error the user can act on)
 
@@ -73,32 +75,34 @@ class Watchdog:
     def __init__(self, rank: int, timeout: float, prog: str = "flashmoe"):
         self.rank, self.timeout, self.prog = rank, float(timeout), prog
         self._deadline: float | None = None
+        self._limit = self.timeout
         self._what = ""
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="flashmoe-watchdog", daemon=True)
         self._thread.start()
 
-    def arm(self, what: str) -> None:
+    def arm(self, what: str, timeout: float | None = None) -> None:
         with self._lock:
             self._what = what
-            self._deadline = time.monotonic() + self.timeout
+            self._limit = self.timeout if timeout is None else float(timeout)
+            self._deadline = time.monotonic() + self._limit
 
     def kick(self) -> None:
         """Progress: the deadline moves `timeout` seconds ahead (if armed)."""
         with self._lock:
             if self._deadline is not None:
-                self._deadline = time.monotonic() + self.timeout
+                self._deadline = time.monotonic() + self._limit
 
     def disarm(self) -> None:
         with self._lock:
             self._deadline = None
 
-    def guard(self, what: str):
+    def guard(self, what: str, timeout: float | None = None):
         dog = self
 
         class _Guard:
             def __enter__(self):
-                dog.arm(what)
+                dog.arm(what, timeout)
 
             def __exit__(self, *exc):
                 dog.disarm()
@@ -112,9 +116,9 @@ class Watchdog:
             time.sleep(step)
             with self._lock:
                 late = self._deadline is not None and time.monotonic() > self._deadline
-                what = self._what
+                what, limit = self._what, self._limit
             if late:
-                fail_now(self.prog, f"rank {self.rank}: no answer from the other ranks for {self.timeout:.0f} s while "
+                fail_now(self.prog, f"rank {self.rank}: no answer from the other ranks for {limit:.0f} s while "
                                     f"{what}: a rank stopped or hung, or its host became unreachable. Stopping this "
                                     "rank; check the other ranks' errors and the network, then start all ranks again")
 
@@ -143,8 +147,8 @@ class Link:
         self.rank, self.size = group.rank(), group.size()
         self.watchdog = watchdog
 
-    def _all_sum(self, x: mx.array, what: str) -> np.ndarray:
-        with self.watchdog.guard(what):
+    def _all_sum(self, x: mx.array, what: str, timeout: float | None = None) -> np.ndarray:
+        with self.watchdog.guard(what, timeout):
             try:
                 y = mx.distributed.all_sum(x, group=self.group)
                 mx.eval(y)
@@ -170,12 +174,12 @@ class Link:
             body = np.concatenate([body, self._all_sum(mx.array(rest), what)])
         return body.astype(np.uint8).tobytes()
 
-    def gather(self, row: np.ndarray, what: str) -> np.ndarray:
+    def gather(self, row: np.ndarray, what: str, timeout: float | None = None) -> np.ndarray:
         """Every rank's int32 row (same length everywhere), as [size, len]."""
         row = np.asarray(row, np.int32).reshape(-1)
         mine = np.zeros((self.size, len(row)), np.int32)
         mine[self.rank] = row
-        return self._all_sum(mx.array(mine), what).reshape(self.size, len(row))
+        return self._all_sum(mx.array(mine), what, timeout).reshape(self.size, len(row))
 
 
 def lost_message(rank: int, what: str, e: BaseException) -> str:
@@ -274,6 +278,8 @@ class Dist:
         ex.group = self.group
         ex.optimistic = False  # Model.decode's optimistic pass retries locally: ranks would fall out of step
         object.__setattr__(model, "experts", _Kicked(ex, self))
+        # loading takes as long as each host's disk needs: wait for every rank here, with a bound of its own
+        self.link.gather([1], "waiting for every rank to load the bundle", max(self.timeout, LOAD_TIMEOUT_S))
 
 
 class _Kicked:
