@@ -377,6 +377,18 @@ def test_pull_shard_fetches_only_its_records_and_the_parts_run_together(bundles,
     assert not (tmp_path / "bad" / ".flashmoe-shard.json").exists()
 
 
+@pytest.mark.parametrize("argv,msg", [
+    (["--shard", "2/2", "-o", "d"], "--shard '2/2': the rank must be in 0..RANKS-1"),
+    (["--shard", "one", "-o", "d"], "--shard 'one': give RANK/RANKS"),
+    (["--shard", "1/2"], "--shard needs -o DIR"),
+])
+def test_pull_shard_flag_errors(capsys, argv, msg):
+    from flashmoe.hub.cli import pull_main
+
+    assert pull_main(["someone/repo", *argv]) == 2
+    assert f"flashmoe-pull: error: {msg}" in capsys.readouterr().err
+
+
 def test_single_process_is_unchanged():
     """Without a launcher: a group of one, no watchdog, no link; check_bundle and attach do nothing."""
     from flashmoe.runtime import distributed as D
