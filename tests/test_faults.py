@@ -190,6 +190,7 @@ def test_2_second_converter_refuses(ckpt, tmp_path):
         r = cli("flashmoe.convert.cli", ckpt, "-o", out, "-q")
         one_line_error(r, "another flashmoe-convert")
     assert list(out.iterdir()) == []  # nothing written by the refused converters; the lock file is gone
+    (out / conv_mod.LOCK).write_text("12345")  # left by a converter killed with -9: nobody holds it
     convert_checkpoint(ckpt, out, progress=False)
     assert not (out / conv_mod.LOCK).exists()
 
