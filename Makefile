@@ -22,10 +22,10 @@ install-test:
 
 demo: install
 	@rm -rf $(DEMO_BUNDLE)
-	flashmoe-convert demo/model -o $(DEMO_BUNDLE) -q
+	$(PYTHON) -m flashmoe.convert.cli demo/model -o $(DEMO_BUNDLE) -q
 	@echo
 	@echo '>>> $(DEMO_PROMPT)'
-	@flashmoe-run $(DEMO_BUNDLE) --prompt '$(DEMO_PROMPT)' --max-tokens 80 --stats
+	@$(PYTHON) -m flashmoe.runtime.cli $(DEMO_BUNDLE) --prompt '$(DEMO_PROMPT)' --max-tokens 80 --stats
 	@echo
 	@echo 'That was a 4-layer, 16-expert Qwen3.5-MoE (17 MB, trained on Python'"'"'s help topics), run the way'
 	@echo 'flashmoe runs the 397B: dense weights resident, the routed experts read from disk per token.'
