@@ -30,9 +30,9 @@ demo: install
 	@echo 'That was a 4-layer, 16-expert Qwen3.5-MoE (17 MB, trained on Python'"'"'s help topics), run the way'
 	@echo 'flashmoe runs the 397B: dense weights resident, the routed experts read from disk per token.'
 	@echo 'Next:'
-	@echo '  flashmoe-run $(DEMO_BUNDLE)                        chat with it (/help inside)'
-	@echo '  flashmoe-eval $(DEMO_BUNDLE) --text demo/heldout.txt   its perplexity on unseen text'
-	@echo '  flashmoe-bench doctor                                  what this machine can run, and how fast'
+	@echo '  flashmoe-run $(DEMO_BUNDLE)                             chat with it (/help inside)'
+	@echo '  flashmoe-eval $(DEMO_BUNDLE) --text demo/heldout.txt    its perplexity on topics it never saw'
+	@echo '  flashmoe-bench doctor                                   what this machine can run, and how fast'
 	@echo '  flashmoe-convert Qwen/Qwen3.5-35B-A3B -o ~/models/qwen3.5-35b-q4 && flashmoe-run ~/models/qwen3.5-35b-q4'
 
 test: install-test
