@@ -63,7 +63,8 @@ def test_chunks_do_not_change_the_result_and_windows_restart(b8, ids):
     assert abs(small.nll - whole.nll) < 1e-4
     win = perplexity(model, part, window=100, chunk=37)  # three windows, each starting cold
     assert win.tokens == 99 + 99 + 99
-    assert win.nll > whole.nll  # less context, worse prediction
+    each = [perplexity(model, part[s: s + 100]) for s in (0, 100, 200)]
+    assert abs(win.nll - sum(e.nll for e in each) / 3) < 1e-4
 
 
 def test_compare(b8, demo_bundles, ids):
