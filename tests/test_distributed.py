@@ -216,6 +216,44 @@ def test_flashmoe_batch_on_two_ranks_writes_the_single_process_answers(bundles, 
     assert len(answers[1]) == 3 and answers[2] == answers[1]
 
 
+def test_flashmoe_serve_on_two_ranks_answers_as_one_process(bundles):
+    """flashmoe-serve under mlx.launch: rank 0 serves HTTP, rank 1 mirrors; the same completion as one process."""
+    pytest.importorskip("uvicorn")
+    import httpx
+
+    def serve_and_ask(n: int) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = ["flashmoe-serve", str(bundles[8]), "--port", str(port)]
+        if n > 1:
+            cmd = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "-n", str(n),
+                   "-p", str(_free_base(n)), "--backend", "ring", "--", *cmd]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+                             start_new_session=True)
+        try:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 90:
+                try:
+                    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+                        "model": bundles[8].name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+                    return r.json()["choices"][0]["text"]
+                except httpx.TransportError:
+                    assert p.poll() is None, p.stderr.read()
+                    time.sleep(0.3)
+            raise AssertionError("the server did not answer in 90 s")
+        finally:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    one = serve_and_ask(1)
+    assert one and serve_and_ask(2) == one
+
+
 def _wait_rounds(p: subprocess.Popen, rounds: int, timeout: float = 90) -> None:
     t0 = time.monotonic()
     seen = 0
