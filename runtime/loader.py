@@ -7,13 +7,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from flashmoe.format import Bundle, BundleError, InputError
 from flashmoe.format.config import SUPPORTED_MODEL_TYPES
+from flashmoe.format.st import read_header
 
 from .config import RuntimeConfig
 from .experts import RoutedExperts
-from .integrity import RecordVerifier
+from .integrity import RecordVerifier, check_dense
 from .model import Model, dense_weight_names
 from .tokenizer import Tokenizer
 
@@ -44,7 +44,13 @@ def _load_dense(model: Model, bundle: Bundle) -> None:
         nn.quantize(model, class_predicate=pred)
     weights = {}
     for layer in [None, *range(cfg.num_hidden_layers)]:
-        weights.update(mx.load(str(bundle.dense_path(layer))))
+        path = bundle.dense_path(layer)
+        read_header(path)  # a damaged header gets an error naming the file, not MLX's parse error
+        try:
+            weights.update(mx.load(str(path)))
+        except (RuntimeError, ValueError) as e:
+            raise BundleError(f"{path}: cannot read these dense weights ({e}); the bundle is corrupt: run "
+                              "`flashmoe-inspect --verify`, then re-run flashmoe-convert or flashmoe-pull") from None
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     want = dense_weight_names(model)
@@ -89,6 +95,7 @@ def load(path, config: RuntimeConfig | None = None, **overrides):
         raise BundleError(f"{bundle.path}: unknown model type {cfg.model_type!r}; this flashmoe runs "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     cfg.check()
+    check_dense(bundle)  # sha256 of the dense files: hashed on the first load, then only stat()ed
     if cfg_rt.verify:
         bad = bundle.verify(progress=False)
         if bad:

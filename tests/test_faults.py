@@ -3,9 +3,7 @@ behaviour. Run it as one command:
 
     pytest tests/test_faults.py
 
-The table of cases and outcomes is docs/faults.md. A test marked PENDING_RUNTIME covers a fault whose fix
-belongs to the runtime loader and has not landed: a strict xfail, so it fails the suite the day it starts
-passing and its mark must go.
+The table of cases and outcomes is docs/faults.md.
 """
 
 from __future__ import annotations
@@ -35,10 +33,6 @@ from flashmoe.runtime.integrity import RecordVerifier, check_dense, check_finite
 from test_hub import REPO, TOKEN, hf_env, hub, manifest_files, same_bytes  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-PENDING_RUNTIME = pytest.mark.xfail(strict=True, reason="runtime/loader.py: mx.load's parse error does not name the "
-                                                        "file (wrap it, or call flashmoe.format.st.read_header first)")
-
 
 # ---- fixtures and helpers ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -379,7 +373,6 @@ def test_6_corrupt_safetensors_header_names_the_file(src_copy, tmp_path):
         convert_checkpoint(src_copy, tmp_path / "b", progress=False)
 
 
-@PENDING_RUNTIME
 def test_6_corrupt_dense_header_in_a_bundle_names_the_file(bundle):
     import flashmoe
 
