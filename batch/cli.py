@@ -95,6 +95,9 @@ def _body(args: argparse.Namespace) -> int:
 
         config = RuntimeConfig.from_env(experts_per_token=args.experts_per_token)
         return follow_engine(dist, args.bundle, {"config": config}, engine_kw)
+    if args.input == "-" and dist.size > 1:
+        raise InputError("input '-' reads stdin to its end, and mlx.launch never passes the end of its input on to "
+                         "the ranks: give the input file's path (on rank 0's host)")
     if args.input != "-" and Path(args.input).resolve() == Path(args.output).resolve():
         raise InputError("the output would overwrite the input; give a different -o")
     template = Path(args.prompt_file).read_text() if args.prompt_file else None

@@ -182,6 +182,9 @@ def _body(args: argparse.Namespace) -> int:
     if not dist.leader:  # the other ranks read no input: they run rank 0's model calls
         prompt = None
     elif prompt == "-":
+        if dist.size > 1:
+            raise InputError("--prompt - reads stdin to its end, and mlx.launch never passes the end of its input "
+                             "on to the ranks: use --prompt-file FILE (a path on rank 0's host)")
         prompt = read_text("-", "--prompt")
     elif args.prompt_file is not None:
         prompt = read_text(args.prompt_file, "--prompt-file")
