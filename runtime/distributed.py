@@ -26,6 +26,12 @@ Failures end every rank within a bounded time, never a hang:
 At start the ranks compare their bundles (sha256 of the manifest, and the experts per token) and
 whether each has its part of a sharded bundle (hub/shard.py); any mismatch stops every rank, naming
 the rank.
+
+What a front end calls: `start_from_env(prog)` (size 1 without a launcher: nothing changes), then
+`dist.check_bundle(path, k)` before loading and `dist.attach(model)` after, then `run_model(dist, model,
+body)` for code that drives the model itself (flashmoe.generate: flashmoe-run), or `run_engine(dist,
+engine, body)` on rank 0 and `follow_engine(...)` on the others for the batched Engine (flashmoe-batch,
+flashmoe-serve).
 """
 
 from __future__ import annotations
