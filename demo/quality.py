@@ -15,16 +15,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+TEXT = HERE / "heldout.txt"
+
+
 def evaluate(bundle: Path, *extra: str) -> dict:
-    r = subprocess.run(["flashmoe-eval", str(bundle), "--text", str(HERE / "heldout.txt"), "--json", "-q", *extra],
+    r = subprocess.run(["flashmoe-eval", str(bundle), "--text", str(TEXT), "--json", "-q", *extra],
                        capture_output=True, text=True, check=True)
     return json.loads(r.stdout)
 
 
 def main() -> int:
+    global TEXT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("out/quality"), help="where the bundles are written")
+    p.add_argument("--text", type=Path, default=TEXT, help="text to score (default demo/heldout.txt; "
+                   "demo/seen.txt holds four training topics)")
     a = p.parse_args()
+    TEXT = a.text
     bundles = {}
     for bits in ("none", "8", "4", "3", "2"):
         out = a.out / f"b{bits}"
@@ -41,7 +48,7 @@ def main() -> int:
     for kk, label in ((k * 3 // 4, "3/4"), (k // 2, "1/2")):
         rows.append((f"8-bit experts, {label} of K", f"K={kk}", None,
                      evaluate(ref, "--experts-per-token", str(kk), "--compare", str(ref))))
-    print(f"text: demo/heldout.txt, {base['tokens']} tokens predicted\n")
+    print(f"text: {TEXT.name}, {base['tokens']} tokens predicted\n")
     print("| bundle | K | perplexity | vs 8-bit | mean KL(8-bit \\|\\| bundle), nats/token | largest KL | same top token |")
     print("|---|---|---|---|---|---|---|")
     for label, kcol, single, cmp in rows:
