@@ -1,6 +1,6 @@
 """Rebuild the demo checkpoint in demo/model/: a small Qwen3.5-MoE trained on Python's own documentation.
 
-    python demo/train.py                 # ~15-20 min on 2 CPU cores; writes demo/model/
+    python demo/train.py                 # 47 min on a busy 2-core VM (one thread); writes demo/model/
     python demo/train.py --steps 50 -o /tmp/quick   # a quick smoke run
 
 Dev-only: needs torch and transformers (`pip install -e ".[test]"`); `make demo` does not.
