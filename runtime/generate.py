@@ -112,7 +112,12 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
         token = seq.choose(logits[0, -1])
         text, output = seq.accept(token)
         if output:
-            yield GenerationChunk(text, token)
+            try:
+                yield GenerationChunk(text, token)
+            except GeneratorExit:  # the caller stopped (Ctrl-C in a chat): the cache is consistent here
+                if session is not None:
+                    session.cache, session.ids = cache, seq.cached_ids()
+                raise
         if seq.finish is None:
             logits = model.decode(mx.array([[token]]), cache)
             check_logits(logits)

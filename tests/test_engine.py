@@ -269,3 +269,21 @@ def test_optimistic_decode_equals_host_routing(loaded, corpus_ids):
     res = flashmoe.batch_generate(fast, tok, prompts_of(corpus_ids)[:4], max_tokens=8)
     ref = flashmoe.batch_generate(plain, tok, prompts_of(corpus_ids)[:4], max_tokens=8)
     assert [r.tokens for r in res] == [r.tokens for r in ref]
+
+
+def test_session_survives_a_stopped_reply(model_tok, corpus_ids):
+    """A reply stopped midway (the chat's Ctrl-C closes the generator) leaves the session's cache usable:
+    the next turn prefills only its new tokens and decodes exactly as a fresh run of the whole prompt."""
+    from flashmoe.runtime.generate import Session
+
+    model, tok = model_tok
+    s = Session()
+    prompt = prompts_of(corpus_ids)[2]
+    g = flashmoe.generate(model, tok, prompt, max_tokens=20, session=s)
+    got = [next(g).token for _ in range(5)]
+    g.close()
+    assert s.ids == prompt + got[:4]  # the fifth token was shown but never fed
+    follow = s.ids + [got[4]] + corpus_ids[40:45]
+    chunks = list(flashmoe.generate(model, tok, follow, max_tokens=6, session=s))
+    assert chunks[-1].stats["cached_prompt_tokens"] == len(prompt) + 4
+    assert [c.token for c in chunks if c.token is not None] == alone(model, tok, follow, max_tokens=6)[0]
