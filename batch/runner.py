@@ -99,8 +99,8 @@ def _prepare(req: Request, tokenizer, limit: int):
     except FlashmoeError as e:
         return _bad(req, e, "invalid_prompt")
     if len(ids) >= limit:
-        return _bad(req, f"the prompt is {len(ids)} tokens, past the context limit of {limit} (prompt and answer "
-                         "together); shorten it", "context_length_exceeded")
+        return _bad(req, f"the prompt is {len(ids)} tokens, past the context limit of {limit} tokens; "
+                         "shorten it", "context_length_exceeded")
     return array("i", ids), params
 
 
