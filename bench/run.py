@@ -79,21 +79,26 @@ def compile_pass(model, cfg, k: int, tokens: int = 2, prompt: int = 1, seed: int
         decode(model, tokens)
 
 
-def decode(model, tokens: int) -> dict:
-    """Greedy-decode `tokens` tokens after a 1-token prompt; returns seconds and stage stats."""
+def decode(model, tokens: int, fast: bool = False) -> dict:
+    """Greedy-decode `tokens` tokens after a 1-token prompt; returns seconds and stage stats. fast=True
+    runs the production decode path (Model.decode: optimistic lookups when the expert cache allows)
+    with stage timing off, since timing each stage adds a host sync per stage per layer."""
     import mlx.core as mx
 
     cache = model.make_cache()
     ids = mx.array([[1]])
     logits = model(ids, cache, last_only=True)  # prefill of the 1-token prompt (not timed)
     mx.eval(logits)
+    was = model.stats.enabled
+    model.stats.enabled = not fast
     model.stats.reset()
     t = time.perf_counter()
     for _ in range(tokens):
         nxt = mx.argmax(logits[:, -1], axis=-1)[:, None]
-        logits = model(nxt, cache, last_only=True)
+        logits = model.decode(nxt, cache) if fast else model(nxt, cache, last_only=True)
         mx.eval(logits)
     dt = time.perf_counter() - t
+    model.stats.enabled = was
     return {"seconds": dt, "tok_s": tokens / dt, **model.stats.snapshot()}
 
 
@@ -226,6 +231,11 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         results[phase] = r
         log(f"{phase}: {r['tok_s']:.2f} tok/s over {cfg.num_hidden_layers} layers; projected "
             f"{r['projected_full_model_tok_s']:.2f} tok/s for {full_layers} layers")
+    if "warm" in results:  # the same routes once more, timed as a user sees it (no per-stage syncs)
+        install_router(model, StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed))
+        fast = decode(model, tokens, fast=True)
+        results["warm"]["tok_s_untimed_stages"] = fast["tok_s"]
+        log(f"warm, stage timing off: {fast['tok_s']:.2f} tok/s over {cfg.num_hidden_layers} layers")
     rep["decode"] = results
     if prefill:
         rep["prefill"] = measure_prefill(model, files, cfg, k, prefill, stickiness, seed, cold_ok, full_layers)
@@ -266,7 +276,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
             export_mlx_lm(b, Path(d))
             peer_tps = mlx_lm_decode_tps(Path(d), tokens)
         rep["peer"] = {"engine": "mlx-lm", "tok_s": peer_tps}
-        t["warm_vs_mlx_lm"] = results["warm"]["tok_s"] / peer_tps
+        t["warm_vs_mlx_lm"] = results["warm"].get("tok_s_untimed_stages", results["warm"]["tok_s"]) / peer_tps
     rep["targets"] = t
     rep["warnings"] = warnings_for(rep)
     return rep
