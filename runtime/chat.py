@@ -217,10 +217,11 @@ class Chat:
                 self.say(self.stats_text() + "\n" + "\n".join(fmt_stats(stats).splitlines()[2:]))
 
     def keep_cache(self) -> None:
-        """After a stopped reply, make the cache hold the conversation again (re-reading it if the stop
-        left the session empty), so the next turn prefills only its new tokens."""
+        """After a stopped reply, make the cache hold the whole conversation again: the tokens the stop
+        left unfed (at least the last one shown), or all of it if the stop left the session empty, so the
+        next turn prefills only its new tokens."""
         session, ids = self.conv.session, self.conv.ids
-        if session.cache is not None and ids[: len(session.ids)] == session.ids:
+        if session.cache is not None and session.ids == ids:
             return
         with Interrupt() as stop:
             try:
