@@ -412,7 +412,22 @@ class Engine:
             self.counters["finished"] += 1
 
     def step(self) -> list[Event]:
+        """One scheduler step. If a model call fails (a corrupt record, a lost rank, a bug), every running
+        sequence is dropped with the batch state it shared, so the engine stays usable; the error is
+        raised to the caller, and sequences still waiting run in later steps."""
         joining, events = self._admit()
+        try:
+            return self._step(joining, events)
+        except BaseException:
+            for e in joining:
+                self._running.setdefault(e.seq_id, e)
+            self.counters["failed"] = self.counters.get("failed", 0) + len(self._running)
+            self._running.clear()
+            self.runner.rows, self.runner.cache = [], None
+            self.counters["running"] = 0
+            raise
+
+    def _step(self, joining: list[_Entry], events: list[Event]) -> list[Event]:
         stats = self.model.stats
         if joining:
             b0, t0 = stats.expert_bytes, time.perf_counter()

@@ -287,3 +287,26 @@ def test_session_survives_a_stopped_reply(model_tok, corpus_ids):
     chunks = list(flashmoe.generate(model, tok, follow, max_tokens=6, session=s))
     assert chunks[-1].stats["cached_prompt_tokens"] == len(prompt) + 4
     assert [c.token for c in chunks if c.token is not None] == alone(model, tok, follow, max_tokens=6)[0]
+
+
+def test_a_failed_step_drops_the_batch_and_the_engine_goes_on(model_tok, corpus_ids):
+    model, tok = model_tok
+    engine = Engine(model, tok)
+    ps = prompts_of(corpus_ids)
+    engine.add(ps[1], SamplingParams(max_tokens=5))
+    engine.step()
+    real = engine.runner.decode
+
+    def broken(tokens):
+        raise RuntimeError("disk gone")
+
+    engine.runner.decode = broken
+    with pytest.raises(RuntimeError, match="disk gone"):
+        engine.step()
+    engine.runner.decode = real
+    assert engine.counters["failed"] == 1 and engine.runner.cache is None and not engine.has_work()
+    sid = engine.add(ps[2], SamplingParams(max_tokens=6))
+    toks = []
+    while engine.has_work():
+        toks += [ev.token for ev in engine.step() if ev.token is not None and ev.seq_id == sid]
+    assert toks == alone(model, tok, ps[2], max_tokens=6)[0]
