@@ -389,25 +389,25 @@ class SparseMoeBlock(nn.Module):
     def __call__(self, x: mx.array, experts: ExpertsFn, stats: Stats, step: StepInfo) -> mx.array:
         B, S, H = x.shape
         xf = x.reshape(B * S, H)  # [T, H]
+        rows = None
         if step.lookups is not None:  # optimistic: no host round trip; Model.decode checks for misses
             inds, scores = self.route(xf)
             slots = experts.cache.device_table()[self.layer][inds]  # [T, K], -1 where not resident
             step.lookups.append((self.layer, inds, slots, nonfinite(xf)))
             y = experts.apply(xf, mx.maximum(slots, 0), scores)
-            shared = self.shared_expert(xf) * mx.sigmoid(self.shared_expert_gate(xf).astype(mx.float32)).astype(xf.dtype)
-            return (y + shared.astype(y.dtype)).reshape(B, S, H)
-        rows = None
-        if step.valid is not None:  # pad tokens neither route nor read experts
-            rows = mx.array(np.flatnonzero(step.valid.reshape(-1)).astype(np.int32))
-            xf = xf[rows]
-        t0 = time.perf_counter()
-        inds, scores = self.route(xf)
-        bad = nonfinite(xf)  # corruption guard, evaluated with the indices: no round trip of its own
-        mx.eval(inds, scores, bad)  # the host needs the indices to read the experts
-        if bad.item():
-            check_finite(xf, f"layer {self.layer}")
-        stats.routing += time.perf_counter() - t0
-        y = experts(self.layer, xf, inds, scores)  # routed experts [T', H], summed over ranks if sharded
+        else:
+            if step.valid is not None:  # pad tokens neither route nor read experts
+                rows = mx.array(np.flatnonzero(step.valid.reshape(-1)).astype(np.int32))
+                xf = xf[rows]
+            t0 = time.perf_counter()
+            inds, scores = self.route(xf)
+            bad = nonfinite(xf)  # corruption guard, evaluated with the indices: no round trip of its own
+            mx.eval(inds, scores, bad)  # the host needs the indices to read the experts
+            if bad.item():
+                check_finite(xf, f"layer {self.layer}")
+            stats.routing += time.perf_counter() - t0
+            y = experts(self.layer, xf, inds, scores)  # routed experts [T', H], summed over ranks if sharded
+        # the sigmoid-gated shared expert, applied once (after the ranks' sum)
         shared = self.shared_expert(xf) * mx.sigmoid(self.shared_expert_gate(xf).astype(mx.float32)).astype(xf.dtype)
         y = y + shared.astype(y.dtype)
         if rows is not None:
