@@ -36,6 +36,7 @@ import numpy as np
 
 from flashmoe.format.errors import CapacityError
 
+from .experts import device_memory_bytes
 from .generate import GenerationChunk, eos_ids, prompt_ids
 from .integrity import check_logits
 from .model import Cache
@@ -56,10 +57,9 @@ def available_memory() -> int:
         from flashmoe.metal.dispatch import gpu_backend
 
         if gpu_backend() == "cuda":
-            info = mx.device_info()
-            total = info.get("memory_size") or info.get("total_memory") or 0
+            total = device_memory_bytes()
             if total:
-                return max(0, int(total) - int(mx.get_active_memory()))
+                return max(0, total - int(mx.get_active_memory()))
     except Exception:  # noqa: BLE001 - no GPU info: fall back to the host
         pass
     try:

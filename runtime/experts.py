@@ -35,6 +35,15 @@ DEFAULT_GPU_CACHE_GB = 16.0
 OPTIMISTIC_MIN_LAYERS_RESIDENT = 4  # optimistic decode when the slots hold >= 4 tokens' worth of experts
 
 
+def device_memory_bytes() -> int:
+    """The default device's total memory as MLX reports it (0 if it does not)."""
+    try:
+        info = mx.device_info()
+    except (AttributeError, RuntimeError):
+        return 0
+    return int(info.get("memory_size") or info.get("total_memory") or 0)
+
+
 def default_slots(record_stride: int, k: int, gpu: str | None, gpu_cache_gb: float | None = None) -> int:
     """Slot count when the config gives none. Unified memory (Apple GPUs, CPU): DEFAULT_SLOTS, enough for
     one layer's union; the OS page cache is the cache. A discrete (CUDA) GPU: the slots double as a
@@ -45,8 +54,7 @@ def default_slots(record_stride: int, k: int, gpu: str | None, gpu_cache_gb: flo
     if gpu == "cuda":
         gb = gpu_cache_gb
         if gb is None:
-            info = mx.device_info() if hasattr(mx, "device_info") else {}
-            mem = info.get("memory_size") or info.get("total_memory") or 0
+            mem = device_memory_bytes()
             gb = min(DEFAULT_GPU_CACHE_GB, 0.4 * mem / 1e9) if mem else DEFAULT_GPU_CACHE_GB
         return max(k, int(gb * 1e9) // record_stride)
     return max(DEFAULT_SLOTS, k)
