@@ -196,6 +196,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     model, tokenizer = flashmoe.load(b.path, RuntimeConfig.from_env(experts_per_token=k, io=io))
     model.stats.enabled = True
     rep["expert_slots"] = model.experts.slots
+    rep["upload"] = model.experts.upload
     rep["expert_slot_bytes"] = model.experts.slots * info.record_stride
     # how often an LRU cache of this many slots would hit, per routing model (slots shared by all layers)
     share = min(1.0, model.experts.slots / cfg.num_hidden_layers / cfg.num_experts)
@@ -298,7 +299,7 @@ def format_table(rep: dict) -> str:
     lines = [f"machine   {rep['machine']}",
              f"bundle    {rep['bundle']} ({rep.get('preset') or 'custom'}, {rep['layers']} of {L} layers, "
              f"{rep['bits']}-bit, {rep['experts_per_token']} experts per token, {rep['tokens']} tokens timed, "
-             f"reads by {rep['io']})",
+             f"reads by {rep['io']}{', uploads ' + rep['upload'] if rep.get('upload') else ''})",
              f"disk      whole files {f(lim.get('seq_read_cold_gbps'))} GB/s from disk, "
              f"{f(lim.get('seq_read_warm_gbps'))} GB/s from the page cache; one expert at a time "
              f"({rep['record_bytes'] / 2**20:.2f} MiB reads at random) {f(lim.get('rand_read_cold_gbps'))} GB/s from "

@@ -1,7 +1,7 @@
 """RuntimeConfig: every knob of the runtime in one object, resolved once by `flashmoe.load`.
 
 Library code never reads environment variables; the CLIs build a RuntimeConfig with `from_env` (which
-reads FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE) and their flags, and pass it down.
+reads FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD) and their flags, and pass it down.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from flashmoe.format.errors import InputError
 
 IO_MODES = ("pread", "mmap")
+UPLOADS = ("auto", "direct", "pinned")
 KERNELS = ("auto", "builtin", "custom")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -27,12 +28,17 @@ class RuntimeConfig:
     threads: int | None = None  # read threads; None: min(16, max(4, K))
     experts_per_token: int | None = None  # override the model's K
     verify: bool = False  # sha256 every file at load (slow)
+    # how records reach a CUDA GPU's expert cache: pinned (staged in pinned host memory, copied by the copy
+    # engine), direct (read straight into MLX's managed memory), auto (pinned on CUDA, else direct)
+    upload: str = "auto"
 
     def check(self) -> "RuntimeConfig":
         if self.io not in IO_MODES:
             raise InputError(f"io mode {self.io!r} is unknown: choose one of {', '.join(IO_MODES)}")
         if self.kernels not in KERNELS:
             raise InputError(f"kernels {self.kernels!r} is unknown: choose one of {', '.join(KERNELS)}")
+        if self.upload not in UPLOADS:
+            raise InputError(f"upload {self.upload!r} is unknown: choose one of {', '.join(UPLOADS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InputError(f"dtype {self.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
         if self.gpu_cache_gb is not None and (not math.isfinite(self.gpu_cache_gb) or self.gpu_cache_gb < 0):
@@ -48,7 +54,7 @@ class RuntimeConfig:
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "RuntimeConfig":
-        """For CLIs only: FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, then `overrides`
+        """For CLIs only: FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD, then `overrides`
         (flags; None means not given)."""
         env = os.environ if environ is None else environ
         kw: dict = {}
@@ -56,6 +62,8 @@ class RuntimeConfig:
             kw["kernels"] = env["FLASHMOE_KERNELS"].strip().lower()
         if env.get("FLASHMOE_DTYPE", "").strip():
             kw["dtype"] = env["FLASHMOE_DTYPE"].strip()
+        if env.get("FLASHMOE_UPLOAD", "").strip():
+            kw["upload"] = env["FLASHMOE_UPLOAD"].strip().lower()
         gb = env.get("FLASHMOE_GPU_CACHE_GB", "").strip()
         if gb:
             try:

@@ -25,7 +25,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.format import Bundle, BundleError
+from flashmoe.format import Bundle, BundleError, InputError
 
 from .expert_cache import ExpertCache
 from .reader import ExpertReader
@@ -66,7 +66,8 @@ class RoutedExperts:
 
     def __init__(self, bundle: Bundle, io: str = "pread", slots: int | None = None, threads: int | None = None,
                  stats=None, kernels: str = "auto", gpu_cache_gb: float | None = None,
-                 shard: tuple[int, int] | None = None, group=None, optimistic: bool | None = None):
+                 shard: tuple[int, int] | None = None, group=None, optimistic: bool | None = None,
+                 upload: str = "auto"):
         from flashmoe.metal.dispatch import gpu_backend
 
         cfg = bundle.config
@@ -80,6 +81,7 @@ class RoutedExperts:
                                                              gpu_backend(), gpu_cache_gb)
         n = max(1, min(int(want), cfg.num_experts * cfg.num_hidden_layers))
         self.cache = ExpertCache(info, n, cfg.num_hidden_layers, cfg.num_experts)
+        self.upload = self._open_uploader(upload, gpu_backend())
         self.shard = shard
         self.group = group
         # optimistic decode (Model.decode): worth it when the cache is a real cache (the GPU expert cache,
@@ -91,6 +93,24 @@ class RoutedExperts:
         if shard is not None:
             rank, size = shard
             self.owned = (np.arange(cfg.num_experts) % size) == rank
+
+    def _open_uploader(self, upload: str, gpu: str | None) -> str:
+        """Give the reader a PinnedUploader where records must cross to a discrete GPU. Returns the mode
+        in effect: 'pinned' or 'direct'."""
+        if upload == "direct" or (upload == "auto" and gpu != "cuda"):
+            return "direct"
+        if gpu != "cuda":
+            raise InputError("upload 'pinned' needs MLX's CUDA backend (an NVIDIA GPU as the default device); "
+                             "use upload 'auto'")
+        from .upload import CudaError, PinnedUploader
+
+        try:
+            self.reader.uploader = PinnedUploader.open(next(iter(self.cache.byte_views.values()))[0].ctypes.data)
+        except CudaError as e:
+            if upload == "pinned":
+                raise InputError(f"upload 'pinned' is not available: {e}; use upload 'auto' or 'direct'") from None
+            return "direct"
+        return "pinned"
 
     # ---- what tests and tools look at -------------------------------------------------------
     @property

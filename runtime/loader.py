@@ -111,11 +111,10 @@ def load(path, config: RuntimeConfig | None = None, **overrides):
                              f"(its default is {cfg.num_experts_per_tok})")
         model.set_experts_per_token(k)
     experts = RoutedExperts(bundle, io=cfg_rt.io, slots=cfg_rt.slots, threads=cfg_rt.threads, stats=model.stats,
-                            kernels=cfg_rt.kernels, gpu_cache_gb=cfg_rt.gpu_cache_gb)
+                            kernels=cfg_rt.kernels, gpu_cache_gb=cfg_rt.gpu_cache_gb, upload=cfg_rt.upload)
     verifier = RecordVerifier(bundle)
     if verifier.enabled:  # each record's CRC-32, checked the first time this process reads it
-        experts.reader.verifier = lambda layer, expert, slot: verifier.check(
-            layer, expert, experts.cache.record_image(slot))
+        experts.reader.verifier = verifier.check
     object.__setattr__(model, "experts", experts)
     object.__setattr__(model, "bundle", bundle)
     object.__setattr__(model, "runtime_config", cfg_rt)

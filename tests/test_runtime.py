@@ -35,6 +35,7 @@ from runtime_bundle import dequantized_reference, write_bundle  # noqa: E402
 from tiny import build_model, logits_of  # noqa: E402
 
 import flashmoe  # noqa: E402
+from flashmoe.metal.dispatch import gpu_backend  # noqa: E402
 from flashmoe.runtime.cli import main as cli_main  # noqa: E402
 from flashmoe.runtime.tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
 
@@ -413,3 +414,32 @@ def test_slots_cache_records_across_tokens(bundles, corpus_ids):
     assert_logits_close(our_logits(small, ids), first, "small pool")
     model.experts.close()
     small.experts.close()
+
+
+def test_upload_mode_is_checked(bundles):
+    from flashmoe.format import InputError
+
+    with pytest.raises(InputError, match="upload 'sideways' is unknown"):
+        flashmoe.load(bundles[4], upload="sideways")
+    model, _ = flashmoe.load(bundles[4], upload="auto")
+    assert model.experts.upload == ("pinned" if gpu_backend() == "cuda" else "direct")
+    model.experts.close()
+    if gpu_backend() != "cuda":
+        with pytest.raises(InputError, match="needs MLX's CUDA backend"):
+            flashmoe.load(bundles[4], upload="pinned")
+
+
+@pytest.mark.skipif(gpu_backend() != "cuda", reason="needs MLX's CUDA backend")
+def test_pinned_upload_matches_direct(bundles, corpus_ids):
+    """Records staged in pinned memory and copied by the copy engine are the same bytes as records read
+    straight into managed memory: identical logits, with a pool small enough that slots are re-filled
+    (evictions) many times, and every record CRC-checked on its way."""
+    ids = prompt_of(corpus_ids, 24)
+    a, _ = flashmoe.load(bundles[4], slots=8, upload="direct")
+    b, _ = flashmoe.load(bundles[4], slots=8, upload="pinned")
+    assert (a.experts.upload, b.experts.upload) == ("direct", "pinned")
+    la, lb = our_logits(a, ids, stepwise=True), our_logits(b, ids, stepwise=True)
+    np.testing.assert_array_equal(la, lb)
+    assert sum(b.experts.reads.values()) > b.experts.slots  # slots were reused
+    a.experts.close()
+    b.experts.close()
