@@ -1,16 +1,35 @@
-"""Warm decode on a GPU with real (router-chosen) routing: Model.decode with optimistic lookups vs the
-host-routed path, same bundle, same tokens. Usage: python benchmarks/gpu_optimistic.py BUNDLE [TOKENS]"""
+"""Warm single-stream decode on a GPU with real (router-chosen) routing, every expert resident in the GPU
+expert cache, against mlx-lm on the same weights in the same run.
+
+    python benchmarks/gpu_optimistic.py BUNDLE [--tokens 64] [--reps 3] [--peer] [--json OUT]
+
+Rows (each the median of --reps passes, interleaved, after a warm-up pass of each):
+  host-routed    Model.decode with a host round trip per layer (optimistic off)
+  optimistic     Model.decode against the device-side slot table, one sync per token
+  generate       flashmoe.generate, greedy: optimistic and pipelined (the next step is launched on this
+                 one's lazy argmax before the host waits), the path users get
+  mlx-lm         mlx_lm.generate_step on the bundle exported byte for byte (--peer; needs mlx-lm)
+All rows must give the same tokens (checked)."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
 import flashmoe
 
+PROMPT = [1, 2, 3, 4]
 
-def run(model, n):
+
+def decode_loop(model, n):
     cache = model.make_cache()
-    logits = model(mx.array([[1, 2, 3, 4]]), cache, last_only=True)
+    logits = model(mx.array([PROMPT]), cache, last_only=True)
     mx.eval(logits)
     toks = []
     t = time.perf_counter()
@@ -21,13 +40,71 @@ def run(model, n):
     return n / (time.perf_counter() - t), toks
 
 
-model, tok = flashmoe.load(sys.argv[1])
-n = int(sys.argv[2]) if len(sys.argv) > 2 else 32
-ex = model.experts
-for rep in range(3):
-    for opt in (False, True):
-        ex.optimistic = opt
-        h, m = ex.optimistic_hits, ex.optimistic_misses
-        tps, toks = run(model, n)
-        print(f"pass {rep} optimistic={opt}: {tps:.1f} tok/s  hits {ex.optimistic_hits - h} misses "
-              f"{ex.optimistic_misses - m}  first tokens {toks[:6]}", flush=True)
+def generate_row(model, tok, n):
+    chunks = list(flashmoe.generate(model, tok, PROMPT, max_tokens=n + 1, chat_template=False))
+    toks = [c.token for c in chunks if c.token is not None]
+    return chunks[-1].stats["decode_tps"], toks
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--peer", action="store_true", help="also mlx-lm on the same weights")
+    ap.add_argument("--slots", type=int, default=None, help="expert cache slots (default: the runtime's)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    model, tok = flashmoe.load(a.bundle, slots=a.slots)
+    model.stats.enabled = False
+    ex = model.experts
+    ex.optimistic = True
+    rows = {"host-routed": [], "optimistic": [], "generate": []}
+    tokens = {}
+
+    def one(name):
+        if name == "generate":
+            ex.optimistic = True
+            return generate_row(model, tok, a.tokens)
+        ex.optimistic = name == "optimistic"
+        return decode_loop(model, a.tokens)
+
+    for rep in range(a.reps + 1):  # rep 0 warms up (compiles kernels, fills the expert cache)
+        for name in rows:
+            h, m = ex.optimistic_hits, ex.optimistic_misses
+            tps, toks = one(name)
+            tokens.setdefault(name, toks)
+            print(f"pass {rep} {name:12s} {tps:8.1f} tok/s  hits {ex.optimistic_hits - h} misses "
+                  f"{ex.optimistic_misses - m}", flush=True)
+            if rep:
+                rows[name].append(tps)
+    ref = tokens["host-routed"]
+    same = {k: v[: len(ref)] == ref[: len(v)] for k, v in tokens.items()}
+    out = {"bundle": a.bundle, "tokens": a.tokens, "reps": a.reps, "date": time.strftime("%Y-%m-%d"),
+           "device": str(mx.default_device()), "mlx": mx.__version__,
+           "tok_s": {k: statistics.median(v) for k, v in rows.items()}, "runs": rows, "same_tokens": same}
+    if a.peer:
+        from flashmoe.bench.peer import export_mlx_lm, mlx_lm_decode_tps
+        from flashmoe.format import Bundle
+
+        b = Bundle.open(a.bundle)
+        with tempfile.TemporaryDirectory(prefix="flashmoe-peer-", dir=Path(a.bundle).parent) as d:
+            export_mlx_lm(b, Path(d))
+            peer = [mlx_lm_decode_tps(Path(d), a.tokens, prompt_tokens=len(PROMPT)) for _ in range(a.reps)]
+        out["runs"]["mlx-lm"] = peer
+        out["tok_s"]["mlx-lm"] = statistics.median(peer)
+        out["vs_mlx_lm"] = {k: v / out["tok_s"]["mlx-lm"] for k, v in out["tok_s"].items() if k != "mlx-lm"}
+    for k, v in out["tok_s"].items():
+        extra = f"  {out['vs_mlx_lm'][k]:.2f}x mlx-lm" if "vs_mlx_lm" in out and k in out["vs_mlx_lm"] else ""
+        print(f"{k:12s} {v:8.1f} tok/s (median of {len(out['runs'][k])}){extra}  same tokens: {same.get(k, '-')}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    if not all(same.values()):
+        print("TOKENS DIFFER between rows", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ import mlx.core as mx
 from flashmoe.format import CapacityError, InputError
 
 from .integrity import check_logits
+from .model import Model
 from .sampling import SamplingParams, Sequence, make_sampler  # noqa: F401  (make_sampler: public API)
 from .tokenizer import Tokenizer
 
@@ -92,6 +93,15 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
 
     stats = model.stats
     stats.reset()
+    # a flashmoe Model launches a step and syncs it later; greedy decoding with the GPU expert cache
+    # (optimistic steps) then runs one step ahead. Other models (a distributed leader) decode plainly.
+    own = isinstance(model, Model)
+    pipelined = own and seq.greedy and getattr(model.experts, "optimistic", False)
+
+    def launch(token: int):
+        ids = mx.array([[token]], mx.int32)
+        return model.launch_decode(ids, cache) if own else ids
+
     reuse = (session is not None and session.cache is not None and len(session.ids) < len(ids)
              and ids[: len(session.ids)] == session.ids)
     cache = session.cache if reuse else model.make_cache()
@@ -108,20 +118,36 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
     stats.reset()
 
     t1 = time.perf_counter()
-    while seq.finish is None:
-        token = seq.choose(logits[0, -1])
-        text, output = seq.accept(token)
-        if output:
-            try:
+    pending = None  # pipelined greedy decoding: the step launched ahead, on the device
+    try:
+        token = seq.choose(logits[0, -1]) if seq.finish is None else None  # None: max_tokens 0
+        while token is not None:
+            text, output = seq.accept(token)
+            if output:
                 yield GenerationChunk(text, token)
-            except GeneratorExit:  # the caller stopped (Ctrl-C in a chat): the cache is consistent here
-                if session is not None:
-                    session.cache, session.ids = cache, seq.cached_ids()
-                raise
-        if seq.finish is None:
-            logits = model.decode(mx.array([[token]]), cache)
-            check_logits(logits)
+            if seq.finish is not None:
+                break
+            if pending is None:
+                pending = launch(token)
+            if pipelined:  # launch the next step on this one's (lazy) argmax before waiting for it
+                ahead = model.launch_decode(pending.choice[:, None], cache)
+                _, choice, redone = model.finish_decode(pending, cache, after=ahead)
+                pending = None if redone else ahead  # a redone step voids the one built on it
+                token = int(choice[0])
+            else:
+                logits, choice, _ = model.finish_decode(pending, cache) if own else (model.decode(pending, cache),
+                                                                                     None, False)
+                pending = None
+                token = int(choice[0]) if (choice is not None and seq.greedy) else seq.choose(logits[0, -1])
             seq.fed += 1
+    except GeneratorExit:  # the caller stopped (Ctrl-C in a chat): the cache is consistent once undone
+        if pending is not None and pipelined:
+            model.cancel_decode(pending, cache)
+        if session is not None:
+            session.cache, session.ids = cache, seq.cached_ids()
+        raise
+    if pending is not None and pipelined:
+        model.cancel_decode(pending, cache)
     t_decode = time.perf_counter() - t1
     n_gen = len(seq.generated)
     summary = sequence_stats(len(ids), cached, n_gen, t_prefill, t_decode, prefill_stats, stats.snapshot())

@@ -33,7 +33,7 @@ import numpy as np
 
 from flashmoe.format import TextConfig
 
-from .integrity import check_finite, nonfinite
+from .integrity import check_finite, check_logits, nonfinite
 
 # ----------------------------------------------------------------------------------------------
 # stats: wall time per stage. Stages are only separable when we synchronise at their ends, so the
@@ -445,6 +445,18 @@ class DecoderLayer(nn.Module):
 # the model
 
 
+@dataclass
+class PendingDecode:
+    """A decode step on the device, not yet synced (Model.launch_decode)."""
+
+    ids: mx.array  # [B, 1] the tokens fed
+    saved: tuple  # the cache state before the step (for a rollback)
+    logits: mx.array  # [B, 1, V]
+    choice: mx.array  # [B] each row's argmax (lazy: the next step may be built on it)
+    pack: mx.array  # int32: miss flag, 3 logit guards, B choices, then each layer's expert ids
+    used: list  # (layer, number of expert ids) in pack order
+
+
 class Model(nn.Module):
     """Qwen3.5-MoE causal LM without its routed experts. Call with token ids [B, S] and a Cache; returns
     logits [B, S, V] (or [B, 1, V] with last_only=True). Set `experts` before calling."""
@@ -480,34 +492,86 @@ class Model(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------
     def decode(self, ids: mx.array, cache: Cache) -> mx.array:
-        """One new token per row ([B, 1]) -> logits [B, 1, V], evaluated. When the expert cache is large
-        enough to be worth it (experts.optimistic), the token first runs against the device-side slot
-        table with no host round trip per layer; only if some expert was not resident (or a guard
-        fired) is the token run again the ordinary way, from the caches as they were."""
-        experts = self.experts
-        if not getattr(experts, "optimistic", False):
-            logits = self(ids, cache, last_only=True)
-            mx.eval(logits)
-            return logits
-        saved = [(c.conv, c.state) if isinstance(c, LinearCache) else c.offset for c in cache.layers]
-        offset, lookups = cache.offset, []
+        """One new token per row ([B, 1]) -> logits [B, 1, V], evaluated and checked (NaN, infinities,
+        constant rows raise BundleError). When the expert cache is large enough to be worth it
+        (experts.optimistic), the token first runs against the device-side slot table with no host round
+        trip per layer; only if some expert was not resident (or a guard fired) is the token run again
+        the ordinary way, from the caches as they were."""
+        return self.finish_decode(self.launch_decode(ids, cache), cache)[0]
+
+    def launch_decode(self, ids: mx.array, cache: Cache) -> "PendingDecode":
+        """Build the decode step of `ids` [B, 1] (which may be lazy: the previous step's argmax) and start
+        it on the device without waiting. `finish_decode` syncs it; in between, the host may build and
+        launch the next step (generate's pipelined greedy decoding), which `cancel_decode` undoes."""
+        saved = ([(c.conv, c.state) if isinstance(c, LinearCache) else c.offset for c in cache.layers],
+                 cache.offset)
+        lookups = [] if getattr(self.experts, "optimistic", False) else None
         logits = self(ids, cache, last_only=True, lookups=lookups)
-        flags = [mx.any(sl < 0) | bad for _, _, sl, bad in lookups]
-        mx.eval(logits, *flags, *[i for _, i, _, _ in lookups])
-        if not any(f.item() for f in flags):
-            experts.touch([(layer, np.array(i)) for layer, i, _, _ in lookups])
+        last = logits[:, -1].astype(mx.float32)  # [B, V]
+        i32 = mx.int32
+        guard = mx.stack([mx.any(mx.isnan(last)), mx.any(mx.isinf(last)),
+                          mx.any(mx.max(last, axis=-1) == mx.min(last, axis=-1)) if last.shape[-1] > 1
+                          else mx.array(False)]).astype(i32)
+        choice = mx.argmax(last, axis=-1).astype(i32)  # [B]
+        parts = [guard, choice]
+        if lookups:  # one flag for every layer's misses and guards, then every layer's expert ids
+            parts.insert(0, mx.any(mx.stack([mx.any(sl < 0) | bad for _, _, sl, bad in lookups]))[None].astype(i32))
+            parts += [i.reshape(-1).astype(i32) for _, i, _, _ in lookups]
+        else:
+            parts.insert(0, mx.zeros((1,), i32))
+        pack = mx.concatenate(parts)  # everything the host needs from this step, in one transfer
+        mx.async_eval(logits, pack)
+        return PendingDecode(ids, saved, logits, choice, pack, [(layer, i.size) for layer, i, _, _ in lookups or []])
+
+    def finish_decode(self, p: "PendingDecode", cache: Cache,
+                      after: "PendingDecode | None" = None) -> tuple[mx.array, np.ndarray, bool]:
+        """Sync a launched step. Returns (logits [B, 1, V], each row's argmax [B], whether it was redone).
+        A step that missed is rolled back and rerun the ordinary way; `after` (a step launched on top of
+        it, now void) is waited for first, so no kernel still reads a slot the rerun refills."""
+        host = np.array(p.pack)
+        B = p.choice.shape[0]
+        guard, choice = host[1:4], host[4 : 4 + B]
+        experts = self.experts
+        redone = bool(host[0])
+        if not redone and p.used:
+            pos, used = 4 + B, []
+            for layer, n in p.used:
+                used.append((layer, host[pos : pos + n]))
+                pos += n
+            experts.touch(used)
             experts.optimistic_hits += 1
-            return logits
-        experts.optimistic_misses += 1
-        for c, old in zip(cache.layers, saved):  # roll back: KV columns past the offset are rewritten
+        logits = p.logits
+        if redone:
+            experts.optimistic_misses += 1
+            if after is not None:
+                mx.eval(after.pack)
+            self._restore(cache, p.saved)
+            logits = self(p.ids, cache, last_only=True)
+            last = logits[:, -1].astype(mx.float32)
+            ch = mx.argmax(last, axis=-1).astype(mx.int32)
+            mx.eval(logits, ch)
+            choice = np.array(ch)
+            guard = None
+        if guard is None:
+            check_logits(logits[:, -1])
+        elif guard.any():
+            check_logits(logits[:, -1])  # names what is wrong
+        return logits, choice, redone
+
+    def cancel_decode(self, p: "PendingDecode", cache: Cache) -> None:
+        """Undo a launched step that will not be used (the sequence ended before it was needed)."""
+        mx.eval(p.pack)
+        self._restore(cache, p.saved)
+
+    @staticmethod
+    def _restore(cache: Cache, saved) -> None:
+        layers, offset = saved
+        for c, old in zip(cache.layers, layers):  # KV columns past the offset are rewritten later
             if isinstance(c, LinearCache):
                 c.conv, c.state = old
             else:
                 c.offset = old
         cache.offset = offset
-        logits = self(ids, cache, last_only=True)
-        mx.eval(logits)
-        return logits
 
     def __call__(self, ids: mx.array, cache: Cache, last_only: bool = False, lookups: list | None = None) -> mx.array:
         if self.experts is None:
@@ -544,4 +608,4 @@ def dense_weight_names(model: Model) -> set[str]:
     return {k for k, _ in tree_flatten(model.parameters())}
 
 
-__all__ = ["Model", "Cache", "KVCache", "LinearCache", "StepInfo", "Stats", "dense_weight_names"]
+__all__ = ["Model", "PendingDecode", "Cache", "KVCache", "LinearCache", "StepInfo", "Stats", "dense_weight_names"]

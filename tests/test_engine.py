@@ -289,6 +289,36 @@ def test_session_survives_a_stopped_reply(model_tok, corpus_ids):
     assert [c.token for c in chunks if c.token is not None] == alone(model, tok, follow, max_tokens=6)[0]
 
 
+def test_pipelined_greedy_keeps_the_session_exact(loaded, corpus_ids):
+    """With the optimistic path, greedy decoding runs one step ahead on the device. A reply that ends (by
+    length, a stop string or the caller closing it) undoes that step: the next turn continues from exactly
+    the fed tokens and decodes as a fresh run of the whole conversation does."""
+    from flashmoe.runtime.generate import Session
+
+    plain, tok = loaded(8)
+    fast, _ = loaded(8, slots=64)
+    assert fast.experts.optimistic and not plain.experts.optimistic
+    prompt = prompts_of(corpus_ids)[3]
+    ref, ref_text, _ = alone(plain, tok, prompt, max_tokens=12)
+    for how in ("close", "length", "stop"):
+        s = Session()
+        if how == "close":
+            g = flashmoe.generate(fast, tok, prompt, max_tokens=20, session=s)
+            got = [next(g).token for _ in range(5)]
+            g.close()
+            assert got == ref[:5] and s.ids == prompt + got[:4]
+            follow = s.ids + [got[4]] + corpus_ids[40:45]
+        else:
+            stop = tok.decode(ref[6:8]) if how == "stop" else None
+            got, text, reason = alone(fast, tok, prompt, max_tokens=8, stop=stop, session=s)
+            assert reason == ("stop" if how == "stop" else "length")
+            assert ref_text.startswith(text) and got == ref[: len(got)]
+            follow = s.ids + corpus_ids[40:45]
+        nxt = list(flashmoe.generate(fast, tok, follow, max_tokens=6, session=s))
+        assert nxt[-1].stats["cached_prompt_tokens"] == len(follow) - 5 - (how == "close")
+        assert [c.token for c in nxt if c.token is not None] == alone(plain, tok, follow, max_tokens=6)[0]
+
+
 def test_a_failed_step_drops_the_batch_and_the_engine_goes_on(model_tok, corpus_ids):
     model, tok = model_tok
     engine = Engine(model, tok)
