@@ -19,6 +19,12 @@
 #   batch SHAPE           --batch 1,8,32,128 (uniform and calibrated routing) vs the read-sharing bound and the
 #                         compute ceiling; 512-token prompts, so B=128 is a batched prefill of 65536 tokens
 #   prefill SHAPE         cold single-prompt prefill of 128 and 512 tokens
+#   upload SHAPE          single, once per way records reach the GPU cache (FLASHMOE_UPLOAD=direct, pinned)
+#   optimistic SHAPE      warm decode with the model's own router (benchmarks/gpu_optimistic.py): host-routed,
+#                         optimistic, flashmoe.generate (pipelined); 35b adds mlx-lm on the same weights
+#   newtests              the GPU-only runtime/engine tests of the pinned upload and the pipelined decode
+#   serve                 benchmarks/bench_serve.py on the 397b bundle, 1/4/16/64 clients (installs the wheels
+#                         in .whl/serve first: fastapi, uvicorn, ...; the device has no registry)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
@@ -97,5 +103,30 @@ case "${1:-}" in
       timeout 240 flashmoe-bench run "$b" --tokens 8 --prefill "$n" --json "$OUT/prefill-$s-$n.json" 2>&1 | tee -a "$LOG"
     done
     ;;
-  *) echo "usage: $0 setup|tests|kernels|single SHAPE|batch SHAPE|prefill SHAPE  (SHAPE: 397b|35b)"; exit 2 ;;
+  upload)
+    s=${2:?shape: 397b or 35b}
+    gpu_info
+    b=$(bundle "$s" 4)
+    for u in direct pinned; do
+      echo "== FLASHMOE_UPLOAD=$u" | tee -a "$LOG"
+      FLASHMOE_UPLOAD=$u timeout 240 flashmoe-bench run "$b" --tokens "$TOKENS" --json "$OUT/single-$s-$u.json" 2>&1 | tee -a "$LOG"
+    done
+    ;;
+  optimistic)
+    s=${2:?shape: 397b or 35b}
+    b=$(bundle "$s" 4)
+    peer=""; [ "$s" = 35b ] && peer="--peer"
+    timeout 300 python3 benchmarks/gpu_optimistic.py "$b" --tokens 64 --reps 3 $peer --json "$OUT/optimistic-$s.json" 2>&1 | tee -a "$LOG"
+    ;;
+  newtests)
+    timeout 300 python3 -m pytest -q tests/test_runtime.py tests/test_engine.py -k "upload or pipelined or optimistic" 2>&1 \
+      | grep -E "^ERR|passed|failed|Error|error" | tee -a "$LOG"
+    ;;
+  serve)
+    python3 -m pip install -q --no-deps --no-index .whl/serve/*.whl 2>&1 | grep -v WARNING
+    b=$(bundle 397b 4)
+    timeout 540 python3 benchmarks/bench_serve.py "$b" --clients ${CLIENTS:-1 4 16 64} --max-tokens 32 \
+      --json "$OUT/serve-397b.json" 2>&1 | tee -a "$LOG"
+    ;;
+  *) echo "usage: $0 setup|tests|kernels|single|batch|prefill|upload|optimistic SHAPE|newtests|serve  (SHAPE: 397b|35b)"; exit 2 ;;
 esac
