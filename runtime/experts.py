@@ -105,7 +105,7 @@ class RoutedExperts:
         from .upload import CudaError, PinnedUploader
 
         try:
-            self.reader.uploader = PinnedUploader.open(next(iter(self.cache.byte_views.values()))[0].ctypes.data)
+            self.reader.attach_uploader(PinnedUploader.open(next(iter(self.cache.byte_views.values()))[0].ctypes.data))
         except CudaError as e:
             if upload == "pinned":
                 raise InputError(f"upload 'pinned' is not available: {e}; use upload 'auto' or 'direct'") from None

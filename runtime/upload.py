@@ -30,15 +30,16 @@ class CudaError(RuntimeError):
 
 
 class PinnedUploader:
-    """One per ExpertReader. `staging(n)` is the calling thread's pinned buffer (at least n bytes, allocated on
-    its first use); `copy(dst_addr, src)` puts the bytes of `src` (a slice of a staging buffer) at device
-    address `dst_addr` (an address inside an MLX CUDA array)."""
+    """One per ExpertReader. `arena(n, nbytes)` is n pinned buffers of nbytes each (allocated once, grown on
+    demand); `copy(dst_addr, src)` puts the bytes of `src` (a slice of one of them) at device address
+    `dst_addr` (an address inside an MLX CUDA array). Any thread may call `copy`."""
 
     def __init__(self, lib, ctx):
         self._lib = lib
         self._ctx = ctx
         self._local = threading.local()
         self._buffers: list[int] = []  # pinned allocations, freed by close()
+        self._arena: list[np.ndarray] = []
         self._lock = threading.Lock()
 
     @classmethod
@@ -75,26 +76,24 @@ class PinnedUploader:
             self._lib.cuGetErrorString(rc, ctypes.byref(msg))
             raise CudaError(f"{what} failed: {(msg.value or b'?').decode()} (CUDA error {rc})")
 
-    def _bind(self):
+    def _bind(self) -> None:
         """Make the device's primary context current on this thread (once per thread)."""
-        loc = self._local
-        if getattr(loc, "bound", False):
-            return loc
-        self._check(self._lib.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
-        loc.bound = True
-        loc.buf = None
-        return loc
+        if not getattr(self._local, "bound", False):
+            self._check(self._lib.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+            self._local.bound = True
 
-    def staging(self, nbytes: int) -> np.ndarray:
-        """This thread's pinned buffer, as uint8 [nbytes]."""
-        loc = self._bind()
-        if loc.buf is None or loc.buf.nbytes < nbytes:
-            ptr = ctypes.c_void_p()
-            self._check(self._lib.cuMemHostAlloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes), 0), "cuMemHostAlloc")
-            with self._lock:
+    def arena(self, n: int, nbytes: int) -> list[np.ndarray]:
+        """n pinned buffers, uint8 [nbytes] each."""
+        self._bind()
+        with self._lock:
+            if self._arena and self._arena[0].nbytes < nbytes:
+                raise ValueError("the arena's buffers are smaller than a record")  # one record size per reader
+            while len(self._arena) < n:
+                ptr = ctypes.c_void_p()
+                self._check(self._lib.cuMemHostAlloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes), 0), "cuMemHostAlloc")
                 self._buffers.append(ptr.value)
-            loc.buf = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr.value))
-        return loc.buf[:nbytes]
+                self._arena.append(np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr.value)))
+            return self._arena[:n]
 
     def copy(self, dst_addr: int, src: np.ndarray) -> None:
         self._bind()
@@ -104,6 +103,6 @@ class PinnedUploader:
     def close(self) -> None:
         """Free the pinned buffers (call after the reader threads have stopped)."""
         with self._lock:
-            bufs, self._buffers = self._buffers, []
+            bufs, self._buffers, self._arena = self._buffers, [], []
         for p in bufs:
             self._lib.cuMemFreeHost(ctypes.c_void_p(p))

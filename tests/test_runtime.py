@@ -443,3 +443,63 @@ def test_pinned_upload_matches_direct(bundles, corpus_ids):
     assert sum(b.experts.reads.values()) > b.experts.slots  # slots were reused
     a.experts.close()
     b.experts.close()
+
+
+class HostUploader:
+    """The PinnedUploader's interface with host memory and memmove standing in for pinned buffers and the
+    copy engine, so that the staged read path (pieces over the pool, check, copy, buffer reuse) runs on
+    any machine."""
+
+    def __init__(self):
+        self.arenas, self.copies = [], 0
+
+    def arena(self, n, nbytes):
+        while len(self.arenas) < n:
+            self.arenas.append(np.zeros(nbytes, np.uint8))
+        return self.arenas[:n]
+
+    def copy(self, dst_addr, src):
+        import ctypes
+
+        ctypes.memmove(dst_addr, src.ctypes.data, src.nbytes)
+        self.copies += 1
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("io", ["pread", "mmap"])
+def test_staged_reads_match_direct_reads(bundles, corpus_ids, io):
+    ids = prompt_of(corpus_ids, 24)
+    a, _ = flashmoe.load(bundles[4], slots=8, io=io)
+    b, _ = flashmoe.load(bundles[4], slots=8, io=io)
+    up = HostUploader()
+    b.experts.reader.attach_uploader(up)
+    assert b.experts.reader.threads == 16  # the staged path reads 1 MiB pieces with more threads
+    np.testing.assert_array_equal(our_logits(a, ids, stepwise=True), our_logits(b, ids, stepwise=True))
+    n = sum(b.experts.reads.values())
+    assert n > b.experts.slots and up.copies == n * len(b.experts.cache.copy_plan[0])
+    a.experts.close()
+    b.experts.close()
+
+
+def test_staged_reads_check_records_before_the_copy(bundles, corpus_ids, tmp_path):
+    """A corrupt record on the staged path fails its CRC-32 before it is copied to the slot; the slots it
+    was meant for are left marked empty."""
+    from flashmoe.format import Bundle, BundleError
+
+    root = Path(shutil.copytree(bundles[4], tmp_path / "b"))
+    b = Bundle.open(root)
+    info = b.expert_info(1)
+    path = root / "experts/layer-001.bin"
+    data = bytearray(path.read_bytes())
+    for e in range(b.config.num_experts):  # every record of layer 1: whatever the router picks is bad
+        data[info.data_offset + e * info.record_stride + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+    model, tok = flashmoe.load(root, slots=8)
+    up = HostUploader()
+    model.experts.reader.attach_uploader(up)
+    with pytest.raises(BundleError, match="layer 1 fails its checksum"):
+        our_logits(model, prompt_of(corpus_ids, 6))
+    assert (model.experts.cache.table[1] < 0).all()
+    model.experts.close()
