@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import mlx.core as mx
@@ -208,6 +209,57 @@ class StepInfo:
 # building blocks
 
 
+# ----------------------------------------------------------------------------------------------
+# fused elementwise chains: on a GPU every op is a kernel launch, and a decode step is launch-bound, so
+# the chains below are compiled into one kernel each (shapeless: one trace for every shape)
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(g: mx.array, u: mx.array) -> mx.array:
+    return nn.silu(g) * u
+
+
+@partial(mx.compile, shapeless=True)
+def sigmoid_gate(y: mx.array, gate: mx.array) -> mx.array:
+    """y * sigmoid(gate), the sigmoid in float32 (the shared expert's and attention's output gates)."""
+    return y * mx.sigmoid(gate.astype(mx.float32)).astype(y.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def delta_gates(a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array) -> tuple[mx.array, mx.array]:
+    """The delta net's log-decay g = -exp(A_log) * softplus(a + dt_bias) and write strength beta =
+    sigmoid(b), in float32."""
+    f32 = mx.float32
+    g = -mx.exp(A_log.astype(f32)) * nn.softplus(a.astype(f32) + dt_bias.astype(f32))
+    return g, mx.sigmoid(b.astype(f32))
+
+
+@partial(mx.compile, shapeless=True)
+def qk_l2norm(q: mx.array, k: mx.array, scale: float) -> tuple[mx.array, mx.array]:
+    """float32 l2-normalised q (times scale) and k."""
+    q, k = q.astype(mx.float32), k.astype(mx.float32)
+    return l2norm(q) * scale, l2norm(k)
+
+
+@partial(mx.compile, shapeless=True)
+def gated_rms_norm(x: mx.array, w: mx.array, z: mx.array, eps: float) -> mx.array:
+    y = mx.fast.rms_norm(x.astype(mx.float32), None, eps).astype(x.dtype) * w.astype(x.dtype)
+    return (y.astype(mx.float32) * nn.silu(z.astype(mx.float32))).astype(x.dtype)
+
+
+@mx.compile
+def causal_conv(xp: mx.array, w: mx.array) -> mx.array:
+    """silu of the depthwise causal conv: xp [B, S+W-1, C] (past inputs first), w [C, W] -> [B, S, C]
+    (traced once per shape: decode's S = 1 is one trace)."""
+    W = w.shape[1]
+    S = xp.shape[1] - W + 1
+    w = w.astype(xp.dtype)
+    out = xp[:, 0:S] * w[:, 0]
+    for j in range(1, W):
+        out = out + xp[:, j : j + S] * w[:, j]
+    return nn.silu(out)
+
+
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm of Qwen3.5: the bundle stores the effective scale (1 + w) in float32, so this
     is a plain RMSNorm computed in float32 (as the reference does) and cast back."""
@@ -230,8 +282,7 @@ class RMSNormGated(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array, z: mx.array) -> mx.array:
-        y = mx.fast.rms_norm(x.astype(mx.float32), None, self.eps).astype(x.dtype) * self.weight.astype(x.dtype)
-        return (y.astype(mx.float32) * nn.silu(z.astype(mx.float32))).astype(x.dtype)
+        return gated_rms_norm(x, self.weight, z, self.eps)
 
 
 class DepthwiseConv(nn.Module):
@@ -250,7 +301,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
@@ -295,22 +346,15 @@ class GatedDeltaNet(nn.Module):
         prev = cache.conv if cache.conv is not None else mx.zeros((B, W - 1, qkv.shape[-1]), qkv.dtype)
         xp = mx.concatenate([prev, qkv], axis=1)  # [B, S+W-1, C]
         cache.conv = xp[:, -(W - 1):]
-        w = self.conv1d.weight.astype(qkv.dtype)  # [C, W]
-        conv = xp[:, 0:S] * w[:, 0]
-        for j in range(1, W):
-            conv = conv + xp[:, j : j + S] * w[:, j]
-        conv = nn.silu(conv)  # [B, S, C]
+        conv = causal_conv(xp, self.conv1d.weight)  # [B, S, C]
 
         q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)
         f32 = mx.float32
-        q = q.reshape(B, S, self.Hk, self.Dk).astype(f32)
-        k = k.reshape(B, S, self.Hk, self.Dk).astype(f32)
         v = v.reshape(B, S, self.Hv, self.Dv).astype(f32)
-        q = l2norm(q) * (self.Dk ** -0.5)  # [B, S, Hk, Dk]
-        k = l2norm(k)
-        beta = mx.sigmoid(b.astype(f32))  # [B, S, Hv]
-        # decay g = -exp(A_log) * softplus(a + dt_bias) in log space; the kernel takes exp(g)
-        g = -mx.exp(self.A_log.astype(f32)) * nn.softplus(a.astype(f32) + self.dt_bias.astype(f32))
+        q, k = qk_l2norm(q.reshape(B, S, self.Hk, self.Dk), k.reshape(B, S, self.Hk, self.Dk),
+                         self.Dk ** -0.5)  # [B, S, Hk, Dk]
+        # decay g = -exp(A_log) * softplus(a + dt_bias) in log space (the kernel takes exp(g)); beta [B, S, Hv]
+        g, beta = delta_gates(a, b, self.A_log, self.dt_bias)
         if step.gate is not None:  # pad tokens: beta 0 and decay exp(0) = 1 leave the state as it was
             beta = beta * step.gate
             g = g * step.gate
@@ -356,7 +400,7 @@ class Attention(nn.Module):
         k, v = cache.update(k, v)  # [B, Nk, P+S, D]
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask=step.mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, S, N * D)  # [B, S, N*D]
-        return self.o_proj(out * mx.sigmoid(gate))
+        return self.o_proj(sigmoid_gate(out, gate))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +452,7 @@ class SparseMoeBlock(nn.Module):
             stats.routing += time.perf_counter() - t0
             y = experts(self.layer, xf, inds, scores)  # routed experts [T', H], summed over ranks if sharded
         # the sigmoid-gated shared expert, applied once (after the ranks' sum)
-        shared = self.shared_expert(xf) * mx.sigmoid(self.shared_expert_gate(xf).astype(mx.float32)).astype(xf.dtype)
+        shared = sigmoid_gate(self.shared_expert(xf), self.shared_expert_gate(xf))
         y = y + shared.astype(y.dtype)
         if rows is not None:
             out = mx.zeros((B * S, H), y.dtype)
