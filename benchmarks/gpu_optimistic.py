@@ -8,8 +8,9 @@ Rows (each the median of --reps passes, interleaved, after a warm-up pass of eac
   optimistic     Model.decode against the device-side slot table, one sync per token
   generate       flashmoe.generate, greedy: optimistic and pipelined (the next step is launched on this
                  one's lazy argmax before the host waits), the path users get
-  mlx-lm         mlx_lm.generate_step on the bundle exported byte for byte (--peer; needs mlx-lm)
-All rows must give the same tokens (checked)."""
+  mlx-lm         mlx_lm.generate_step on the bundle exported byte for byte (--peer; needs mlx-lm), loaded once
+                 and timed in the same interleaved passes (both engines share the GPU, one at a time)
+All flashmoe rows must give the same tokens (checked)."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,20 @@ def generate_row(model, tok, n):
     return chunks[-1].stats["decode_tps"], toks
 
 
+def mlx_lm_row(peer_model, n):
+    from mlx_lm.generate import generate_step
+
+    t, k = None, 0
+    for tok, _ in generate_step(mx.array(PROMPT), peer_model, max_tokens=n + 1):
+        if t is None:  # the first token comes out of prefill: time decode only
+            mx.eval(tok)
+            t = time.perf_counter()
+            continue
+        k += 1
+    mx.eval(tok)
+    return k / (time.perf_counter() - t), None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle")
@@ -61,8 +76,21 @@ def main(argv=None):
     ex.optimistic = True
     rows = {"host-routed": [], "optimistic": [], "generate": []}
     tokens = {}
+    peer_model, tmp = None, None
+    if a.peer:
+        from mlx_lm.utils import load_model
+
+        from flashmoe.bench.peer import export_mlx_lm
+        from flashmoe.format import Bundle
+
+        tmp = tempfile.TemporaryDirectory(prefix="flashmoe-peer-", dir=Path(a.bundle).parent)
+        export_mlx_lm(Bundle.open(a.bundle), Path(tmp.name))
+        peer_model, _ = load_model(Path(tmp.name))
+        rows["mlx-lm"] = []
 
     def one(name):
+        if name == "mlx-lm":
+            return mlx_lm_row(peer_model, a.tokens)
         if name == "generate":
             ex.optimistic = True
             return generate_row(model, tok, a.tokens)
@@ -73,27 +101,24 @@ def main(argv=None):
         for name in rows:
             h, m = ex.optimistic_hits, ex.optimistic_misses
             tps, toks = one(name)
-            tokens.setdefault(name, toks)
+            if toks is not None:
+                tokens.setdefault(name, toks)
             print(f"pass {rep} {name:12s} {tps:8.1f} tok/s  hits {ex.optimistic_hits - h} misses "
                   f"{ex.optimistic_misses - m}", flush=True)
             if rep:
                 rows[name].append(tps)
+    if tmp is not None:
+        tmp.cleanup()
     ref = tokens["host-routed"]
     same = {k: v[: len(ref)] == ref[: len(v)] for k, v in tokens.items()}
     out = {"bundle": a.bundle, "tokens": a.tokens, "reps": a.reps, "date": time.strftime("%Y-%m-%d"),
            "device": str(mx.default_device()), "mlx": mx.__version__,
            "tok_s": {k: statistics.median(v) for k, v in rows.items()}, "runs": rows, "same_tokens": same}
     if a.peer:
-        from flashmoe.bench.peer import export_mlx_lm, mlx_lm_decode_tps
-        from flashmoe.format import Bundle
-
-        b = Bundle.open(a.bundle)
-        with tempfile.TemporaryDirectory(prefix="flashmoe-peer-", dir=Path(a.bundle).parent) as d:
-            export_mlx_lm(b, Path(d))
-            peer = [mlx_lm_decode_tps(Path(d), a.tokens, prompt_tokens=len(PROMPT)) for _ in range(a.reps)]
-        out["runs"]["mlx-lm"] = peer
-        out["tok_s"]["mlx-lm"] = statistics.median(peer)
         out["vs_mlx_lm"] = {k: v / out["tok_s"]["mlx-lm"] for k, v in out["tok_s"].items() if k != "mlx-lm"}
+        # per pass: each flashmoe row over the mlx-lm pass next to it (same moment of a shared machine)
+        out["vs_mlx_lm_per_pass"] = {k: [x / y for x, y in zip(rows[k], rows["mlx-lm"])]
+                                     for k in rows if k != "mlx-lm"}
     for k, v in out["tok_s"].items():
         extra = f"  {out['vs_mlx_lm'][k]:.2f}x mlx-lm" if "vs_mlx_lm" in out and k in out["vs_mlx_lm"] else ""
         print(f"{k:12s} {v:8.1f} tok/s (median of {len(out['runs'][k])}){extra}  same tokens: {same.get(k, '-')}")
