@@ -93,8 +93,9 @@ case "${1:-}" in
     s=${2:?shape: 397b or 35b}
     gpu_info
     b=$(bundle "$s" 4)
-    timeout 500 flashmoe-bench run "$b" --tokens 16 --batch "${BATCH:-1,8,32,128}" --batch-tokens "${BATCH_TOKENS:-16}" \
-      --batch-prompt-tokens "${BATCH_PROMPT:-512}" --json "$OUT/batch-$s.json" 2>&1 | tee -a "$LOG"
+    timeout "${LIMIT:-500}" flashmoe-bench run "$b" --tokens 16 --batch "${BATCH:-1,8,32,128}" --batch-tokens "${BATCH_TOKENS:-16}" \
+      --batch-prompt-tokens "${BATCH_PROMPT:-512}" --routing "${ROUTING:-uniform,calibrated}" \
+      --json "$OUT/batch-$s-${ROUTING:-both}-${BATCH:-all}.json" 2>&1 | tee -a "$LOG"
     ;;
   prefill)
     s=${2:?shape: 397b or 35b}
