@@ -119,12 +119,15 @@ def test_greedy_32_tokens_match_transformers_generate(loaded, trained, corpus_id
         out = trained.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                                pad_token_id=0)
     ref = out[0, len(ids):].tolist()
-    # the trained model's choices are decisive: top-1 beats top-2 by far more than our tolerance
+    # the trained model's choices are decisive: top-1 beats top-2 by more than 4x the largest difference
+    # between our logits and the reference's on this very sequence (measured here, so the check holds on
+    # a GPU's TF32 matmuls as on the CPU, and a token mismatch below is a real divergence)
     with torch.no_grad():
         lg = trained(out).logits[0, len(ids) - 1 : -1]
     top2 = lg.topk(2, -1).values
     margin = float((top2[:, 0] - top2[:, 1]).min())
-    assert margin > 10 * REL_TOL * max(1.0, float(lg.abs().max())), margin
+    err = float(np.abs(our_logits(model, out[0].tolist())[len(ids) - 1 : -1] - lg.numpy()).max())
+    assert margin > 4 * err, (margin, err)
     chunks = list(flashmoe.generate(model, tok, ids, max_tokens=32))
     got = [c.token for c in chunks if c.token is not None]
     assert got == ref
