@@ -130,6 +130,9 @@ def _time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, 
         engine.add(rng.integers(3, vocab, size=prompt_tokens).tolist(), params)
     started: set[int] = set()
     bytes0 = engine.counters.get("expert_bytes", 0)
+    stages = ("attention", "routing", "expert_io", "expert_compute", "head")
+    snap = lambda: {k: getattr(model.stats, k) for k in stages}  # noqa: E731
+    s0 = s1 = snap()
     t0 = time.perf_counter()
     t_first = None
     bytes_first = bytes0
@@ -144,7 +147,9 @@ def _time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, 
             t_first = time.perf_counter()
             bytes_first = engine.counters.get("expert_bytes", 0)
             gen_first = engine.counters.get("generated_tokens", batch)
+            s1 = snap()
     t_end = time.perf_counter()
+    s2 = snap()
     c = engine.counters
     gen_decode = c["generated_tokens"] - gen_first
     return {"prefill_s": t_first - t0, "prompt_tokens": batch * prompt_tokens,
@@ -152,7 +157,11 @@ def _time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, 
             "decode_s": t_end - t_first, "decode_tokens": gen_decode,
             "decode_tok_s": gen_decode / (t_end - t_first) if t_end > t_first else None,
             "expert_bytes_prefill": bytes_first - bytes0, "expert_bytes_decode": c.get("expert_bytes", 0) - bytes_first,
-            "finished": finished}
+            "finished": finished,
+            # where the time went (seconds; separable only with model.stats.enabled, as flashmoe-bench sets it);
+            # the rest of each phase is the engine's host work (scheduling, sampling, detokenizing)
+            "prefill_stages_s": {k: s1[k] - s0[k] for k in stages},
+            "decode_stages_s": {k: s2[k] - s1[k] for k in stages}}
 
 
 def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, tokens: int, prompt_tokens: int,
@@ -217,4 +226,10 @@ def format_batch_row(b: dict) -> str:
             f"{f(b.get('prefill_compute_ceiling_tok_s'))}); "
             f"{f(b['distinct_experts_per_layer_step'])} distinct experts per layer per step, "
             f"{f(b['records_read_per_layer_step'])} read; "
-            f"{f((b['expert_bytes_per_generated_token'] or 0) / 1e6)} MB read per generated token")
+            f"{f((b['expert_bytes_per_generated_token'] or 0) / 1e6)} MB read per generated token"
+            + "".join(f"\n          {ph} {b[ph + '_s']:.2f} s: " + ", ".join(
+                f"{name} {b[ph + '_stages_s'][k]:.2f}" for k, name in
+                (("attention", "attention"), ("routing", "routing"), ("expert_io", "reads"),
+                 ("expert_compute", "experts"), ("head", "head")))
+                + f", other {b[ph + '_s'] - sum(b[ph + '_stages_s'].values()):.2f}"
+                for ph in ("prefill", "decode") if b.get(ph + "_stages_s")))

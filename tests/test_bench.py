@@ -188,3 +188,10 @@ def test_run_batch_reports_bounds(small_bundle, tmp_path):
     assert three["read_sharing_bound_tok_s"] == pytest.approx(
         3 * 4 / three["distinct_experts_per_layer_step"] * one["decode_tok_s"])
     assert "read sharing" in r.stdout and "B=3" in r.stdout
+    for b in rows:  # where each phase's time went: the stages are parts of the phase, none negative
+        for ph in ("prefill", "decode"):
+            st = b[ph + "_stages_s"]
+            assert set(st) == {"attention", "routing", "expert_io", "expert_compute", "head"}
+            assert all(v >= 0 for v in st.values()) and st["attention"] > 0
+            assert sum(st.values()) <= b[ph + "_s"] * 1.001
+    assert "prefill " in r.stdout and ", other " in r.stdout
