@@ -194,4 +194,6 @@ def test_run_batch_reports_bounds(small_bundle, tmp_path):
             assert set(st) == {"attention", "routing", "expert_io", "expert_compute", "head"}
             assert all(v >= 0 for v in st.values()) and st["attention"] > 0
             assert sum(st.values()) <= b[ph + "_s"] * 1.001
+            assert b["synthetic_router_s"][ph] >= 0  # the bench's own route making, taken out of the times
+        assert b["prefill_s"] > 0 and b["prefill_tok_s"] == pytest.approx(b["prompt_tokens"] / b["prefill_s"])
     assert "prefill " in r.stdout and ", other " in r.stdout
