@@ -165,7 +165,6 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     full_layers = b.manifest.get("source", {}).get("full_layers") or cfg.num_hidden_layers
     k = experts_per_token or cfg.num_experts_per_tok
     rep: dict = {"machine": probe.machine(), "date": time.strftime("%Y-%m-%d"), "bundle": str(b.path),
-                 "kernels": os.environ.get("FLASHMOE_KERNELS", "auto"),
                  "preset": b.manifest.get("source", {}).get("preset"), "layers": cfg.num_hidden_layers,
                  "full_model_layers": full_layers, "bits": b.expert_quant.bits, "experts_per_token": k,
                  "tokens": tokens, "io": io, "record_bytes": info.record_size}
@@ -197,6 +196,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     model.stats.enabled = True
     rep["expert_slots"] = model.experts.slots
     rep["upload"] = model.experts.upload
+    rep["kernels"] = model.runtime_config.kernels
     rep["expert_slot_bytes"] = model.experts.slots * info.record_stride
     # how often an LRU cache of this many slots would hit, per routing model (slots shared by all layers)
     share = min(1.0, model.experts.slots / cfg.num_hidden_layers / cfg.num_experts)

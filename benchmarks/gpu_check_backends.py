@@ -1,5 +1,5 @@
 """End-to-end check of the expert kernels inside the runtime: the same bundle and tokens through
-FLASHMOE_KERNELS=builtin and =custom (routed + shared experts through flashmoe.metal.dispatch);
+kernels "builtin" and "custom" (RuntimeConfig.kernels; routed + shared experts through flashmoe.metal.dispatch);
 prints the largest logit difference relative to the logits' scale, and whether greedy tokens agree.
 
     python benchmarks/gpu_check_backends.py BUNDLE [--steps 8]
@@ -11,13 +11,12 @@ import mlx.core as mx
 import numpy as np
 
 import flashmoe
-from flashmoe.metal import dispatch
 
 
-def run(bundle, steps, forced=None):
+def run(bundle, steps, kernels, forced=None):
     """Logits of a 4-token prompt and `steps` decode steps; greedy, or fed `forced` tokens (so both
     backends see the same inputs even where near-tied random logits would make greedy choices differ)."""
-    model, _ = flashmoe.load(bundle)
+    model, _ = flashmoe.load(bundle, kernels=kernels)
     cache = model.make_cache()
     logits = model(mx.array([[1, 2, 3, 4]]), cache, last_only=True)
     out, toks = [np.array(logits[0, -1].astype(mx.float32))], []
@@ -36,10 +35,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     a = ap.parse_args()
     res = {}
-    dispatch.set_backend("builtin")
-    res["builtin"] = run(a.bundle, a.steps)
-    dispatch.set_backend("custom")
-    res["custom"] = run(a.bundle, a.steps, forced=res["builtin"][1])
+    res["builtin"] = run(a.bundle, a.steps, "builtin")
+    res["custom"] = run(a.bundle, a.steps, "custom", forced=res["builtin"][1])
     (lb, tb), (lc, tc) = res["builtin"], res["custom"]
     scale = float(np.abs(lb).max())
     top_b, top_c = lb.argmax(-1), lc.argmax(-1)

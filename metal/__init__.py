@@ -28,8 +28,8 @@ shared_gate=None, backend=None, residual=None) -> y``
 * returns ``y`` ``[T, H]`` in ``x.dtype``:
   ``residual + sum_k scores[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) + sigmoid(sg.x_t) * shared(x_t)``
   with ``e = indices[t, k]``.
-* ``backend``: ``None`` -> the CLI override if set (``set_backend``), else env ``FLASHMOE_KERNELS``
-  in ``{auto, builtin, custom}`` (default ``auto``). ``auto`` = custom kernels where
+* ``backend``: one of ``{auto, builtin, custom}`` (default ``auto``; the runtime passes its
+  RuntimeConfig's ``kernels``, which the CLIs take from ``--kernels`` or ``FLASHMOE_KERNELS``). ``auto`` = custom kernels where
   ``dispatch.AUTO_CUSTOM`` allows them for the GPU backend (today: nowhere; on CUDA they win in
   isolation but not yet end to end, see dispatch.py and benchmarks/RESULTS.md), with bits in (2, 4, 8),
   group_size in (32, 64, 128) and ``T <= AUTO_MAX_T``; MLX's built-ins (``mx.gather_qmm`` /
@@ -37,9 +37,8 @@ shared_gate=None, backend=None, residual=None) -> y``
   ``custom`` forces the kernels on Metal or CUDA (error on CPU);
   ``builtin`` forces MLX's ops.
 
-Helpers: ``dispatch.set_backend(choice)``, ``dispatch.add_cli_argument(parser)`` +
-``dispatch.apply_cli_args(args)`` (adds ``--kernels {auto,builtin,custom}`` to a CLI),
-``dispatch.which_backend(T, bits, group_size, hidden, inter)``.
+Helpers: ``dispatch.add_cli_argument(parser)`` (adds ``--kernels {auto,builtin,custom}`` to a CLI),
+``dispatch.which_backend(T, bits, group_size, hidden, inter, backend)``.
 
 Shared expert on the custom path: when it is quantized with bits 2/4/8 (bundles store it at 8 bits
 or as float), it runs through the same two kernels (K=1, score = its sigmoid gate) and its result is
@@ -52,6 +51,6 @@ kernels beside the fast ones). Results: benchmarks/RESULTS.md.
 """
 
 from . import dispatch, kernels  # noqa: F401
-from .dispatch import expert_block, set_backend  # noqa: F401
+from .dispatch import expert_block  # noqa: F401
 
-__all__ = ["expert_block", "set_backend", "dispatch", "kernels"]
+__all__ = ["expert_block", "dispatch", "kernels"]

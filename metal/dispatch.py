@@ -5,14 +5,12 @@ See flashmoe.metal (``__init__``) for the public contract of :func:`expert_block
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import mlx.core as mx
 
 from . import kernels as K
 
-ENV = "FLASHMOE_KERNELS"
 CHOICES = ("auto", "builtin", "custom")
 CUSTOM_BITS = (2, 4, 8)
 CUSTOM_GROUPS = (32, 64, 128)
@@ -40,38 +38,16 @@ POISON = None  # tests set float("nan"): outputs start poisoned, so an unwritten
 CUSTOM_MAX_TOKENS = 4096
 CUSTOM_MAX_PAIRS = 65535
 
-_override: str | None = None
-
-
 # ------------------------------------------------------------------------------------------------
 # backend selection
 # ------------------------------------------------------------------------------------------------
 
-def set_backend(choice: str | None) -> None:
-    """Process-wide override (what the CLI flag sets); None returns to the environment variable."""
-    if choice is not None and choice not in CHOICES:
-        raise ValueError(f"kernels must be one of {CHOICES}, not {choice!r}")
-    global _override
-    _override = choice
-
-
 def add_cli_argument(parser) -> None:
-    """Add ``--kernels {auto,builtin,custom}`` to an argparse parser; call apply_cli_args after parsing."""
+    """Add ``--kernels {auto,builtin,custom}`` to an argparse parser. The CLI passes the choice on in its
+    RuntimeConfig (``RuntimeConfig.from_env`` also reads FLASHMOE_KERNELS); nothing here is process-wide."""
     parser.add_argument("--kernels", choices=CHOICES, default=None,
-                        help=f"expert kernels: custom dequant-FMA kernels, MLX built-ins, or auto "
-                             f"(default: ${ENV} or auto)")
-
-
-def apply_cli_args(args) -> None:
-    if getattr(args, "kernels", None):
-        set_backend(args.kernels)
-
-
-def requested() -> str:
-    choice = _override or os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if choice not in CHOICES:
-        raise ValueError(f"{ENV} must be one of {CHOICES}, not {choice!r}")
-    return choice
+                        help="expert kernels: custom dequant-FMA kernels, MLX built-ins, or auto "
+                             "(default: $FLASHMOE_KERNELS or auto)")
 
 
 def gpu_backend() -> str | None:
@@ -98,10 +74,10 @@ def custom_supported(bits, group_size, hidden, inter) -> bool:
     return True
 
 
-def resolve(backend, T, bits, group_size, hidden, inter) -> str:
+def resolve(backend: str, T, bits, group_size, hidden, inter) -> str:
     """'builtin' or 'custom' for one call. The number of slots in the expert table plays no part: the
     kernels visit only the slots the indices name."""
-    choice = backend or requested()
+    choice = backend
     if choice not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, not {choice!r}")
     gpu = gpu_backend()
@@ -319,7 +295,7 @@ def _custom(x, ex, indices, scores, bits, group_size, shared, shared_gate, resid
 # ------------------------------------------------------------------------------------------------
 
 def expert_block(x, experts, indices, scores, bits, group_size, shared=None, shared_gate=None,
-                 backend=None, residual=None):
+                 backend: str = "auto", residual=None):
     """y = [residual +] sum_k scores[t,k] * expert_{indices[t,k]}(x_t) [+ sigmoid(shared_gate x) * shared(x)].
 
     See the package docstring (flashmoe.metal) for shapes. backend: None (env/CLI), "auto",
@@ -346,7 +322,7 @@ def expert_block(x, experts, indices, scores, bits, group_size, shared=None, sha
         # auto fuses only the routed experts: for the single shared expert the custom kernels' grid is too
         # small and MLX's qmv is faster (34 vs 65 us on an H100; end to end, auto-with-shared-fused decoded
         # 102 tok/s vs the built-ins' 109). `custom` forced fuses the shared expert too.
-        fuse = (backend or requested()) == "custom"
+        fuse = backend == "custom"
         y = _custom(x2, experts, idx, sc, bits, group_size, shared if fuse else None, shared_gate if fuse else None,
                     res)
         if shared is not None and not fuse:
@@ -360,7 +336,7 @@ def expert_block(x, experts, indices, scores, bits, group_size, shared=None, sha
     return y.reshape(*lead, H)
 
 
-def which_backend(T=1, bits=4, group_size=64, hidden=4096, inter=1024, backend=None) -> str:
+def which_backend(T=1, bits=4, group_size=64, hidden=4096, inter=1024, backend: str = "auto") -> str:
     """What expert_block would run for these parameters ('builtin' or 'custom')."""
     return resolve(backend, T, bits, group_size, hidden, inter)
 

@@ -94,25 +94,11 @@ def check_arg_text(s: str | None, what: str) -> str | None:
     return s
 
 
-def check_kernels(args) -> None:
-    """--kernels / FLASHMOE_KERNELS: an unknown value or custom kernels without a GPU are user errors."""
-    from flashmoe.metal import dispatch
-
-    try:
-        dispatch.apply_cli_args(args)
-        choice = dispatch.requested()
-    except ValueError as e:
-        raise InputError(f"{e}; use auto, builtin or custom") from None
-    if choice == "custom" and dispatch.gpu_backend() is None:
-        raise InputError("custom expert kernels need a Metal or CUDA GPU as MLX's default device, and MLX runs "
-                         "on the CPU here; use --kernels auto (or builtin)")
-
-
 def check_kernels_fit(model) -> None:
     """After loading: custom kernels support only some bit widths and group sizes."""
     from flashmoe.metal import dispatch
 
-    if dispatch.requested() != "custom":
+    if model.runtime_config.kernels != "custom":
         return
     e, c = model.bundle.manifest["experts"], model.config
     if not dispatch.custom_supported(e["bits"], e["group_size"], c.hidden_size, c.moe_intermediate_size):
@@ -169,7 +155,9 @@ def run_once(model, tok, prompt: str, args, out=None) -> str:
 
 
 def _body(args: argparse.Namespace) -> int:
-    check_kernels(args)
+    from .config import RuntimeConfig
+
+    config = RuntimeConfig.from_env(experts_per_token=args.experts_per_token, io=args.io, kernels=args.kernels)
     if args.max_tokens < 0:
         raise InputError(f"--max-tokens must be >= 0 (got {args.max_tokens})")
     prompt = check_arg_text(args.prompt, "--prompt")
@@ -197,10 +185,7 @@ def _body(args: argparse.Namespace) -> int:
 
     make_sampler(args.temperature, args.top_p, args.top_k, args.seed)  # validate before loading
     dist.check_bundle(args.bundle, args.experts_per_token)
-    from .config import RuntimeConfig
-
-    model, tok = load(args.bundle, RuntimeConfig.from_env(experts_per_token=args.experts_per_token, io=args.io,
-                                                          kernels=getattr(args, "kernels", None)))
+    model, tok = load(args.bundle, config)
     dist.attach(model)
     check_kernels_fit(model)
     if args.system_prompt is not None and tok.chat_template is None:

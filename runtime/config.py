@@ -60,6 +60,9 @@ class RuntimeConfig:
         kw: dict = {}
         if env.get("FLASHMOE_KERNELS", "").strip():
             kw["kernels"] = env["FLASHMOE_KERNELS"].strip().lower()
+            if kw["kernels"] not in KERNELS:
+                raise InputError(f"FLASHMOE_KERNELS={env['FLASHMOE_KERNELS']!r} is unknown: set it to one of "
+                                 f"{', '.join(KERNELS)} (or unset it)")
         if env.get("FLASHMOE_DTYPE", "").strip():
             kw["dtype"] = env["FLASHMOE_DTYPE"].strip()
         if env.get("FLASHMOE_UPLOAD", "").strip():

@@ -89,6 +89,12 @@ def load(path, config: RuntimeConfig | None = None, **overrides):
                load(path, experts_per_token=4, io="mmap"). Resolved once, here.
     """
     cfg_rt = (config or RuntimeConfig()).with_(**overrides).check()
+    if cfg_rt.kernels == "custom":
+        from flashmoe.metal.dispatch import gpu_backend
+
+        if gpu_backend() is None:
+            raise InputError("custom expert kernels need a Metal or CUDA GPU as MLX's default device, and MLX "
+                             "runs on the CPU here; use kernels auto (--kernels auto) or builtin")
     bundle = Bundle.open(_resolve(path))
     cfg = bundle.config
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:

@@ -294,30 +294,29 @@ def test_builtin_shared_expert_and_residual():
 
 
 def test_backend_selection(monkeypatch):
-    monkeypatch.delenv(D.ENV, raising=False)
-    D.set_backend(None)
-    assert D.requested() == "auto"
-    monkeypatch.setenv(D.ENV, "builtin")
-    assert D.requested() == "builtin"
-    D.set_backend("custom")
-    assert D.requested() == "custom"  # CLI beats env
-    D.set_backend(None)
-    monkeypatch.setenv(D.ENV, "bogus")
-    with pytest.raises(ValueError):
-        D.requested()
-    monkeypatch.setenv(D.ENV, "auto")
+    """The backend is an argument (the runtime passes its RuntimeConfig's `kernels`); the environment is read
+    only by the CLIs, through RuntimeConfig.from_env, and a process-wide override no longer exists."""
+    from flashmoe.format import InputError
+    from flashmoe.runtime.config import RuntimeConfig
+
+    monkeypatch.setenv("FLASHMOE_KERNELS", "custom")
+    assert D.which_backend(T=1, bits=3) == "builtin"  # the env var does not reach the dispatcher
+    assert D.which_backend(T=D.AUTO_MAX_T + 1) == "builtin"
     if GPU is None:
         assert D.which_backend(T=1) == "builtin"
         with pytest.raises(RuntimeError):
             D.which_backend(T=1, backend="custom")
-    assert D.which_backend(T=1, bits=3) == "builtin"
-    assert D.which_backend(T=D.AUTO_MAX_T + 1) == "builtin"
+    with pytest.raises(ValueError):
+        D.which_backend(T=1, backend="bogus")
+    assert not hasattr(D, "set_backend") and not hasattr(D, "requested")
+    assert RuntimeConfig.from_env({"FLASHMOE_KERNELS": "builtin"}).kernels == "builtin"
+    assert RuntimeConfig.from_env({"FLASHMOE_KERNELS": "builtin"}, kernels="custom").kernels == "custom"  # flag wins
+    with pytest.raises(InputError, match="FLASHMOE_KERNELS='bogus'"):
+        RuntimeConfig.from_env({"FLASHMOE_KERNELS": "bogus"})
     import argparse
     p = argparse.ArgumentParser()
     D.add_cli_argument(p)
-    D.apply_cli_args(p.parse_args(["--kernels", "builtin"]))
-    assert D.requested() == "builtin"
-    D.set_backend(None)
+    assert p.parse_args(["--kernels", "builtin"]).kernels == "builtin"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,9 +397,8 @@ def test_custom_shared_expert_and_residual(shared_kind, poisoned):
 
 
 @gpu
-def test_auto_picks_custom_on_gpu(monkeypatch):
-    monkeypatch.setenv(D.ENV, "auto")
-    assert D.which_backend(T=1) == ("custom" if D.AUTO_CUSTOM.get(GPU) else "builtin")
+def test_auto_picks_custom_on_gpu():
+    assert D.which_backend(T=1, backend="auto") == ("custom" if D.AUTO_CUSTOM.get(GPU) else "builtin")
 
 
 def _pool_routing(T, Kr, slots, share, seed):
