@@ -13,7 +13,6 @@ pass timed.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -37,7 +37,7 @@ def main():
     res = {}
     res["builtin"] = run(a.bundle, a.steps, "builtin")
     res["custom"] = run(a.bundle, a.steps, "custom", forced=res["builtin"][1])
-    (lb, tb), (lc, tc) = res["builtin"], res["custom"]
+    (lb, _), (lc, _) = res["builtin"], res["custom"]
     scale = float(np.abs(lb).max())
     top_b, top_c = lb.argmax(-1), lc.argmax(-1)
     print(f"max |logit diff| / max |logit| = {float(np.abs(lb - lc).max()) / scale:.2e}; "
