@@ -67,6 +67,15 @@ def mlx_lm_decode_tps(path: Path, tokens: int, prompt_tokens: int = 1) -> float:
     prompt = mx.array([1] * prompt_tokens)
     for _ in generate_step(prompt, model, max_tokens=2):
         pass
+    return time_mlx_lm_decode(model, prompt, tokens)
+
+
+def time_mlx_lm_decode(model, prompt, tokens: int) -> float:
+    """Decode tokens/s of a loaded mlx-lm model: `tokens` greedy steps after the prompt, whose own token
+    (out of prefill) is not timed."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
     t = None
     n = 0
     for tok, _ in generate_step(prompt, model, max_tokens=tokens + 1):

@@ -48,17 +48,9 @@ def generate_row(model, tok, n):
 
 
 def mlx_lm_row(peer_model, n):
-    from mlx_lm.generate import generate_step
+    from flashmoe.bench.peer import time_mlx_lm_decode
 
-    t, k = None, 0
-    for tok, _ in generate_step(mx.array(PROMPT), peer_model, max_tokens=n + 1):
-        if t is None:  # the first token comes out of prefill: time decode only
-            mx.eval(tok)
-            t = time.perf_counter()
-            continue
-        k += 1
-    mx.eval(tok)
-    return k / (time.perf_counter() - t), None
+    return time_mlx_lm_decode(peer_model, mx.array(PROMPT), n), None
 
 
 def main(argv=None):
