@@ -190,14 +190,13 @@ def test_2_second_converter_refuses(ckpt, tmp_path):
 
 
 # ---- 3. no Hub call waits forever --------------------------------------------------------------------------
-class SilentServer:
-    """Accepts TCP connections on 127.0.0.1 and never answers a byte."""
+class LocalListener:
+    """A TCP listener on 127.0.0.1 (`endpoint`) whose accept loop hands each connection to `on_connect`."""
 
     def __enter__(self):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
-        self.conns: list[socket.socket] = []
         self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
         return self
@@ -205,12 +204,30 @@ class SilentServer:
     def _accept(self):
         while True:
             try:
-                self.conns.append(self.sock.accept()[0])
+                conn = self.sock.accept()[0]
             except OSError:
                 return
+            self.on_connect(conn)
+
+    def on_connect(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def __exit__(self, *exc):
         self.sock.close()
+
+
+class SilentServer(LocalListener):
+    """Accepts TCP connections and never answers a byte."""
+
+    def __enter__(self):
+        self.conns: list[socket.socket] = []
+        return super().__enter__()
+
+    def on_connect(self, conn):
+        self.conns.append(conn)
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
         for c in self.conns:
             c.close()
 
@@ -575,7 +592,7 @@ def test_10_a_file_is_not_reported_as_a_missing_directory(converted, tmp_path):
 
 
 # ---- kill -9 of flashmoe-pull, then resume ---------------------------------------------------------------------
-class SlowProxy:
+class SlowProxy(LocalListener):
     """A TCP proxy to `port` that sends the answers back at `rate` bytes/s (so a pull can be killed midway)."""
 
     def __init__(self, port: int, rate: int):
@@ -583,23 +600,10 @@ class SlowProxy:
         self.lock = threading.Lock()
         self.next_send = 0.0  # one budget shared by every connection: parallel downloads share `rate`
 
-    def __enter__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def _accept(self):
-        while True:
-            try:
-                client = self.sock.accept()[0]
-            except OSError:
-                return
-            up = socket.create_connection(("127.0.0.1", self.port))
-            threading.Thread(target=self._pump, args=(client, up, 0), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, client, self.rate), daemon=True).start()
+    def on_connect(self, client):
+        up = socket.create_connection(("127.0.0.1", self.port))
+        threading.Thread(target=self._pump, args=(client, up, 0), daemon=True).start()
+        threading.Thread(target=self._pump, args=(up, client, self.rate), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket, rate: int):
         try:
@@ -622,9 +626,6 @@ class SlowProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-
-    def __exit__(self, *exc):
-        self.sock.close()
 
 
 def test_kill_9_pull_then_resume(converted, hub, hf_env, tmp_path):
