@@ -98,10 +98,6 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
     own = isinstance(model, Model)
     pipelined = own and seq.greedy and getattr(model.experts, "optimistic", False)
 
-    def launch(token: int):
-        ids = mx.array([[token]], mx.int32)
-        return model.launch_decode(ids, cache) if own else ids
-
     reuse = (session is not None and session.cache is not None and len(session.ids) < len(ids)
              and ids[: len(session.ids)] == session.ids)
     cache = session.cache if reuse else model.make_cache()
@@ -127,26 +123,27 @@ def generate(model, tokenizer: Tokenizer, prompt, max_tokens: int = 256, tempera
                 yield GenerationChunk(text, token)
             if seq.finish is not None:
                 break
-            if pending is None:
-                pending = launch(token)
+            ids_in = mx.array([[token]], mx.int32)
             if pipelined:  # launch the next step on this one's (lazy) argmax before waiting for it
+                if pending is None:
+                    pending = model.launch_decode(ids_in, cache)
                 ahead = model.launch_decode(pending.choice[:, None], cache)
                 _, choice, redone = model.finish_decode(pending, cache, after=ahead)
                 pending = None if redone else ahead  # a redone step voids the one built on it
                 token = int(choice[0])
+            elif own:  # the step's argmax comes with its one sync
+                logits, choice, _ = model.finish_decode(model.launch_decode(ids_in, cache), cache)
+                token = int(choice[0]) if seq.greedy else seq.choose(logits[0, -1])
             else:
-                logits, choice, _ = model.finish_decode(pending, cache) if own else (model.decode(pending, cache),
-                                                                                     None, False)
-                pending = None
-                token = int(choice[0]) if (choice is not None and seq.greedy) else seq.choose(logits[0, -1])
+                token = seq.choose(model.decode(ids_in, cache)[0, -1])
             seq.fed += 1
     except GeneratorExit:  # the caller stopped (Ctrl-C in a chat): the cache is consistent once undone
-        if pending is not None and pipelined:
+        if pending is not None:
             model.cancel_decode(pending, cache)
         if session is not None:
             session.cache, session.ids = cache, seq.cached_ids()
         raise
-    if pending is not None and pipelined:
+    if pending is not None:
         model.cancel_decode(pending, cache)
     t_decode = time.perf_counter() - t1
     n_gen = len(seq.generated)

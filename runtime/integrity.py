@@ -84,17 +84,23 @@ def check_dense(bundle: Bundle, progress: bool = False) -> None:
                           f"is corrupt; {_fix(bundle.path)}")
 
 
+def logit_flags(a):
+    """Lazy bool [3] for an mx.array a [..., V]: (has NaN, has an infinity, has a row constant along the last
+    axis). Evaluate it with something synced anyway (Model.launch_decode packs it into the step's one
+    transfer) and call check_logits only when a flag is set."""
+    import mlx.core as mx
+
+    a = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+    constant = mx.any(mx.max(a, axis=-1) == mx.min(a, axis=-1)) if a.shape[-1] > 1 else mx.array(False)
+    return mx.stack([mx.any(mx.isnan(a)), mx.any(mx.isinf(a)), constant])
+
+
 def _flags(x, rows: bool) -> tuple[bool, bool, bool]:
     """(has NaN, has an infinity, has a constant last-axis row) of an mx.array or numpy array, computed
     on the array's own device; one host sync."""
     import mlx.core as mx
 
-    a = x if isinstance(x, mx.array) else mx.array(np.asarray(x))
-    a = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
-    flags = [mx.any(mx.isnan(a)), mx.any(mx.isinf(a))]
-    if rows:
-        flags.append(mx.any(mx.max(a, axis=-1) == mx.min(a, axis=-1)) if a.shape[-1] > 1 else mx.array(False))
-    got = mx.stack(flags).tolist()
+    got = logit_flags(x if isinstance(x, mx.array) else mx.array(np.asarray(x))).tolist()
     return bool(got[0]), bool(got[1]), bool(rows and got[2])
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from flashmoe.format import TextConfig
 
-from .integrity import check_finite, check_logits, nonfinite
+from .integrity import check_finite, check_logits, logit_flags, nonfinite
 
 # ----------------------------------------------------------------------------------------------
 # stats: wall time per stage. Stages are only separable when we synchronise at their ends, so the
@@ -553,9 +553,7 @@ class Model(nn.Module):
         logits = self(ids, cache, last_only=True, lookups=lookups)
         last = logits[:, -1].astype(mx.float32)  # [B, V]
         i32 = mx.int32
-        guard = mx.stack([mx.any(mx.isnan(last)), mx.any(mx.isinf(last)),
-                          mx.any(mx.max(last, axis=-1) == mx.min(last, axis=-1)) if last.shape[-1] > 1
-                          else mx.array(False)]).astype(i32)
+        guard = logit_flags(last).astype(i32)  # what check_logits tests, without a sync of its own
         choice = mx.argmax(last, axis=-1).astype(i32)  # [B]
         parts = [guard, choice]
         if lookups:  # one flag for every layer's misses and guards, then every layer's expert ids
@@ -595,11 +593,8 @@ class Model(nn.Module):
             ch = mx.argmax(last, axis=-1).astype(mx.int32)
             mx.eval(logits, ch)
             choice = np.array(ch)
-            guard = None
-        if guard is None:
+        if redone or guard.any():  # a rerun's logits were not guarded yet; check_logits names what is wrong
             check_logits(logits[:, -1])
-        elif guard.any():
-            check_logits(logits[:, -1])  # names what is wrong
         return logits, choice, redone
 
     def cancel_decode(self, p: "PendingDecode", cache: Cache) -> None:

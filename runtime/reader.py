@@ -25,6 +25,15 @@ STAGE_CHUNK = 1 << 20  # pinned-path read size: a 6.75 MiB record is 7 requests 
 STAGED_THREADS = 16
 
 
+def _check_read(f, expert: int, got: int, want: int, at: int | None = None) -> None:
+    """A short read means the file changed under us: say so, and how to repair it."""
+    if got != want:
+        where = "" if at is None else f" at {at}"
+        raise BundleError(f"{f.path}: short read of expert {expert} ({got} of {want} bytes{where}); the file "
+                          "changed on disk: run `flashmoe-inspect --verify`, then re-run flashmoe-convert "
+                          "or flashmoe-pull to repair it")
+
+
 class ExpertReader:
     def __init__(self, bundle: Bundle, io: str = "pread", threads: int | None = None, stats=None):
         cfg = bundle.config
@@ -47,11 +56,7 @@ class ExpertReader:
         base = f.offset(expert)
         size = self.info.record_size
         if self.io == "pread":
-            got = os.preadv(f.fd, iov, base)
-            if got != size:
-                raise BundleError(f"{f.path}: short read of expert {expert} ({got} of {size} bytes); the file "
-                                  "changed on disk: run `flashmoe-inspect --verify`, then re-run flashmoe-convert "
-                                  "or flashmoe-pull to repair it")
+            _check_read(f, expert, os.preadv(f.fd, iov, base), size)
             return
         # a mapping of a file truncated under us raises SIGBUS on touch: check the size first
         if os.fstat(f.fd).st_size < base + size:
@@ -161,11 +166,7 @@ class ExpertReader:
         f = self.files[layer]
         base = f.offset(expert)
         if self.io == "pread":
-            got = os.preadv(f.fd, [memoryview(buf)[off : off + n]], base + off)
-            if got != n:
-                raise BundleError(f"{f.path}: short read of expert {expert} ({got} of {n} bytes at {off}); the file "
-                                  "changed on disk: run `flashmoe-inspect --verify`, then re-run flashmoe-convert "
-                                  "or flashmoe-pull to repair it")
+            _check_read(f, expert, os.preadv(f.fd, [memoryview(buf)[off : off + n]], base + off), n, off)
             return
         if off == 0:  # mmap: the whole record in its first piece's task
             self._read_one(layer, expert, [memoryview(buf)], [(buf, 0)])
