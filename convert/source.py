@@ -8,6 +8,11 @@ hand out float32 expert and dense tensors whatever the source's kind:
     mlx     mlx-lm / mlx-community: quantized `switch_mlp` experts [E, out, in*b/32] with scales
             and biases, quantized dense Linear layers, norms already shifted to (1 + w)
 
+Qwen3-Next checkpoints (any kind) fuse two delta-net projections (`in_proj_qkvz`, `in_proj_ba`): the
+source shows them as the Qwen3.5 projections they split into, views on their rows (format/names.py), so
+the converter writes a Qwen3.5 bundle. Row picking commutes with everything a conversion does to a
+weight (MLX quantization groups run along a row; fp8 block scales are applied before the pick).
+
 Nothing is loaded up front: each read is one pread of exactly the bytes needed.
 """
 
@@ -24,7 +29,7 @@ import numpy as np
 from flashmoe.format import BundleError, TextConfig
 from flashmoe.format.bundle import inside
 from flashmoe.format.manifest import read_json_file
-from flashmoe.format.names import ExpertKey, classify, layer_of
+from flashmoe.format.names import SPLIT_OF, ExpertKey, classify, fused_split, layer_of, split_rows
 from flashmoe.format.st import TensorInfo, read_header, read_tensor
 
 # Files a conversion needs from a Hub repo: weights, configs and tokenizer; never other formats.
@@ -139,6 +144,8 @@ class Source:
     skipped: dict = field(default_factory=dict)
     mlx_quant: dict = field(default_factory=dict)
     fp8_block: tuple[int, int] = (128, 128)
+    # Qwen3-Next: split projection name -> (fused tensor name, its rows); fused names are not dense names
+    views: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -170,13 +177,38 @@ class Source:
             if not (isinstance(blk, list) and len(blk) == 2 and all(isinstance(b, int) and 0 < b <= 1 << 16 for b in blk)):
                 raise BundleError(f"{cfg_path}: quantization_config.weight_block_size must be two positive integers")
             src.fp8_block = (blk[0], blk[1])
+        src._split_fused()
         src._classify()
         return src
+
+    def _split_fused(self) -> None:
+        """Qwen3-Next: one view per Qwen3.5 projection (and MLX part) on the rows of its fused tensor."""
+        cfg = self.config
+        Hk, Dk, Hv, Dv = (cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_num_value_heads,
+                          cfg.linear_value_head_dim)
+        for name, t in list(self.tensors.items()):
+            parsed = fused_split(name)
+            if parsed is None or parsed[2] == "weight_scale_inv":  # fp8 scales: read with their fused weight
+                continue
+            prefix, fused, part = parsed
+            parts = split_rows(fused, Hk, Dk, Hv, Dv)
+            rows = sum(len(r) for r in parts.values())
+            if not t.shape or t.shape[0] != rows:
+                raise BundleError(f"{name}: shape {list(t.shape)} does not have the {rows} rows config.json implies "
+                                  f"(linear heads {Hk}/{Hv}, head dims {Dk}/{Dv}); the checkpoint and its config "
+                                  "disagree")
+            for split, r in parts.items():
+                v = f"{prefix}{split}.{part}"
+                self.views[v] = (name, r)
+                self.tensors[v] = TensorInfo(t.file, t.dtype, (len(r), *t.shape[1:]), -1, t.row_bytes * len(r))
 
     def _classify(self) -> None:
         cfg = self.config
         n_skip, vision, mtp = 0, False, False
+        fused = {f for f, _ in self.views.values()}
         for name in self.tensors:
+            if name in fused or (fused and fused_split(name)):  # shown as their split views
+                continue
             c = classify(name)
             if c is None:
                 n_skip += 1
@@ -276,6 +308,9 @@ class Source:
 
     def read(self, name: str, rows: slice | None = None, fetched: dict | None = None) -> mx.array:
         """A tensor (or rows of it) as mx.array; taken from `fetched` (see fetch) when it is there."""
+        if name in self.views:
+            fused, pick = self.views[name]
+            return self.read(fused)[mx.array(pick)]
         t = self.tensors[name]
         key = (name, None if rows is None else (rows.start, rows.stop))
         a = fetched.get(key) if fetched else None
@@ -305,6 +340,9 @@ class Source:
 
     def read_float(self, name: str, rows: slice | None = None, fetched: dict | None = None) -> mx.array:
         """A weight as float (its own dtype, or float32 for fp8), with fp8 block scales applied."""
+        if name in self.views:
+            fused, pick = self.views[name]
+            return self.read_float(fused)[mx.array(pick)]
         w = self.read(name, rows, fetched)
         scale = self._fp8_scale(name) if self.kind == "fp8" else None
         if scale is not None:
@@ -318,6 +356,9 @@ class Source:
     def mlx_module_quant(self, module: str) -> tuple[int, int]:
         """(bits, group_size) of a quantized module of an MLX checkpoint (per-module overrides first)."""
         q = self.mlx_quant
+        head, _, last = module.rpartition(".")
+        if self.views and last in SPLIT_OF:  # a split Qwen3-Next projection: quantized as its fused module
+            module = f"{head}.{SPLIT_OF[last]}"
         entry = q
         for key in (module, "language_model." + module, "model." + module):
             if isinstance(q.get(key), dict):

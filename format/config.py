@@ -14,8 +14,13 @@ from typing import Any
 
 from .errors import BundleError
 
-# model_type values (top level or text_config) this release converts and runs.
+# model_type values a bundle's config may have (the runtime runs these).
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+# model_type values (top level or text_config) of the checkpoints flashmoe-convert takes, with the families
+# they name. Qwen3-Next converts onto the Qwen3.5 layout (format/names.py splits its fused projections):
+# its bundles are `qwen3_5_moe` bundles, and the runtime does not know the difference.
+SOURCE_MODEL_TYPES = {"qwen3_5_moe": "Qwen3.5 / Qwen3.6 MoE", "qwen3_5_moe_text": "Qwen3.5 / Qwen3.6 MoE, text part",
+                      "qwen3_next": "Qwen3-Next"}
 
 
 @dataclass
@@ -115,11 +120,12 @@ class TextConfig:
         if not isinstance(text, dict):
             raise BundleError(f"config.json text_config must be an object, not {type(text).__name__}")
         mtype = text.get("model_type") or top_type
-        if top_type not in SUPPORTED_MODEL_TYPES and mtype not in SUPPORTED_MODEL_TYPES:
+        arch = mtype if mtype in SOURCE_MODEL_TYPES else top_type
+        if not isinstance(arch, str) or arch not in SOURCE_MODEL_TYPES:
+            known = "; ".join(f"{k} ({v})" for k, v in SOURCE_MODEL_TYPES.items())
             raise BundleError(
-                f"unsupported model_type {str(top_type or mtype)[:60]!r}: flashmoe converts the Qwen3.5 MoE family "
-                f"({', '.join(SUPPORTED_MODEL_TYPES)}). Check that SOURCE points at a Qwen3.5 MoE checkpoint "
-                "(e.g. Qwen/Qwen3.5-397B-A17B)."
+                f"unsupported model_type {str(top_type or mtype)[:60]!r}: flashmoe converts {known}. Check that "
+                "SOURCE points at one of those checkpoints (e.g. Qwen/Qwen3.5-397B-A17B, Qwen/Qwen3-Next-80B-A3B-Instruct)."
             )
         missing = [
             k
@@ -144,6 +150,8 @@ class TextConfig:
         n_layers = num("num_hidden_layers")
         if not 0 < n_layers <= 1000:
             raise BundleError(f"impossible config value num_hidden_layers={n_layers}")
+        if arch == "qwen3_next":
+            _check_next(text, n_layers)
         layer_types = text.get("layer_types")
         if layer_types is None:
             interval = num("full_attention_interval", 4)
@@ -238,3 +246,24 @@ class TextConfig:
                 raise BundleError(f"impossible config value {name}={v!r}")
         if self.hidden_act != "silu":
             raise BundleError(f"unsupported hidden_act {self.hidden_act!r} (Qwen3.5 MoE uses silu)")
+
+
+def _check_next(text: dict[str, Any], n_layers: int) -> None:
+    """Qwen3-Next options the Qwen3.5 layout has no room for: dense-MLP layers in place of MoE
+    (decoder_sparse_step > 1 or mlp_only_layers) and unnormalised top-k routing weights. No published
+    Qwen3-Next checkpoint uses them (Qwen3-Next-80B-A3B: step 1, no MLP-only layers, norm_topk_prob true);
+    a config that does is refused rather than run wrong."""
+    step = text.get("decoder_sparse_step", 1)
+    only = text.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise BundleError(f"config.json mlp_only_layers must be a list of layer indices, not {str(only)[:40]}")
+    if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+        raise BundleError(f"config.json decoder_sparse_step must be a positive integer, not {str(step)[:40]!r}")
+    dense = sorted({i for i in only if 0 <= i < n_layers} | {i for i in range(n_layers) if (i + 1) % step})
+    if dense:
+        raise BundleError(f"config.json makes layers {dense[:8]}{' ...' if len(dense) > 8 else ''} dense MLPs "
+                          "(decoder_sparse_step / mlp_only_layers); flashmoe runs Qwen3-Next models whose every "
+                          "layer is MoE, as Qwen3-Next-80B-A3B's")
+    if text.get("norm_topk_prob", True) is not True:
+        raise BundleError("config.json norm_topk_prob is not true; flashmoe's router renormalises the top-k weights "
+                          "(as Qwen3-Next-80B-A3B and Qwen3.5 do) and cannot run this checkpoint")
