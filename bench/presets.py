@@ -1,12 +1,27 @@
-"""Shapes of the Qwen3.5-MoE family, from the models' config.json values (text part).
+"""Shapes of the models flashmoe runs, from the models' published config values (text part).
 
-    preset               layers  hidden  experts  K   expert I  shared I  heads/kv  linear k/v heads
-    qwen3.5-397b-a17b    60      4096    512      10  1024      1024      32/2      16/64
-    qwen3.5-122b-a10b    48      3072    256      8   1024      1024      32/2      16/64
-    qwen3.5-35b-a3b      40      2048    256      8   512       512       16/2      16/32
+    preset               layers  hidden  experts  K   expert I  shared I  heads/kv  linear k/v heads  vocab
+    qwen3.5-397b-a17b    60      4096    512      10  1024      1024      32/2      16/64             248320
+    qwen3.5-122b-a10b    48      3072    256      8   1024      1024      32/2      16/64             248320
+    qwen3.5-35b-a3b      40      2048    256      8   512       512       16/2      16/32             248320
+    qwen3.6-35b-a3b      40      2048    256      8   512       512       16/2      16/32             248320
+    qwen3-next-80b-a3b   48      2048    512      10  512       512       16/2      16/32             151936
 
-All three: head_dim 256, linear head dims 128, conv kernel 4, vocab 248320, full attention every 4th
-layer, partial RoPE 0.25 with theta 1e7, untied lm_head.
+All: head_dim 256, linear head dims 128, conv kernel 4, full attention every 4th layer, partial RoPE
+0.25 (64 rotary dims) with theta 1e7, untied lm_head.
+
+Sources (no real weights or config.json can be downloaded here; these are the published numbers):
+- Qwen3.6-35B-A3B (model_type qwen3_5_moe, the Qwen3.5-35B-A3B shape): the model card's architecture list,
+  quoted at https://mera.a-ai.ru/en/industrial/submits/181 and https://chaobro.com/en/posts/qwen36-35b-a3b-moe-2026/
+  (40 layers = 10 x (3 Gated DeltaNet + 1 Gated Attention), hidden 2048, vocab 248320 padded, DeltaNet 32 V
+  and 16 QK heads of 128, attention 16 Q / 2 KV heads of 256, 64 rotary dims, 256 experts, 8 routed + 1
+  shared, expert intermediate 512).
+- Qwen3-Next-80B-A3B (model_type qwen3_next; its bundles use this same layout, format/names.py): the model
+  card's architecture list, quoted at https://lmstudio.ai/models/qwen3-next (48 layers = 12 x (3 + 1), hidden
+  2048, attention 16 Q / 2 KV heads of 256 with 64 rotary dims, DeltaNet 32 V / 16 QK heads of 128, 512
+  experts, 10 routed + 1 shared, expert intermediate 512, 262144 context); vocab 151936 and rope theta 1e7
+  from https://apxml.com/models/qwen3-next-80b-a3b; all of which are also transformers 5.24's Qwen3NextConfig
+  defaults (models/qwen3_next/configuration_qwen3_next.py, documented as Qwen3-Next-80B-A3B-Instruct's).
 """
 
 from __future__ import annotations
@@ -32,6 +47,15 @@ PRESETS = {
                             moe_intermediate_size=512, shared_expert_intermediate_size=512,
                             num_attention_heads=16, num_key_value_heads=2, linear_num_key_heads=16,
                             linear_num_value_heads=32),
+    "qwen3.6-35b-a3b": dict(num_hidden_layers=40, hidden_size=2048, num_experts=256, num_experts_per_tok=8,
+                            moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                            num_attention_heads=16, num_key_value_heads=2, linear_num_key_heads=16,
+                            linear_num_value_heads=32),
+    "qwen3-next-80b-a3b": dict(model_type="qwen3_next", vocab_size=151936, num_hidden_layers=48, hidden_size=2048,
+                               num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+                               shared_expert_intermediate_size=512, num_attention_heads=16, num_key_value_heads=2,
+                               linear_num_key_heads=16, linear_num_value_heads=32, decoder_sparse_step=1,
+                               mlp_only_layers=[], norm_topk_prob=True),
 }
 
 
@@ -45,7 +69,7 @@ def hf_config(preset: str | dict, layers: int | None = None) -> dict:
         shape = PRESETS[preset]
     else:
         raise BundleError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    d = dict(_COMMON, **shape, model_type="qwen3_5_moe_text")
+    d = {**_COMMON, "model_type": "qwen3_5_moe_text", **shape}
     d["rope_parameters"] = {"rope_theta": d.pop("rope_theta"), "partial_rotary_factor": d.pop("partial_rotary_factor"),
                             "rope_type": "default"}
     if layers is not None:

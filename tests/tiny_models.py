@@ -59,15 +59,15 @@ def build_qwen36(seed: int = 0, **over):
     return model
 
 
-def train(model, ids: list[int], steps: int, seed: int = 0):
-    """`steps` AdamW steps of next-token loss on windows of `ids`; returns the model in eval mode."""
+def train(model, ids: list[int], steps: int, seed: int = 0, batch: int = 8):
+    """`steps` AdamW steps of next-token loss on `batch` windows of `ids`; returns the model in eval mode."""
     import torch
 
     torch.manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     data = torch.tensor(ids)
-    S, B = 64, 8
+    S, B = 64, batch
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         starts = torch.randint(0, len(ids) - S - 1, (B,), generator=g)
