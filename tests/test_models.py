@@ -27,7 +27,7 @@ from flashmoe.format import Bundle, BundleError
 from flashmoe.format.names import split_rows
 from tiny import logits_of, save_checkpoint
 
-STEPS, BATCH = 60, 4  # training: decisive greedy choices (top-1 beats top-2 by > 20x our error), in ~15 s
+STEPS, BATCH = 60, 4  # training: decisive greedy choices (top-1 beats top-2 by > 20x our 8-bit error)
 GREEDY = 24  # tokens generated and compared
 
 
@@ -148,6 +148,22 @@ def test_next_greedy_8bit_matches_transformers(next_trained, next_ckpts, corpus_
         q = Bundle.open(out).manifest["dense"]["quantized"]
         assert q["layers.0.linear_attn.in_proj_qkv"] == {"bits": 8, "group_size": 64}
     assert_greedy_matches(out, next_trained, corpus_ids[5:25])
+
+
+def test_next_fp8_source_splits_dequantized_rows(next_trained, tmp_path):
+    """FP8 (block-scaled) Qwen3-Next: the block scales apply to the fused weight, then its rows are picked:
+    the bundle's float projections are exactly the dequantized fused rows."""
+    ck = save_checkpoint(copy.deepcopy(next_trained), tmp_path / "ck", "bfloat16", "per_expert")
+    ref = tm.to_fp8(ck, block=32)
+    b = Bundle.open(convert(ck, tmp_path / "b", bits=None, dense_bits=None, dtype="float32"))
+    assert b.manifest["source"]["kind"] == "fp8"
+    d = mx.load(str(b.path / "dense/layer-001.safetensors"))
+    cfg = next_trained.config
+    for fused in ("in_proj_qkvz", "in_proj_ba"):
+        w = ref[f"model.layers.1.linear_attn.{fused}.weight"].numpy()
+        for split, rows in split_rows(fused, cfg.linear_num_key_heads, cfg.linear_key_head_dim,
+                                      cfg.linear_num_value_heads, cfg.linear_value_head_dim).items():
+            np.testing.assert_array_equal(np.array(d[f"layers.1.linear_attn.{split}.weight"]), w[rows])
 
 
 @pytest.mark.parametrize("change,match", [

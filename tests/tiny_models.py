@@ -141,3 +141,34 @@ def save_multimodal(model, out: Path) -> Path:
     (out / "config.json").write_text(json.dumps(conf, indent=1))
     save_tokenizer(out, cfg.vocab_size)
     return out
+
+
+def to_fp8(ckpt: Path, block: int = 32) -> dict:
+    """Rewrite a saved checkpoint's Linear weights (projections, experts, router) as float8_e4m3 with
+    block x block scales (`weight_scale_inv`, the Qwen FP8 releases' layout) and mark config.json
+    quant_method fp8. Returns {name: the dequantized weight, float32 torch} for the rewritten tensors."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = Path(ckpt)
+    sd = load_file(str(ckpt / "model.safetensors"))
+    out, ref = {}, {}
+    for k, v in sd.items():
+        if not (k.endswith(".weight") and v.ndim == 2 and ("proj" in k or "mlp.gate" in k)):
+            out[k] = v
+            continue
+        o, i = v.shape
+        so, si = -(-o // block), -(-i // block)
+        pad = torch.zeros(so * block, si * block)
+        pad[:o, :i] = v.float().abs()
+        scale = pad.reshape(so, block, si, block).amax(dim=(1, 3)).clamp(min=1e-8) / 448.0
+        full = scale.repeat_interleave(block, 0)[:o].repeat_interleave(block, 1)[:, :i]
+        q = (v.float() / full).to(torch.float8_e4m3fn)
+        out[k], out[k[: -len(".weight")] + ".weight_scale_inv"] = q, scale
+        ref[k] = q.float() * full
+    (ckpt / "model.safetensors").unlink()
+    save_file(out, str(ckpt / "model.safetensors"))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block]}
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=1))
+    return ref
