@@ -116,6 +116,27 @@ def next_ckpts(next_trained, tmp_path_factory):
             "mlx8": tm.save_next_mlx(copy.deepcopy(next_trained), root / "mlx8", bits=8)}
 
 
+def test_next_config_in_released_field_names():
+    """A Qwen3-Next-80B-A3B config.json in the field names it was released with (transformers 4.57: rope_theta
+    and partial_rotary_factor at top level, rope_scaling null, full_attention_interval and no layer_types)
+    reads as the qwen3-next-80b-a3b bench preset (values: the model card, see bench/presets.py)."""
+    from flashmoe.bench.presets import config
+    from flashmoe.format import TextConfig
+
+    raw = {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "vocab_size": 151936,
+           "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 16,
+           "num_key_value_heads": 2, "head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+           "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+           "decoder_sparse_step": 1, "mlp_only_layers": [], "moe_intermediate_size": 512,
+           "shared_expert_intermediate_size": 512, "num_experts_per_tok": 10, "num_experts": 512,
+           "norm_topk_prob": True, "rope_theta": 10000000, "partial_rotary_factor": 0.25, "rope_scaling": None,
+           "full_attention_interval": 4, "max_position_embeddings": 262144, "rms_norm_eps": 1e-06,
+           "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645}
+    got, want = TextConfig.from_hf(raw).to_dict(), config("qwen3-next-80b-a3b").to_dict()
+    assert (got.pop("eos_token_id"), got.pop("bos_token_id")) == ([151645], 151643)
+    assert got == {k: v for k, v in want.items() if k not in ("eos_token_id", "bos_token_id")}
+
+
 def test_next_split_matches_transformers_ordering(next_trained):
     """split_rows picks exactly the q, k, v, z, b, a that transformers' fix_query_key_value_ordering derives."""
     import torch
