@@ -165,9 +165,19 @@ def test_next_float_bundle_matches_transformers(next_trained, next_ckpts, corpus
 @pytest.mark.parametrize("source", ["fp32", "bf16_fused", "mlx8"])
 def test_next_greedy_8bit_matches_transformers(next_trained, next_ckpts, corpus_ids, tmp_path, source):
     out = convert(next_ckpts[source], tmp_path / "b", bits=8)
-    if source == "mlx8":  # the 8-bit MLX experts and dense weights are repacked, not requantized
-        q = Bundle.open(out).manifest["dense"]["quantized"]
-        assert q["layers.0.linear_attn.in_proj_qkv"] == {"bits": 8, "group_size": 64}
+    if source == "mlx8":  # the 8-bit MLX dense weights are repacked, not requantized: the split projections'
+        # packed weights, scales and biases are the fused tensor's rows, byte for byte
+        assert Bundle.open(out).manifest["dense"]["quantized"]["layers.0.linear_attn.in_proj_qkv"] == {
+            "bits": 8, "group_size": 64}
+        src = mx.load(str(next_ckpts["mlx8"] / "model.safetensors"))
+        d = mx.load(str(out / "dense/layer-002.safetensors"))
+        cfg = next_trained.config
+        for fused in ("in_proj_qkvz", "in_proj_ba"):
+            for split, rows in split_rows(fused, cfg.linear_num_key_heads, cfg.linear_key_head_dim,
+                                          cfg.linear_num_value_heads, cfg.linear_value_head_dim).items():
+                for part in ("weight", "scales", "biases"):
+                    want = src[f"model.layers.2.linear_attn.{fused}.{part}"][mx.array(rows)]
+                    assert mx.array_equal(d[f"layers.2.linear_attn.{split}.{part}"], want).item()
     assert_greedy_matches(out, next_trained, corpus_ids[5:25])
 
 
