@@ -199,6 +199,9 @@ class Source:
                                   "disagree")
             for split, r in parts.items():
                 v = f"{prefix}{split}.{part}"
+                if v in self.tensors:
+                    raise BundleError(f"{self.path}: checkpoint holds both {name} and {v}; a Qwen3-Next checkpoint "
+                                      "has only the fused projection, a Qwen3.5 one only the split ones")
                 self.views[v] = (name, r)
                 self.tensors[v] = TensorInfo(t.file, t.dtype, (len(r), *t.shape[1:]), -1, t.row_bytes * len(r))
 

@@ -120,7 +120,7 @@ class TextConfig:
         if not isinstance(text, dict):
             raise BundleError(f"config.json text_config must be an object, not {type(text).__name__}")
         mtype = text.get("model_type") or top_type
-        arch = mtype if mtype in SOURCE_MODEL_TYPES else top_type
+        arch = mtype if isinstance(mtype, str) and mtype in SOURCE_MODEL_TYPES else top_type
         if not isinstance(arch, str) or arch not in SOURCE_MODEL_TYPES:
             known = "; ".join(f"{k} ({v})" for k, v in SOURCE_MODEL_TYPES.items())
             raise BundleError(
