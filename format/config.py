@@ -15,7 +15,7 @@ from typing import Any
 from .errors import BundleError
 
 # model_type values (top level or text_config) this release converts and runs.
-SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp", "qwen4_exp_text")
 
 
 @dataclass
@@ -154,7 +154,8 @@ class TextConfig:
             ]
         if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
             raise BundleError(f"config.json layer_types is malformed: {str(layer_types)[:80]}")
-        layer_types = list(layer_types)[:n_layers]
+        # Qwen4-Exp: its indexed attention is full attention with a token indexer (runtime/qwen4_exp.py)
+        layer_types = ["full_attention" if t == "indexed_attention" else t for t in layer_types][:n_layers]
         if len(layer_types) != n_layers or set(layer_types) - {"linear_attention", "full_attention"}:
             raise BundleError(f"config.json layer_types is malformed: {str(layer_types)[:80]}")
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
@@ -181,7 +182,7 @@ class TextConfig:
                 raise BundleError(f"config.json {key} must be true or false, not {str(v)[:40]!r}")
         act = text.get("hidden_act", "silu")
         cfg = cls(
-            model_type="qwen3_5_moe",
+            model_type="qwen4_exp" if str(mtype).startswith("qwen4_exp") else "qwen3_5_moe",
             vocab_size=num("vocab_size"),
             hidden_size=hidden,
             num_hidden_layers=n_layers,
@@ -200,7 +201,8 @@ class TextConfig:
             num_experts_per_tok=num("num_experts_per_tok"),
             rms_norm_eps=num("rms_norm_eps", 1e-6, float),
             rope_theta=num("rope_theta", num("rope_theta", 10000.0, float), float, rope),
-            partial_rotary_factor=num("partial_rotary_factor", num("partial_rotary_factor", 0.25, float), float, rope),
+            partial_rotary_factor=num("partial_rotary_factor", num("partial_rotary_factor", (
+                1.0 if str(mtype).startswith("qwen4_exp") else 0.25), float), float, rope),  # Qwen4-Exp's default: 1
             max_position_embeddings=num("max_position_embeddings", 32768),
             tie_word_embeddings=tie,
             attention_bias=bias,
