@@ -26,8 +26,8 @@ _FUSED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_sc
 # mlx stacked: layers.N.mlp.switch_mlp.gate_proj.weight|scales|biases  ([E, out, in*bits/32])
 _STACKED = re.compile(r"^layers\.(\d+)\.mlp\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 
-# RMSNorms that Qwen3.5 stores zero-centred (y = x/rms * (1 + w)); the bundle stores (1 + w) in float32.
-ZERO_CENTRED_NORMS = re.compile(r"(^norm\.weight$|\.(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$)")
+# RMSNorms that Qwen3.5 (and Qwen4-Exp: hyper-connection, indexer, PLE norms) stores zero-centred (y = x/rms * (1 + w)); the bundle stores (1 + w) in float32.
+ZERO_CENTRED_NORMS = re.compile(r"(^norm\.weight$|\.(input_layernorm|post_attention_layernorm|q_norm|k_norm|hc_norm|q_layernorm|k_layernorm|norm_key|norm_query|norm_conv)\.weight$)")
 
 
 @dataclass(frozen=True)
