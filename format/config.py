@@ -72,8 +72,9 @@ class TextConfig:
         as the Hugging Face checkpoint stores them (conv1d as [C, 1, W]). lm_head is absent with tied
         embeddings. The converter checks a checkpoint against this before it writes anything."""
         H, V = self.hidden_size, self.vocab_size
+        qwen4 = self.model_type == "qwen4_exp"  # hyper-connection norms instead of these three (runtime/qwen4_exp.py)
         if layer is None:
-            out = {"embed_tokens.weight": (V, H), "norm.weight": (H,)}
+            out = {"embed_tokens.weight": (V, H)} if qwen4 else {"embed_tokens.weight": (V, H), "norm.weight": (H,)}
             if not self.tie_word_embeddings:
                 out["lm_head.weight"] = (V, H)
             return out
@@ -83,6 +84,8 @@ class TextConfig:
                p + "mlp.gate.weight": (E, H), p + "mlp.shared_expert_gate.weight": (1, H),
                p + "mlp.shared_expert.gate_proj.weight": (Is, H), p + "mlp.shared_expert.up_proj.weight": (Is, H),
                p + "mlp.shared_expert.down_proj.weight": (H, Is)}
+        if qwen4:
+            del out[p + "input_layernorm.weight"], out[p + "post_attention_layernorm.weight"]
         if self.is_linear(layer):
             a, nv = p + "linear_attn.", self.linear_num_value_heads
             out.update({a + "in_proj_qkv.weight": (self.conv_dim, H), a + "in_proj_z.weight": (self.value_dim, H),
