@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -69,14 +70,10 @@ def _is_prime(v: int) -> bool:
     return all(v % d for d in range(3, math.isqrt(v) + 1, 2))
 
 
-def head_vocab_sizes(base: int, heads: int, ple_index: int) -> list[int]:
-    """Head h of PLE layer i hashes into the (i*heads + h + 1)-th prime at or above `base`."""
+def primes_from(base: int, count: int) -> list[int]:
+    """The first `count` primes at or above `base`: head h of PLE layer i hashes into prime i*heads + h."""
     out, p = [], base - 1
-    for _ in range(ple_index * heads):
-        p += 1
-        while not _is_prime(p):
-            p += 1
-    for _ in range(heads):
+    for _ in range(count):
         p += 1
         while not _is_prime(p):
             p += 1
@@ -132,9 +129,12 @@ class TableHash:
 
     @staticmethod
     def build(vocab_size: int, ngram_size: int, heads_per_ngram: int, eos_token_id: int, base: int,
-              ple_index: int, seed: int) -> "TableHash":
+              ple_index: int, seed: int, primes: list[int] | None = None) -> "TableHash":
+        """The hash of PLE layer `ple_index`; `primes` (primes_from(base, n) for n covering this layer)
+        saves recomputing them per layer."""
         heads = (ngram_size - 1) * heads_per_ngram
-        sizes = head_vocab_sizes(base, heads, ple_index)
+        primes = primes or primes_from(base, (ple_index + 1) * heads)
+        sizes = primes[ple_index * heads : (ple_index + 1) * heads]
         return TableHash(ngram_size, heads_per_ngram, eos_token_id,
                          tuple(layer_multipliers(vocab_size, ngram_size, ple_index, seed)), tuple(sizes),
                          tuple(int(x) for x in np.cumsum([0, *sizes[:-1]])))
@@ -410,3 +410,67 @@ def parse_tables(m: dict) -> list[tuple[str, TableInfo]]:
             raise BundleError(f"manifest tables: layer {info.layer} is listed twice")
         out.append((d["path"], info))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# conversion: which checkpoint tensors are tables, and their layout
+
+# model.layers.N.ple.ple_embedding.ngram_embedding.shard_K.weight (the published layout: split_ngram_parts
+# shards concatenated along rows, K = 0, 1, ...) or .ngram_embedding.weight (one piece); and the hash
+# buffers transformers keeps next to them (recomputed here from the config, not copied)
+_TABLE = re.compile(r"(?:^|\.)layers\.(\d+)\.ple\.ple_embedding\.ngram_embedding\.(?:shard_(\d+)\.)?weight$")
+_HASH_BUFFER = re.compile(r"(?:^|\.)layers\.\d+\.ple\.ple_embedding\.(layer_multipliers|ngram_heads_vocab_sizes|"
+                          r"ngram_heads_offsets)$")
+
+
+def is_table_tensor(name: str) -> bool:
+    """A tensor (checkpoint or bundle-relative name) that belongs to a table (write_table), not to the dense files."""
+    return bool(_TABLE.search(name) or _HASH_BUFFER.search(name))
+
+
+def plan_tables(hf_config: dict, vocab_size: int, dtype: str, shapes: dict[str, tuple[int, ...]]
+                ) -> list[tuple[TableInfo, list[str]]]:
+    """Each PLE layer's TableInfo and its checkpoint pieces in row order, from config.json (its text_config
+    when nested) and {checkpoint name: shape} of the checkpoint's table tensors."""
+    t = hf_config.get("text_config") or hf_config
+    pieces: dict[int, list[tuple[int, str]]] = {}
+    for name in shapes:
+        m = _TABLE.search(name)
+        if m:
+            pieces.setdefault(int(m[1]), []).append((int(m[2] or 0), name))
+    ple = sorted({int(i) - 1 for i in t.get("ple_layer_ids") or []})
+    if sorted(pieces) != ple:
+        raise BundleError(f"checkpoint n-gram tables are for layers {sorted(pieces)}, config.json ple_layer_ids "
+                          f"says {[i + 1 for i in ple]}; is a weight shard missing?")
+    if not ple:
+        return []
+    n, hpn = int(t.get("ngram_size", 3)), int(t.get("heads_per_ngram", 8))
+    eos = t.get("eos_token_id", hf_config.get("eos_token_id"))
+    eos = eos[0] if isinstance(eos, list) else eos
+    if not isinstance(eos, int) or isinstance(eos, bool):
+        raise BundleError("config.json must set eos_token_id for Qwen4-Exp n-gram tables")
+    base, seed, heads = int(t.get("ngram_vocab_size_base", 20_000_000)), int(t.get("seed", 1234)), (n - 1) * hpn
+    primes = primes_from(base, len(ple) * heads)
+    out = []
+    for idx, L in enumerate(ple):
+        names = [nm for _, nm in sorted(pieces[L])]
+        dims = {shapes[nm][1] for nm in names if len(shapes[nm]) == 2}
+        if len(dims) != 1 or any(len(shapes[nm]) != 2 for nm in names):
+            raise BundleError(f"layer {L}: n-gram table pieces have inconsistent shapes")
+        th = TableHash.build(vocab_size, n, hpn, eos, base, idx, seed, primes)
+        out.append((make_table_info(L, sum(shapes[nm][0] for nm in names), dims.pop(), dtype, th), names))
+    return out
+
+
+def write_table(path: Path, info: TableInfo, chunks) -> dict:
+    """Write a table from `chunks` (row blocks in order, numpy, in the table's dtype; bfloat16 as uint16)
+    and return its {size, sha256}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = TableFileWriter(path, info)
+    try:
+        for c in chunks:
+            w.write_rows(c)
+    except BaseException:
+        w.abort()
+        raise
+    return {"size": info.file_size, "sha256": w.close()}

@@ -279,3 +279,27 @@ def test_crc_catches_corrupt_row(q4, tmp_path, corpus_ids):
     model2, _ = flashmoe.load(out)
     with pytest.raises(BundleError, match="CRC"):
         run(model2, ids)
+
+
+def test_convert_checkpoint(q4, tmp_path, corpus_ids):
+    """flashmoe-convert on the transformers checkpoint (save_pretrained: the tables as ngram_embedding.shard_K
+    pieces, here split in 2): tables in tables/, not in the dense files; the bundle runs like transformers."""
+    import copy
+
+    from flashmoe.convert.converter import convert_checkpoint
+    from safetensors import safe_open
+    from tiny import save_tokenizer
+
+    m = copy.deepcopy(q4)
+    m.config.split_ngram_parts = 2
+    m.save_pretrained(tmp_path / "ckpt")
+    save_tokenizer(tmp_path / "ckpt", 512)
+    with safe_open(str(next((tmp_path / "ckpt").glob("*.safetensors"))), "np") as f:
+        assert any(".ngram_embedding.shard_1.weight" in k for k in f.keys())
+    out = convert_checkpoint(tmp_path / "ckpt", tmp_path / "b", bits=None, dense_bits=None, progress=False,
+                             log=lambda s: None)
+    for L in (0, 2):
+        assert not any("ple_embedding" in k for k in mx.load(str(out / dense_layer_path(L))))
+    model, _ = flashmoe.load(out)
+    ids = corpus_ids[:40]
+    np.testing.assert_allclose(run(model, ids), hf_logits(q4, ids), atol=2e-4, rtol=1e-4)
