@@ -19,6 +19,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,7 +30,7 @@ from flashmoe.format import BundleError, TextConfig
 from flashmoe.format.manifest import read_json_file
 
 from .model import (Attention, Cache, DepthwiseConv, GatedDeltaNet, KVCache, LinearCache, Model, RMSNorm,
-                    SparseMoeBlock, StepInfo, Stats)
+                    RMSNormGated, SparseMoeBlock, StepInfo, Stats)
 from .table_reader import TableReader
 
 
@@ -37,6 +38,7 @@ from .table_reader import TableReader
 class Qwen4Params:
     """What Qwen4-Exp adds to the Qwen3.5 shape (TextConfig), read from the bundle's config.json."""
 
+    output_gate: str  # the delta net's output gate: silu (Qwen3.5's) or sigmoid (the published checkpoint's)
     hc_count: int
     hc_lowrank: int
     ple_layers: tuple[int, ...]  # 0-based decoder layers with a PLE module
@@ -63,8 +65,8 @@ class Qwen4Params:
             return v
 
         gate = t.get("output_gate_type") or t.get("hidden_act", "silu")
-        if gate != "silu":
-            raise BundleError(f"Qwen4-Exp output_gate_type {str(gate)[:20]!r} is not supported (only silu)")
+        if gate not in ("silu", "sigmoid"):
+            raise BundleError(f"Qwen4-Exp output_gate_type {str(gate)[:20]!r} is not supported (silu or sigmoid)")
         ple = t.get("ple_layer_ids") or []
         if not isinstance(ple, list) or not all(isinstance(i, int) and 1 <= i <= cfg.num_hidden_layers
                                                 and cfg.is_linear(i - 1) for i in ple):
@@ -77,7 +79,7 @@ class Qwen4Params:
         eos = cfg.eos_token_id
         if ple and not eos:
             raise BundleError("config.json must set eos_token_id when PLE layers are enabled")
-        p = Qwen4Params(get("hc_count", 4, True), get("hc_lowrank", 320, True), tuple(sorted({i - 1 for i in ple})),
+        p = Qwen4Params(gate, get("hc_count", 4, True), get("hc_lowrank", 320, True), tuple(sorted({i - 1 for i in ple})),
                         get("ple_embed_dim", H, True), get("ple_conv_kernel_size", 4, True), get("ngram_size", 3, True),
                         eos[0] if eos else 0, **idx)
         if p.hc_count < 2:
@@ -202,6 +204,28 @@ class PLE(nn.Module):
         return gated + nn.silu(out)
 
 
+@partial(mx.compile, shapeless=True)
+def sigmoid_gated_rms_norm(x: mx.array, w: mx.array, z: mx.array, eps: float) -> mx.array:
+    y = mx.fast.rms_norm(x.astype(mx.float32), None, eps).astype(x.dtype) * w.astype(x.dtype)
+    return (y.astype(mx.float32) * mx.sigmoid(z.astype(mx.float32))).astype(x.dtype)
+
+
+class SigmoidGatedRMSNorm(RMSNormGated):
+    """norm(x) * w * sigmoid(z) (output_gate_type "sigmoid")."""
+
+    def __call__(self, x: mx.array, z: mx.array) -> mx.array:
+        return sigmoid_gated_rms_norm(x, self.weight, z, self.eps)
+
+
+class DeltaNet(GatedDeltaNet):
+    """runtime/model.py's gated delta net, with the output gate the config names."""
+
+    def __init__(self, cfg: TextConfig, p: Qwen4Params):
+        super().__init__(cfg)
+        if p.output_gate == "sigmoid":
+            self.norm = SigmoidGatedRMSNorm(self.Dv, cfg.rms_norm_eps)
+
+
 def rope_at(x: mx.array, pos: mx.array, dims: int, base: float) -> mx.array:
     """rotate_half RoPE of the first `dims` features of x [..., n, D] at positions pos [n]."""
     inv = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
@@ -288,7 +312,7 @@ class Qwen4Layer(nn.Module):
         self.is_linear = cfg.is_linear(layer)
         self.indexed = not self.is_linear and p.indexer_n_heads is not None
         if self.is_linear:
-            self.linear_attn = GatedDeltaNet(cfg)
+            self.linear_attn = DeltaNet(cfg, p)
         else:
             self.self_attn = IndexedAttention(cfg, p) if self.indexed else Attention(cfg)
         self.mlp = SparseMoeBlock(cfg, layer)

@@ -29,7 +29,8 @@ TINY4 = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_
              num_experts_per_tok=2, hc_count=2, hc_lowrank=16, ple_layer_ids=[1, 3], ple_embed_dim=32, ngram_size=3,
              heads_per_ngram=2, ngram_vocab_size_base=1000, make_ngram_vocab_size_divisible_by=128,
              split_ngram_parts=1, indexer_n_heads=8, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
-             indexer_compress_ratio=4, eos_token_id=1, rms_norm_eps=1e-6)
+             indexer_compress_ratio=4, eos_token_id=1, rms_norm_eps=1e-6,
+             output_gate_type="sigmoid")  # as the published checkpoint
 
 
 @pytest.fixture(scope="module")
