@@ -1,7 +1,7 @@
 """Streamed embedding tables (Qwen4-Exp's per-layer n-gram embeddings): hash parameters, writer, reader.
 
 A table is read a few rows per token, so it stays on disk like the routed experts. Each PLE layer's
-table is one file `tables/layer-NNN.bin` (format/SPEC.md section 7 is normative):
+table is one file `tables/layer-NNN.bin` (format/SPEC.md section 6 is normative):
 
     offset                           size   field
     0                                8      magic b"FMOETABL"
@@ -389,7 +389,7 @@ def table_path(layer: int) -> str:
 
 
 def tables_manifest(infos: list[TableInfo]) -> dict:
-    """The manifest's `tables` key (SPEC section 7.3)."""
+    """The manifest's `tables` key (SPEC section 6.3)."""
     return {"hash": HASH_NAME, "layers": [{"path": table_path(i.layer), **i.header_dict()} for i in infos]}
 
 
