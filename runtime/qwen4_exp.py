@@ -97,6 +97,20 @@ class PLECache(LinearCache):
     ple_conv: mx.array | None = None  # [B, (K-1)*dilation, hc*H]
     ngram: np.ndarray | None = None  # [B, ngram_size-1] int64, on the host (the hash runs there)
 
+    def rows(self, idx: mx.array) -> "PLECache":
+        base = super().rows(idx)
+        return PLECache(base.conv, base.state, None if self.ple_conv is None else self.ple_conv[idx],
+                        None if self.ngram is None else self.ngram[np.array(idx)])
+
+    @staticmethod
+    def concat(parts: list["PLECache"]) -> "PLECache":
+        base = LinearCache.concat(parts)
+        return PLECache(base.conv, base.state, mx.concatenate([p.ple_conv for p in parts]),
+                        np.concatenate([p.ngram for p in parts]))
+
+    def nbytes(self) -> int:
+        return super().nbytes() + (0 if self.ple_conv is None else self.ple_conv.nbytes)
+
 
 @dataclass
 class IndexedKVCache(KVCache):
@@ -115,6 +129,23 @@ class IndexedKVCache(KVCache):
             self.index_keys = nk
         self.index_keys[:, self.offset : need] = k
         return self.index_keys[:, :need]
+
+    def rows(self, idx: mx.array, drop: int = 0) -> "IndexedKVCache":
+        base = super().rows(idx, drop)
+        if base.keys is None:
+            return IndexedKVCache(step=self.step)
+        return IndexedKVCache(base.keys, base.values, base.offset, base.step, self.index_keys[idx, drop : self.offset])
+
+    @staticmethod
+    def concat(parts: list["IndexedKVCache"], pads: list[int]) -> "IndexedKVCache":
+        base = KVCache.concat(parts, pads)
+        Di = next(p for p in parts if p.index_keys is not None).index_keys.shape[-1]
+        ks = [mx.concatenate([mx.zeros((p.index_keys.shape[0], pad, Di), p.index_keys.dtype),
+                              p.index_keys[:, : p.offset]], axis=1) for p, pad in zip(parts, pads)]
+        return IndexedKVCache(base.keys, base.values, base.offset, base.step, mx.concatenate(ks))
+
+    def nbytes(self) -> int:
+        return super().nbytes() + (0 if self.index_keys is None else self.index_keys.nbytes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ the n-gram tables streamed from disk (hash, read plan, CRC), the token indexer a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -304,3 +305,66 @@ def test_convert_checkpoint(q4, tmp_path, corpus_ids):
     model, _ = flashmoe.load(out)
     ids = corpus_ids[:40]
     np.testing.assert_allclose(run(model, ids), hf_logits(q4, ids), atol=2e-4, rtol=1e-4)
+
+
+def test_rows_join_and_leave(q4_bundles, corpus_ids):
+    """Sequences joining a batch (Cache.concat) and leaving it (Cache.rows) keep their PLE and indexer state:
+    the joined batch decodes each row as it decodes alone (what the batch engine does)."""
+    from flashmoe.runtime.model import Cache
+
+    model, _ = flashmoe.load(q4_bundles[None])
+    a, b = corpus_ids[:30], corpus_ids[40:57]
+    ca, cb = model.make_cache(), model.make_cache()
+    la, lb = model(mx.array([a]), ca), model(mx.array([b]), cb)
+    ta, tb = int(mx.argmax(la[0, -1]).item()), int(mx.argmax(lb[0, -1]).item())
+    both = Cache.concat([ca.rows([0]), cb.rows([0])])
+    got = np.array(model.decode(mx.array([[ta], [tb]]), both).astype(mx.float32))[:, -1]
+    alone_a = np.array(model.decode(mx.array([[ta]]), ca).astype(mx.float32))[0, -1]
+    alone_b = np.array(model.decode(mx.array([[tb]]), cb).astype(mx.float32))[0, -1]
+    np.testing.assert_allclose(got[0], alone_a, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(got[1], alone_b, atol=2e-4, rtol=1e-4)
+    left = both.rows([1])
+    nxt = int(np.argmax(got[1]))
+    np.testing.assert_allclose(np.array(model.decode(mx.array([[nxt]]), left).astype(mx.float32))[0, -1],
+                               np.array(model.decode(mx.array([[nxt]]), cb).astype(mx.float32))[0, -1],
+                               atol=2e-4, rtol=1e-4)
+
+
+def _small_table(path: Path, rows: int = 700, dim: int = 40):
+    th = TableHash.build(512, 3, 2, 1, 150, 0, 1234)
+    info = make_table_info(4, rows, dim, "float16", th)
+    data = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float16)
+    from flashmoe.format.tables import write_table
+
+    write_table(path, info, [data[:333], data[333:]])
+    return info, data
+
+
+def test_table_reader_is_defensive(tmp_path):
+    """Rows round-trip through the file; a header from another conversion, a truncated file or a bad magic
+    are refused with a BundleError naming the file."""
+    from flashmoe.format.tables import TableFile
+    from flashmoe.runtime.table_reader import TableReader
+
+    path = tmp_path / table_path(4)
+    info, data = _small_table(path)
+    assert info.rows_per_block == 16384 // 80 and path.stat().st_size == info.file_size
+    m = {"tables": tables_manifest([info]), "files": [{"path": table_path(4)}]}
+    r = TableReader(tmp_path, m)
+    ids = np.array([[0, 699, 204, 205, 3]])
+    np.testing.assert_array_equal(r.gather({4: ids})[4], data[ids])
+    np.testing.assert_array_equal(r.gather({4: ids})[4], data[ids])  # second time: rows only
+    assert r.stats.blocks_checked == 3
+    r.close()
+    other = dataclasses.replace(info, rows=info.rows - 1)
+    with pytest.raises(BundleError, match="disagrees"):
+        TableFile(path, other)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-100])
+    with pytest.raises(BundleError, match="bytes, expected"):
+        TableFile(path, info)
+    path.write_bytes(b"X" + raw[1:])
+    with pytest.raises(BundleError, match="magic"):
+        TableFile(path, info)
+    with pytest.raises(BundleError, match="files does not list"):
+        TableReader(tmp_path, {"tables": tables_manifest([info]), "files": []})
