@@ -158,7 +158,8 @@ class TextConfig:
         if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
             raise BundleError(f"config.json layer_types is malformed: {str(layer_types)[:80]}")
         # Qwen4-Exp: its indexed attention is full attention with a token indexer (runtime/qwen4_exp.py)
-        layer_types = ["full_attention" if t == "indexed_attention" else t for t in layer_types][:n_layers]
+        layer_types = ["full_attention" if t in ("indexed_attention", "qwen_sparse_attention") else t
+                       for t in layer_types][:n_layers]
         if len(layer_types) != n_layers or set(layer_types) - {"linear_attention", "full_attention"}:
             raise BundleError(f"config.json layer_types is malformed: {str(layer_types)[:80]}")
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
