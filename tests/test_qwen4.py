@@ -368,3 +368,21 @@ def test_table_reader_is_defensive(tmp_path):
         TableFile(path, info)
     with pytest.raises(BundleError, match="files does not list"):
         TableReader(tmp_path, {"tables": tables_manifest([info]), "files": []})
+
+
+def test_convert_8bit_greedy(q4, tmp_path, corpus_ids):
+    """Converted at 8 bits (experts and dense Linear weights, hyper-connection and PLE projections
+    included): greedy tokens equal transformers' run on the weights the bundle decodes to."""
+    from flashmoe.convert.converter import convert_checkpoint
+    from runtime_bundle import reference_from_bundle
+    from tiny import save_tokenizer
+
+    q4.save_pretrained(tmp_path / "ckpt")
+    save_tokenizer(tmp_path / "ckpt", 512)
+    out = convert_checkpoint(tmp_path / "ckpt", tmp_path / "b", bits=8, group_size=32, dense_bits=8,
+                             progress=False, log=lambda s: None)
+    quantized = flashmoe.format.Bundle.open(out).dense_quant["quantized"]
+    assert any("hyper_connection" in k for k in quantized) and any(".ple." in k for k in quantized)
+    model, _ = flashmoe.load(out)
+    prompt = corpus_ids[:20]
+    assert greedy(model, prompt, 12) == hf_greedy(reference_from_bundle(q4, out), prompt, 12)
