@@ -386,3 +386,17 @@ def test_convert_8bit_greedy(q4, tmp_path, corpus_ids):
     model, _ = flashmoe.load(out)
     prompt = corpus_ids[:20]
     assert greedy(model, prompt, 12) == hf_greedy(reference_from_bundle(q4, out), prompt, 12)
+
+
+def test_generate_and_batch_engine(q4_bundles, corpus_ids):
+    """flashmoe.generate and the batched engine (rows of different lengths, chunked prefill, rows leaving)
+    give each prompt the tokens it gets alone."""
+    from flashmoe.runtime.sampling import SamplingParams
+
+    model, tok = flashmoe.load(q4_bundles[8])
+    prompts = [corpus_ids[:n] for n in (3, 26, 15)]
+    alone = [[c.token for c in flashmoe.generate(model, tok, p, max_tokens=m) if c.token is not None]
+             for p, m in zip(prompts, (8, 5, 10))]
+    assert alone[1] == greedy(model, prompts[1], 5)
+    res = flashmoe.batch_generate(model, tok, prompts, params=[SamplingParams(max_tokens=m) for m in (8, 5, 10)])
+    assert [r.tokens for r in res] == alone
