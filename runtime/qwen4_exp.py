@@ -383,6 +383,12 @@ class Qwen4ExpModel(Model):
         missing = [L for L in params.ple_layers if tables is None or L not in tables.files]
         if missing:
             raise BundleError(f"the bundle has no n-gram table for PLE layer(s) {missing}; re-run flashmoe-convert")
+        for L in params.ple_layers:
+            info = tables.info(L)
+            if info.row_dim * len(info.hash.vocab_sizes) != params.ple_embed_dim \
+                    or info.hash.eos_token_id != params.eos_token_id:
+                raise BundleError(f"the n-gram table of layer {L} does not fit config.json (ple_embed_dim "
+                                  f"{params.ple_embed_dim}, eos {params.eos_token_id}); the bundle is corrupt")
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "tables", tables)
         object.__setattr__(self, "experts", None)
