@@ -74,6 +74,8 @@ class Qwen4Params:
         idx = {k: get(k) for k in ("indexer_n_heads", "indexer_head_dim", "indexer_budget", "indexer_compress_ratio")}
         if any(v is None for v in idx.values()) and any(v is not None for v in idx.values()):
             raise BundleError("config.json sets some indexer_* fields but not all")
+        if idx["indexer_n_heads"] and t.get("indexer_kv_heads", 1) != 1:
+            raise BundleError("config.json indexer_kv_heads must be 1 (Qwen4-Exp's indexer has one key head)")
         if idx["indexer_budget"] and idx["indexer_budget"] % idx["indexer_compress_ratio"]:
             raise BundleError("config.json indexer_budget must be a multiple of indexer_compress_ratio")
         eos = cfg.eos_token_id
@@ -333,7 +335,7 @@ class IndexedAttention(Attention):
         super().__init__(cfg)
         self.indexer = Indexer(cfg, p)
 
-    def __call__(self, x: mx.array, cache: IndexedKVCache, step: StepInfo, full: Cache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: IndexedKVCache, step: StepInfo, full: Cache) -> mx.array:
         return super().__call__(x, cache, dataclasses.replace(step, mask=self.indexer.mask(x, cache, full, step)))
 
 
