@@ -32,6 +32,7 @@ from flashmoe.format.bundle import (DENSE_GLOBAL, MANIFEST, PROGRESS, build_mani
 from flashmoe.format.experts import FORMAT_VERSION, ExpertFileWriter, file_record_digests, make_info
 from flashmoe.format.names import ZERO_CENTRED_NORMS, classify
 from flashmoe.format.st import SafetensorsWriter
+from flashmoe.format.tables import is_table_tensor, plan_tables, table_path, tables_manifest, write_table
 
 from .source import PROJS, Source, copy_tokenizer_files, hub_license, resolve
 
@@ -87,6 +88,9 @@ class Converter:
         self.norms_shifted = any(
             n.endswith("conv1d.weight") and src.tensors[n].shape[-1] == 1 for names in src.dense.values() for n in names
         )
+        # Qwen4-Exp's n-gram tables go to tables/ (format/tables.py), not to the dense files
+        self.tables = plan_tables(src.raw_config, self.cfg.vocab_size, self.dtype, {
+            n: tuple(src.tensors[n].shape) for ns in src.dense.values() for n in ns if is_table_tensor(n)})
 
     # ---- plan --------------------------------------------------------------------------------
     def plan_key(self) -> dict:
@@ -96,11 +100,11 @@ class Converter:
     def plan(self) -> list[PlannedFile]:
         files = [PlannedFile(expert_path(L), self.info0.file_size, True) for L in range(self.cfg.num_hidden_layers)]
         for L in [*range(self.cfg.num_hidden_layers), None]:
-            est = sum(self._dense_estimate(n) for n in self.src.dense.get(L, []))
+            est = sum(self._dense_estimate(n) for n in self.src.dense.get(L, []) if not is_table_tensor(n))
             files.append(PlannedFile(DENSE_GLOBAL if L is None else dense_layer_path(L), est, False))
         for n in ["config.json", *copy_tokenizer_files(self.src.path)]:
             files.append(PlannedFile(n, (self.src.path / n).stat().st_size, True))
-        return files
+        return files + [PlannedFile(table_path(i.layer), i.file_size, True) for i, _ in self.tables]
 
     def _dense_estimate(self, name: str) -> int:
         t = self.src.tensors[name]
@@ -171,6 +175,10 @@ class Converter:
                 done[DENSE_GLOBAL] = {"size": size, "sha256": sha}
                 state["quantized"].update(q)
                 self._save_progress(state)
+            for info, names in self.tables:
+                if table_path(info.layer) not in done:
+                    done[table_path(info.layer)] = write_table(out / table_path(info.layer), info, self._table_rows(names))
+                    self._save_progress(state)
         for name in ["config.json", *copy_tokenizer_files(self.src.path)]:
             if name not in done:
                 done[name] = self._copy(self.src.path / name, out / name)
@@ -341,6 +349,8 @@ class Converter:
         present = set(names)
         for name in sorted(names):
             ours = classify(name)
+            if is_table_tensor(ours):
+                continue  # written by write_table
             if name.endswith(("_scale_inv",)) or (src.kind == "mlx" and name.endswith((".scales", ".biases"))
                                                    and name[: -len(".scales")] + ".weight" in present):
                 continue  # consumed with their weight
@@ -412,8 +422,19 @@ class Converter:
         dense = {"dtype": self.dtype, "bits": self.opts.dense_bits, "group_size": self.opts.dense_group_size,
                  "quantized": dict(sorted(state["quantized"].items()))}
         records = [state["records"][str(L)] for L in range(self.cfg.num_hidden_layers)]
-        return build_manifest(self.cfg, self.quant, info, dense, prov, src.skipped, state["done"],
-                              _digest(self.plan_key()), records=records)
+        m = build_manifest(self.cfg, self.quant, info, dense, prov, src.skipped, state["done"],
+                           _digest(self.plan_key()), records=records)
+        if self.tables:
+            m["tables"] = tables_manifest([i for i, _ in self.tables])
+        return m
+
+    def _table_rows(self, names: list[str]):
+        """A table's rows in order, 64k at a time, in the bundle's dtype (bfloat16 as uint16 bits)."""
+        src = self.src
+        for n in names:
+            rows = src.tensors[n].shape[0]
+            for r in range(0, rows, 1 << 16):
+                yield to_numpy(src.read(n, slice(r, min(r + (1 << 16), rows))).astype(_mx_dtype(self.dtype)))[1]
 
 
 def human(n: int) -> str:

@@ -15,12 +15,13 @@ from typing import Any
 from .errors import BundleError
 
 # model_type values a bundle's config may have (the runtime runs these).
-SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp", "qwen4_exp_text")
 # model_type values (top level or text_config) of the checkpoints flashmoe-convert takes, with the families
 # they name. Qwen3-Next converts onto the Qwen3.5 layout (format/names.py splits its fused projections):
 # its bundles are `qwen3_5_moe` bundles, and the runtime does not know the difference.
 SOURCE_MODEL_TYPES = {"qwen3_5_moe": "Qwen3.5 / Qwen3.6 MoE", "qwen3_5_moe_text": "Qwen3.5 / Qwen3.6 MoE, text part",
-                      "qwen3_next": "Qwen3-Next"}
+                      "qwen3_next": "Qwen3-Next", "qwen4_exp": "Qwen4-Exp",
+                      "qwen4_exp_text": "Qwen4-Exp, text part"}
 
 
 @dataclass
@@ -77,8 +78,9 @@ class TextConfig:
         as the Hugging Face checkpoint stores them (conv1d as [C, 1, W]). lm_head is absent with tied
         embeddings. The converter checks a checkpoint against this before it writes anything."""
         H, V = self.hidden_size, self.vocab_size
+        qwen4 = self.model_type == "qwen4_exp"  # hyper-connection norms instead of these three (runtime/qwen4_exp.py)
         if layer is None:
-            out = {"embed_tokens.weight": (V, H), "norm.weight": (H,)}
+            out = {"embed_tokens.weight": (V, H)} if qwen4 else {"embed_tokens.weight": (V, H), "norm.weight": (H,)}
             if not self.tie_word_embeddings:
                 out["lm_head.weight"] = (V, H)
             return out
@@ -88,6 +90,8 @@ class TextConfig:
                p + "mlp.gate.weight": (E, H), p + "mlp.shared_expert_gate.weight": (1, H),
                p + "mlp.shared_expert.gate_proj.weight": (Is, H), p + "mlp.shared_expert.up_proj.weight": (Is, H),
                p + "mlp.shared_expert.down_proj.weight": (H, Is)}
+        if qwen4:
+            del out[p + "input_layernorm.weight"], out[p + "post_attention_layernorm.weight"]
         if self.is_linear(layer):
             a, nv = p + "linear_attn.", self.linear_num_value_heads
             out.update({a + "in_proj_qkv.weight": (self.conv_dim, H), a + "in_proj_z.weight": (self.value_dim, H),
@@ -162,7 +166,9 @@ class TextConfig:
             ]
         if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
             raise BundleError(f"config.json layer_types is malformed: {str(layer_types)[:80]}")
-        layer_types = list(layer_types)[:n_layers]
+        # Qwen4-Exp: its indexed attention is full attention with a token indexer (runtime/qwen4_exp.py)
+        layer_types = ["full_attention" if t in ("indexed_attention", "qwen_sparse_attention") else t
+                       for t in layer_types][:n_layers]
         if len(layer_types) != n_layers or set(layer_types) - {"linear_attention", "full_attention"}:
             raise BundleError(f"config.json layer_types is malformed: {str(layer_types)[:80]}")
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
@@ -189,7 +195,7 @@ class TextConfig:
                 raise BundleError(f"config.json {key} must be true or false, not {str(v)[:40]!r}")
         act = text.get("hidden_act", "silu")
         cfg = cls(
-            model_type="qwen3_5_moe",
+            model_type="qwen4_exp" if str(mtype).startswith("qwen4_exp") else "qwen3_5_moe",
             vocab_size=num("vocab_size"),
             hidden_size=hidden,
             num_hidden_layers=n_layers,
@@ -208,7 +214,8 @@ class TextConfig:
             num_experts_per_tok=num("num_experts_per_tok"),
             rms_norm_eps=num("rms_norm_eps", 1e-6, float),
             rope_theta=num("rope_theta", num("rope_theta", 10000.0, float), float, rope),
-            partial_rotary_factor=num("partial_rotary_factor", num("partial_rotary_factor", 0.25, float), float, rope),
+            partial_rotary_factor=num("partial_rotary_factor", num("partial_rotary_factor", (
+                1.0 if str(mtype).startswith("qwen4_exp") else 0.25), float), float, rope),  # Qwen4-Exp's default: 1
             max_position_embeddings=num("max_position_embeddings", 32768),
             tie_word_embeddings=tie,
             attention_bias=bias,

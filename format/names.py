@@ -40,8 +40,8 @@ FUSED_SPLITS = {"in_proj_qkvz": ("in_proj_qkv", "in_proj_z"), "in_proj_ba": ("in
 SPLIT_OF = {split: fused for fused, splits in FUSED_SPLITS.items() for split in splits}
 _FUSED_MODULE = re.compile(r"^(.*\.linear_attn\.)(in_proj_qkvz|in_proj_ba)\.(weight|scales|biases|weight_scale_inv)$")
 
-# RMSNorms that Qwen3.5 stores zero-centred (y = x/rms * (1 + w)); the bundle stores (1 + w) in float32.
-ZERO_CENTRED_NORMS = re.compile(r"(^norm\.weight$|\.(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$)")
+# RMSNorms that Qwen3.5 (and Qwen4-Exp: hyper-connection, indexer, PLE norms) stores zero-centred (y = x/rms * (1 + w)); the bundle stores (1 + w) in float32.
+ZERO_CENTRED_NORMS = re.compile(r"(^norm\.weight$|\.(input_layernorm|post_attention_layernorm|q_norm|k_norm|hc_norm|q_layernorm|k_layernorm|norm_key|norm_query|norm_conv)\.weight$)")
 
 
 @dataclass(frozen=True)

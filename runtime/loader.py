@@ -107,7 +107,12 @@ def load(path, config: RuntimeConfig | None = None, **overrides):
         if bad:
             raise BundleError(f"{bundle.path}: {len(bad)} file(s) fail their sha256 ({', '.join(bad[:3])}); "
                               "re-run flashmoe-pull to repair")
-    model = Model(cfg)
+    if cfg.model_type == "qwen4_exp":  # n-gram tables streamed like the experts (runtime/qwen4_exp.py)
+        from .qwen4_exp import Qwen4ExpModel
+
+        model = Qwen4ExpModel.from_bundle(bundle)
+    else:
+        model = Model(cfg)
     _load_dense(model, bundle)
     object.__setattr__(model, "compute_dtype", compute_dtype(bundle, cfg_rt.dtype))
     if cfg_rt.experts_per_token is not None:

@@ -169,7 +169,7 @@ class Cache:
         layers = []
         for i, c in enumerate(parts[0].layers):
             group = [p.layers[i] for p in parts]
-            layers.append(KVCache.concat(group, pads) if isinstance(c, KVCache) else LinearCache.concat(group))
+            layers.append(type(c).concat(group, pads) if isinstance(c, KVCache) else type(c).concat(group))
         return Cache(layers, n, np.concatenate([p.left_pad + pad for p, pad in zip(parts, pads)]))
 
     def nbytes(self) -> int:
