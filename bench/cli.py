@@ -56,7 +56,16 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens to time per pass (default 32; fewer than 16 gives noisy figures)")
     r.add_argument("--experts-per-token", type=int, default=None,
                    help="experts each token uses (default: the model's own)")
-    r.add_argument("--io", choices=("pread", "mmap"), default="pread", help="how expert records are read (default pread)")
+    r.add_argument("--io", choices=("pread", "mmap", "direct"), default="pread",
+                   help="how expert records are read: pread (default), mmap, or direct (O_DIRECT, bypassing the page "
+                        "cache; needs a runtime that has it)")
+    r.add_argument("--passes", type=int, default=5, help="timed passes per phase; figures are their median and "
+                                                         "spread (default 5, at least 5 to be reported as such)")
+    r.add_argument("--sweep-seconds", type=float, default=1.0,
+                   help="seconds per queue depth of the disk-limit sweep (1..64 reads in flight; default 1.0)")
+    r.add_argument("--gpu-cache-gb", type=float, default=None,
+                   help="GPU expert cache size in GB (CUDA; default the runtime's); the report reads back what took effect")
+    r.add_argument("--slots", type=int, default=None, help="expert cache slots (default the runtime's); read back")
     r.add_argument("--stickiness", type=float, default=0.2, help="uniform synthetic routing: share of experts kept from "
                                                                   "the previous token (default 0.2)")
     r.add_argument("--seed", type=int, default=0, help="random seed of the synthetic routing (default 0)")
@@ -93,6 +102,8 @@ def body(a: argparse.Namespace) -> int:
 
         if a.tokens < 1:
             raise InputError("--tokens must be at least 1")
+        if a.passes < 1:
+            raise InputError("--passes must be at least 1 (5 or more for a median with a spread)")
         if a.chart:
             try:
                 import matplotlib  # noqa: F401
@@ -100,7 +111,8 @@ def body(a: argparse.Namespace) -> int:
                 raise InputError("--chart needs matplotlib: pip install 'flashmoe[bench]'") from None
         rep = run(a.bundle, tokens=a.tokens, experts_per_token=a.experts_per_token, io=a.io,
                   stickiness=a.stickiness, seed=a.seed, peer=a.peer, prefill=a.prefill, batch=a.batch,
-                  batch_tokens=a.batch_tokens, batch_prompt_tokens=a.batch_prompt_tokens, routing=a.routing)
+                  batch_tokens=a.batch_tokens, batch_prompt_tokens=a.batch_prompt_tokens, routing=a.routing,
+                  passes=a.passes, sweep_seconds=a.sweep_seconds, gpu_cache_gb=a.gpu_cache_gb, slots=a.slots)
         rep["peak_rss_mb"] = peak_rss_mb()
         print(format_table(rep))
         if a.json:

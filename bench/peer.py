@@ -57,8 +57,9 @@ def export_mlx_lm(bundle: Bundle, out: Path) -> Path:
     return out
 
 
-def mlx_lm_decode_tps(path: Path, tokens: int, prompt_tokens: int = 1) -> float:
-    """Decode tokens/s of mlx-lm on the exported checkpoint (greedy, after a 2-token warm-up)."""
+def mlx_lm_decode_tps(path: Path, tokens: int, prompt_tokens: int = 1, passes: int = 5) -> list[float]:
+    """Decode tokens/s of mlx-lm on the exported checkpoint, one figure per pass (greedy, after a 2-token
+    warm-up)."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
@@ -67,7 +68,7 @@ def mlx_lm_decode_tps(path: Path, tokens: int, prompt_tokens: int = 1) -> float:
     prompt = mx.array([1] * prompt_tokens)
     for _ in generate_step(prompt, model, max_tokens=2):
         pass
-    return time_mlx_lm_decode(model, prompt, tokens)
+    return [time_mlx_lm_decode(model, prompt, tokens) for _ in range(passes)]
 
 
 def time_mlx_lm_decode(model, prompt, tokens: int) -> float:
