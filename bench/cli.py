@@ -3,6 +3,7 @@
     flashmoe-bench make --shape qwen3.5-397b-a17b --layers 4 --bits 4 -o DIR
     flashmoe-bench run DIR [--tokens 32] [--experts-per-token K] [--json FILE] [--chart FILE.png] [--peer]
     flashmoe-bench run DIR --batch 1,8,32,128 [--routing uniform,calibrated]
+    flashmoe-bench recall BUNDLE --text FILE [--tokens 512] [--json FILE]
     flashmoe-bench doctor [--dir PATH]
 """
 
@@ -41,7 +42,7 @@ def _routings(text: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{make,run,doctor}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{make,run,recall,doctor}")
     m = sub.add_parser("make", help="write a bundle with a real model's shapes and random weights")
     m.add_argument("--shape", required=True, choices=sorted(PRESETS), help="which model's shapes to copy")
     m.add_argument("--layers", type=int, default=4, help="layers to write (the full model's pattern; default 4)")
@@ -85,6 +86,13 @@ def parser() -> argparse.ArgumentParser:
                         "and/or calibrated (matches real models' cache hit rates); default both")
     r.add_argument("--json", default=None, metavar="FILE", help="also write the full report as JSON")
     r.add_argument("--chart", default=None, metavar="FILE.png", help="also draw a chart of time per layer (needs matplotlib)")
+    c = sub.add_parser("recall", help="how often a layer's router, applied a layer early, names the experts the "
+                                      "next layer will use (speculative prefetch)")
+    c.add_argument("bundle", help="bundle directory of a trained model (random weights route at chance)")
+    c.add_argument("--text", required=True, metavar="FILE", help="text to run through the model (UTF-8)")
+    c.add_argument("--tokens", type=int, default=512, help="tokens of the text to use (default 512)")
+    c.add_argument("--experts-per-token", type=int, default=None, help="experts each token uses (default: the model's)")
+    c.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     d = sub.add_parser("doctor", help="what this machine can run, and how fast, before downloading")
     d.add_argument("--dir", default=".", help="where bundles would live (its disk is measured)")
     d.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
@@ -119,6 +127,19 @@ def body(a: argparse.Namespace) -> int:
             write_json(rep, a.json)
         if a.chart:
             chart(rep, a.chart)
+    elif a.cmd == "recall":
+        from .recall import format_recall, recall, write
+
+        try:
+            text = open(a.text, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--text {a.text}: cannot read it as UTF-8 text ({e})") from None
+        if a.tokens < 2:
+            raise InputError("--tokens must be at least 2")
+        rep = recall(a.bundle, text, a.tokens, a.experts_per_token)
+        print(format_recall(rep))
+        if a.json:
+            write(rep, a.json)
     else:
         from .doctor import doctor, format_report
 
