@@ -255,6 +255,15 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
                 "the figure then includes reads)") if w["untimed_redone_tokens"] else ""
         log(f"warm, stage timing off: {method.fmt_spread(w['untimed_stages_spread'])} tok/s{redo}")
     rep["decode"] = results
+    cold = results.get("cold")
+    if cold and cold["expert_reads"]:
+        from .prefetch import curve
+
+        # what speculative prefetch would gain at each prediction recall, from this run's cold per-record read
+        # time and per-layer compute, over all the model's layers with these slots (simulated reads)
+        rep["prefetch"] = curve(cold["expert_io"] / cold["expert_reads"], cold["per_layer_non_io_ms"] / 1e3,
+                                "uniform", full_layers, cfg.num_experts, k, model.experts.slots,
+                                tokens=min(tokens, 16), seed=seed, stickiness=stickiness)
     if prefill:
         rep["prefill"] = measure_prefill(model, files, cfg, k, prefill, stickiness, seed, cold_ok, full_layers)
         log(f"prefill: {prefill} tokens in {rep['prefill']['seconds']:.2f} s ({rep['prefill']['tok_s']:.1f} tok/s)")
@@ -410,6 +419,10 @@ def format_table(rep: dict) -> str:
                      f"for all {L} layers")
     if rep.get("peer"):
         lines.append(f"peer      mlx-lm with every weight in memory: {method.fmt_spread(rep['peer']['tok_s_spread'])} tok/s")
+    if rep.get("prefetch"):
+        from .prefetch import format_curve
+
+        lines.append(format_curve(rep["prefetch"]))
     for b in rep.get("batch", {}).get("rows", []):
         lines.append(format_batch_row(b))
     for name, v in rep["targets"].items():

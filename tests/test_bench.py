@@ -104,6 +104,9 @@ def test_run_reports_every_field(small_bundle, tmp_path):
         ratio = rep["ratios"]["cold_vs_disk_roofline"]
         assert ratio["n"] == 5 and rep["targets"]["cold_vs_disk_roofline"] == ratio["median"]
         assert rep["ratios"]["cold_over_read"]["median"] is not None
+    if "cold" in rep["decode"]:  # what prefetch would gain, by recall from 0 to 1 (never one assumed)
+        assert [r["recall"] for r in rep["prefetch"]["by_recall"]] == [i / 10 for i in range(11)]
+        assert "gain by prediction recall" in r.stdout
     # no measurement above what the report calls its bound
     assert rep["bound_violations"] == [], rep["bound_violations"]
     warm = rep["decode"]["warm"]
