@@ -45,7 +45,7 @@ class BatchRouter:
         self.decode_unions: list[int] = []  # distinct experts per layer per decode step
         self.prefill_unions: list[int] = []
         # host time spent inventing routes (~45 us a token in Python): the bench's own cost, not the engine's,
-        # so _time_engine takes it out of the phases it times (a 64k-token prefill spends ~12 s here)
+        # so time_engine takes it out of the phases it times (a 64k-token prefill spends ~12 s here)
         self.seconds = 0.0
         self.touched = 0  # distinct experts per layer, summed over every layer call so far
 
@@ -188,7 +188,7 @@ def summarize_steps(steps: list[dict], phase: str) -> dict:
     return tot
 
 
-def _time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, vocab: int, seed: int,
+def time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, vocab: int, seed: int,
                  router: BatchRouter | None = None, disk_gbps: float | None = None) -> dict:
     """B sequences of `prompt_tokens` random ids, `tokens` generated each, added at once; wall time of the
     steps until every sequence has its first token (prefill) and of the rest (decode), less the time the
@@ -253,7 +253,7 @@ def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, to
         br = BatchRouter(make_router(routing, cfg.num_hidden_layers, cfg.num_experts, k, seed=seed + 99), max(sizes))
         install(model, br)
         log(f"batch: compiling ({routing} routing, B={max(sizes)}, not timed)")
-        _time_engine(model, tokenizer, max(sizes), prompt_tokens, 2, cfg.vocab_size, seed + 99, br)
+        time_engine(model, tokenizer, max(sizes), prompt_tokens, 2, cfg.vocab_size, seed + 99, br)
         single = None
         for B in sizes:
             br = BatchRouter(make_router(routing, cfg.num_hidden_layers, cfg.num_experts, k, seed=seed), B)
@@ -261,7 +261,7 @@ def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, to
             if cold:
                 probe.evict(files)
             model.experts.clear_cache()
-            r = _time_engine(model, tokenizer, B, prompt_tokens, tokens, cfg.vocab_size, seed, br, disk_gbps)
+            r = time_engine(model, tokenizer, B, prompt_tokens, tokens, cfg.vocab_size, seed, br, disk_gbps)
             union = float(np.mean(br.decode_unions)) if br.decode_unions else None
             steps = len(br.decode_unions) / cfg.num_hidden_layers
             row = {"routing": routing, "batch": B, **r, "distinct_experts_per_layer_step": union,

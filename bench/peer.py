@@ -74,16 +74,23 @@ def mlx_lm_decode_tps(path: Path, tokens: int, prompt_tokens: int = 1, passes: i
 def time_mlx_lm_decode(model, prompt, tokens: int) -> float:
     """Decode tokens/s of a loaded mlx-lm model: `tokens` greedy steps after the prompt, whose own token
     (out of prefill) is not timed."""
+    return mlx_lm_decode(model, prompt, tokens)[0]
+
+
+def mlx_lm_decode(model, prompt, tokens: int) -> tuple[float, list[int]]:
+    """(decode tokens/s, the greedy tokens) of a loaded mlx-lm model: the prompt's own token (out of prefill)
+    and then `tokens` timed steps."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
     t = None
     n = 0
+    out = []
     for tok, _ in generate_step(prompt, model, max_tokens=tokens + 1):
+        out.append(int(tok))
         if t is None:  # the first token comes out of prefill: time decode only
             mx.eval(tok)
             t = time.perf_counter()
             continue
         n += 1
-    mx.eval(tok)
-    return n / (time.perf_counter() - t)
+    return n / (time.perf_counter() - t), out

@@ -176,6 +176,8 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
                  "full_model_layers": full_layers, "bits": b.expert_quant.bits, "experts_per_token": k,
                  "tokens": tokens, "io": io, "record_bytes": info.record_size}
 
+    rc = runtime_config(experts_per_token=k, io=io, gpu_cache_gb=gpu_cache_gb, slots=slots)  # refused before any work
+
     # ---- raw limits on the same files ----------------------------------------------------------
     log("measuring the disk's limit (record reads at 1..64 in flight, O_DIRECT) and memory bandwidth")
     cold_ok = probe.can_evict()
@@ -194,8 +196,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
 
     # ---- decode through the runtime --------------------------------------------------------------
 
-    model, tokenizer = flashmoe.load(b.path, runtime_config(experts_per_token=k, io=io, gpu_cache_gb=gpu_cache_gb,
-                                                            slots=slots))
+    model, tokenizer = flashmoe.load(b.path, rc)
     model.stats.enabled = True
     rep["metadata"] = method.metadata(b.path, model)
     st = rep["metadata"]["settings"]
