@@ -88,7 +88,7 @@ case "${1:-}" in
     ;;
   tests)
     gpu_info
-    timeout 520 python3 -m pytest -q -s tests/test_kernels.py tests/test_runtime.py tests/test_bench.py \
+    timeout 520 python3 -m pytest -q -s tests/test_kernels.py tests/test_runtime.py tests/test_bench.py tests/test_bench_*.py \
       -k "not nvcc and not stub" 2>&1 \
       | grep -E "^ERR|passed|failed|Error|error" | tee "$OUT/tests.txt"
     ;;
@@ -142,7 +142,7 @@ case "${1:-}" in
     s=${2:?shape: 397b or 35b}
     b=$(bundle "$s" 4)
     peer=""; [ "$s" = 35b ] && peer="--peer"
-    timeout 300 python3 benchmarks/gpu_optimistic.py "$b" --tokens 64 --reps 3 $peer --json "$OUT/optimistic-$s.json" 2>&1 | tee -a "$LOG"
+    timeout 300 python3 benchmarks/gpu_optimistic.py "$b" --tokens 64 --reps 5 $peer --json "$OUT/optimistic-$s.json" 2>&1 | tee -a "$LOG"
     ;;
   newtests)
     timeout 300 python3 -m pytest -q tests/test_runtime.py tests/test_engine.py -k "upload or pipelined or optimistic" 2>&1 \

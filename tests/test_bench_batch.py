@@ -27,13 +27,14 @@ def bundle(tmp_path_factory):
 
 def test_bench_batch_honours_its_cache_and_meters_steps(bundle, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_batch.py"), str(bundle), "--docs", "10",
-                        "--loop-docs", "8", "--prompt-tokens", "16", "--gen-tokens", "4", "--slots", "24",
+                        "--loop-docs", "8", "--prompt-tokens", "16", "--gen-tokens", "4", "--slots", "24", "--gpu-cache-gb", "0.5",
                         "--sweep-seconds", "0.05", "--routing", "uniform", "-q", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "bench_batch.json").read_text())
     st = rep["metadata"]["settings"]
     assert st["expert_slots"] == 24 and st["slots_asked"] == 24  # asked for, and in effect
+    assert st["gpu_cache_gb_asked"] == 0.5  # passed to load() (it sizes the cache on CUDA when slots are not given)
     assert rep["bundle_vs_cache"] == pytest.approx(rep["bundle_bytes"] / st["expert_slot_bytes"])
     assert rep["bundle_vs_cache"] > 3  # the regime: the bundle several times what caches it
     loop, batch = rep["results"]["loop"], rep["results"]["batch"]
