@@ -202,6 +202,10 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     st = rep["metadata"]["settings"]
     rep["io"], rep["expert_slots"], rep["upload"], rep["kernels"] = st["io"], st["expert_slots"], st["upload"], st["kernels"]
     rep["expert_slot_bytes"] = st["expert_slot_bytes"]
+    # the regime: how many times larger the bundle's experts are than the cache that holds them (>= 3: disk-bound,
+    # provided the page cache cannot hold them either: io direct, or a bundle larger than RAM)
+    rep["bundle_expert_bytes"] = sum(Path(p).stat().st_size for p in files)
+    rep["bundle_vs_cache"] = rep["bundle_expert_bytes"] / st["expert_slot_bytes"]
     # how often an LRU cache of this many slots would hit, per routing model (slots shared by all layers)
     share = min(1.0, model.experts.slots / cfg.num_hidden_layers / cfg.num_experts)
     rep["expert_cache_share_per_layer"] = share
@@ -403,6 +407,8 @@ def format_table(rep: dict) -> str:
     lines.append(f"          (tok/s over the {rep['layers']} layers in the bundle (median of passes), then projected to all {L}; "
                  "then milliseconds per layer per token: attention, routing, reading experts, expert math; "
                  "expert megabytes read per token, their read speed, share found in the page cache)")
+    lines.append(f"regime    the bundle's experts are {rep['bundle_vs_cache']:.1f}x the expert cache "
+                 f"({rep['expert_slot_bytes'] / 1e9:.2f} GB, {rep['expert_slots']} slots; reads by {rep['io']})")
     routes = next(iter(rep["decode"].values()))["routes"]
     lines.append(f"routing   synthetic (uniform, sticky): consecutive tokens share {f(routes['consecutive_overlap'], '{:.0%}')} "
                  f"of their experts; {routes['window']} tokens touch {f(routes['touched_per_window'], '{:.0%}')} "

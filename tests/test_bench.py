@@ -119,6 +119,7 @@ def test_run_reports_every_field(small_bundle, tmp_path):
     assert warm["expert_bytes_routed_per_token"] == need
     assert 0 < rep["decode"]["cold"]["expert_bytes_per_token"] <= need  # slot hits only lower it
     assert rep["expert_slots"] >= 4
+    assert rep["bundle_vs_cache"] == pytest.approx(rep["bundle_expert_bytes"] / rep["expert_slot_bytes"])
     assert "tok/s" in r.stdout and "warm" in r.stdout
     # plain language: no internal key names in what people read; 4 tokens is flagged as noise
     assert "cold_io_vs_disk_limit" not in r.stdout and "_" not in r.stdout.split("check", 1)[-1]
