@@ -34,8 +34,9 @@
 #                         mlx-lm on the same weights (benchmarks/bench_warm.py): per-pass median of 10 interleaved
 #                         passes of 256 tokens after a 512-token prompt, greedy agreement, max logit difference;
 #                         B=8 and B=32 against mlx-lm's BatchGenerator
-#   disk                  the QD sweep + cold single-stream decode vs the needed-bytes roofline, 397b and 35b
-#                         shapes (4 layers), K=10 and K=4, IO (default direct: O_DIRECT reads)
+#   disk [SHAPE]          the QD sweep + cold single-stream decode vs the needed-bytes roofline, K=10 and K=4,
+#                         IO (default direct: O_DIRECT reads), 4 layers of SHAPE (default both: 397b then 35b;
+#                         give one shape per call if both do not fit in 9 minutes)
 #   project               the projection checked: cold decode of the 4-layer and DEEP-layer (default 12) 397b
 #                         bundles with the default cache, benchmarks/bench_projection.py on the two
 #   regime                the disk-bound batch regime: 397b shapes, DEEP layers (12: 41 GB) with the GPU expert
@@ -169,10 +170,10 @@ case "${1:-}" in
   disk)
     gpu_info
     io_ok
-    for s in 397b 35b; do
+    for s in ${2:-397b 35b}; do
       b=$(bundle "$s" 4)
       for k in 10 4; do
-        timeout 120 flashmoe-bench run "$b" --tokens 32 --passes 5 --experts-per-token "$k" --io "$IO" \
+        timeout "${LIMIT:-240}" flashmoe-bench run "$b" --tokens 32 --passes 5 --experts-per-token "$k" --io "$IO" \
           --json "$OUT/disk-$s-k$k.json" 2>&1 | tee -a "$LOG"
       done
     done
@@ -182,7 +183,8 @@ case "${1:-}" in
     io_ok
     for layers in 4 "$DEEP"; do
       b=$(bundle 397b 4 "$layers")
-      timeout 200 flashmoe-bench run "$b" --tokens 32 --passes 5 --io "$IO" --json "$OUT/project-397b-l$layers.json" 2>&1 | tee -a "$LOG"
+      timeout "${LIMIT:-240}" flashmoe-bench run "$b" --tokens 16 --passes 5 --io "$IO" \
+        --json "$OUT/project-397b-l$layers.json" 2>&1 | tee -a "$LOG"
     done
     python3 benchmarks/bench_projection.py "$OUT/project-397b-l4.json" "$OUT/project-397b-l$DEEP.json" \
       --json "$OUT/project-397b-4-vs-$DEEP.json" 2>&1 | tee -a "$LOG"
