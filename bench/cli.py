@@ -1,7 +1,8 @@
 """flashmoe-bench: synthetic full-shape bundles and an honest performance report.
 
     flashmoe-bench make --shape qwen3.5-397b-a17b --layers 4 --bits 4 -o DIR
-    flashmoe-bench run DIR [--tokens 32] [--experts-per-token K] [--json FILE] [--chart FILE.png] [--peer]
+    flashmoe-bench run DIR [--tokens 32] [--passes 5] [--experts-per-token K] [--io pread|mmap|direct]
+                       [--gpu-cache-gb GB | --slots N] [--json FILE] [--chart FILE.png] [--peer]
     flashmoe-bench run DIR --batch 1,8,32,128 [--routing uniform,calibrated]
     flashmoe-bench recall BUNDLE --text FILE [--tokens 512] [--json FILE]
     flashmoe-bench doctor [--dir PATH]

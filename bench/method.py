@@ -286,8 +286,10 @@ def settings(model) -> dict:
     ex = model.experts
     rc = getattr(model, "runtime_config", None)
     dtype = getattr(model, "compute_dtype", None)
-    return {"expert_slots": ex.slots, "expert_slot_bytes": ex.slots * ex.reader.info.record_stride,
-            "upload": ex.upload, "io": ex.reader.io, "read_threads": ex.reader.threads,
+    reader = ex.reader
+    return {"expert_slots": ex.slots, "expert_slot_bytes": ex.slots * reader.info.record_stride,
+            "upload": str(ex.upload), "io": getattr(reader, "io", getattr(rc, "io", None)),
+            "read_threads": getattr(reader, "threads", None),
             "dtype": str(dtype).replace("mlx.core.", "") if dtype is not None else None,
             "experts_per_token": model.experts_per_token, "kernels": getattr(rc, "kernels", None),
             "gpu_cache_gb_asked": getattr(rc, "gpu_cache_gb", None), "slots_asked": getattr(rc, "slots", None)}
