@@ -43,6 +43,10 @@
 #                         cache capped at GPU_CACHE_GB (default 8: the bundle is 5x its cache), IO direct:
 #                         bench_batch.py, a loop sample of 8 of DOCS (32) documents, every batch step reported
 #   regime-steps          the same bundle and cache through flashmoe-bench run --batch 1,8,32 (uniform routing)
+#   clean                 delete the bundles in $BENCH_DIR (the 64 GiB disk holds either the 35B x40 bundle with its
+#                         mlx-lm copy, 36 GB, or the 397B x4 + x12 bundles, 58 GB, not both)
+# Suggested order on one machine: prepare 35b 40; warm35; clean; disk 397b; disk 35b; prepare 397b 12; project;
+# regime; regime-steps.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
@@ -205,5 +209,8 @@ case "${1:-}" in
       --batch "${BATCH:-1,8,32}" --batch-tokens 16 --batch-prompt-tokens "${BATCH_PROMPT:-128}" \
       --routing "${ROUTING:-uniform}" --json "$OUT/regime-steps.json" 2>&1 | tee -a "$LOG"
     ;;
-  *) echo "usage: $0 setup|tests|kernels|single|batch|prefill|upload|optimistic SHAPE|newtests|serve|prepare SHAPE LAYERS|warm35|disk|project|regime|regime-steps  (SHAPE: 397b|35b)"; exit 2 ;;
+  clean)
+    rm -rf "${D:?}"/* && df -h "$D" | tail -1
+    ;;
+  *) echo "usage: $0 setup|tests|kernels|single|batch|prefill|upload|optimistic SHAPE|newtests|serve|prepare SHAPE LAYERS|warm35|disk [SHAPE]|project|regime|regime-steps|clean  (SHAPE: 397b|35b)"; exit 2 ;;
 esac
