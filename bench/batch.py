@@ -1,20 +1,25 @@
 """`flashmoe-bench run --batch B1,B2,...`: many sequences decoded together through the batched engine
-(flashmoe.runtime.engine.Engine), with the two bounds that say what each batch size could reach,
-measured in the same run:
+(flashmoe.runtime.engine.Engine), stepped one engine step at a time so that every step reports, from the
+same run: rows, distinct experts touched, records and bytes read (the runtime's counters, and the bytes the
+disk delivered per /proc/self/io), read time, compute time (attention, routing, expert math, head), their
+overlap (read + compute - wall, 0 when the stages run one after the other), and the step's bound:
+max(disk time for the bytes read at the disk limit measured in the same run, compute time). A step cannot
+beat its bound; the bench checks it (method.check_bound).
 
-* read-sharing bound = B*K / union x single-stream tok/s: one step reads each distinct expert once
-  for all B sequences, so a step costs what a single-stream step costs times union / K (the distinct
-  experts per layer per step, `union`, over a single token's K);
-* compute ceiling = the expert block's tok/s with every expert of a layer resident (no reads at all):
-  B tokens routed by the same routing model through `flashmoe.metal.dispatch.expert_block` over a
-  table of all E experts, timed per layer and scaled to the bundle's layers. Prefill has its own,
-  at the rows of one of the engine's prefill forwards (B prompts x PREFILL_TOKENS // B columns).
+Two reference rates, neither a bound, labelled for what they are:
 
-Per batch size and routing model (bench.routing: `uniform` and `calibrated`) it reports aggregate
-decode and prefill tok/s, the distinct experts needed per layer per step, the records actually read per
-layer per step (after the expert cache), and expert bytes read per generated token. Each batch size
-starts cold (pages evicted, expert cache emptied) after a throwaway compile pass. Prefill time is the
-wall time until every sequence has its first token (it includes the engine's first decode step).
+* read-sharing estimate = B*K / union x single-stream tok/s: what B sequences would reach if a step cost a
+  single-stream step times union / K (the distinct experts per layer per step over a single token's K).
+  Decode with a warm cache reads nothing, so it can and does beat this; it is an estimate, not a bound.
+* MLX expert-block rate = tok/s of `flashmoe.metal.dispatch.expert_block` (MLX's gather_qmm on the CPU and
+  the built-in GPU kernels) with every expert of a layer resident (no reads), B tokens routed by the same
+  routing model, scaled to the bundle's layers; beside it, the share of the GPU's dense bf16 peak that rate
+  is (method.hardware_peak_flops), so nobody mistakes it for the hardware's ceiling.
+
+Per batch size and routing model (bench.routing: `uniform` and `calibrated`) it reports aggregate decode
+and prefill tok/s and the per-step figures above. Each batch size starts cold (pages evicted, expert cache
+emptied) after a throwaway compile pass. Prefill time is the wall time until every sequence has its first
+token (it includes the engine's first decode step).
 
 Synthetic routing: decode rows are the running sequences, one routing stream each; prefill rows (more
 rows than sequences, since every prompt is longer than the largest batch) are routed as consecutive
@@ -27,7 +32,7 @@ import time
 
 import numpy as np
 
-from . import probe
+from . import method, probe
 from .routing import make_router
 
 
@@ -40,8 +45,9 @@ class BatchRouter:
         self.decode_unions: list[int] = []  # distinct experts per layer per decode step
         self.prefill_unions: list[int] = []
         # host time spent inventing routes (~45 us a token in Python): the bench's own cost, not the engine's,
-        # so _time_engine takes it out of the phases it times (a 64k-token prefill spends ~12 s here)
+        # so time_engine takes it out of the phases it times (a 64k-token prefill spends ~12 s here)
         self.seconds = 0.0
+        self.touched = 0  # distinct experts per layer, summed over every layer call so far
 
     def __call__(self, layer: int, rows: int) -> np.ndarray:
         t0 = time.perf_counter()
@@ -57,6 +63,7 @@ class BatchRouter:
         else:
             ids = self.router.route(layer, rows, stream=-1)
             self.prefill_unions.append(len(np.unique(ids)))
+        self.touched += len(np.unique(ids))
         return ids
 
 
@@ -127,11 +134,65 @@ def compute_ceiling(bundle, table: dict, router_model: str, rows: int, k: int, p
     return rows / (float(np.median(times)) * cfg.num_hidden_layers)
 
 
-def _time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, vocab: int, seed: int,
-                 router: BatchRouter | None = None) -> dict:
+STAGES = ("attention", "routing", "expert_io", "expert_compute", "head")
+
+
+class StepMeter:
+    """Per engine step, from the runtime's own counters: rows, experts touched, records and bytes read,
+    bytes the disk delivered, read time, compute time, overlap, and the step's bound
+    max(disk time for the bytes read at `disk_gbps`, compute time)."""
+
+    def __init__(self, model, router=None, disk_gbps: float | None = None):
+        self.model, self.router, self.disk_gbps = model, router, disk_gbps
+        self.steps: list[dict] = []
+        self._last = self._snap()
+
+    def _snap(self) -> dict:
+        st = self.model.stats
+        out = {k: getattr(st, k) for k in (*STAGES, "expert_bytes", "expert_reads")}
+        out["router"] = self.router.seconds if self.router is not None else 0.0
+        out["touched"] = self.router.touched if self.router is not None else None
+        out["disk"] = probe.disk_read_bytes()
+        return out
+
+    def record(self, rows: int, wall: float, phase: str) -> dict:
+        now = self._snap()
+        d = {k: (now[k] - self._last[k]) if now[k] is not None and self._last[k] is not None else None for k in now}
+        self._last = now
+        routing = max(0.0, d["routing"] - d["router"])  # the engine's routing, not the bench's router
+        compute = d["attention"] + routing + d["expert_compute"] + d["head"]
+        wall = wall - d["router"]
+        read_bytes = d["disk"] if d["disk"] is not None else d["expert_bytes"]
+        disk_s = read_bytes / (self.disk_gbps * 1e9) if self.disk_gbps else None
+        bound_s = max(disk_s, compute) if disk_s is not None else None
+        step = {"phase": phase, "rows": rows, "wall_s": wall, "experts_touched": d["touched"],
+                "records_read": d["expert_reads"], "expert_bytes": d["expert_bytes"], "disk_bytes": d["disk"],
+                "read_s": d["expert_io"], "compute_s": compute,
+                "overlap_s": max(0.0, d["expert_io"] + compute - wall), "bound_s": bound_s}
+        self.steps.append(step)
+        return step
+
+
+def summarize_steps(steps: list[dict], phase: str) -> dict:
+    """Totals of one phase's steps and how close the phase came to the sum of its steps' bounds."""
+    mine = [s for s in steps if s["phase"] == phase]
+    tot = {k: sum(s[k] or 0 for s in mine) for k in ("wall_s", "records_read", "expert_bytes", "read_s",
+                                                       "compute_s", "overlap_s")}
+    tot["disk_bytes"] = sum(s["disk_bytes"] for s in mine) if mine and all(
+        s["disk_bytes"] is not None for s in mine) else None
+    tot["experts_touched"] = sum(s["experts_touched"] for s in mine) if mine and all(
+        s["experts_touched"] is not None for s in mine) else None
+    tot["bound_s"] = sum(s["bound_s"] for s in mine) if mine and all(s["bound_s"] is not None for s in mine) else None
+    tot["steps"] = len(mine)
+    tot["wall_vs_bound"] = tot["bound_s"] / tot["wall_s"] if tot["bound_s"] and tot["wall_s"] else None
+    return tot
+
+
+def time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, vocab: int, seed: int,
+                 router: BatchRouter | None = None, disk_gbps: float | None = None) -> dict:
     """B sequences of `prompt_tokens` random ids, `tokens` generated each, added at once; wall time of the
     steps until every sequence has its first token (prefill) and of the rest (decode), less the time the
-    synthetic `router` spent inventing routes (also taken out of the routing stage)."""
+    synthetic `router` spent inventing routes (also taken out of the routing stage); every step metered."""
     from flashmoe.runtime.engine import Engine, SamplingParams
 
     engine = Engine(model, tokenizer, max_batch=batch)
@@ -141,53 +202,40 @@ def _time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, 
     for _ in range(batch):
         engine.add(rng.integers(3, vocab, size=prompt_tokens).tolist(), params)
     started: set[int] = set()
-    bytes0 = engine.counters.get("expert_bytes", 0)
-    stages = ("attention", "routing", "expert_io", "expert_compute", "head")
-    snap = lambda: {**{k: getattr(model.stats, k) for k in stages},  # noqa: E731
-                    "router": router.seconds if router is not None else 0.0}
-    s0 = s1 = snap()
-    t0 = time.perf_counter()
-    t_first = None
-    bytes_first = bytes0
-    gen_first = 0
+    meter = StepMeter(model, router, disk_gbps)
     finished = 0
+    phase = "prefill"
+    gen = {"prefill": 0, "decode": 0}
     while engine.has_work():
+        rows = len(engine.runner.rows)
+        t = time.perf_counter()
         for ev in engine.step():
             if ev.token is not None:
                 started.add(ev.seq_id)
+                gen[phase] += 1
             finished += ev.finish_reason is not None
-        if t_first is None and len(started) == batch:
-            t_first = time.perf_counter()
-            bytes_first = engine.counters.get("expert_bytes", 0)
-            gen_first = engine.counters.get("generated_tokens", batch)
-            s1 = snap()
-    t_end = time.perf_counter()
-    s2 = snap()
-    c = engine.counters
-    gen_decode = c["generated_tokens"] - gen_first
-    router_prefill, router_decode = s1["router"] - s0["router"], s2["router"] - s1["router"]
-    prefill_s = t_first - t0 - router_prefill
-    decode_s = t_end - t_first - router_decode
-    split = {}
-    for ph, a, b, r in (("prefill", s0, s1, router_prefill), ("decode", s1, s2, router_decode)):
-        split[ph] = {k: b[k] - a[k] for k in stages}
-        split[ph]["routing"] = max(0.0, split[ph]["routing"] - r)  # the engine's routing, not the bench's router
+        meter.record(rows, time.perf_counter() - t, phase)
+        if len(started) == batch:
+            phase = "decode"
+    split = {ph: summarize_steps(meter.steps, ph) for ph in ("prefill", "decode")}
+    gen_decode = gen["decode"]
+    prefill_s, decode_s = split["prefill"]["wall_s"], split["decode"]["wall_s"]
     return {"prefill_s": prefill_s, "prompt_tokens": batch * prompt_tokens,
-            "prefill_tok_s": batch * prompt_tokens / prefill_s,
+            "prefill_tok_s": batch * prompt_tokens / prefill_s if prefill_s > 0 else None,
             "decode_s": decode_s, "decode_tokens": gen_decode,
             "decode_tok_s": gen_decode / decode_s if decode_s > 0 else None,
-            "synthetic_router_s": {"prefill": router_prefill, "decode": router_decode},
-            "expert_bytes_prefill": bytes_first - bytes0, "expert_bytes_decode": c.get("expert_bytes", 0) - bytes_first,
-            "finished": finished,
-            # where the time went (seconds; separable only with model.stats.enabled, as flashmoe-bench sets it);
-            # the rest of each phase is the engine's host work (scheduling, sampling, detokenizing)
-            "prefill_stages_s": split["prefill"], "decode_stages_s": split["decode"]}
+            "synthetic_router_s": router.seconds if router is not None else 0.0,
+            # per phase, not cumulative: each phase's own steps
+            "expert_bytes_prefill": split["prefill"]["expert_bytes"], "expert_bytes_decode": split["decode"]["expert_bytes"],
+            "disk_bytes_prefill": split["prefill"]["disk_bytes"], "disk_bytes_decode": split["decode"]["disk_bytes"],
+            "finished": finished, "phases": split, "steps": meter.steps}
 
 
 def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, tokens: int, prompt_tokens: int,
-                k: int, seed: int = 0, cold: bool = True, log=print) -> dict:
-    """The --batch table: one row per (routing model, batch size); B=1 is always measured (the
-    read-sharing bound needs it)."""
+                k: int, seed: int = 0, cold: bool = True, log=print, disk_gbps: float | None = None) -> dict:
+    """The --batch table: one row per (routing model, batch size), every engine step metered; B=1 is always
+    measured (the read-sharing estimate needs it). `disk_gbps`: the disk limit measured in the same run
+    (method.qd_sweep), for each step's bound."""
     cfg = bundle.config
     sizes = sorted(set(batch_sizes) | {1})
     if prompt_tokens <= max(sizes):
@@ -196,14 +244,16 @@ def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, to
     from flashmoe.runtime.engine import PREFILL_TOKENS
 
     record = bundle.expert_info(0).record_size
+    flops = method.expert_flops_per_token(cfg, k)
+    peak = method.hardware_peak_flops()
     table = resident_table(bundle)
-    rows = []
+    rows, checks = [], []
     for routing in routing_models:
         # throwaway pass of the largest shapes, so MLX compiles outside the timed runs
         br = BatchRouter(make_router(routing, cfg.num_hidden_layers, cfg.num_experts, k, seed=seed + 99), max(sizes))
         install(model, br)
         log(f"batch: compiling ({routing} routing, B={max(sizes)}, not timed)")
-        _time_engine(model, tokenizer, max(sizes), prompt_tokens, 2, cfg.vocab_size, seed + 99, br)
+        time_engine(model, tokenizer, max(sizes), prompt_tokens, 2, cfg.vocab_size, seed + 99, br)
         single = None
         for B in sizes:
             br = BatchRouter(make_router(routing, cfg.num_hidden_layers, cfg.num_experts, k, seed=seed), B)
@@ -211,7 +261,7 @@ def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, to
             if cold:
                 probe.evict(files)
             model.experts.clear_cache()
-            r = _time_engine(model, tokenizer, B, prompt_tokens, tokens, cfg.vocab_size, seed, br)
+            r = time_engine(model, tokenizer, B, prompt_tokens, tokens, cfg.vocab_size, seed, br, disk_gbps)
             union = float(np.mean(br.decode_unions)) if br.decode_unions else None
             steps = len(br.decode_unions) / cfg.num_hidden_layers
             row = {"routing": routing, "batch": B, **r, "distinct_experts_per_layer_step": union,
@@ -222,36 +272,43 @@ def run_batches(bundle, model, tokenizer, files, batch_sizes, routing_models, to
             if B == 1:
                 single = r["decode_tok_s"]
             if union and single:
-                row["read_sharing_bound_tok_s"] = B * k / union * single
-            row["compute_ceiling_tok_s"] = compute_ceiling(bundle, table, routing, B, k, seed=seed)
+                row["read_sharing_estimate_tok_s"] = B * k / union * single
+            row["mlx_expert_block_tok_s"] = compute_ceiling(bundle, table, routing, B, k, seed=seed)
             chunk_rows = B * min(prompt_tokens, max(1, PREFILL_TOKENS // B))  # the engine's prefill forward
-            row["prefill_compute_ceiling_tok_s"] = compute_ceiling(bundle, table, routing, chunk_rows, k,
-                                                                   prefill=True, seed=seed)
-            bounds = [v for v in (row.get("read_sharing_bound_tok_s"), row["compute_ceiling_tok_s"]) if v]
-            if bounds and r["decode_tok_s"]:
-                row["decode_vs_smaller_bound"] = r["decode_tok_s"] / min(bounds)
-            row["prefill_vs_compute_ceiling"] = r["prefill_tok_s"] / row["prefill_compute_ceiling_tok_s"]
+            row["prefill_mlx_expert_block_tok_s"] = compute_ceiling(bundle, table, routing, chunk_rows, k,
+                                                                    prefill=True, seed=seed)
+            if peak:
+                row["hardware_peak_flops"] = peak
+                for key in ("mlx_expert_block_tok_s", "prefill_mlx_expert_block_tok_s"):
+                    row[key.replace("_tok_s", "_share_of_hw_peak")] = row[key] * flops * cfg.num_hidden_layers / peak
+            for ph in ("prefill", "decode"):
+                tot = r["phases"][ph]
+                if tot["bound_s"]:  # the phase cannot take less than the sum of its steps' bounds
+                    checks.append(method.check_bound(f"{routing} B={B} {ph}: 1/wall vs 1/(sum of step bounds)",
+                                                     1.0 / tot["wall_s"], 1.0 / tot["bound_s"]))
             rows.append(row)
             log(format_batch_row(row))
     del table
-    return {"tokens": tokens, "prompt_tokens": prompt_tokens, "cold": cold, "rows": rows}
+    return {"tokens": tokens, "prompt_tokens": prompt_tokens, "cold": cold, "disk_limit_gbps": disk_gbps,
+            "rows": rows, "bound_checks": checks, "bound_violations": method.violations(checks)}
 
 
 def format_batch_row(b: dict) -> str:
     f = lambda v, fmt="{:.1f}": "-" if v is None else fmt.format(v)  # noqa: E731
-    return (f"batch     {b['routing']:<10} B={b['batch']:<4} decode {f(b['decode_tok_s'])} tok/s "
-            f"(bounds: read sharing {f(b.get('read_sharing_bound_tok_s'))}, compute {f(b.get('compute_ceiling_tok_s'))}; "
-            f"{f(b.get('decode_vs_smaller_bound'), '{:.0%}')} of the smaller), prefill {f(b['prefill_tok_s'])} tok/s "
-            f"({f(b.get('prefill_vs_compute_ceiling'), '{:.0%}')} of its compute ceiling "
-            f"{f(b.get('prefill_compute_ceiling_tok_s'))}); "
-            f"{f(b['distinct_experts_per_layer_step'])} distinct experts per layer per step, "
-            f"{f(b['records_read_per_layer_step'])} read; "
-            f"{f((b['expert_bytes_per_generated_token'] or 0) / 1e6)} MB read per generated token"
-            + "".join(f"\n          {ph} {b[ph + '_s']:.2f} s: " + ", ".join(
-                f"{name} {b[ph + '_stages_s'][k]:.2f}" for k, name in
-                (("attention", "attention"), ("routing", "routing"), ("expert_io", "reads"),
-                 ("expert_compute", "experts"), ("head", "head")))
-                + f", other {b[ph + '_s'] - sum(b[ph + '_stages_s'].values()):.2f}"
-                + (f" (the synthetic router's own {b['synthetic_router_s'][ph]:.2f} s left out)"
-                   if b.get("synthetic_router_s") else "")
-                for ph in ("prefill", "decode") if b.get(ph + "_stages_s")))
+    peak = (f" = {b['mlx_expert_block_share_of_hw_peak']:.2%} of the GPU's bf16 peak"
+            if b.get("mlx_expert_block_share_of_hw_peak") is not None else "")
+    out = (f"batch     {b['routing']:<10} B={b['batch']:<4} decode {f(b['decode_tok_s'])} tok/s, prefill "
+           f"{f(b['prefill_tok_s'])} tok/s (references, not bounds: read-sharing estimate "
+           f"{f(b.get('read_sharing_estimate_tok_s'))}, MLX expert block with all experts resident "
+           f"{f(b.get('mlx_expert_block_tok_s'))}{peak}); {f(b['distinct_experts_per_layer_step'])} distinct experts "
+           f"per layer per step, {f(b['records_read_per_layer_step'])} read; "
+           f"{f((b['expert_bytes_per_generated_token'] or 0) / 1e6)} MB read per generated token")
+    for ph in ("prefill", "decode"):
+        t = b["phases"][ph]
+        if not t["steps"]:
+            continue
+        gb = (t["disk_bytes"] if t["disk_bytes"] is not None else t["expert_bytes"]) / 1e9
+        out += (f"\n          {ph}: {t['steps']} steps, {t['wall_s']:.2f} s; read {gb:.2f} GB in {t['read_s']:.2f} s, "
+                f"compute {t['compute_s']:.2f} s, overlap {t['overlap_s']:.2f} s; bound max(disk, compute) summed "
+                f"over steps {f(t['bound_s'], '{:.2f}')} s = {f(t['wall_vs_bound'], '{:.0%}')} of the wall time")
+    return out

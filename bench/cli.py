@@ -1,8 +1,10 @@
 """flashmoe-bench: synthetic full-shape bundles and an honest performance report.
 
     flashmoe-bench make --shape qwen3.5-397b-a17b --layers 4 --bits 4 -o DIR
-    flashmoe-bench run DIR [--tokens 32] [--experts-per-token K] [--json FILE] [--chart FILE.png] [--peer]
+    flashmoe-bench run DIR [--tokens 32] [--passes 5] [--experts-per-token K] [--io pread|mmap|direct]
+                       [--gpu-cache-gb GB | --slots N] [--json FILE] [--chart FILE.png] [--peer]
     flashmoe-bench run DIR --batch 1,8,32,128 [--routing uniform,calibrated]
+    flashmoe-bench recall BUNDLE --text FILE [--tokens 512] [--json FILE]
     flashmoe-bench doctor [--dir PATH]
 """
 
@@ -41,7 +43,7 @@ def _routings(text: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{make,run,doctor}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{make,run,recall,doctor}")
     m = sub.add_parser("make", help="write a bundle with a real model's shapes and random weights")
     m.add_argument("--shape", required=True, choices=sorted(PRESETS), help="which model's shapes to copy")
     m.add_argument("--layers", type=int, default=4, help="layers to write (the full model's pattern; default 4)")
@@ -56,7 +58,16 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens to time per pass (default 32; fewer than 16 gives noisy figures)")
     r.add_argument("--experts-per-token", type=int, default=None,
                    help="experts each token uses (default: the model's own)")
-    r.add_argument("--io", choices=("pread", "mmap"), default="pread", help="how expert records are read (default pread)")
+    r.add_argument("--io", choices=("pread", "mmap", "direct"), default="pread",
+                   help="how expert records are read: pread (default), mmap, or direct (O_DIRECT, bypassing the page "
+                        "cache; needs a runtime that has it)")
+    r.add_argument("--passes", type=int, default=5, help="timed passes per phase; figures are their median and "
+                                                         "spread (default 5, at least 5 to be reported as such)")
+    r.add_argument("--sweep-seconds", type=float, default=1.0,
+                   help="seconds per queue depth of the disk-limit sweep (1..64 reads in flight; default 1.0)")
+    r.add_argument("--gpu-cache-gb", type=float, default=None,
+                   help="GPU expert cache size in GB (CUDA; default the runtime's); the report reads back what took effect")
+    r.add_argument("--slots", type=int, default=None, help="expert cache slots (default the runtime's); read back")
     r.add_argument("--stickiness", type=float, default=0.2, help="uniform synthetic routing: share of experts kept from "
                                                                   "the previous token (default 0.2)")
     r.add_argument("--seed", type=int, default=0, help="random seed of the synthetic routing (default 0)")
@@ -76,6 +87,13 @@ def parser() -> argparse.ArgumentParser:
                         "and/or calibrated (matches real models' cache hit rates); default both")
     r.add_argument("--json", default=None, metavar="FILE", help="also write the full report as JSON")
     r.add_argument("--chart", default=None, metavar="FILE.png", help="also draw a chart of time per layer (needs matplotlib)")
+    c = sub.add_parser("recall", help="how often a layer's router, applied a layer early, names the experts the "
+                                      "next layer will use (speculative prefetch)")
+    c.add_argument("bundle", help="bundle directory of a trained model (random weights route at chance)")
+    c.add_argument("--text", required=True, metavar="FILE", help="text to run through the model (UTF-8)")
+    c.add_argument("--tokens", type=int, default=512, help="tokens of the text to use (default 512)")
+    c.add_argument("--experts-per-token", type=int, default=None, help="experts each token uses (default: the model's)")
+    c.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     d = sub.add_parser("doctor", help="what this machine can run, and how fast, before downloading")
     d.add_argument("--dir", default=".", help="where bundles would live (its disk is measured)")
     d.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
@@ -93,6 +111,8 @@ def body(a: argparse.Namespace) -> int:
 
         if a.tokens < 1:
             raise InputError("--tokens must be at least 1")
+        if a.passes < 1:
+            raise InputError("--passes must be at least 1 (5 or more for a median with a spread)")
         if a.chart:
             try:
                 import matplotlib  # noqa: F401
@@ -100,13 +120,27 @@ def body(a: argparse.Namespace) -> int:
                 raise InputError("--chart needs matplotlib: pip install 'flashmoe[bench]'") from None
         rep = run(a.bundle, tokens=a.tokens, experts_per_token=a.experts_per_token, io=a.io,
                   stickiness=a.stickiness, seed=a.seed, peer=a.peer, prefill=a.prefill, batch=a.batch,
-                  batch_tokens=a.batch_tokens, batch_prompt_tokens=a.batch_prompt_tokens, routing=a.routing)
+                  batch_tokens=a.batch_tokens, batch_prompt_tokens=a.batch_prompt_tokens, routing=a.routing,
+                  passes=a.passes, sweep_seconds=a.sweep_seconds, gpu_cache_gb=a.gpu_cache_gb, slots=a.slots)
         rep["peak_rss_mb"] = peak_rss_mb()
         print(format_table(rep))
         if a.json:
             write_json(rep, a.json)
         if a.chart:
             chart(rep, a.chart)
+    elif a.cmd == "recall":
+        from .recall import format_recall, recall, write
+
+        try:
+            text = open(a.text, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--text {a.text}: cannot read it as UTF-8 text ({e})") from None
+        if a.tokens < 2:
+            raise InputError("--tokens must be at least 2")
+        rep = recall(a.bundle, text, a.tokens, a.experts_per_token)
+        print(format_recall(rep))
+        if a.json:
+            write(rep, a.json)
     else:
         from .doctor import doctor, format_report
 

@@ -1,7 +1,7 @@
 """`flashmoe-bench doctor`: what this machine can run, and at about what speed, before a download of
 tens to hundreds of gigabytes.
 
-Measures RAM, free disk, the disk's cold random read speed for expert-sized records, the speed at which
+Measures RAM, free disk, the disk's limit for expert-sized records (bench.method.qd_sweep), the speed at which
 MLX's quantized matmul gets through weights at batch 1 on this machine's default device (CPU or GPU),
 and the GPU; then for each preset and bit width estimates resident memory (dense weights at 8 bits +
 KV/state headroom), disk needed, expert bytes per token, the share of experts the page cache can hold,
@@ -46,8 +46,12 @@ def dense_params(c) -> int:
     return n
 
 
-def measure_disk(directory: Path, size: int = 1 << 30, record: int = 7 << 20) -> float | None:
-    """Cold random record-sized read GB/s of a scratch file (None where pages cannot be evicted)."""
+def measure_disk(directory: Path, size: int = 1 << 30, record: int = 7 << 20) -> dict | None:
+    """The disk's limit for expert-sized records in a scratch file (bench.method.qd_sweep: 1..64 reads in
+    flight, O_DIRECT; the pages are also evicted first, for file systems without O_DIRECT). None where
+    neither is possible."""
+    from .method import qd_sweep
+
     with tempfile.TemporaryDirectory(dir=directory, prefix="flashmoe-doctor-") as d:
         p = Path(d) / "probe.bin"
         block = os.urandom(16 << 20)
@@ -56,10 +60,9 @@ def measure_disk(directory: Path, size: int = 1 << 30, record: int = 7 << 20) ->
                 f.write(block)
             f.flush()
             os.fsync(f.fileno())
-        if not probe.evict([p]):
-            return None
-        n = size // record
-        return probe.random_reads([p], 0, record, record, count=n, n_experts=n)
+        evicted = probe.evict([p])
+        sweep = qd_sweep([p], 0, record, record, size // record, seconds=0.5)
+        return sweep if sweep["direct"] or evicted else None
 
 
 def doctor(directory: str | Path = ".", bits_list=(4, 2)) -> dict:
@@ -69,10 +72,11 @@ def doctor(directory: str | Path = ".", bits_list=(4, 2)) -> dict:
     ram = probe.ram_bytes()
     free = shutil.disk_usage(directory).free
     t = time.perf_counter()
-    rr = measure_disk(directory)
+    sweep = measure_disk(directory)
+    rr = sweep["limit_gbps"] if sweep else None
     mm = probe.matmul_gbps(sorted({8, *bits_list}, reverse=True))
     report = {"machine": probe.machine(), "ram_bytes": ram, "free_disk_bytes": free, "disk_dir": str(directory),
-              "random_read_gbps": rr, "matmul_gbps": mm, "gpu": mx.default_device() == mx.gpu,
+              "random_read_gbps": rr, "disk_sweep": sweep, "matmul_gbps": mm, "gpu": mx.default_device() == mx.gpu,
               "probe_seconds": 0.0, "presets": []}
     for name in PRESETS:
         c = config(name)
@@ -108,7 +112,8 @@ def format_report(r: dict) -> str:
     lines = [f"machine     {r['machine']}",
              f"memory      {r['ram_bytes'] / 2**30:.0f} GiB RAM",
              f"disk        {r['free_disk_bytes'] / 1e9:.0f} GB free in {r['disk_dir']}; "
-             + (f"{r['random_read_gbps']:.2f} GB/s reading expert-sized records at random from the disk"
+             + (f"{r['random_read_gbps']:.2f} GB/s reading expert-sized records at random from the disk "
+                f"(best of 1-64 reads in flight)"
                 if r["random_read_gbps"] else "read speed not measurable here (pages cannot be evicted; run "
                 "`sudo purge`, then flashmoe-bench run)"),
              f"compute     {'the GPU' if r['gpu'] else 'the CPU'} multiplies one token by quantized weights at "

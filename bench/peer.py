@@ -57,8 +57,9 @@ def export_mlx_lm(bundle: Bundle, out: Path) -> Path:
     return out
 
 
-def mlx_lm_decode_tps(path: Path, tokens: int, prompt_tokens: int = 1) -> float:
-    """Decode tokens/s of mlx-lm on the exported checkpoint (greedy, after a 2-token warm-up)."""
+def mlx_lm_decode_tps(path: Path, tokens: int, prompt_tokens: int = 1, passes: int = 5) -> list[float]:
+    """Decode tokens/s of mlx-lm on the exported checkpoint, one figure per pass (greedy, after a 2-token
+    warm-up)."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
@@ -67,22 +68,29 @@ def mlx_lm_decode_tps(path: Path, tokens: int, prompt_tokens: int = 1) -> float:
     prompt = mx.array([1] * prompt_tokens)
     for _ in generate_step(prompt, model, max_tokens=2):
         pass
-    return time_mlx_lm_decode(model, prompt, tokens)
+    return [time_mlx_lm_decode(model, prompt, tokens) for _ in range(passes)]
 
 
 def time_mlx_lm_decode(model, prompt, tokens: int) -> float:
     """Decode tokens/s of a loaded mlx-lm model: `tokens` greedy steps after the prompt, whose own token
     (out of prefill) is not timed."""
+    return mlx_lm_decode(model, prompt, tokens)[0]
+
+
+def mlx_lm_decode(model, prompt, tokens: int) -> tuple[float, list[int]]:
+    """(decode tokens/s, the greedy tokens) of a loaded mlx-lm model: the prompt's own token (out of prefill)
+    and then `tokens` timed steps."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
     t = None
     n = 0
+    out = []
     for tok, _ in generate_step(prompt, model, max_tokens=tokens + 1):
+        out.append(int(tok))
         if t is None:  # the first token comes out of prefill: time decode only
             mx.eval(tok)
             t = time.perf_counter()
             continue
         n += 1
-    mx.eval(tok)
-    return n / (time.perf_counter() - t)
+    return n / (time.perf_counter() - t), out

@@ -1,5 +1,6 @@
 """The machine's raw limits, measured on the same files and in the same run as the decode benchmark:
-sequential and random expert-sized reads (cold: pages evicted first; warm: from the page cache),
+sequential reads (cold: pages evicted first; warm: from the page cache; the disk's limit for expert
+records is bench.method.qd_sweep),
 memory bandwidth (CPU copy, and the GPU's own when MLX has one), and how many bytes really came from
 the disk (page-cache hit rate).
 """
@@ -8,11 +9,9 @@ from __future__ import annotations
 
 import os
 import platform
-import random
 import resource
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,30 +57,6 @@ def seq_read(paths, chunk: int = 16 << 20) -> float:
             while n := f.readinto(buf):
                 total += n
     return total / (time.perf_counter() - t) / 1e9
-
-
-def random_reads(paths, data_offset: int, stride: int, size: int, count: int, n_experts: int, threads: int = 8,
-                 seed: int = 0) -> float:
-    """GB/s of `count` random record-sized preads (one record = one expert) over the layer files, issued
-    from `threads` threads like the runtime does."""
-    rng = random.Random(seed)
-    jobs = [(rng.randrange(len(paths)), rng.randrange(n_experts)) for _ in range(count)]
-    fds = [os.open(p, os.O_RDONLY) for p in paths]
-    bufs = [bytearray(size) for _ in range(threads)]
-
-    def read(i):
-        f, e = jobs[i]
-        return os.preadv(fds[f], [bufs[i % threads]], data_offset + e * stride)
-
-    try:
-        t = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            total = sum(pool.map(read, range(count)))
-        dt = time.perf_counter() - t
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return total / dt / 1e9
 
 
 def cpu_mem_bandwidth(nbytes: int = 512 << 20) -> float:

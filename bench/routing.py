@@ -141,3 +141,26 @@ def simulated_batch_union(model: str, num_experts: int, k: int, batch: int, step
     """Mean distinct experts one layer reads per batched decode step of `batch` sequences."""
     r = make_router(model, 1, num_experts, k, seed=seed)
     return float(np.mean([len(np.unique(r.route_streams(0, range(batch)))) for _ in range(steps)]))
+
+
+def simulated_reads_per_token(model: str, layers: int, num_experts: int, k: int, slots: int, tokens: int = 300,
+                              warmup: int = 100, seed: int = 0, stickiness: float | None = None) -> float:
+    """Records read per token over `layers` layers sharing one LRU cache of `slots` records (the runtime's
+    expert cache: least recently used across layers and tokens) under routing model `model`. Slots shared
+    by more layers keep less of each: the bench's 4-layer bundles read fewer records per layer than the
+    full model would with the same cache."""
+    r = make_router(model, layers, num_experts, k, seed=seed, stickiness=stickiness)
+    cache: OrderedDict[tuple[int, int], None] = OrderedDict()
+    misses = 0
+    for t in range(tokens):
+        for layer in range(layers):
+            for e in r.next(layer).tolist():
+                key = (layer, e)
+                if key in cache:
+                    cache.move_to_end(key)
+                    continue
+                misses += t >= warmup
+                cache[key] = None
+                if len(cache) > max(slots, k):
+                    cache.popitem(last=False)
+    return misses / (tokens - warmup)

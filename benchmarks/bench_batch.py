@@ -1,40 +1,46 @@
-"""flashmoe-batch against a sequential `flashmoe-run` loop over the same documents, back to back.
+"""flashmoe-batch against a sequential `flashmoe.generate` loop over the same documents, back to back.
 
-    python benchmarks/bench_batch.py BUNDLE --docs 200 --prompt-tokens 1000 --gen-tokens 64 --out DIR
+    python benchmarks/bench_batch.py BUNDLE --docs 96 --prompt-tokens 1000 --gen-tokens 64 \
+        [--gpu-cache-gb 4 | --slots N] [--io direct] [--loop-docs 8] --out DIR
 
 Documents are /v1/completions requests whose prompts are token ids (exact lengths, drawn uniformly within
 +-20% of --prompt-tokens, ids from the bundle's byte tokenizer), greedy, --gen-tokens each.
 
 * loop: `flashmoe.generate` per document, in this process with the model loaded once. A real loop of
   `flashmoe-run` commands would also pay a process start and a bundle load per document, so the loop's
-  figures here are an upper bound for it.
-* batch: `flashmoe.batch.run_jobs` (what flashmoe-batch runs: journal writes and fsyncs included) with
-  --batch-size rows through the continuous-batching engine.
+  figures are an upper bound for it. With --loop-docs N (>= 8) the loop runs a random sample of N of the
+  same documents and reports docs/hour as the median and spread of its per-document rates, labelled so.
+* batch: `flashmoe.batch.run_jobs` (what flashmoe-batch runs: journal writes and fsyncs included) on all
+  the documents, through an Engine whose every step is metered (bench.batch.StepMeter): rows, experts
+  touched, records and bytes read (runtime counter and /proc/self/io), read time, compute time, overlap, and
+  the step's bound max(disk time for its bytes at the disk limit, compute time).
 
-Both sides start from the same state: after an untimed warm-up document (MLX compiles its kernels; the
-pages it reads stay cached) or, with --evict, with the bundle's pages evicted and the expert cache emptied
-(cold: every expert read comes from the disk). Routing: the model's own router by default (random
-weights: no structure, so nothing is shared between consecutive tokens); --routing uniform|calibrated
-installs bench.routing's synthetic routers instead (one stream per batch row, as flashmoe-bench run --batch).
+The model is loaded with a RuntimeConfig carrying --gpu-cache-gb / --slots / --io, and the settings in
+effect are read back from it into the JSON (metadata.settings): the cache the report names is the one used.
+The disk limit is measured in the same run (bench.method.qd_sweep, O_DIRECT, 1..64 reads in flight).
 
-Reported per side: documents per hour, prefill and decode tok/s, expert bytes read per document. The
-batch's prefill tok/s counts the engine steps that prefilled (they also decode the running rows), its
-decode tok/s the steps that only decoded. JSON goes to DIR/bench_batch.json.
+Both arms start from the same state: after an untimed warm-up document (MLX compiles its kernels) the
+bundle's pages are evicted and the expert cache emptied before each arm (--no-evict: keep them). Byte
+counters are per arm: the runtime's and the disk's, each a difference over that arm alone. Routing: the
+model's own router by default; --routing uniform|calibrated installs bench.routing's synthetic routers (one
+stream per batch row). JSON goes to DIR/bench_batch.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from flashmoe.bench import method, probe
+from flashmoe.bench.batch import StepMeter, summarize_steps
+
+MIN_LOOP_SAMPLE = 8
 
 
 def documents(n: int, prompt_tokens: int, gen_tokens: int, seed: int, lo_id: int, hi_id: int) -> list[str]:
@@ -48,36 +54,60 @@ def documents(n: int, prompt_tokens: int, gen_tokens: int, seed: int, lo_id: int
     return out
 
 
-def set_routing(model, routing: str, rows: int, seed: int) -> None:
+def loop_sample(n_docs: int, loop_docs: int | None, seed: int) -> list[int]:
+    """Indices of the documents the loop runs: all, or a random sample of `loop_docs` (>= 8) of them."""
+    if loop_docs is None or loop_docs >= n_docs:
+        return list(range(n_docs))
+    if loop_docs < MIN_LOOP_SAMPLE:
+        raise SystemExit(f"bench_batch: --loop-docs must be at least {MIN_LOOP_SAMPLE} (a spread needs them)")
+    return sorted(np.random.default_rng(seed + 7).choice(n_docs, size=loop_docs, replace=False).tolist())
+
+
+def set_routing(model, routing: str, rows: int, seed: int):
     if routing == "own":
-        return
+        return None
     from flashmoe.bench.batch import BatchRouter, install
     from flashmoe.bench.routing import make_router
 
     cfg = model.config
-    install(model, BatchRouter(make_router(routing, cfg.num_hidden_layers, cfg.num_experts,
-                                           model.experts_per_token, seed=seed), rows))
+    br = BatchRouter(make_router(routing, cfg.num_hidden_layers, cfg.num_experts, model.experts_per_token, seed=seed),
+                     rows)
+    install(model, br)
+    return br
 
 
-def fresh_start(model, bundle_dir: str, evict: bool) -> None:
-    if not evict:
-        return
-    from flashmoe.bench import probe
+def fresh_start(model, files, evict: bool) -> None:
+    if evict:
+        probe.evict(files)
+        model.experts.clear_cache()
 
-    probe.evict([p for p in Path(bundle_dir).rglob("*") if p.is_file()])
-    clear = getattr(model.experts, "clear_cache", None)
-    if clear:
-        clear()
+
+class ArmBytes:
+    """The runtime's expert bytes and the disk's read bytes over one arm (differences, not totals)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.e0, self.d0, self.t0 = model.stats.expert_bytes, probe.disk_read_bytes(), model.stats.expert_io
+
+    def done(self) -> dict:
+        d1 = probe.disk_read_bytes()
+        return {"expert_bytes": self.model.stats.expert_bytes - self.e0,
+                "disk_bytes": d1 - self.d0 if d1 is not None and self.d0 is not None else None,
+                "read_s": self.model.stats.expert_io - self.t0}
 
 
 def run_loop(model, tok, docs: list[str], log) -> dict:
     import flashmoe
 
-    res = dict(docs=0, prompt_tokens=0, generated_tokens=0, prefill_s=0.0, decode_s=0.0, expert_bytes=0)
+    res = dict(docs=0, prompt_tokens=0, generated_tokens=0, prefill_s=0.0, decode_s=0.0, expert_bytes=0, read_s=0.0)
+    per_doc = []
+    d0 = probe.disk_read_bytes()  # flashmoe.generate resets model.stats per document: its own figures are summed
     t0 = time.perf_counter()
     for i, line in enumerate(docs):
         body = json.loads(line)["body"]
+        t = time.perf_counter()
         *_, last = flashmoe.generate(model, tok, body["prompt"], max_tokens=body["max_tokens"], chat_template=False)
+        per_doc.append(time.perf_counter() - t)
         s = last.stats
         res["docs"] += 1
         res["prompt_tokens"] += s["prompt_tokens"]
@@ -85,9 +115,13 @@ def run_loop(model, tok, docs: list[str], log) -> dict:
         res["prefill_s"] += s["prefill_s"]
         res["decode_s"] += s["decode_s"]
         res["expert_bytes"] += s["expert_bytes"]
+        res["read_s"] += s["prefill"]["expert_io"] + s["decode"]["expert_io"]
         if (i + 1) % max(1, len(docs) // 10) == 0:
             log(f"loop: {i + 1}/{len(docs)} docs, {time.perf_counter() - t0:.0f} s")
     res["wall_s"] = time.perf_counter() - t0
+    d1 = probe.disk_read_bytes()
+    res["disk_bytes"] = d1 - d0 if d0 is not None and d1 is not None else None
+    res["docs_per_hour_per_doc"] = method.spread([3600 / s for s in per_doc])
     return finish(res)
 
 
@@ -99,52 +133,63 @@ def finish(r: dict) -> dict:
     return r
 
 
-def run_batch(model, tok, docs: list[str], batch_size: int | None, workdir: Path, progress: bool) -> dict:
+def metered_engine(model, tok, batch_size, meter: StepMeter):
+    """An Engine whose step() records each step in `meter` (phase: prefill when the step took in prompts)."""
+    from flashmoe.runtime.engine import Engine
+
+    class MeteredEngine(Engine):
+        def step(self):
+            rows, prompts = len(self.runner.rows), self.counters["prompt_tokens"]
+            t = time.perf_counter()
+            events = super().step()
+            meter.record(max(rows, len(self.runner.rows)), time.perf_counter() - t,
+                         "prefill" if self.counters["prompt_tokens"] != prompts else "decode")
+            return events
+
+    return MeteredEngine(model, tok, max_batch=batch_size)
+
+
+def run_batch(model, tok, docs: list[str], batch_size: int | None, workdir: Path, progress: bool, router,
+              disk_gbps) -> dict:
     from flashmoe.batch import JobOptions, run_jobs
 
     out = workdir / "answers.jsonl"
-    if out.exists():
-        out.unlink()
-    s = run_jobs(model, tok, docs, out, JobOptions(batch_size=batch_size, progress=progress))
+    meter = StepMeter(model, router, disk_gbps)
+    engine = metered_engine(model, tok, batch_size, meter)
+    arm = ArmBytes(model)
+    s = run_jobs(model, tok, docs, out, JobOptions(batch_size=batch_size, progress=progress), engine=engine)
     d = s.as_dict()
     if s.failed:
         raise SystemExit(f"bench_batch: {s.failed} requests failed; see {out}")
-    return {"docs": s.done, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+    read = arm.done()
+    return {"expert_bytes_per_doc": read["expert_bytes"] / s.done if s.done else 0.0, "docs": s.done, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
             "wall_s": s.wall_s, "docs_per_hour": d["docs_per_hour"], "prefill_s": s.prefill_s,
             "decode_s": s.decode_s, "prefill_tps": d["prefill_tps"], "decode_tps": d["decode_tps"],
-            "decode_only_tokens": s.decode_only_tokens, "expert_bytes": s.expert_bytes,
-            "expert_bytes_per_doc": d["expert_bytes_per_doc"], "max_batch": s.max_batch, "plan": s.plan}
-
-
-def machine() -> dict:
-    import mlx.core as mx
-
-    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "mlx": getattr(mx, "__version__", "?"), "device": str(mx.default_device())}
-    try:
-        info["load_avg"] = os.getloadavg()
-    except OSError:
-        pass
-    try:
-        info["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (int, float, str))}
-    except Exception:  # noqa: BLE001 - not every backend reports
-        pass
-    return info
+            "decode_only_tokens": s.decode_only_tokens, **read,
+            "max_batch": s.max_batch, "plan": s.plan,
+            "phases": {ph: summarize_steps(meter.steps, ph) for ph in ("prefill", "decode")}, "steps": meter.steps}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="bundle directory (e.g. from flashmoe-bench make)")
-    p.add_argument("--docs", type=int, default=200, help="documents in the job (default 200)")
+    p.add_argument("--docs", type=int, default=96, help="documents in the job (default 96)")
     p.add_argument("--loop-docs", type=int, default=None,
-                   help="run the sequential loop over only the first N documents (docs/hour is a rate; default: all)")
+                   help=f"run the sequential loop on a random sample of N (>= {MIN_LOOP_SAMPLE}) of the same documents "
+                        "(default: all of them)")
     p.add_argument("--prompt-tokens", type=int, default=1000, help="mean prompt length (default 1000, +-20%%)")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per document (default 64)")
     p.add_argument("--batch-size", default="auto", help="flashmoe-batch --batch-size: auto or N (default auto)")
     p.add_argument("--experts-per-token", type=int, default=None, help="routed experts per token (default: model's)")
+    p.add_argument("--gpu-cache-gb", type=float, default=None, help="GPU expert cache size (CUDA); read back")
+    p.add_argument("--slots", type=int, default=None, help="expert cache slots; read back")
+    p.add_argument("--io", default=None, help="expert reads: pread, mmap, direct (O_DIRECT; needs a runtime with it)")
     p.add_argument("--routing", choices=("own", "uniform", "calibrated"), default="own",
                    help="the model's own router (default) or a synthetic routing model")
-    p.add_argument("--evict", action="store_true", help="start each side cold: evict the bundle's pages first")
+    p.add_argument("--no-evict", action="store_true", help="keep the page cache and expert cache between arms")
+    p.add_argument("--no-stage-times", action="store_true",
+                   help="no per-stage timing (it adds a sync per stage; steps then report no compute time)")
+    p.add_argument("--sweep-seconds", type=float, default=1.0, help="seconds per queue depth of the disk sweep")
     p.add_argument("--order", choices=("loop-first", "batch-first"), default="loop-first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, metavar="DIR", help="write DIR/bench_batch.json")
@@ -152,51 +197,80 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     import flashmoe
+    from flashmoe.bench.run import runtime_config
+    from flashmoe.format import Bundle
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
+    sample = loop_sample(a.docs, a.loop_docs, a.seed)  # before any work: a bad sample size fails at once
+    bundle = Bundle.open(a.bundle)
+    files = probe.file_list(bundle)
+    sweep = method.bundle_qd_sweep(bundle, seconds=a.sweep_seconds, seed=a.seed)
+    disk_gbps = sweep["limit_gbps"] if sweep["direct"] else None
+    log(method.format_sweep(sweep))
     t_load = time.perf_counter()
-    model, tok = flashmoe.load(a.bundle, experts_per_token=a.experts_per_token)
-    log(f"loaded {a.bundle} in {time.perf_counter() - t_load:.1f} s")
+    model, tok = flashmoe.load(a.bundle, runtime_config(experts_per_token=a.experts_per_token, io=a.io,
+                                                         gpu_cache_gb=a.gpu_cache_gb, slots=a.slots))
+    model.stats.enabled = not a.no_stage_times
+    md = method.metadata(a.bundle, model)
+    st = md["settings"]
+    log(f"loaded {a.bundle} in {time.perf_counter() - t_load:.1f} s: {st['expert_slots']} slots "
+        f"({st['expert_slot_bytes'] / 1e9:.2f} GB), io {st['io']}, upload {st['upload']}, K={st['experts_per_token']}")
     lo, hi = 3, min(tok.vocab_size, 259)  # byte tokens of the synthetic tokenizer, no special tokens
     docs = documents(a.docs, a.prompt_tokens, a.gen_tokens, a.seed, lo, hi)
-    loop_docs = docs[: a.loop_docs] if a.loop_docs else docs
     batch_size = None if a.batch_size == "auto" else int(a.batch_size)
 
     warm = documents(1, a.prompt_tokens, 2, a.seed + 1, lo, hi)
     set_routing(model, a.routing, 1, a.seed + 1)
-    run_loop(model, tok, warm, lambda m: None)  # compile; with --evict the pages are dropped again below
+    run_loop(model, tok, warm, lambda m: None)  # compile; the pages it read are dropped again below
     log("warm-up done")
     results = {}
     with tempfile.TemporaryDirectory() as td:
         for side in (("loop", "batch") if a.order == "loop-first" else ("batch", "loop")):
-            fresh_start(model, a.bundle, a.evict)
+            fresh_start(model, files, not a.no_evict)
             if side == "loop":
                 set_routing(model, a.routing, 1, a.seed)
-                log(f"loop: {len(loop_docs)} documents, one at a time")
-                results["loop"] = run_loop(model, tok, loop_docs, log)
+                log(f"loop: {len(sample)} of the {len(docs)} documents, one at a time")
+                results["loop"] = run_loop(model, tok, [docs[i] for i in sample], log)
+                results["loop"]["documents"] = sample
+                results["loop"]["sampled"] = len(sample) < len(docs)
             else:
-                set_routing(model, a.routing, batch_size or 256, a.seed)
+                router = set_routing(model, a.routing, batch_size or 256, a.seed)
                 log(f"batch: {len(docs)} documents through flashmoe-batch (batch size {a.batch_size})")
-                results["batch"] = run_batch(model, tok, docs, batch_size, Path(td), not a.quiet)
+                results["batch"] = run_batch(model, tok, docs, batch_size, Path(td), not a.quiet, router, disk_gbps)
             r = results[side]
+            gb = (r["disk_bytes"] if r["disk_bytes"] is not None else r["expert_bytes"]) / 1e9
             log(f"{side}: {r['docs']} docs in {r['wall_s']:.1f} s = {r['docs_per_hour']:.1f} docs/hour; prefill "
-                f"{r['prefill_tps']:.1f} tok/s, decode {r['decode_tps']:.2f} tok/s, "
-                f"{r['expert_bytes_per_doc'] / 1e9:.3f} GB experts per doc")
+                f"{r['prefill_tps']:.1f} tok/s, decode {r['decode_tps']:.2f} tok/s; read {gb:.3f} GB from disk, "
+                f"{r['expert_bytes_per_doc'] / 1e9:.3f} GB of records per doc")
+    model.experts.close()
+    loop = results["loop"]
+    speedup = results["batch"]["docs_per_hour"] / loop["docs_per_hour"] if loop["docs_per_hour"] else None
     cfg = model.config
-    speedup = results["batch"]["docs_per_hour"] / results["loop"]["docs_per_hour"] \
-        if results["loop"]["docs_per_hour"] else None
-    rep = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-           "bundle": str(a.bundle), "layers": cfg.num_hidden_layers,
-           "full_layers_in_model": getattr(cfg, "full_layers_in_model", None), "num_experts": cfg.num_experts,
-           "experts_per_token": model.experts_per_token, "args": vars(a), "results": results,
-           "batch_vs_loop_docs_per_hour": speedup}
-    print(json.dumps({k: rep[k] for k in ("results", "batch_vs_loop_docs_per_hour")}, indent=1))
+    rep = {"metadata": md, "disk": sweep, "bundle": str(a.bundle), "layers": cfg.num_hidden_layers,
+           "num_experts": cfg.num_experts, "experts_per_token": model.experts_per_token, "args": vars(a),
+           "bundle_bytes": sum(f.stat().st_size for f in files), "results": results,
+           "batch_vs_loop_docs_per_hour": speedup,
+           "loop_label": (f"loop: a random sample of {len(sample)} of the {len(docs)} documents; docs/hour per "
+                          "document, median (min-max)") if loop["sampled"] else "loop: every document"}
+    rep["bundle_vs_cache"] = rep["bundle_bytes"] / st["expert_slot_bytes"] if st["expert_slot_bytes"] else None
+    checks = [method.check_bound(f"batch {ph}: 1/wall vs 1/(sum of step bounds)", 1 / t["wall_s"], 1 / t["bound_s"])
+              for ph, t in results["batch"]["phases"].items() if t["bound_s"] and t["wall_s"]]
+    rep["bound_checks"], rep["bound_violations"] = checks, method.violations(checks)
+    print(json.dumps({k: rep[k] for k in ("batch_vs_loop_docs_per_hour", "loop_label", "bundle_vs_cache")}, indent=1))
+    log(f"loop docs/hour per document: {method.fmt_spread(loop['docs_per_hour_per_doc'], '{:.1f}')}")
     log(f"batch / loop documents per hour: {speedup:.2f}x" if speedup else "no loop figure")
+    for ph, t in results["batch"]["phases"].items():
+        if t["steps"]:
+            bound = "-" if t["bound_s"] is None else f"{t['bound_s']:.2f}"
+            log(f"batch {ph}: {t['steps']} steps, {t['wall_s']:.2f} s, read {t['read_s']:.2f} s, compute "
+                f"{t['compute_s']:.2f} s, overlap {t['overlap_s']:.2f} s; bound max(disk, compute) summed {bound} s")
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "bench_batch.json").write_text(json.dumps(rep, indent=1))
+        tmp = Path(a.out) / ".bench_batch.json.tmp"
+        tmp.write_text(json.dumps(rep, indent=1, default=float))
+        tmp.replace(Path(a.out) / "bench_batch.json")
     return 0
 
 

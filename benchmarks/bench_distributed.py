@@ -211,6 +211,9 @@ def main(argv=None) -> int:
             r["ideal_io_bound_speedup"] = r["ranks"] / base["ranks"]  # each rank reads 1/N of the bytes
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     res["load_average"] = os.getloadavg()[0]
+    from flashmoe.bench import method
+
+    res["metadata"] = method.metadata()
     print(json.dumps(res, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

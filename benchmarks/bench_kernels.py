@@ -28,6 +28,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from flashmoe.bench import method
 from flashmoe.metal import dispatch as D
 
 MODELS = {  # H, I, E, K, shared intermediate
@@ -224,7 +225,7 @@ def main(argv=None):
                   f"{100 * v['GBps'] * 1e9 / max(bw['read'], bw['copy']):.0f}% | {ratio} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bandwidth": bw, "rows": rows}, f, indent=1)
+            json.dump({"bandwidth": bw, "rows": rows, "metadata": method.metadata()}, f, indent=1)
     return 0
 
 

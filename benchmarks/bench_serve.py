@@ -31,6 +31,8 @@ import time
 
 import httpx
 
+from flashmoe.bench import method
+
 WORDS = ("the quick brown fox jumps over the lazy dog while a journey of a thousand miles begins with "
          "one single step and all that glitters is not gold").split()
 
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
                 proc.wait()
     out = {"bundle": args.bundle, "url": args.url, "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
            "serve_args": args.serve_args, "machine": platform.platform(), "cpus": os.cpu_count(),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levels": rows}
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levels": rows,
+           "metadata": method.metadata(args.bundle)}
     print("\n| clients | aggregate tok/s | TTFT mean / p50 / max (s) | per-client tok/s |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['clients']} | {r['aggregate_tps']:.2f} | {r['ttft_mean_s']:.2f} / {r['ttft_p50_s']:.2f} / "

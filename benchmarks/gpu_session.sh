@@ -25,6 +25,28 @@
 #   newtests              the GPU-only runtime/engine tests of the pinned upload and the pipelined decode
 #   serve                 benchmarks/bench_serve.py on the 397b bundle, 1/4/16/64 clients (installs the wheels
 #                         in .whl/serve first: fastapi, uvicorn, ...; the device has no registry)
+#
+# The measured modes of issue #19 (bench/method.py: disk limit by an O_DIRECT queue-depth sweep in the same run,
+# rooflines on needed bytes, per-pass median and spread, bounds checked, settings read back into every JSON):
+#   prepare SHAPE LAYERS  make a bundle once per machine (e.g. `prepare 35b 40` before warm35, `prepare 397b 12`
+#                         before regime/project), so a mode's call is not spent writing tens of GB
+#   warm35                warm decode of the full 40-layer 35B shapes (4-bit, every expert in the GPU cache) vs
+#                         mlx-lm on the same weights (benchmarks/bench_warm.py): per-pass median of 10 interleaved
+#                         passes of 256 tokens after a 512-token prompt, greedy agreement, max logit difference;
+#                         B=8 and B=32 against mlx-lm's BatchGenerator
+#   disk [SHAPE]          the QD sweep + cold single-stream decode vs the needed-bytes roofline, K=10 and K=4,
+#                         IO (default direct: O_DIRECT reads), 4 layers of SHAPE (default both: 397b then 35b;
+#                         give one shape per call if both do not fit in 9 minutes)
+#   project               the projection checked: cold decode of the 4-layer and DEEP-layer (default 12) 397b
+#                         bundles with the default cache, benchmarks/bench_projection.py on the two
+#   regime                the disk-bound batch regime: 397b shapes, DEEP layers (12: 41 GB) with the GPU expert
+#                         cache capped at GPU_CACHE_GB (default 8: the bundle is 5x its cache), IO direct:
+#                         bench_batch.py, a loop sample of 8 of DOCS (32) documents, every batch step reported
+#   regime-steps          the same bundle and cache through flashmoe-bench run --batch 1,8,32 (uniform routing)
+#   clean                 delete the bundles in $BENCH_DIR (the 64 GiB disk holds either the 35B x40 bundle with its
+#                         mlx-lm copy, 36 GB, or the 397B x4 + x12 bundles, 58 GB, not both)
+# Suggested order on one machine: prepare 35b 40; warm35; clean; disk 397b; disk 35b; prepare 397b 12; project;
+# regime; regime-steps.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
@@ -36,14 +58,22 @@ LOG="$OUT/log.txt"
 
 shape_name() { case "$1" in 397b) echo qwen3.5-397b-a17b ;; 35b) echo qwen3.5-35b-a3b ;; *) echo "unknown shape $1 (397b|35b)" >&2; exit 2 ;; esac; }
 
-bundle() {  # bundle SHAPE BITS -> path (made once per machine)
+bundle() {  # bundle SHAPE BITS [LAYERS] -> path (made once per machine)
+  local layers=${3:-$LAYERS}
   local dir="$D/$1-q$2"
+  [ "$layers" = 4 ] || dir="$D/$1-q$2-l$layers"
   if [ ! -f "$dir/flashmoe.json" ]; then
     rm -rf "$dir"
-    /usr/bin/time -f "make $1 q$2: %e s, %M KB peak RSS" flashmoe-bench make --shape "$(shape_name "$1")" \
-      --layers "$LAYERS" --bits "$2" -o "$dir" >>"$LOG" 2>&1 || { tail -5 "$LOG"; exit 1; }
+    /usr/bin/time -f "make $1 q$2 $layers layers: %e s, %M KB peak RSS" flashmoe-bench make --shape "$(shape_name "$1")" \
+      --layers "$layers" --bits "$2" -o "$dir" >>"$LOG" 2>&1 || { tail -5 "$LOG"; exit 1; }
   fi
   echo "$dir"
+}
+IO=${IO:-direct}
+DEEP=${DEEP:-12}
+io_ok() {  # the runtime must have the io mode asked for (io=direct lands with the iofmt work)
+  python3 -c "from flashmoe.runtime.config import IO_MODES; import sys; sys.exit('$IO' not in IO_MODES)" || {
+    echo "this flashmoe has no io mode '$IO' (RuntimeConfig IO_MODES lacks it): merge the O_DIRECT reader first, or run with IO=pread" | tee -a "$LOG"; exit 2; }
 }
 
 gpu_info() {
@@ -63,7 +93,7 @@ case "${1:-}" in
     ;;
   tests)
     gpu_info
-    timeout 520 python3 -m pytest -q -s tests/test_kernels.py tests/test_runtime.py tests/test_bench.py \
+    timeout 520 python3 -m pytest -q -s tests/test_kernels.py tests/test_runtime.py tests/test_bench.py tests/test_bench_*.py \
       -k "not nvcc and not stub" 2>&1 \
       | grep -E "^ERR|passed|failed|Error|error" | tee "$OUT/tests.txt"
     ;;
@@ -117,7 +147,7 @@ case "${1:-}" in
     s=${2:?shape: 397b or 35b}
     b=$(bundle "$s" 4)
     peer=""; [ "$s" = 35b ] && peer="--peer"
-    timeout 300 python3 benchmarks/gpu_optimistic.py "$b" --tokens 64 --reps 3 $peer --json "$OUT/optimistic-$s.json" 2>&1 | tee -a "$LOG"
+    timeout 300 python3 benchmarks/gpu_optimistic.py "$b" --tokens 64 --reps 5 $peer --json "$OUT/optimistic-$s.json" 2>&1 | tee -a "$LOG"
     ;;
   newtests)
     timeout 300 python3 -m pytest -q tests/test_runtime.py tests/test_engine.py -k "upload or pipelined or optimistic" 2>&1 \
@@ -129,5 +159,58 @@ case "${1:-}" in
     timeout 540 python3 benchmarks/bench_serve.py "$b" --clients ${CLIENTS:-1 4 16 64} --max-tokens 32 \
       --json "$OUT/serve-397b.json" 2>&1 | tee -a "$LOG"
     ;;
-  *) echo "usage: $0 setup|tests|kernels|single|batch|prefill|upload|optimistic SHAPE|newtests|serve  (SHAPE: 397b|35b)"; exit 2 ;;
+  prepare)
+    s=${2:?shape: 397b or 35b}
+    b=$(bundle "$s" 4 "${3:-4}")
+    du -sh "$b" | tee -a "$LOG"; df -h "$D" | tail -1 | tee -a "$LOG"
+    ;;
+  warm35)
+    gpu_info
+    b=$(bundle 35b 4 40)
+    timeout "${LIMIT:-520}" python3 benchmarks/bench_warm.py "$b" --prompt-tokens 512 --tokens "${TOKENS_WARM:-256}" \
+      --passes "${PASSES:-10}" --batch "${BATCH:-8,32}" --batch-tokens 64 --batch-passes 3 \
+      --json "$OUT/warm35.json" 2>&1 | tee -a "$LOG"
+    ;;
+  disk)
+    gpu_info
+    io_ok
+    for s in ${2:-397b 35b}; do
+      b=$(bundle "$s" 4)
+      for k in 10 4; do
+        timeout "${LIMIT:-240}" flashmoe-bench run "$b" --tokens 32 --passes 5 --experts-per-token "$k" --io "$IO" \
+          --json "$OUT/disk-$s-k$k.json" 2>&1 | tee -a "$LOG"
+      done
+    done
+    ;;
+  project)
+    gpu_info
+    io_ok
+    for layers in 4 "$DEEP"; do
+      b=$(bundle 397b 4 "$layers")
+      timeout "${LIMIT:-240}" flashmoe-bench run "$b" --tokens 16 --passes 5 --io "$IO" \
+        --json "$OUT/project-397b-l$layers.json" 2>&1 | tee -a "$LOG"
+    done
+    python3 benchmarks/bench_projection.py "$OUT/project-397b-l4.json" "$OUT/project-397b-l$DEEP.json" \
+      --json "$OUT/project-397b-4-vs-$DEEP.json" 2>&1 | tee -a "$LOG"
+    ;;
+  regime)
+    gpu_info
+    io_ok
+    b=$(bundle 397b 4 "$DEEP")
+    timeout "${LIMIT:-520}" python3 benchmarks/bench_batch.py "$b" --docs "${DOCS:-32}" --loop-docs 8 \
+      --prompt-tokens "${PROMPT:-128}" --gen-tokens "${GEN:-32}" --gpu-cache-gb "${GPU_CACHE_GB:-8}" --io "$IO" \
+      --routing "${ROUTING:-calibrated}" -q --out "$OUT/regime" 2>&1 | tee -a "$LOG"
+    ;;
+  regime-steps)
+    gpu_info
+    io_ok
+    b=$(bundle 397b 4 "$DEEP")
+    timeout "${LIMIT:-520}" flashmoe-bench run "$b" --tokens 16 --passes 5 --io "$IO" --gpu-cache-gb "${GPU_CACHE_GB:-8}" \
+      --batch "${BATCH:-1,8,32}" --batch-tokens 16 --batch-prompt-tokens "${BATCH_PROMPT:-128}" \
+      --routing "${ROUTING:-uniform}" --json "$OUT/regime-steps.json" 2>&1 | tee -a "$LOG"
+    ;;
+  clean)
+    rm -rf "${D:?}"/* && df -h "$D" | tail -1
+    ;;
+  *) echo "usage: $0 setup|tests|kernels|single|batch|prefill|upload|optimistic SHAPE|newtests|serve|prepare SHAPE LAYERS|warm35|disk [SHAPE]|project|regime|regime-steps|clean  (SHAPE: 397b|35b)"; exit 2 ;;
 esac
