@@ -3,7 +3,7 @@
 from .bundle import DENSE_GLOBAL, MANIFEST, Bundle, dense_layer_path, expert_path
 from .manifest import build_manifest, load_json, validate_manifest, write_manifest
 from .config import TextConfig
-from .errors import BundleError, CapacityError, FlashmoeError, InputError
+from flashmoe.errors import BundleError, CapacityError, FlashmoeError, InputError
 from .experts import ExpertFile, ExpertFileInfo, ExpertFileWriter, record_views
 from .layout import ExpertQuant, expert_components
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import TextConfig
-from .errors import BundleError
+from flashmoe.errors import BundleError
 from .experts import ExpertFile, ExpertFileInfo, parse_components
 from .layout import ExpertQuant
 from .manifest import (DENSE_GLOBAL, FORMAT_NAME, MANIFEST, MAX_MANIFEST_BYTES, build_manifest,  # noqa: F401

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from flashmoe.errors import BundleError
 from .layout import RECORD_ALIGN, Component, align_up, check_components
 
 MAGIC = b"FLASHMOE"

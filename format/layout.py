@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import BundleError
+from flashmoe.errors import BundleError
 
 RECORD_ALIGN = 16384  # Apple's VM page; also a multiple of 4 KiB pages and O_DIRECT's 512 B/4 KiB
 COMPONENT_ALIGN = 64

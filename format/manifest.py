@@ -18,7 +18,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from .config import TextConfig
-from .errors import BundleError
+from flashmoe.errors import BundleError
 from .experts import FORMAT_VERSION, ExpertFileInfo, parse_components
 from .layout import ExpertQuant, expert_components
 

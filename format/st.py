@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from flashmoe.errors import BundleError
 from .manifest import load_json
 
 MAX_HEADER = 100 << 20
