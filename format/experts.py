@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.errors import BundleError
+from .dtypes import DTYPES
+from .jsonio import load_json
+from .files import abort_partial, commit_partial, create_partial
 from .layout import RECORD_ALIGN, Component, align_up, check_components
 
 MAGIC = b"FLASHMOE"
@@ -107,14 +110,14 @@ def encode_header(info: ExpertFileInfo) -> bytes:
 
 
 class ExpertFileWriter:
-    """Writes one layer file record by record to `<name>.partial`, hashing as it goes; `close()`
-    fsyncs and renames it into place, so a crash never leaves a complete-looking file."""
+    """Writes one layer file record by record to a new `<name>.partial` (format/files.py), hashing as it
+    goes and keeping each record's CRC-32; `close()` fsyncs and renames it into place, so a crash never
+    leaves a complete-looking file. BundleWriter.experts is the way to use it inside a bundle."""
 
     def __init__(self, path: str | os.PathLike, info: ExpertFileInfo):
         self.path = Path(path)
         self.info = info
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        self.f = open(self.tmp, "wb")
+        self.f = create_partial(self.path)
         self.sha = hashlib.sha256()
         self.crcs: list[str] = []  # CRC-32 of each record's record_size bytes (SPEC 3.2, manifest `records`)
         self.next_expert = 0
@@ -156,19 +159,12 @@ class ExpertFileWriter:
     def close(self) -> tuple[int, str]:
         if self.next_expert != self.info.num_experts:
             raise BundleError(f"layer file closed after {self.next_expert} of {self.info.num_experts} records")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        commit_partial(self.f, self.path)
         return self.info.file_size, self.sha.hexdigest()
 
     def abort(self) -> None:
         """Drop the unfinished file (also after a failed write: a full disk gets its space back)."""
-        try:
-            self.f.close()
-        except OSError:
-            pass
-        self.tmp.unlink(missing_ok=True)
+        abort_partial(self.f, self.path)
 
 
 def read_info(path: str | os.PathLike) -> ExpertFileInfo:
@@ -196,8 +192,6 @@ def read_info(path: str | os.PathLike) -> ExpertFileInfo:
             body = f.read(n)
     except FileNotFoundError:
         raise BundleError(f"{path}: missing expert file; {fix}") from None
-    from .manifest import load_json
-
     h = load_json(body, path, "the expert file header", fix)
     try:
         if not isinstance(h, dict):
@@ -272,8 +266,7 @@ def file_record_digests(path: str | os.PathLike) -> str:
 def record_views(info: ExpertFileInfo, buf: np.ndarray) -> dict[str, np.ndarray]:
     """numpy views of each component inside a record buffer (uint8, >= record_size). bfloat16
     components are returned as uint16 bit patterns (numpy has no bfloat16)."""
-    np_dtype = {"uint32": np.uint32, "bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
     out = {}
     for c in info.components:
-        out[c.name] = buf[c.offset : c.offset + c.nbytes].view(np_dtype[c.dtype]).reshape(c.shape)
+        out[c.name] = buf[c.offset : c.offset + c.nbytes].view(DTYPES[c.dtype].numpy).reshape(c.shape)
     return out

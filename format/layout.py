@@ -28,12 +28,13 @@ import numpy as np
 
 from flashmoe.errors import BundleError
 
+from .dtypes import DTYPES, FLOAT_DTYPES
+
 RECORD_ALIGN = 16384  # Apple's VM page; also a multiple of 4 KiB pages and O_DIRECT's 512 B/4 KiB
 COMPONENT_ALIGN = 64
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
-FLOAT_DTYPES = ("bfloat16", "float16", "float32")
-DTYPE_SIZES = {"uint32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
 MAX_RECORD_BYTES = 1 << 40  # far beyond any real expert; bounds arithmetic on hostile input
+ROUTER_MIN_BITS = 8  # SPEC 4: routing is precision-sensitive: mlp.gate and shared_expert_gate never below 8 bits
 
 
 def align_up(n: int, a: int) -> int:
@@ -72,6 +73,16 @@ class ExpertQuant:
             raise BundleError(f"unsupported dtype {self.dtype!r}: choose one of {FLOAT_DTYPES}")
 
 
+def is_router(module: str) -> bool:
+    """Whether a dense module is the router (`mlp.gate`) or the shared-expert gate (SPEC section 4)."""
+    return module.endswith(("mlp.gate", "shared_expert_gate"))
+
+
+def dense_module_bits(module: str, bits: int) -> int:
+    """The bits a dense module is stored at when dense weights are quantized to `bits`: the router rule."""
+    return max(bits, ROUTER_MIN_BITS) if is_router(module) else bits
+
+
 def projection_shapes(hidden: int, inter: int) -> dict[str, tuple[int, int]]:
     """[out, in] of each projection of one expert (the PyTorch/MLX Linear weight convention)."""
     return {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
@@ -99,7 +110,7 @@ def expert_components(hidden: int, inter: int, q: ExpertQuant) -> list[Component
                 ("biases", q.dtype, (out_f, in_f // q.group_size)),
             ]
         for part, dtype, shape in parts:
-            nbytes = int(np.prod(shape)) * DTYPE_SIZES[dtype]
+            nbytes = int(np.prod(shape)) * DTYPES[dtype].size
             off = align_up(off, COMPONENT_ALIGN)
             comps.append(Component(f"{proj}.{part}", dtype, tuple(shape), off, nbytes))
             off += nbytes
@@ -122,11 +133,11 @@ def check_components(comps: list[Component], stride: int) -> None:
         raise BundleError(f"record stride {stride} is not a positive multiple of {RECORD_ALIGN}")
     spans = []
     for c in comps:
-        if c.dtype not in DTYPE_SIZES:
+        if c.dtype not in DTYPES:
             raise BundleError(f"component {c.name}: unknown dtype {c.dtype!r}")
         if any((not isinstance(d, int)) or d <= 0 or d > 1 << 32 for d in c.shape):
             raise BundleError(f"component {c.name}: impossible shape {list(c.shape)}")
-        if c.nbytes != int(np.prod(c.shape, dtype=object)) * DTYPE_SIZES[c.dtype]:
+        if c.nbytes != int(np.prod(c.shape, dtype=object)) * DTYPES[c.dtype].size:
             raise BundleError(f"component {c.name}: nbytes {c.nbytes} does not match shape {list(c.shape)}")
         if c.offset < 0 or c.offset % COMPONENT_ALIGN:
             raise BundleError(f"component {c.name}: offset {c.offset} is not {COMPONENT_ALIGN}-byte aligned")
