@@ -86,8 +86,9 @@ class Bundle:
         return ExpertFileInfo(layer, int(e["num_experts"]), int(e["data_offset"]), int(e["record_size"]),
                               int(e["record_stride"]), parse_components(e["components"]))
 
-    def expert_file(self, layer: int) -> ExpertFile:
-        return ExpertFile(self.path / expert_path(layer), expected=self.expert_info(layer))
+    def expert_file(self, layer: int, direct: bool = False) -> ExpertFile:
+        """Layer `layer`'s expert file, open; `direct`: reads bypass the page cache (ExpertFile)."""
+        return ExpertFile(self.path / expert_path(layer), expected=self.expert_info(layer), direct=direct)
 
     def dense_path(self, layer: int | None) -> Path:
         return self.path / (DENSE_GLOBAL if layer is None else dense_layer_path(layer))

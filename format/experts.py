@@ -15,6 +15,7 @@ File layout (all integers little-endian; format/SPEC.md is normative):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmoe.errors import BundleError
+from flashmoe.errors import BundleError, InputError
 from .dtypes import DTYPES
 from .jsonio import load_json
 from .files import abort_partial, commit_partial, create_partial
@@ -213,9 +214,13 @@ def read_info(path: str | os.PathLike) -> ExpertFileInfo:
 
 class ExpertFile:
     """An open layer file. `read(ids, out)` preads whole records into a caller-owned buffer with one
-    call per record; os.preadv releases the GIL, so callers may read from several threads."""
+    call per record; os.preadv releases the GIL, so callers may read from several threads.
 
-    def __init__(self, path: str | os.PathLike, expected: ExpertFileInfo | None = None):
+    `direct=True` opens it so that reads bypass the page cache: O_DIRECT on Linux (reads must then be
+    aligned: buffer address, file offset and length multiples of the block size; RECORD_ALIGN, which
+    every record start and stride is a multiple of, is enough), F_NOCACHE on macOS."""
+
+    def __init__(self, path: str | os.PathLike, expected: ExpertFileInfo | None = None, direct: bool = False):
         self.path = Path(path)
         self.info = read_info(self.path)
         if expected is not None and self.info != expected:
@@ -223,7 +228,8 @@ class ExpertFile:
                 f"{self.path}: header disagrees with the manifest (layer/experts/layout differ); the bundle mixes "
                 "files from different conversions. Re-run flashmoe-convert into an empty directory."
             )
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = -1
+        self.fd = open_uncached(self.path) if direct else os.open(self.path, os.O_RDONLY)
 
     def offset(self, expert: int) -> int:
         if not 0 <= expert < self.info.num_experts:
@@ -247,6 +253,27 @@ class ExpertFile:
             self.close()
         except Exception:
             pass
+
+
+def open_uncached(path: Path) -> int:
+    """A read-only descriptor of `path` whose reads bypass the page cache (O_DIRECT; F_NOCACHE on macOS)."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            raise InputError(f"{path}: its file system does not support direct I/O (O_DIRECT); use io 'pread'") from None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)  # macOS: no O_DIRECT, the same effect per descriptor
+    except (AttributeError, OSError) as e:
+        os.close(fd)
+        raise InputError(f"{path}: direct I/O (reads that bypass the page cache) is not available here ({e}); "
+                         "use io 'pread'") from None
+    return fd
 
 
 def file_record_digests(path: str | os.PathLike) -> str:
