@@ -32,6 +32,7 @@ from flashmoe.format.dtypes import DTYPES
 from flashmoe.format.experts import FORMAT_VERSION, file_record_digests, make_info
 from flashmoe.format.layout import dense_module_bits
 from flashmoe.format.names import ZERO_CENTRED_NORMS, classify
+from flashmoe.runtime.tokenizer import check_tokenizer
 
 from .source import PROJS, Source, copy_tokenizer_files, hub_license, resolve
 
@@ -77,6 +78,13 @@ class Converter:
         self.quant.check()
         if opts.dense_bits not in (None, 4, 8):
             raise BundleError(f"--dense-bits must be 4 or 8 (or omitted for float), not {opts.dense_bits}")
+        copy_tokenizer_files(src.path)  # refuses a tokenizer file linked out of the source
+        try:
+            check_tokenizer(src.path)
+        except BundleError as e:
+            raise BundleError(f"the source's tokenizer is not usable, so no bundle made from it would be: {e}. "
+                              "Download the checkpoint's tokenizer files (tokenizer.json, tokenizer_config.json, "
+                              "chat_template.jinja) again") from None
         self.comps = expert_components(self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.quant)
         self.info0 = make_info(0, self.cfg.num_experts, self.comps)
         # sanitized mlx-lm checkpoints store conv1d as [C, K, 1] and norms already as (1 + w)

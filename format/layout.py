@@ -83,6 +83,16 @@ def dense_module_bits(module: str, bits: int) -> int:
     return max(bits, ROUTER_MIN_BITS) if is_router(module) else bits
 
 
+def check_quantizable(name: str, in_features: int, bits: int, group_size: int, fix: str = "") -> None:
+    """MLX affine quantization of a weight with `in_features` inputs: whole groups and whole uint32 words."""
+    if in_features % group_size:
+        raise BundleError(f"{name}: input size {in_features} is not a multiple of group_size {group_size}"
+                          + (f"; {fix}" if fix else ""))
+    if (in_features * bits) % 32:
+        raise BundleError(f"{name}: {in_features} inputs at {bits} bits do not fill whole uint32 words"
+                          + (f"; {fix}" if fix else ""))
+
+
 def projection_shapes(hidden: int, inter: int) -> dict[str, tuple[int, int]]:
     """[out, in] of each projection of one expert (the PyTorch/MLX Linear weight convention)."""
     return {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
@@ -97,13 +107,8 @@ def expert_components(hidden: int, inter: int, q: ExpertQuant) -> list[Component
         if q.bits is None:
             parts = [("weight", q.dtype, (out_f, in_f))]
         else:
-            if in_f % q.group_size:
-                raise BundleError(
-                    f"{proj}: input size {in_f} is not a multiple of group_size {q.group_size}; "
-                    "pick a --group-size that divides both hidden_size and moe_intermediate_size"
-                )
-            if (in_f * q.bits) % 32:
-                raise BundleError(f"{proj}: {in_f} inputs at {q.bits} bits do not fill whole uint32 words")
+            check_quantizable(proj, in_f, q.bits, q.group_size,
+                              "pick a --group-size that divides both hidden_size and moe_intermediate_size")
             parts = [
                 ("weight", "uint32", (out_f, in_f * q.bits // 32)),
                 ("scales", q.dtype, (out_f, in_f // q.group_size)),

@@ -20,7 +20,7 @@ from flashmoe.errors import BundleError
 from .experts import FORMAT_VERSION, ExpertFileInfo, parse_components
 from .files import write_file
 from .jsonio import MAX_MANIFEST_BYTES, load_json, read_json_file  # noqa: F401 (re-exported)
-from .layout import ROUTER_MIN_BITS, ExpertQuant, expert_components, is_router
+from .layout import ROUTER_MIN_BITS, ExpertQuant, check_quantizable, expert_components, is_router
 
 MANIFEST = "flashmoe.json"
 FORMAT_NAME = "flashmoe-bundle"
@@ -173,10 +173,23 @@ def validate_manifest(m, where: Path | str = MANIFEST) -> None:
     info.check()
     if list(info.components) != expert_components(cfg.hidden_size, cfg.moe_intermediate_size, q):
         fail("expert component table does not match the shapes implied by config and quantization")
+    shapes = {}
+    for layer in [None, *range(cfg.num_hidden_layers)]:
+        shapes.update(cfg.dense_shapes(layer))
+    if cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = shapes["embed_tokens.weight"]
     for module, mq in m["dense"]["quantized"].items():
         if is_router(module) and mq["bits"] < ROUTER_MIN_BITS:
             fail(f"dense.quantized.{module} is {mq['bits']}-bit; the router and shared-expert gate are never "
                  f"stored below {ROUTER_MIN_BITS} bits (SPEC section 4)")
+        shape = shapes.get(module + ".weight")
+        if shape is None or len(shape) != 2:
+            fail(f"dense.quantized names {module[:80]!r}, which is not a Linear or embedding weight of this config")
+        try:  # the config's shapes must be quantizable as listed (e.g. head_dim 65 breaks o_proj's 64-groups)
+            check_quantizable(f"dense.quantized.{module} ({list(shape)} from config)", shape[1], mq["bits"],
+                              mq["group_size"])
+        except BundleError as e:
+            fail(str(e))
     listed = set(paths)
     for layer in range(cfg.num_hidden_layers):
         for p in (expert_path(layer), dense_layer_path(layer)):
