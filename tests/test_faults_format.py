@@ -206,3 +206,26 @@ def test_records_written_by_the_writer_match_the_files(bundle):
     for layer, want in enumerate(m["records"]["digests"]):
         assert file_record_digests(bundle / expert_path(layer)) == want
     assert os.path.getsize(bundle / expert_path(0)) == Bundle.open(bundle).expert_info(0).file_size
+
+
+def test_disk_full_mid_write_is_one_error_and_leaves_no_partial(ckpt, converted, tmp_path, monkeypatch):
+    """ENOSPC from the kernel while an expert file is written (its temporary file opened on /dev/full: the
+    writer no longer writes through a `.partial` link, which is how this was simulated before)."""
+    from flashmoe.format import experts as fe
+
+    real = fe.create_partial
+
+    def full(path, mode=0o644):
+        f = real(path, mode)  # the real temporary file, so the cleanup is the real one
+        f.close()
+        return open("/dev/full", "wb", buffering=0)
+
+    monkeypatch.setattr(fe, "create_partial", full)
+    out = tmp_path / "b"
+    with pytest.raises(BundleError, match="the disk is full .* re-run the same command: it resumes"):
+        convert_checkpoint(ckpt, out, progress=False)
+    assert not (out / "experts/layer-000.bin.partial").exists()
+    monkeypatch.setattr(fe, "create_partial", real)
+    convert_checkpoint(ckpt, out, progress=False)  # space is back: the same command finishes the bundle
+    for f in json.loads((converted / MANIFEST).read_text())["files"]:
+        assert (out / f["path"]).read_bytes() == (converted / f["path"]).read_bytes(), f["path"]
