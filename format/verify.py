@@ -20,6 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from flashmoe.errors import BundleError
+
+from .files import write_file
 from .manifest import MANIFEST
 from .paths import link_problem
 
@@ -65,12 +68,10 @@ def _load_record(bundle_dir: Path, digest: str) -> dict:
 
 
 def _save_record(bundle_dir: Path, digest: str, files: dict) -> None:
-    tmp = bundle_dir / (RECORD + ".partial")
     try:
-        tmp.write_text(json.dumps({"manifest_sha256": digest, "files": files}, sort_keys=True))
-        os.replace(tmp, bundle_dir / RECORD)
-    except OSError:  # a read-only bundle just means the next check hashes again
-        tmp.unlink(missing_ok=True)
+        write_file(bundle_dir / RECORD, json.dumps({"manifest_sha256": digest, "files": files}, sort_keys=True).encode())
+    except (OSError, BundleError):  # a read-only bundle just means the next check hashes again
+        pass
 
 
 def check_files(root: Path, files: dict[str, dict], names: list[str] | None = None, *, known: dict | None = None,

@@ -229,3 +229,14 @@ def test_disk_full_mid_write_is_one_error_and_leaves_no_partial(ckpt, converted,
     convert_checkpoint(ckpt, out, progress=False)  # space is back: the same command finishes the bundle
     for f in json.loads((converted / MANIFEST).read_text())["files"]:
         assert (out / f["path"]).read_bytes() == (converted / f["path"]).read_bytes(), f["path"]
+
+
+def test_convert_lock_file_that_is_a_link_is_refused(ckpt, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("do not truncate")
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / ".flashmoe-convert.lock").symlink_to(victim)
+    with pytest.raises(BundleError, match="is a link; flashmoe-convert never writes through a link"):
+        convert_checkpoint(ckpt, out, progress=False)
+    assert victim.read_text() == "do not truncate"
