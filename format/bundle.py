@@ -68,8 +68,8 @@ class Bundle:
             p = self.path / rel
             why = link_problem(self.path, rel)
             if why:
-                raise BundleError(f"{p}: {why}; flashmoe never follows a link out of a bundle or through a "
-                                  "bundle folder. Replace it with the real file or folder (format/SPEC.md 1)")
+                raise BundleError(f"{p}: {why}; flashmoe never follows a link out of a bundle. Replace it with "
+                                  "the file itself (format/SPEC.md 1)")
             if not p.is_file():
                 raise BundleError(
                     f"{self.path}: {rel} is missing. Re-run flashmoe-convert (it repairs) or flashmoe-pull (it repairs)."

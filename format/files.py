@@ -10,6 +10,8 @@ from pathlib import Path
 
 from flashmoe.errors import BundleError
 
+from .paths import folder_link
+
 PARTIAL = ".partial"
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -25,9 +27,7 @@ def real_dirs(root: Path, rel_dir: str) -> Path:
     for part in Path(rel_dir).parts:
         d = d / part
         if d.is_symlink():
-            raise BundleError(f"{d} is a link to {os.path.realpath(d)}; a bundle's folders must be real folders "
-                              "(flashmoe never writes or reads through a link inside a bundle). Replace the link "
-                              "with a folder, or move the whole bundle to the other disk")
+            raise folder_link(d)
         if d.exists() and not d.is_dir():
             raise BundleError(f"{d} is a file where a bundle folder belongs; move it away and re-run")
         d.mkdir(exist_ok=True)
