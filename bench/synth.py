@@ -10,7 +10,6 @@ generation runs at disk speed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmoe.format import BundleError, ExpertQuant, expert_components
-from flashmoe.format.bundle import DENSE_GLOBAL, MANIFEST, build_manifest, dense_layer_path, expert_path, write_manifest
-from flashmoe.format.experts import ExpertFileWriter, make_info
-from flashmoe.format.st import SafetensorsWriter
+from flashmoe.format import BundleError, BundleWriter, ExpertQuant, expert_components
+from flashmoe.format.bundle import DENSE_GLOBAL, MANIFEST, build_manifest, dense_layer_path
+from flashmoe.format.experts import make_info
+from flashmoe.format.layout import dense_module_bits
 
 from .presets import config, hf_config
 
@@ -67,10 +66,10 @@ def quantized(rb: RandomBytes, out_f: int, in_f: int, bits: int, gs: int) -> dic
     }
 
 
-def write_byte_tokenizer(out: Path, vocab_size: int) -> list[str]:
+def byte_tokenizer_files(vocab_size: int) -> dict[str, bytes]:
     """A byte-level BPE tokenizer (the 256 byte tokens, a few merges, Qwen-style special tokens) and a
     Qwen-style chat template: enough to run and test any bundle whose vocabulary has >= 270 entries.
-    Returns the files written."""
+    Returns {file name: content}."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
@@ -89,18 +88,27 @@ def write_byte_tokenizer(out: Path, vocab_size: int) -> list[str]:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
     template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "chat_template": template,
-    }))
-    (out / "chat_template.jinja").write_text(template)
-    return ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+    return {
+        "tokenizer.json": tok.to_str(pretty=True).encode(),
+        "tokenizer_config.json": json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+            "chat_template": template,
+        }).encode(),
+        "chat_template.jinja": template.encode(),
+    }
+
+
+def write_byte_tokenizer(out: Path, vocab_size: int) -> list[str]:
+    """byte_tokenizer_files written into the directory `out` (for test checkpoints); returns their names."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = byte_tokenizer_files(vocab_size)
+    for name, raw in files.items():
+        (out / name).write_bytes(raw)
+    return list(files)
 
 
 def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, group_size: int = 64, dense_bits: int = 8,
@@ -122,24 +130,20 @@ def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, gro
     if need > free:
         raise BundleError(f"{out}: needs ~{need / 1e9:.1f} GB but {free / 1e9:.1f} GB is free; use fewer --layers")
     rb = RandomBytes(seed)
-    files: dict[str, dict] = {}
-    digests: list[str] = []
+    bw = BundleWriter(out)
     qmods: dict[str, dict] = {}
     H, E = cfg.hidden_size, cfg.num_experts
 
     def dense_file(path: str, tensors: dict[str, tuple[int, int] | tuple[int]], extra: dict) -> None:
-        (out / path).parent.mkdir(parents=True, exist_ok=True)
-        w = SafetensorsWriter(out / path, {"format": "mlx", "flashmoe": "synthetic"})
-        for name, shape in tensors.items():
-            module = name[: -len(".weight")]
-            b = max(dense_bits, 8) if module.endswith(("mlp.gate", "shared_expert_gate")) else dense_bits
-            for part, (dt, a) in quantized(rb, shape[0], shape[1], b, group_size).items():
-                w.add(f"{module}.{part}", dt, a)
-            qmods[module] = {"bits": b, "group_size": group_size}
-        for name, (dt, a) in extra.items():
-            w.add(name, dt, a)
-        size, sha = w.close()
-        files[path] = {"size": size, "sha256": sha}
+        with bw.safetensors(path, {"format": "mlx", "flashmoe": "synthetic"}) as w:
+            for name, shape in tensors.items():
+                module = name[: -len(".weight")]
+                b = dense_module_bits(module, dense_bits)
+                for part, (dt, a) in quantized(rb, shape[0], shape[1], b, group_size).items():
+                    w.add(f"{module}.{part}", dt, a)
+                qmods[module] = {"bits": b, "group_size": group_size}
+            for name, (dt, a) in extra.items():
+                w.add(name, dt, a)
 
     # the same constant scales/biases serve every record: build them once
     consts = {}
@@ -151,9 +155,7 @@ def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, gro
     total = layers * info0.file_size
     with tqdm(total=total, unit="B", unit_scale=True, desc="make", disable=not progress) as bar:
         for L in range(layers):
-            (out / "experts").mkdir(exist_ok=True)
-            w = ExpertFileWriter(out / expert_path(L), make_info(L, E, comps))
-            try:
+            with bw.experts(make_info(L, E, comps)) as w:
                 for _ in range(E):
                     parts = dict(consts)
                     for c in comps:
@@ -161,12 +163,6 @@ def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, gro
                             parts[c.name] = rb.take(c.nbytes).view(np.uint32).reshape(c.shape)
                     w.write_record(parts)
                     bar.update(info0.record_stride)
-                size, sha = w.close()
-            except BaseException:
-                w.abort()
-                raise
-            files[expert_path(L)] = {"size": size, "sha256": sha}
-            digests.append(w.record_digests)
             p = f"layers.{L}"
             Is = cfg.shared_expert_intermediate_size
             lin = {f"{p}.mlp.gate.weight": (E, H), f"{p}.mlp.shared_expert_gate.weight": (1, H),
@@ -194,18 +190,15 @@ def make_bundle(preset: str | dict, layers: int, bits: int, out: str | Path, gro
             dense_file(dense_layer_path(L), lin, extra)
     dense_file(DENSE_GLOBAL, {"embed_tokens.weight": (cfg.vocab_size, H), "lm_head.weight": (cfg.vocab_size, H)},
                {"norm.weight": ("F32", np.ones(H, dtype=np.float32))})
-    for name in write_byte_tokenizer(out, cfg.vocab_size):
-        raw = (out / name).read_bytes()
-        files[name] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    for name, raw in byte_tokenizer_files(cfg.vocab_size).items():
+        bw.write_bytes(name, raw)
     conf = hf_config(preset, layers)
-    raw = (json.dumps(conf, indent=1) + "\n").encode()
-    (out / "config.json").write_bytes(raw)
-    files["config.json"] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    bw.write_bytes("config.json", (json.dumps(conf, indent=1) + "\n").encode())
     dense = {"dtype": "bfloat16", "bits": dense_bits, "group_size": group_size, "quantized": dict(sorted(qmods.items()))}
     source = {"kind": "synthetic", "preset": preset if isinstance(preset, str) else "custom", "seed": seed, "full_layers": conf.get("full_layers_in_model")}
-    m = build_manifest(cfg, quant, info0, dense, source, {"vision": False, "mtp": False, "tensors": 0}, files,
-                       f"synthetic-{preset}-{layers}-{bits}-{seed}", records=digests)
-    write_manifest(out, m)
+    m = build_manifest(cfg, quant, info0, dense, source, {"vision": False, "mtp": False, "tensors": 0}, bw.files,
+                       f"synthetic-{preset}-{layers}-{bits}-{seed}", records=bw.record_list(layers))
+    bw.finish(m)
     print(f"made {out}: {preset} shapes, {layers} layers, {bits}-bit experts "
-          f"({sum(f['size'] for f in files.values()) / 1e9:.2f} GB)", file=sys.stderr)
+          f"({sum(f['size'] for f in bw.files.values()) / 1e9:.2f} GB)", file=sys.stderr)
     return out

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _body(args: argparse.Namespace) -> int:
-    from flashmoe.format.errors import InputError
+    from flashmoe.errors import InputError
 
     try:
         from flashmoe.convert import convert_checkpoint

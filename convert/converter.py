@@ -25,21 +25,20 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.format import BundleError, ExpertQuant, expert_components
+from flashmoe.format import BundleError, BundleWriter, ExpertQuant, expert_components
 from flashmoe.format.bundle import (DENSE_GLOBAL, MANIFEST, PROGRESS, build_manifest, dense_layer_path, expert_path,
-                                    read_json_file, sha256_file, validate_manifest, write_json_atomic,
-                                    write_manifest)
-from flashmoe.format.experts import FORMAT_VERSION, ExpertFileWriter, file_record_digests, make_info
+                                    read_json_file, validate_manifest, write_json_atomic)
+from flashmoe.format.dtypes import DTYPES
+from flashmoe.format.experts import FORMAT_VERSION, file_record_digests, make_info
+from flashmoe.format.layout import dense_module_bits
 from flashmoe.format.names import ZERO_CENTRED_NORMS, classify
-from flashmoe.format.st import SafetensorsWriter
-from flashmoe.format.tables import is_table_tensor, plan_tables, table_path, tables_manifest, write_table
+from flashmoe.format.tables import is_table_tensor, plan_tables, table_path, tables_manifest
+from flashmoe.runtime.tokenizer import check_tokenizer
 
 from .source import PROJS, Source, copy_tokenizer_files, hub_license, resolve
 
 LOCK = ".flashmoe-convert.lock"
 CHUNK_BYTES = 256 << 20  # float32 bytes of experts converted at once (bounds peak memory)
-MLX_TO_ST = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
-MIN_ROUTER_BITS = 8  # routing is precision-sensitive: mlp.gate and shared_expert_gate never go below
 
 
 @dataclass
@@ -60,10 +59,8 @@ class PlannedFile:
 
 def to_numpy(a: mx.array) -> tuple[str, np.ndarray]:
     """mx.array -> (safetensors dtype, numpy array holding its bytes)."""
-    st = MLX_TO_ST[a.dtype]
-    if a.dtype == mx.bfloat16:
-        return st, np.array(a.view(mx.uint16))
-    return st, np.array(a)
+    d = DTYPES[str(a.dtype).rsplit(".", 1)[-1]]
+    return d.st, np.array(a.view(getattr(mx, np.dtype(d.numpy).name)))
 
 
 def _mx_dtype(name: str):
@@ -82,6 +79,13 @@ class Converter:
         self.quant.check()
         if opts.dense_bits not in (None, 4, 8):
             raise BundleError(f"--dense-bits must be 4 or 8 (or omitted for float), not {opts.dense_bits}")
+        copy_tokenizer_files(src.path)  # refuses a tokenizer file linked out of the source
+        try:
+            check_tokenizer(src.path)
+        except BundleError as e:
+            raise BundleError(f"the source's tokenizer is not usable, so no bundle made from it would be: {e}. "
+                              "Download the checkpoint's tokenizer files (tokenizer.json, tokenizer_config.json, "
+                              "chat_template.jinja) again") from None
         self.comps = expert_components(self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.quant)
         self.info0 = make_info(0, self.cfg.num_experts, self.comps)
         # sanitized mlx-lm checkpoints store conv1d as [C, K, 1] and norms already as (1 + w)
@@ -154,39 +158,37 @@ class Converter:
                          if expert_path(L) not in done or dense_layer_path(L) not in done)
         t0 = time.perf_counter()
         read_bytes = 0
+        bw = BundleWriter(out, known=done, records={int(k): v for k, v in state["records"].items()})
         with tqdm(total=todo_bytes, unit="B", unit_scale=True, desc="convert", disable=not self.progress) as bar:
             for L in range(L_total):
-                if expert_path(L) in done and dense_layer_path(L) in done:
+                if expert_path(L) in bw.files and dense_layer_path(L) in bw.files:
                     continue
                 bar.set_postfix_str(f"layer {L + 1}/{L_total}")
-                if expert_path(L) not in done:
-                    done[expert_path(L)], state["records"][str(L)] = self._write_experts(L)
-                    self._save_progress(state)
-                if dense_layer_path(L) not in done:
-                    size, sha, q = self._write_dense(L, self.out / dense_layer_path(L))
-                    done[dense_layer_path(L)] = {"size": size, "sha256": sha}
-                    state["quantized"].update(q)
-                    self._save_progress(state)
+                if expert_path(L) not in bw.files:
+                    self._write_experts(L, bw)
+                    self._save_progress(state, bw)
+                if dense_layer_path(L) not in bw.files:
+                    state["quantized"].update(self._write_dense(L, bw))
+                    self._save_progress(state, bw)
                 b = self.src.bytes_per_layer(L)
                 read_bytes += b
                 bar.update(b)
-            if DENSE_GLOBAL not in done:
-                size, sha, q = self._write_dense(None, self.out / DENSE_GLOBAL)
-                done[DENSE_GLOBAL] = {"size": size, "sha256": sha}
-                state["quantized"].update(q)
-                self._save_progress(state)
+            if DENSE_GLOBAL not in bw.files:
+                state["quantized"].update(self._write_dense(None, bw))
+                self._save_progress(state, bw)
             for info, names in self.tables:
-                if table_path(info.layer) not in done:
-                    done[table_path(info.layer)] = write_table(out / table_path(info.layer), info, self._table_rows(names))
-                    self._save_progress(state)
+                if table_path(info.layer) not in bw.files:
+                    bw.table(info, self._table_rows(names))
+                    self._save_progress(state, bw)
         for name in ["config.json", *copy_tokenizer_files(self.src.path)]:
-            if name not in done:
-                done[name] = self._copy(self.src.path / name, out / name)
+            if name not in bw.files:
+                bw.copy(self.src.path / name, name)
         for L in range(L_total):  # bundles converted before per-record CRCs: computed from the checked files
-            if str(L) not in state["records"]:
-                state["records"][str(L)] = file_record_digests(out / expert_path(L))
+            if L not in bw.records:
+                bw.records[L] = file_record_digests(out / expert_path(L))
+        state["done"], state["records"] = bw.files, {str(k): v for k, v in bw.records.items()}
         manifest = self._manifest(state)
-        write_manifest(out, manifest)
+        bw.finish(manifest)
         (out / PROGRESS).unlink(missing_ok=True)
         dt = time.perf_counter() - t0
         total = sum(f["size"] for f in manifest["files"])
@@ -267,51 +269,37 @@ class Converter:
                 state["records"].pop(str(int(n[len("experts/layer-"):-len(".bin")])), None)
         return sorted(bad.items())
 
-    def _save_progress(self, state: dict) -> None:
+    def _save_progress(self, state: dict, bw: BundleWriter) -> None:
+        state["done"], state["records"] = bw.files, {str(k): v for k, v in bw.records.items()}
         write_json_atomic(self.out / PROGRESS, state)
 
-    def _copy(self, src: Path, dst: Path) -> dict:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".partial")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
-        return {"size": dst.stat().st_size, "sha256": sha256_file(dst)}
-
     # ---- experts -----------------------------------------------------------------------------
-    def _write_experts(self, L: int) -> tuple[dict, str]:
+    def _write_experts(self, L: int, bw: BundleWriter) -> None:
         """Three stages overlap: preads of chunk i+1 and writes of chunk i-1 run in threads while the
         main thread (the only one touching MLX) quantizes chunk i."""
         cfg = self.cfg
-        path = self.out / expert_path(L)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        w = ExpertFileWriter(path, make_info(L, cfg.num_experts, self.comps))
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
         chunk = max(1, min(cfg.num_experts, CHUNK_BYTES // per_expert))
         chunks = [(e0, min(cfg.num_experts, e0 + chunk)) for e0 in range(0, cfg.num_experts, chunk)]
 
-        def write(parts, n):
+        def write(w, parts, n):
             for i in range(n):
                 w.write_record({k: v[i] for k, v in parts.items()})
 
-        try:
-            with ThreadPoolExecutor(2, thread_name_prefix="flashmoe-io") as pool:
-                reading = pool.submit(self.src.fetch, self.src.expert_reads(L, *chunks[0]))
-                writing = None
-                for i, (e0, e1) in enumerate(chunks):
-                    fetched = reading.result()
-                    if i + 1 < len(chunks):
-                        reading = pool.submit(self.src.fetch, self.src.expert_reads(L, *chunks[i + 1]))
-                    parts = self._expert_parts(L, e0, e1, fetched)
-                    del fetched
-                    if writing is not None:
-                        writing.result()
-                    writing = pool.submit(write, parts, e1 - e0)
-                writing.result()
-            size, sha = w.close()
-        except BaseException:
-            w.abort()
-            raise
-        return {"size": size, "sha256": sha}, w.record_digests
+        with bw.experts(make_info(L, cfg.num_experts, self.comps)) as w, \
+                ThreadPoolExecutor(2, thread_name_prefix="flashmoe-io") as pool:
+            reading = pool.submit(self.src.fetch, self.src.expert_reads(L, *chunks[0]))
+            writing = None
+            for i, (e0, e1) in enumerate(chunks):
+                fetched = reading.result()
+                if i + 1 < len(chunks):
+                    reading = pool.submit(self.src.fetch, self.src.expert_reads(L, *chunks[i + 1]))
+                parts = self._expert_parts(L, e0, e1, fetched)
+                del fetched
+                if writing is not None:
+                    writing.result()
+                writing = pool.submit(write, w, parts, e1 - e0)
+            writing.result()
 
     def _expert_parts(self, L: int, e0: int, e1: int, fetched: dict | None = None) -> dict[str, np.ndarray]:
         """{component name: numpy [n, ...]} for experts [e0, e1) in the bundle's representation."""
@@ -340,17 +328,20 @@ class Converter:
         return out
 
     # ---- dense -------------------------------------------------------------------------------
-    def _write_dense(self, L: int | None, path: Path) -> tuple[int, str, dict]:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _write_dense(self, L: int | None, bw: BundleWriter) -> dict:
+        """Write the dense file of layer L (None: the global one); returns its quantized modules."""
+        with bw.safetensors(DENSE_GLOBAL if L is None else dense_layer_path(L), {"format": "mlx", "flashmoe": "dense"}) as w:
+            return self._dense_tensors(w, L)
+
+    def _dense_tensors(self, w, L: int | None) -> dict:
         src = self.src
-        w = SafetensorsWriter(path, {"format": "mlx", "flashmoe": "dense"})
         quantized: dict[str, dict] = {}
         names = src.dense.get(L, [])
         present = set(names)
         for name in sorted(names):
             ours = classify(name)
             if is_table_tensor(ours):
-                continue  # written by write_table
+                continue  # written by BundleWriter.table
             if name.endswith(("_scale_inv",)) or (src.kind == "mlx" and name.endswith((".scales", ".biases"))
                                                    and name[: -len(".scales")] + ".weight" in present):
                 continue  # consumed with their weight
@@ -388,19 +379,15 @@ class Converter:
                 for p, a in (("weight", qw), ("scales", s), ("biases", b)):
                     w.add(f"{module}.{p}", *to_numpy(a))
                 quantized[module] = {"bits": bits[0], "group_size": bits[1]}
-        size, sha = w.close()
-        return size, sha, quantized
+        return quantized
 
     def _dense_bits_for(self, ours: str, shape, is_q_src: bool, module: str | None) -> tuple[int, int] | None:
         """(bits, group) for a dense 2-D weight, or None to keep it float."""
         if module is None or len(shape) != 2:
             return None
-        router = module.endswith("mlp.gate") or module.endswith("shared_expert_gate")
-        bits = self.opts.dense_bits
-        if bits is None:
+        if self.opts.dense_bits is None:
             return None
-        if router:
-            bits = max(bits, MIN_ROUTER_BITS)
+        bits = dense_module_bits(module, self.opts.dense_bits)
         gs = self.opts.dense_group_size
         in_f = shape[1] * 32 // self.src.mlx_module_quant(module)[0] if is_q_src else shape[1]
         if in_f % gs:
@@ -465,7 +452,13 @@ class OutputLock:
 
     def __enter__(self) -> "OutputLock":
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link: a lock file that is a link would have its target truncated
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise BundleError(f"{self.path} is a link; flashmoe-convert never writes through a link. Remove it "
+                                  "and re-run") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -3,12 +3,13 @@
 from .bundle import DENSE_GLOBAL, MANIFEST, Bundle, dense_layer_path, expert_path
 from .manifest import build_manifest, load_json, validate_manifest, write_manifest
 from .config import TextConfig
-from .errors import BundleError, CapacityError, FlashmoeError, InputError
+from flashmoe.errors import BundleError, CapacityError, FlashmoeError, InputError
 from .experts import ExpertFile, ExpertFileInfo, ExpertFileWriter, record_views
 from .layout import ExpertQuant, expert_components
+from .writer import BundleWriter
 
 __all__ = [
-    "Bundle", "BundleError", "CapacityError", "FlashmoeError", "InputError", "TextConfig", "ExpertFile", "ExpertFileInfo", "ExpertFileWriter", "ExpertQuant",
+    "Bundle", "BundleError", "BundleWriter", "CapacityError", "FlashmoeError", "InputError", "TextConfig", "ExpertFile", "ExpertFileInfo", "ExpertFileWriter", "ExpertQuant",
     "expert_components", "record_views", "MANIFEST", "DENSE_GLOBAL", "dense_layer_path", "expert_path",
     "build_manifest", "load_json", "validate_manifest", "write_manifest",
 ]

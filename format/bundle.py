@@ -12,54 +12,20 @@ safetensors, and the tokenizer. Open it with `Bundle.open(path)`; `verify()` che
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
-from typing import Callable
 
 from .config import TextConfig
-from .errors import BundleError
+from flashmoe.errors import BundleError
 from .experts import ExpertFile, ExpertFileInfo, parse_components
 from .layout import ExpertQuant
 from .manifest import (DENSE_GLOBAL, FORMAT_NAME, MANIFEST, MAX_MANIFEST_BYTES, build_manifest,  # noqa: F401
                        dense_layer_path, expert_path, read_json_file, safe_relpath, validate_manifest,
                        write_json_atomic, write_manifest)
+from .paths import containment_root, inside, link_problem  # noqa: F401 (re-exported)
+from .verify import sha256_file, verify  # noqa: F401 (re-exported)
 
-HASH_CHUNK = 8 << 20
 PROGRESS = ".flashmoe-progress.json"
-
-
-def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(HASH_CHUNK)
-        mv = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(mv[:n])
-            if progress:
-                progress(n)
-    return h.hexdigest()
-
-
-def containment_root(root: Path) -> Path:
-    """The directory no file of `root` may resolve outside: `root` itself, or for a Hugging Face cache
-    snapshot (REPO/snapshots/COMMIT, whose files are links into REPO/blobs) the repo's cache folder."""
-    real = Path(os.path.realpath(root))
-    if real.parent.name == "snapshots":
-        return real.parent.parent
-    return real
-
-
-def inside(path: Path, root: Path) -> bool:
-    """Whether `path`, with every link followed, stays inside containment_root(root)."""
-    try:
-        Path(os.path.realpath(path)).relative_to(containment_root(root))
-        return True
-    except ValueError:
-        return False
 
 
 class Bundle:
@@ -100,9 +66,10 @@ class Bundle:
         content)."""
         for rel, f in self.files.items():
             p = self.path / rel
-            if p.is_symlink() and not inside(p, self.path):
-                raise BundleError(f"{p} is a link to {os.path.realpath(p)}, outside the bundle; flashmoe never "
-                                  "follows links out of a bundle. Replace it with the file itself")
+            why = link_problem(self.path, rel)
+            if why:
+                raise BundleError(f"{p}: {why}; flashmoe never follows a link out of a bundle. Replace it with "
+                                  "the file itself (format/SPEC.md 1)")
             if not p.is_file():
                 raise BundleError(
                     f"{self.path}: {rel} is missing. Re-run flashmoe-convert (it repairs) or flashmoe-pull (it repairs)."
@@ -119,8 +86,9 @@ class Bundle:
         return ExpertFileInfo(layer, int(e["num_experts"]), int(e["data_offset"]), int(e["record_size"]),
                               int(e["record_stride"]), parse_components(e["components"]))
 
-    def expert_file(self, layer: int) -> ExpertFile:
-        return ExpertFile(self.path / expert_path(layer), expected=self.expert_info(layer))
+    def expert_file(self, layer: int, direct: bool = False) -> ExpertFile:
+        """Layer `layer`'s expert file, open; `direct`: reads bypass the page cache (ExpertFile)."""
+        return ExpertFile(self.path / expert_path(layer), expected=self.expert_info(layer), direct=direct)
 
     def dense_path(self, layer: int | None) -> Path:
         return self.path / (DENSE_GLOBAL if layer is None else dense_layer_path(layer))
@@ -136,6 +104,4 @@ class Bundle:
     def verify(self, progress: bool = True, files: list[str] | None = None, full: bool = True) -> list[str]:
         """sha256 of every file (or the given ones) against the manifest (flashmoe.format.verify). Returns
         the sorted names of files that do not match (empty when all do); a missing file counts."""
-        from .verify import verify
-
         return sorted(verify(self, names=files, full=full, progress=progress))

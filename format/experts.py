@@ -15,6 +15,7 @@ File layout (all integers little-endian; format/SPEC.md is normative):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from flashmoe.errors import BundleError, InputError
+from .dtypes import DTYPES
+from .jsonio import load_json
+from .files import abort_partial, commit_partial, create_partial
 from .layout import RECORD_ALIGN, Component, align_up, check_components
 
 MAGIC = b"FLASHMOE"
@@ -107,14 +111,14 @@ def encode_header(info: ExpertFileInfo) -> bytes:
 
 
 class ExpertFileWriter:
-    """Writes one layer file record by record to `<name>.partial`, hashing as it goes; `close()`
-    fsyncs and renames it into place, so a crash never leaves a complete-looking file."""
+    """Writes one layer file record by record to a new `<name>.partial` (format/files.py), hashing as it
+    goes and keeping each record's CRC-32; `close()` fsyncs and renames it into place, so a crash never
+    leaves a complete-looking file. BundleWriter.experts is the way to use it inside a bundle."""
 
     def __init__(self, path: str | os.PathLike, info: ExpertFileInfo):
         self.path = Path(path)
         self.info = info
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        self.f = open(self.tmp, "wb")
+        self.f = create_partial(self.path)
         self.sha = hashlib.sha256()
         self.crcs: list[str] = []  # CRC-32 of each record's record_size bytes (SPEC 3.2, manifest `records`)
         self.next_expert = 0
@@ -156,19 +160,12 @@ class ExpertFileWriter:
     def close(self) -> tuple[int, str]:
         if self.next_expert != self.info.num_experts:
             raise BundleError(f"layer file closed after {self.next_expert} of {self.info.num_experts} records")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        commit_partial(self.f, self.path)
         return self.info.file_size, self.sha.hexdigest()
 
     def abort(self) -> None:
         """Drop the unfinished file (also after a failed write: a full disk gets its space back)."""
-        try:
-            self.f.close()
-        except OSError:
-            pass
-        self.tmp.unlink(missing_ok=True)
+        abort_partial(self.f, self.path)
 
 
 def read_info(path: str | os.PathLike) -> ExpertFileInfo:
@@ -196,8 +193,6 @@ def read_info(path: str | os.PathLike) -> ExpertFileInfo:
             body = f.read(n)
     except FileNotFoundError:
         raise BundleError(f"{path}: missing expert file; {fix}") from None
-    from .manifest import load_json
-
     h = load_json(body, path, "the expert file header", fix)
     try:
         if not isinstance(h, dict):
@@ -219,9 +214,13 @@ def read_info(path: str | os.PathLike) -> ExpertFileInfo:
 
 class ExpertFile:
     """An open layer file. `read(ids, out)` preads whole records into a caller-owned buffer with one
-    call per record; os.preadv releases the GIL, so callers may read from several threads."""
+    call per record; os.preadv releases the GIL, so callers may read from several threads.
 
-    def __init__(self, path: str | os.PathLike, expected: ExpertFileInfo | None = None):
+    `direct=True` opens it so that reads bypass the page cache: O_DIRECT on Linux (reads must then be
+    aligned: buffer address, file offset and length multiples of the block size; RECORD_ALIGN, which
+    every record start and stride is a multiple of, is enough), F_NOCACHE on macOS."""
+
+    def __init__(self, path: str | os.PathLike, expected: ExpertFileInfo | None = None, direct: bool = False):
         self.path = Path(path)
         self.info = read_info(self.path)
         if expected is not None and self.info != expected:
@@ -229,7 +228,8 @@ class ExpertFile:
                 f"{self.path}: header disagrees with the manifest (layer/experts/layout differ); the bundle mixes "
                 "files from different conversions. Re-run flashmoe-convert into an empty directory."
             )
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = -1
+        self.fd = open_uncached(self.path) if direct else os.open(self.path, os.O_RDONLY)
 
     def offset(self, expert: int) -> int:
         if not 0 <= expert < self.info.num_experts:
@@ -255,6 +255,27 @@ class ExpertFile:
             pass
 
 
+def open_uncached(path: Path) -> int:
+    """A read-only descriptor of `path` whose reads bypass the page cache (O_DIRECT; F_NOCACHE on macOS)."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            raise InputError(f"{path}: its file system does not support direct I/O (O_DIRECT); use io 'pread'") from None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)  # macOS: no O_DIRECT, the same effect per descriptor
+    except (AttributeError, OSError) as e:
+        os.close(fd)
+        raise InputError(f"{path}: direct I/O (reads that bypass the page cache) is not available here ({e}); "
+                         "use io 'pread'") from None
+    return fd
+
+
 def file_record_digests(path: str | os.PathLike) -> str:
     """CRC-32 of every record of a layer file (its `records.digests` entry), read record by record."""
     f = ExpertFile(path)
@@ -272,8 +293,7 @@ def file_record_digests(path: str | os.PathLike) -> str:
 def record_views(info: ExpertFileInfo, buf: np.ndarray) -> dict[str, np.ndarray]:
     """numpy views of each component inside a record buffer (uint8, >= record_size). bfloat16
     components are returned as uint16 bit patterns (numpy has no bfloat16)."""
-    np_dtype = {"uint32": np.uint32, "bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
     out = {}
     for c in info.components:
-        out[c.name] = buf[c.offset : c.offset + c.nbytes].view(np_dtype[c.dtype]).reshape(c.shape)
+        out[c.name] = buf[c.offset : c.offset + c.nbytes].view(DTYPES[c.dtype].numpy).reshape(c.shape)
     return out

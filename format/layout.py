@@ -26,14 +26,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import BundleError
+from flashmoe.errors import BundleError
+
+from .dtypes import DTYPES, FLOAT_DTYPES
 
 RECORD_ALIGN = 16384  # Apple's VM page; also a multiple of 4 KiB pages and O_DIRECT's 512 B/4 KiB
 COMPONENT_ALIGN = 64
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
-FLOAT_DTYPES = ("bfloat16", "float16", "float32")
-DTYPE_SIZES = {"uint32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
 MAX_RECORD_BYTES = 1 << 40  # far beyond any real expert; bounds arithmetic on hostile input
+ROUTER_MIN_BITS = 8  # SPEC 4: routing is precision-sensitive: mlp.gate and shared_expert_gate never below 8 bits
 
 
 def align_up(n: int, a: int) -> int:
@@ -72,6 +73,26 @@ class ExpertQuant:
             raise BundleError(f"unsupported dtype {self.dtype!r}: choose one of {FLOAT_DTYPES}")
 
 
+def is_router(module: str) -> bool:
+    """Whether a dense module is the router (`mlp.gate`) or the shared-expert gate (SPEC section 4)."""
+    return module.endswith(("mlp.gate", "shared_expert_gate"))
+
+
+def dense_module_bits(module: str, bits: int) -> int:
+    """The bits a dense module is stored at when dense weights are quantized to `bits`: the router rule."""
+    return max(bits, ROUTER_MIN_BITS) if is_router(module) else bits
+
+
+def check_quantizable(name: str, in_features: int, bits: int, group_size: int, fix: str = "") -> None:
+    """MLX affine quantization of a weight with `in_features` inputs: whole groups and whole uint32 words."""
+    if in_features % group_size:
+        raise BundleError(f"{name}: input size {in_features} is not a multiple of group_size {group_size}"
+                          + (f"; {fix}" if fix else ""))
+    if (in_features * bits) % 32:
+        raise BundleError(f"{name}: {in_features} inputs at {bits} bits do not fill whole uint32 words"
+                          + (f"; {fix}" if fix else ""))
+
+
 def projection_shapes(hidden: int, inter: int) -> dict[str, tuple[int, int]]:
     """[out, in] of each projection of one expert (the PyTorch/MLX Linear weight convention)."""
     return {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
@@ -86,20 +107,15 @@ def expert_components(hidden: int, inter: int, q: ExpertQuant) -> list[Component
         if q.bits is None:
             parts = [("weight", q.dtype, (out_f, in_f))]
         else:
-            if in_f % q.group_size:
-                raise BundleError(
-                    f"{proj}: input size {in_f} is not a multiple of group_size {q.group_size}; "
-                    "pick a --group-size that divides both hidden_size and moe_intermediate_size"
-                )
-            if (in_f * q.bits) % 32:
-                raise BundleError(f"{proj}: {in_f} inputs at {q.bits} bits do not fill whole uint32 words")
+            check_quantizable(proj, in_f, q.bits, q.group_size,
+                              "pick a --group-size that divides both hidden_size and moe_intermediate_size")
             parts = [
                 ("weight", "uint32", (out_f, in_f * q.bits // 32)),
                 ("scales", q.dtype, (out_f, in_f // q.group_size)),
                 ("biases", q.dtype, (out_f, in_f // q.group_size)),
             ]
         for part, dtype, shape in parts:
-            nbytes = int(np.prod(shape)) * DTYPE_SIZES[dtype]
+            nbytes = int(np.prod(shape)) * DTYPES[dtype].size
             off = align_up(off, COMPONENT_ALIGN)
             comps.append(Component(f"{proj}.{part}", dtype, tuple(shape), off, nbytes))
             off += nbytes
@@ -122,11 +138,11 @@ def check_components(comps: list[Component], stride: int) -> None:
         raise BundleError(f"record stride {stride} is not a positive multiple of {RECORD_ALIGN}")
     spans = []
     for c in comps:
-        if c.dtype not in DTYPE_SIZES:
+        if c.dtype not in DTYPES:
             raise BundleError(f"component {c.name}: unknown dtype {c.dtype!r}")
         if any((not isinstance(d, int)) or d <= 0 or d > 1 << 32 for d in c.shape):
             raise BundleError(f"component {c.name}: impossible shape {list(c.shape)}")
-        if c.nbytes != int(np.prod(c.shape, dtype=object)) * DTYPE_SIZES[c.dtype]:
+        if c.nbytes != int(np.prod(c.shape, dtype=object)) * DTYPES[c.dtype].size:
             raise BundleError(f"component {c.name}: nbytes {c.nbytes} does not match shape {list(c.shape)}")
         if c.offset < 0 or c.offset % COMPONENT_ALIGN:
             raise BundleError(f"component {c.name}: offset {c.offset} is not {COMPONENT_ALIGN}-byte aligned")

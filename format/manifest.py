@@ -1,7 +1,6 @@
 """The manifest (flashmoe.json): one strict JSON reader, one validator, one writer.
 
-* `load_json` parses JSON the way every flashmoe reader must: no NaN/Infinity, bounded nesting, a
-  BundleError naming the file instead of a traceback.
+* `load_json` (format/jsonio.py) parses JSON the way every flashmoe reader must.
 * `validate_manifest` enforces `manifest.schema.json` as it is (a small interpreter of the JSON Schema
   keywords that file uses: the schema is the one source of truth, and a keyword this interpreter does not
   know fails at import), then the cross-field rules a schema cannot state (SPEC sections 2-4).
@@ -13,21 +12,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path, PurePosixPath
 
 from .config import TextConfig
-from .errors import BundleError
+from flashmoe.errors import BundleError
 from .experts import FORMAT_VERSION, ExpertFileInfo, parse_components
-from .layout import ExpertQuant, expert_components
+from .files import write_file
+from .jsonio import MAX_MANIFEST_BYTES, load_json, read_json_file  # noqa: F401 (re-exported)
+from .layout import ROUTER_MIN_BITS, ExpertQuant, check_quantizable, expert_components, is_router
 
 MANIFEST = "flashmoe.json"
 FORMAT_NAME = "flashmoe-bundle"
 DENSE_GLOBAL = "dense/global.safetensors"
-MAX_MANIFEST_BYTES = 64 << 20
-MAX_JSON_DEPTH = 64
-ROUTER_MIN_BITS = 8  # SPEC 4: mlp.gate and mlp.shared_expert_gate never below 8 bits
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 
@@ -37,50 +34,6 @@ def expert_path(layer: int) -> str:
 
 def dense_layer_path(layer: int) -> str:
     return f"dense/layer-{layer:03d}.safetensors"
-
-
-# ---- strict JSON ----------------------------------------------------------------------------------
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-
-
-def _depth(text: str) -> int:
-    """Deepest bracket nesting of a JSON text, strings skipped (no recursion, numpy-fast)."""
-    import numpy as np
-
-    b = np.frombuffer(_STRING.sub("", text).encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    step = (b == ord("[")).astype(np.int32) + (b == ord("{")) - (b == ord("]")) - (b == ord("}"))
-    return int(np.cumsum(step).max()) if step.size else 0
-
-
-def load_json(raw: bytes | str, where: str | os.PathLike, what: str = "file", fix: str = "") -> object:
-    """Parse JSON strictly: NaN/Infinity and nesting deeper than MAX_JSON_DEPTH are errors. Raises
-    BundleError("WHERE: <what> is not valid JSON (...); FIX")."""
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray, memoryview)) else raw
-        if _depth(text) > MAX_JSON_DEPTH:
-            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
-        return json.loads(text, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise BundleError(f"{where}: {what} is not valid JSON ({msg}){'; ' + fix if fix else ''}") from None
-
-
-def read_json_file(path: Path, what: str, fix: str, limit: int = MAX_MANIFEST_BYTES) -> object:
-    """A JSON file of bounded size, strictly parsed; every failure is one BundleError naming the file."""
-    try:
-        size = path.stat().st_size
-        if size > limit:
-            raise BundleError(f"{path}: {what} is {size} bytes, larger than any valid one; {fix}")
-        raw = path.read_bytes()
-    except IsADirectoryError:
-        raise BundleError(f"{path}: {what} is a directory; {fix}") from None
-    except OSError as e:
-        raise BundleError(f"{path}: cannot read {what} ({e.strerror or e}); {fix}") from None
-    return load_json(raw, path, what, fix)
 
 
 # ---- the schema interpreter -----------------------------------------------------------------------
@@ -220,10 +173,23 @@ def validate_manifest(m, where: Path | str = MANIFEST) -> None:
     info.check()
     if list(info.components) != expert_components(cfg.hidden_size, cfg.moe_intermediate_size, q):
         fail("expert component table does not match the shapes implied by config and quantization")
+    shapes = {}
+    for layer in [None, *range(cfg.num_hidden_layers)]:
+        shapes.update(cfg.dense_shapes(layer))
+    if cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = shapes["embed_tokens.weight"]
     for module, mq in m["dense"]["quantized"].items():
-        if module.endswith(("mlp.gate", "shared_expert_gate")) and mq["bits"] < ROUTER_MIN_BITS:
+        if is_router(module) and mq["bits"] < ROUTER_MIN_BITS:
             fail(f"dense.quantized.{module} is {mq['bits']}-bit; the router and shared-expert gate are never "
                  f"stored below {ROUTER_MIN_BITS} bits (SPEC section 4)")
+        shape = shapes.get(module + ".weight")
+        if shape is None or len(shape) != 2:
+            fail(f"dense.quantized names {module[:80]!r}, which is not a Linear or embedding weight of this config")
+        try:  # the config's shapes must be quantizable as listed (e.g. head_dim 65 breaks o_proj's 64-groups)
+            check_quantizable(f"dense.quantized.{module} ({list(shape)} from config)", shape[1], mq["bits"],
+                              mq["group_size"])
+        except BundleError as e:
+            fail(str(e))
     listed = set(paths)
     for layer in range(cfg.num_hidden_layers):
         for p in (expert_path(layer), dense_layer_path(layer)):
@@ -265,14 +231,8 @@ def build_manifest(config, quant, info, dense: dict, source: dict, skipped: dict
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """JSON to `path` via `path.partial`, fsynced, then renamed: a reader sees the old file or the new one."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """JSON to `path` via a new `path.partial`, fsynced, then renamed: a reader sees the old file or the new one."""
+    write_file(Path(path), (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 def write_manifest(out: Path, manifest: dict) -> Path:

@@ -17,16 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
-from .manifest import load_json
+from flashmoe.errors import BundleError
+
+from .dtypes import ST_ITEMSIZE, ST_NUMPY
+from .files import abort_partial, commit_partial, create_partial
+from .jsonio import load_json
 
 MAX_HEADER = 100 << 20
-NP_DTYPES = {
-    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16,
-    "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
-}
-ITEMSIZE = {k: np.dtype(v).itemsize for k, v in NP_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -74,9 +71,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise BundleError(f"{path}: malformed safetensors header entry for {name[:80]!r}; re-download it") from None
-        if dtype not in ITEMSIZE:
+        if dtype not in ST_ITEMSIZE:
             raise BundleError(f"{path}: tensor {name} has unsupported dtype {dtype[:20]}")
-        want = int(np.prod(shape, dtype=object)) * ITEMSIZE[dtype]
+        want = int(np.prod(shape, dtype=object)) * ST_ITEMSIZE[dtype]
         if not (0 <= b <= e) or e - b != want or base + e > size:
             raise BundleError(f"{path}: tensor {name} has bad offsets [{b}, {e}) for shape {list(shape)} "
                               f"in a {size}-byte file (truncated?); re-download it")
@@ -101,11 +98,11 @@ def read_tensor(t: TensorInfo, rows: slice | None = None) -> np.ndarray:
         os.close(fd)
     if got != nbytes:
         raise BundleError(f"{t.file}: short read ({got} of {nbytes} bytes); the file is truncated, re-download it")
-    return buf.view(NP_DTYPES[t.dtype]).reshape(shape)
+    return buf.view(ST_NUMPY[t.dtype]).reshape(shape)
 
 
 class SafetensorsWriter:
-    """Write tensors to `path` atomically (via `path.partial`), sorted by name so output is deterministic.
+    """Write tensors to `path` atomically (via a new `path.partial`, format/files.py), sorted by name so output is deterministic.
     Returns (size, sha256) from close()."""
 
     def __init__(self, path: Path, metadata: dict[str, str] | None = None):
@@ -116,7 +113,7 @@ class SafetensorsWriter:
     def add(self, name: str, dtype: str, arr: np.ndarray) -> None:
         if name in self.tensors:
             raise BundleError(f"duplicate tensor {name}")
-        if np.dtype(NP_DTYPES[dtype]).itemsize != arr.dtype.itemsize:
+        if np.dtype(ST_NUMPY[dtype]).itemsize != arr.dtype.itemsize:
             raise ValueError(f"{name}: array dtype {arr.dtype} does not carry {dtype}")
         self.tensors[name] = (dtype, np.ascontiguousarray(arr))
 
@@ -130,17 +127,14 @@ class SafetensorsWriter:
             off += a.nbytes
         hb = json.dumps(header, separators=(",", ":")).encode()
         hb += b" " * (-len(hb) % 8)  # align data to 8 bytes, as the reference writer does
-        tmp = self.path.with_name(self.path.name + ".partial")
         sha = hashlib.sha256()
+        f = create_partial(self.path)
         try:
-            with open(tmp, "wb") as f:
-                for chunk in (struct.pack("<Q", len(hb)), hb, *(memoryview(self.tensors[n][1]).cast("B") for n in names)):
-                    f.write(chunk)
-                    sha.update(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            for chunk in (struct.pack("<Q", len(hb)), hb, *(memoryview(self.tensors[n][1]).cast("B") for n in names)):
+                f.write(chunk)
+                sha.update(chunk)
         except BaseException:
-            tmp.unlink(missing_ok=True)  # never leave a partial file taking the space a retry needs
+            abort_partial(f, self.path)  # never leave a partial file taking the space a retry needs
             raise
+        commit_partial(f, self.path)
         return 8 + len(hb) + off, sha.hexdigest()

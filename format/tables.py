@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError
-from .layout import DTYPE_SIZES, FLOAT_DTYPES, RECORD_ALIGN, align_up
+from .files import abort_partial, commit_partial, create_partial, partial_path
+from .dtypes import DTYPES, FLOAT_DTYPES
+from .layout import RECORD_ALIGN, align_up
 
 MAGIC = b"FMOETABL"
 TABLE_VERSION = 1
@@ -158,7 +160,7 @@ class TableInfo:
 
     @property
     def row_bytes(self) -> int:
-        return self.row_dim * DTYPE_SIZES[self.dtype]
+        return self.row_dim * DTYPES[self.dtype].size
 
     @property
     def num_blocks(self) -> int:
@@ -196,7 +198,7 @@ class TableInfo:
 
 
 def make_table_info(layer: int, rows: int, row_dim: int, dtype: str, th: TableHash) -> TableInfo:
-    row_bytes = row_dim * DTYPE_SIZES[dtype]
+    row_bytes = row_dim * DTYPES[dtype].size
     stride = align_up(row_bytes, RECORD_ALIGN)
     rpb = stride // row_bytes
     nb = -(-rows // rpb)
@@ -231,7 +233,7 @@ def info_from_dict(d: dict, layer: int | None = None) -> TableInfo:
                        tuple(seqs["multipliers"]), tuple(sizes), tuple(int(x) for x in np.cumsum([0, *sizes[:-1]])))
         info = TableInfo(ints["layer"], ints["rows"], ints["row_dim"], d["dtype"], ints["rows_per_block"],
                          ints["block_stride"], ints["crc_offset"], ints["data_offset"], th)
-        if d.get("row_bytes", info.row_bytes if info.dtype in DTYPE_SIZES else -1) != info.row_bytes:
+        if d.get("row_bytes", info.row_bytes if info.dtype in DTYPES else -1) != info.row_bytes:
             raise TypeError("row_bytes disagrees with row_dim and dtype")
     except (KeyError, TypeError, AttributeError) as e:
         raise BundleError(f"malformed table description{'' if layer is None else f' (layer {layer})'}: {e}") from None
@@ -249,8 +251,7 @@ class TableFileWriter:
 
     def __init__(self, path: str | os.PathLike, info: TableInfo):
         self.path, self.info = Path(path), info
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        self.f = open(self.tmp, "wb")
+        self.f = create_partial(self.path)  # a new temporary file (O_EXCL|O_NOFOLLOW), renamed on close
         self.f.truncate(info.data_offset)
         self.f.seek(info.data_offset)
         self.crcs = np.zeros(info.num_blocks, "<u4")
@@ -262,7 +263,7 @@ class TableFileWriter:
         """rows [n, row_dim] in the table's dtype (bfloat16 given as uint16 bits), the next n rows."""
         info = self.info
         a = np.ascontiguousarray(rows)
-        if a.ndim != 2 or a.shape[1] != info.row_dim or a.dtype.itemsize != DTYPE_SIZES[info.dtype]:
+        if a.ndim != 2 or a.shape[1] != info.row_dim or a.dtype.itemsize != DTYPES[info.dtype].size:
             raise BundleError(f"table rows of shape {a.shape}/{a.dtype} do not fit {info.row_dim} x {info.dtype}")
         if self.rows_written + len(a) > info.rows:
             raise BundleError("more table rows written than the table has")
@@ -292,22 +293,18 @@ class TableFileWriter:
             self.f.seek(info.crc_offset)
             self.f.write(self.crcs.tobytes())
             self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
             sha = hashlib.sha256()
-            with open(self.tmp, "rb") as f:
+            with open(partial_path(self.path), "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
                     sha.update(chunk)
-            os.replace(self.tmp, self.path)
+            commit_partial(self.f, self.path)
             return sha.hexdigest()
         except BaseException:
             self.abort()
             raise
 
     def abort(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        abort_partial(self.f, self.path)
 
 
 # ----------------------------------------------------------------------------------------------

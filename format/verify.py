@@ -18,10 +18,31 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
-from .bundle import MANIFEST, Bundle, inside, sha256_file
+from flashmoe.errors import BundleError
+
+from .files import write_file
+from .manifest import MANIFEST
+from .paths import link_problem
 
 RECORD = ".flashmoe-verified.json"
+HASH_CHUNK = 8 << 20
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(HASH_CHUNK)
+        mv = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(mv[:n])
+            if progress:
+                progress(n)
+    return h.hexdigest()
 
 
 def _stat_key(p: Path) -> list[int] | None:
@@ -47,12 +68,10 @@ def _load_record(bundle_dir: Path, digest: str) -> dict:
 
 
 def _save_record(bundle_dir: Path, digest: str, files: dict) -> None:
-    tmp = bundle_dir / (RECORD + ".partial")
     try:
-        tmp.write_text(json.dumps({"manifest_sha256": digest, "files": files}, sort_keys=True))
-        os.replace(tmp, bundle_dir / RECORD)
-    except OSError:  # a read-only bundle just means the next check hashes again
-        tmp.unlink(missing_ok=True)
+        write_file(bundle_dir / RECORD, json.dumps({"manifest_sha256": digest, "files": files}, sort_keys=True).encode())
+    except (OSError, BundleError):  # a read-only bundle just means the next check hashes again
+        pass
 
 
 def check_files(root: Path, files: dict[str, dict], names: list[str] | None = None, *, known: dict | None = None,
@@ -71,8 +90,9 @@ def check_files(root: Path, files: dict[str, dict], names: list[str] | None = No
         f = files[n]
         p = root / n
         key = _stat_key(p)
-        if p.is_symlink() and not inside(p, root):
-            bad[n] = "a link out of the bundle (never followed)"
+        why = link_problem(root, n)
+        if why:
+            bad[n] = why
         elif key is None or not p.is_file():
             bad[n] = "missing"
         elif key[0] != f["size"]:
@@ -105,9 +125,9 @@ def check_files(root: Path, files: dict[str, dict], names: list[str] | None = No
     return bad, good
 
 
-def verify(bundle: Bundle, *, full: bool = False, progress: bool = True, workers: int | None = None,
+def verify(bundle, *, full: bool = False, progress: bool = True, workers: int | None = None,
            names: list[str] | None = None) -> dict[str, str]:
-    """Hash every manifest file (or `names`) of `bundle` and compare with the manifest.
+    """Hash every manifest file (or `names`) of `bundle` (a format.Bundle) and compare with the manifest.
 
     Returns {path: reason} for every file that does not match (missing, wrong size, wrong sha256, a
     link out of the bundle); an empty dict means the bundle is intact. Files recorded as verified with

@@ -14,22 +14,26 @@ and this command. Keeping the whole-bundle file names means one reader, one form
 Verification: non-expert files against the manifest's sha256; each layer file's header against the
 manifest's layout; each record (fetched with an HTTP Range request) against its CRC-32 in the manifest's
 `records.digests` (format/SPEC.md 3.3). A bundle without record digests cannot be checked record by
-record, so --shard refuses it (pull it whole instead). Re-running resumes: records already present with
-the right CRC-32 are not fetched again.
+record, so --shard refuses it (pull it whole instead). Re-running resumes: records an earlier pull left with
+the right CRC-32 are copied, not fetched again, into a new file (created with O_EXCL|O_NOFOLLOW and renamed
+into place by format.BundleWriter): an existing path, or a link's target, is never opened for writing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from flashmoe.format.bundle import MANIFEST, Bundle, expert_path, write_json_atomic
+from flashmoe.format import BundleWriter
+from flashmoe.format.bundle import MANIFEST, Bundle, expert_path, link_problem, write_json_atomic
 from flashmoe.format.experts import ExpertFile
+from flashmoe.format.files import partial_path
 
 from .common import (
     DOWNLOAD_TIMEOUT,
@@ -103,6 +107,10 @@ def _pull_shard(repo_id, rank, size, out: Path, revision, token, endpoint, progr
     snapshot_download(allow_patterns=file_patterns(others + ["README.md"]), max_workers=max_workers,
                       tqdm_class=tqdm_class, **common)
     for n in others:
+        why = link_problem(out, n)
+        if why:
+            raise HubError(f"{out / n}: {why}; flashmoe-pull never writes or reads through such a link: replace it "
+                           "with a real file or folder (format/SPEC.md 1) and re-run")
         got = _sha256(out / n)
         if got != bundle.files[n]["sha256"]:
             (out / n).unlink(missing_ok=True)
@@ -119,27 +127,23 @@ def _pull_shard(repo_id, rank, size, out: Path, revision, token, endpoint, progr
          f"{total / 1e9:.3f} GB of expert records", progress)
     from tqdm.auto import tqdm
 
+    bw = BundleWriter(out)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"shard {rank}/{size}", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         for layer in range(layers):
             rel = expert_path(layer)
             info = bundle.expert_info(layer)
             url = hf_hub_url(repo_id, rel, revision=commit, endpoint=endpoint)
-            final, part = out / rel, out / (rel + ".partial")
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists() and not part.exists():
-                os.replace(final, part)  # an earlier pull's file: resume from it (records with the right CRC stay)
-            resumed = part.exists()
-            fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+            final = bw.path(rel)  # its folder a real folder (a link there is refused)
+            old = _open_earlier(final, info.file_size)  # an earlier pull's file: its good records are kept
             try:
-                os.ftruncate(fd, info.file_size)  # holes where other ranks' records go
-                os.pwrite(fd, _get_range(url, token, 0, info.data_offset, timeout), 0)
-                fetch = partial(_fetch_record, url, token, rel=rel, timeout=timeout)
-                _fill_layer(pool, bar, fd, info, digests[layer], owned, fetch, check_present=resumed)
-                os.fsync(fd)
+                with bw.random_access(rel, info.file_size) as fd:  # a new file; holes for other ranks' records
+                    os.pwrite(fd, _get_range(url, token, 0, info.data_offset, timeout), 0)
+                    fetch = partial(_fetch_record, url, token, rel=rel, timeout=timeout)
+                    _fill_layer(pool, bar, fd, old, info, digests[layer], owned, fetch)
             finally:
-                os.close(fd)
-            os.replace(part, final)
+                if old is not None:
+                    os.close(old)
             ExpertFile(final, expected=info).close()  # the header agrees with the manifest
 
     write_json_atomic(marker, {"rank": rank, "size": size, "repo": repo_id, "commit": commit,
@@ -147,14 +151,33 @@ def _pull_shard(repo_id, rank, size, out: Path, revision, token, endpoint, progr
     return out
 
 
-def _fill_layer(pool, bar, fd: int, info, crcs: str, owned: list[int], fetch, check_present: bool) -> None:
-    """Write each owned record of one layer file (open as `fd`) at its offset, fetching it unless
-    `check_present` and the file already holds it with the right CRC-32."""
+def _open_earlier(final: Path, size: int) -> int | None:
+    """A read-only descriptor of what an earlier pull left for this layer file (its unfinished `.partial`,
+    else the file itself), or None. Links are never followed (O_NOFOLLOW): a link in the user's directory
+    is replaced by the new file, its target left alone."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for p in (partial_path(final), final):
+        try:
+            fd = os.open(p, flags)
+        except OSError:  # missing, or a link (ELOOP)
+            continue
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size == size:
+            return fd
+        os.close(fd)
+    return None
+
+
+def _fill_layer(pool, bar, fd: int, old: int | None, info, crcs: str, owned: list[int], fetch) -> None:
+    """Write each owned record of one new layer file (open as `fd`) at its offset: copied from `old` (an
+    earlier pull's file) when it holds the record with the right CRC-32, else fetched."""
     def one(e: int) -> None:
         want = int(crcs[8 * e : 8 * e + 8], 16)
         off = info.data_offset + e * info.record_stride
-        if not check_present or zlib.crc32(os.pread(fd, info.record_size, off)) != want:
-            os.pwrite(fd, fetch(off, info.record_size, want, expert=e), off)
+        data = os.pread(old, info.record_size, off) if old is not None else b""
+        if len(data) != info.record_size or zlib.crc32(data) != want:
+            data = fetch(off, info.record_size, want, expert=e)
+        os.pwrite(fd, data, off)
         bar.update(info.record_size)
 
     list(pool.map(one, owned))

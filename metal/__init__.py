@@ -3,8 +3,8 @@
 Public API (stable; the runtime calls only this)
 -----------------------------------------------
 
-``flashmoe.metal.dispatch.expert_block(x, experts, indices, scores, bits, group_size, shared=None,
-shared_gate=None, backend=None, residual=None) -> y``
+``flashmoe.metal.dispatch.expert_block(x, experts, indices, scores, bits, group_size, backend=None,
+residual=None) -> y``
 
 * ``x``: ``[T, H]`` (or ``[..., H]``) activations, float16 / bfloat16 / float32.
 * ``experts``: dict of stacked arrays over ``S`` slots (the experts loaded this step, or a whole GPU
@@ -17,16 +17,11 @@ shared_gate=None, backend=None, residual=None) -> y``
   custom path and is an error on the built-in one.
 * ``scores``: ``[T, K]`` routing weights (already normalised as the model wants).
 * ``bits``, ``group_size``: the routed experts' quantization (manifest ``experts.bits/group_size``).
-* ``shared``: optional shared expert, dict with ``"gate_proj.weight"``, ``"up_proj.weight"``,
-  ``"down_proj.weight"`` as float ``[I_s, H]``/``[H, I_s]`` or MLX-quantized (plus ``.scales`` and
-  ``.biases``; bits and group size are inferred from the shapes). ``None``: the caller adds it.
-* ``shared_gate``: optional ``mlp.shared_expert_gate``: float ``[1, H]`` array or a quantized dict
-  ``{"weight", "scales", "biases"}``; the shared output is scaled by ``sigmoid(x @ shared_gate.T)``.
-  ``None`` with ``shared`` given: the shared output is added unscaled.
+  The shared expert is not part of it: the model applies it (runtime/model.py).
 * ``residual``: optional ``[T, H]`` added to the result (the custom path fuses it into the down
   kernel's combine, so ``h + moe(h)`` costs no extra pass).
 * returns ``y`` ``[T, H]`` in ``x.dtype``:
-  ``residual + sum_k scores[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) + sigmoid(sg.x_t) * shared(x_t)``
+  ``residual + sum_k scores[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t))``
   with ``e = indices[t, k]``.
 * ``backend``: one of ``{auto, builtin, custom}`` (default ``auto``; the runtime passes its
   RuntimeConfig's ``kernels``, which the CLIs take from ``--kernels`` or ``FLASHMOE_KERNELS``). ``auto`` = custom kernels where

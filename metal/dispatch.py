@@ -143,47 +143,11 @@ def _as(a, dtype):
 _CONST: dict = {}
 
 
-def _const(kind, T):
-    """Cached [T, 1] int32 zeros / float32 ones (the shared expert's index and unit score)."""
-    key = (kind, T)
-    if key not in _CONST:
-        _CONST[key] = mx.zeros((T, 1), mx.int32) if kind == "zeros" else mx.ones((T, 1), mx.float32)
-    return _CONST[key]
-
-
-def _linear(a, p, prefix=""):
-    """a @ W.T for a float weight or an MLX-quantized one (weight/scales/biases)."""
-    w = p[prefix + "weight"] if isinstance(p, dict) else p
-    if isinstance(p, dict) and (prefix + "scales") in p:
-        s, b = p[prefix + "scales"], p.get(prefix + "biases")
-        bits, gs = _infer_quant(w, s, a.shape[-1])
-        return mx.quantized_matmul(a, w, s, b, transpose=True, group_size=gs, bits=bits)
-    return a @ _as(w, a.dtype).T
-
-
-def _infer_quant(w, s, in_dim):
-    gs = in_dim // s.shape[-1]
-    bits = w.shape[-1] * 32 // in_dim
-    return bits, gs
-
-
-def _shared_gate_value(x, shared_gate):
-    if shared_gate is None:
-        return None
-    return mx.sigmoid(_as(_linear(x, shared_gate), mx.float32))  # [T, 1]
-
-
-def shared_expert(x, shared, shared_gate=None):
-    """The shared expert alone on MLX built-ins: sigmoid(shared_gate x) * down(silu(gate x) * up x)."""
-    return _builtin_shared(x, shared, shared_gate)
-
-
-def _builtin_shared(x, shared, shared_gate):
-    g = _linear(x, shared, "gate_proj.")
-    u = _linear(x, shared, "up_proj.")
-    d = _linear(nn_silu(g) * u, shared, "down_proj.")
-    sg = _shared_gate_value(x, shared_gate)
-    return d if sg is None else d * sg.astype(d.dtype)
+def _zeros(T):
+    """A cached [T, 1] int32 zeros array (the kernels' placeholder for an absent addend)."""
+    if T not in _CONST:
+        _CONST[T] = mx.zeros((T, 1), mx.int32)
+    return _CONST[T]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,7 +207,7 @@ def down(h, ex, indices, scores32, bits, group_size, out_dtype, add=None, refere
     T, KS, I = h.shape
     NE, H = dw.shape[0], dw.shape[1]
     has_add = add is not None
-    addv = add if has_add else _const("zeros", 1)
+    addv = add if has_add else _zeros(1)
     tmpl = [("BITS", bits), ("GS", group_size), ("IN_DIM", I), ("OUT_DIM", H), ("NT", T), ("KS", KS)]
     args = [h, dw, ds, db, indices, scores32, addv]
     tail = [("HAS_ADD", has_add), ("SCALE_T", ds.dtype), ("OutT", out_dtype)]
@@ -261,42 +225,19 @@ def down(h, ex, indices, scores32, bits, group_size, out_dtype, add=None, refere
         output_shapes=[(T, H)], output_dtypes=[out_dtype], init_value=POISON)[0]
 
 
-def _custom_shared(x, x32, shared, shared_gate, add, reference):
-    """Shared expert through the custom kernels when it is quantized in a supported way, else built-in.
-    Returns the float32 addend (add + gate * shared(x))."""
-    T, H = x.shape
-    quant = isinstance(shared, dict) and "gate_proj.scales" in shared
-    if quant:
-        bits, gs = _infer_quant(shared["gate_proj.weight"], shared["gate_proj.scales"], H)
-        inter = shared["gate_proj.weight"].shape[-2]
-        quant = custom_supported(bits, gs, H, inter)
-    if not quant:
-        y = _builtin_shared(x, shared, shared_gate).astype(mx.float32)
-        return y if add is None else y + add.astype(mx.float32)
-    zeros = _const("zeros", T)
-    h = gate_up(x32, shared, zeros, bits, gs, reference=reference)
-    sg = _shared_gate_value(x, shared_gate)
-    sg = _const("ones", T) if sg is None else sg
-    return down(h, shared, zeros, sg, bits, gs, mx.float32, add=add, reference=reference)
-
-
-def _custom(x, ex, indices, scores, bits, group_size, shared, shared_gate, residual, reference=False):
+def _custom(x, ex, indices, scores, bits, group_size, residual, reference=False):
     x32 = _as(x, mx.float32)
     idx = _as(indices, mx.int32)
-    add = residual
-    if shared is not None:
-        add = _custom_shared(x, x32, shared, shared_gate, residual, reference)
     h = gate_up(x32, ex, idx, bits, group_size, reference=reference)
-    return down(h, ex, idx, _as(scores, mx.float32), bits, group_size, x.dtype, add=add, reference=reference)
+    return down(h, ex, idx, _as(scores, mx.float32), bits, group_size, x.dtype, add=residual, reference=reference)
 
 
 # ------------------------------------------------------------------------------------------------
 # public entry point
 # ------------------------------------------------------------------------------------------------
 
-def expert_block(x, experts, indices, scores, bits, group_size, shared=None, shared_gate=None,
-                 backend: str = "auto", residual=None):
-    """y = [residual +] sum_k scores[t,k] * expert_{indices[t,k]}(x_t) [+ sigmoid(shared_gate x) * shared(x)].
+def expert_block(x, experts, indices, scores, bits, group_size, backend: str = "auto", residual=None):
+    """y = [residual +] sum_k scores[t,k] * expert_{indices[t,k]}(x_t).
 
     See the package docstring (flashmoe.metal) for shapes. backend: None (env/CLI), "auto",
     "builtin", "custom", or "reference" (the plain one-thread-per-output custom kernels; tests only).
@@ -310,7 +251,7 @@ def expert_block(x, experts, indices, scores, bits, group_size, shared=None, sha
     T = x2.shape[0]
     inter = experts["gate_proj.weight"].shape[-2]
     if backend == "reference":
-        y = _custom(x2, experts, idx, sc, bits, group_size, shared, shared_gate, res, reference=True)
+        y = _custom(x2, experts, idx, sc, bits, group_size, res, reference=True)
         return y.reshape(*lead, H)
     # float experts (bits=None) have no custom kernel: always the built-in path
     which = "builtin" if bits is None else resolve(backend, T, bits, group_size, H, inter)
@@ -319,18 +260,9 @@ def expert_block(x, experts, indices, scores, bits, group_size, shared=None, sha
               f"({CUSTOM_MAX_TOKENS} tokens, {CUSTOM_MAX_PAIRS} pairs); using the built-in path")
         which = "builtin"
     if which == "custom":
-        # auto fuses only the routed experts: for the single shared expert the custom kernels' grid is too
-        # small and MLX's qmv is faster (34 vs 65 us on an H100; end to end, auto-with-shared-fused decoded
-        # 102 tok/s vs the built-ins' 109). `custom` forced fuses the shared expert too.
-        fuse = backend == "custom"
-        y = _custom(x2, experts, idx, sc, bits, group_size, shared if fuse else None, shared_gate if fuse else None,
-                    res)
-        if shared is not None and not fuse:
-            y = y + _builtin_shared(x2, shared, shared_gate).astype(y.dtype)
+        y = _custom(x2, experts, idx, sc, bits, group_size, res)
     else:
         y = _builtin_routed(x2, experts, idx, sc, bits, group_size)
-        if shared is not None:
-            y = y + _builtin_shared(x2, shared, shared_gate).astype(y.dtype)
         if res is not None:
             y = y + res.astype(y.dtype)
     return y.reshape(*lead, H)

@@ -1,7 +1,8 @@
 """ExpertCache: which (layer, expert) record sits in which slot of the resident expert buffers.
 
 One job: residency. It owns the slot buffers (one MLX array per record component, `[slots, *shape]`,
-allocated once, whose bytes the reader scatters into with no copy), the eviction policy
+allocated once) and says where each slot's components lie (`destinations`); the reader (reader.py) plans
+and issues the reads into them. It also owns the eviction policy
 (least recently used across layers and tokens), and the table `slot[layer, expert]` (-1 = not resident),
 kept on the host and mirrored to the device on demand.
 
@@ -16,8 +17,8 @@ from collections import OrderedDict
 import mlx.core as mx
 import numpy as np
 
-_STORAGE = {"uint32": mx.uint32, "float32": mx.uint32, "bfloat16": mx.uint16, "float16": mx.uint16}
-_TYPED = {"uint32": mx.uint32, "float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+from flashmoe.format.dtypes import DTYPES
+
 
 
 class ExpertCache:
@@ -44,43 +45,26 @@ class ExpertCache:
         self._storage = []  # keeps the raw arrays (and thus the memory the views point at) alive
         byte_views = {}
         for c in comps:
-            raw = mx.zeros((S, *c.shape), _STORAGE[c.dtype])
-            typed = raw.view(_TYPED[c.dtype])  # same buffer, as the dtype the kernels want
+            d = DTYPES[c.dtype]
+            raw = mx.zeros((S, *c.shape), getattr(mx, d.storage))
+            typed = raw.view(getattr(mx, d.name))  # same buffer, as the dtype the kernels want
             mx.eval(raw, typed)
             self._storage.append(raw)
             self.weights[c.name] = typed
             byte_views[c.name] = np.frombuffer(memoryview(raw), dtype=np.uint8).reshape(S, c.nbytes)
-        # iovecs per slot: component views in file order, a scratch buffer for any alignment gaps
-        gap_max = max([b.offset - (a.offset + a.nbytes) for a, b in zip(comps, comps[1:])] + [0])
-        self._scratch = np.zeros(max(gap_max, 1), np.uint8)
-        self.iov: list[list[memoryview]] = []
-        self.copy_plan: list[list[tuple[np.ndarray, int]]] = []  # (dst, offset in record) for mmap
         self.byte_views = byte_views
-        for s in range(S):
-            iov, plan, pos = [], [], 0
-            for c in comps:
-                if c.offset > pos:
-                    iov.append(memoryview(self._scratch)[: c.offset - pos])
-                dst = byte_views[c.name][s]
-                iov.append(memoryview(dst))
-                plan.append((dst, c.offset))
-                pos = c.offset + c.nbytes
-            self.iov.append(iov)
-            self.copy_plan.append(plan)
+        self._offsets = [(c.name, c.offset) for c in comps]
         # every view must be a live view of the MLX buffer, not a copy
         assert all(not v.flags.owndata for v in byte_views.values())
+
+    def destinations(self, slot: int) -> list[tuple[np.ndarray, int]]:
+        """Where slot `slot`'s bytes go: (uint8 view of the slot's part of a component buffer, offset of that
+        component in the record), in record order."""
+        return [(self.byte_views[name][slot], off) for name, off in self._offsets]
 
     @property
     def resident_bytes(self) -> int:
         return sum(a.nbytes for a in self._storage)
-
-    def record_image(self, slot: int) -> bytes:
-        """The record as it lies in the file (record_size bytes: components and the zero gaps between
-        them), rebuilt from the slot, for integrity checks."""
-        out = bytearray(self.info.record_size)
-        for dst, off in self.copy_plan[slot]:
-            out[off : off + dst.nbytes] = dst.data.cast("B")
-        return bytes(out)
 
     # ---- residency ------------------------------------------------------------------------
     def place(self, layer: int, experts: list[int]) -> tuple[np.ndarray, list[int], list[int]]:

@@ -1,12 +1,26 @@
-"""ExpertReader: the bundle's per-layer expert files, read record by record.
+"""ExpertReader: the bundle's per-layer expert files, read into the slots the ExpertCache names.
 
-One job: bytes from disk into slot buffers that the ExpertCache owns. `pread` (default) issues one
-`os.preadv` per record straight into the slot's component views (it releases the GIL, so a thread pool
-keeps several reads in flight); `mmap` copies from a read-only mapping and drops the touched pages from
-the process afterwards (MADV_DONTNEED), so RSS stays bounded. With an `uploader` (upload.py; MLX's CUDA
-backend) a record is read into the thread's pinned buffer instead and copied to the slot by the GPU's copy
-engine. Every read is counted per (layer, expert), which is how tests prove that a step reads each record
-at most once.
+One job: bytes from disk into slot buffers. The cache says which slot each record goes to and where a
+slot's components lie (`cache.destinations(slot)`); the reader owns every I/O plan built from that:
+
+* `pread` (default): one `os.preadv` per record straight into the slot's component views (an iovec per
+  slot, built once; alignment gaps go to a scratch buffer). It releases the GIL, so a thread pool keeps
+  several reads in flight.
+* `mmap`: copies from a read-only mapping and drops the touched pages from the process afterwards
+  (MADV_DONTNEED), so RSS stays bounded.
+* `direct`: reads that bypass the page cache (O_DIRECT on Linux, F_NOCACHE on macOS; format.ExpertFile),
+  for machines whose page cache thrashes and for measuring the disk-bound regime. Every read is aligned
+  (buffer address, file offset and length multiples of RECORD_ALIGN, which the bundle guarantees for
+  record starts and strides): whole strides into a per-thread aligned buffer, checked there, then copied
+  into the slot.
+
+When a layer's read set holds at least `sequential` (default half) of its experts, pread and direct read
+the layer file in large sequential pieces (up to SEQ_PIECE bytes of consecutive records, one call each)
+instead of one call per record, and scatter the wanted records from there. With an `uploader`
+(upload.py; MLX's CUDA backend) a record is read into the thread's pinned buffer instead and copied to
+the slot by the GPU's copy engine. Every record read is counted per (layer, expert) (`reads`), and every
+read system call (`syscalls`), which is how tests prove that a step reads each record at most once and
+that sequential pieces need fewer calls.
 """
 
 from __future__ import annotations
@@ -19,10 +33,17 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from flashmoe.format import Bundle, BundleError
+import numpy as np
 
+from flashmoe.errors import BundleError, InputError
+from flashmoe.format import Bundle
+from flashmoe.format.layout import RECORD_ALIGN, align_up
+
+READ_MODES = ("pread", "mmap", "direct")
 STAGE_CHUNK = 1 << 20  # pinned-path read size: a 6.75 MiB record is 7 requests in flight, not 1
 STAGED_THREADS = 16
+SEQUENTIAL_FRACTION = 0.5  # a layer read set this dense is read in sequential pieces
+SEQ_PIECE = 8 << 20  # bytes of consecutive records per sequential read (at least one record)
 
 
 def _check_read(f, expert: int, got: int, want: int, at: int | None = None) -> None:
@@ -35,29 +56,97 @@ def _check_read(f, expert: int, got: int, want: int, at: int | None = None) -> N
 
 
 class ExpertReader:
-    def __init__(self, bundle: Bundle, io: str = "pread", threads: int | None = None, stats=None):
+    def __init__(self, bundle: Bundle, io: str = "pread", threads: int | None = None, stats=None,
+                 sequential: float = SEQUENTIAL_FRACTION):
+        if io not in READ_MODES:
+            raise InputError(f"io mode {io!r} is unknown: choose one of {', '.join(READ_MODES)}")
         cfg = bundle.config
         self.io = io
         self.info = bundle.expert_info(0)
         # layer files: headers checked now, so a corrupt bundle fails at load, not mid-generation
-        self.files = [bundle.expert_file(layer) for layer in range(cfg.num_hidden_layers)]
+        self.files = [bundle.expert_file(layer, direct=io == "direct") for layer in range(cfg.num_hidden_layers)]
         self.maps: list[mmap.mmap | None] = [None] * len(self.files)
         self.threads = threads or min(16, max(4, cfg.num_experts_per_tok))
         self._threads_given = threads is not None
         self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="flashmoe-io")
         self.stats = stats
+        self.sequential = sequential
         self.reads: Counter = Counter()  # (layer, expert) -> times read
+        self.syscalls = 0  # read system calls issued
         self.verifier = None  # optional: verifier(layer, expert, record bytes) after each read (integrity)
         self.uploader = None  # optional: a PinnedUploader (records staged in pinned memory, then copied)
+        comps = sorted(self.info.components, key=lambda c: c.offset)
+        gaps = [b.offset - (a.offset + a.nbytes) for a, b in zip(comps, comps[1:])]
+        self._scratch = np.zeros(max(gaps + [1]), np.uint8)  # where alignment gaps go (never read back)
+        self._iov_of: dict[int, list[memoryview]] = {}  # slot -> its pread iovec
+        self._planned_for = None  # the cache those iovecs point into
+        self._local = threading.local()  # each thread's aligned buffer
 
-    def _read_one(self, layer: int, expert: int, iov: list, copy_plan: list) -> None:
-        """Read one record into `iov` (pread) or the destinations of `copy_plan` (mmap)."""
+    # ---- plans -------------------------------------------------------------------------------
+    def _iov(self, cache, slot: int) -> list[memoryview]:
+        """The iovec that scatters a record into `slot` of `cache`: its component views in record order,
+        a piece of the scratch buffer for each gap."""
+        if self._planned_for is not cache:
+            self._planned_for, self._iov_of = cache, {}
+        iov = self._iov_of.get(slot)
+        if iov is None:
+            iov, pos = [], 0
+            for dst, off in cache.destinations(slot):
+                if off > pos:
+                    iov.append(memoryview(self._scratch)[: off - pos])
+                iov.append(memoryview(dst))
+                pos = off + dst.nbytes
+            self._iov_of[slot] = iov
+        return iov
+
+    def _image(self, cache, slot: int) -> bytes:
+        """The record as it lies in the file (components and the zero gaps between them), rebuilt from the
+        slot, for the integrity check of the pread and mmap paths."""
+        out = bytearray(self.info.record_size)
+        for dst, off in cache.destinations(slot):
+            out[off : off + dst.nbytes] = dst.data.cast("B")
+        return bytes(out)
+
+    def _buffer(self, n: int) -> np.ndarray:
+        """This thread's buffer of at least `n` bytes, page-aligned (an anonymous mapping), as uint8."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.buf = np.frombuffer(mmap.mmap(-1, align_up(n, RECORD_ALIGN)), np.uint8)
+        return buf
+
+    def _deliver(self, layer: int, expert: int, rec: np.ndarray, cache, slot: int) -> None:
+        """Check a record held in `rec` (record_size bytes), then copy it into its slot."""
+        if self.verifier is not None:  # before the copy: a corrupt record never reaches the slot
+            self.verifier(layer, expert, rec)
+        for dst, off in cache.destinations(slot):
+            np.copyto(dst, rec[off : off + dst.nbytes])
+
+    # ---- reads -------------------------------------------------------------------------------
+    def _read_record(self, layer: int, expert: int, slot: int, cache) -> int:
+        """Read one record into its slot; returns the read system calls it took."""
         f = self.files[layer]
         base = f.offset(expert)
         size = self.info.record_size
         if self.io == "pread":
-            _check_read(f, expert, os.preadv(f.fd, iov, base), size)
-            return
+            _check_read(f, expert, os.preadv(f.fd, self._iov(cache, slot), base), size)
+            if self.verifier is not None:
+                self.verifier(layer, expert, self._image(cache, slot))
+            return 1
+        if self.io == "mmap":
+            self._copy_from_map(layer, expert, cache.destinations(slot))
+            if self.verifier is not None:
+                self.verifier(layer, expert, self._image(cache, slot))
+            return 0
+        stride = self.info.record_stride  # direct: the whole aligned stride
+        buf = self._buffer(stride)[:stride]
+        _check_read(f, expert, os.preadv(f.fd, [memoryview(buf)], base), stride)
+        self._deliver(layer, expert, buf[:size], cache, slot)
+        return 1
+
+    def _copy_from_map(self, layer: int, expert: int, plan) -> None:
+        f = self.files[layer]
+        base = f.offset(expert)
+        size = self.info.record_size
         # a mapping of a file truncated under us raises SIGBUS on touch: check the size first
         if os.fstat(f.fd).st_size < base + size:
             raise BundleError(f"{f.path}: the file is shorter than its header says (truncated on disk); "
@@ -68,14 +157,38 @@ class ExpertReader:
         if len(mm) < base + size:
             raise BundleError(f"{f.path}: the file is shorter than its header says (truncated on disk); "
                               "re-run flashmoe-convert or flashmoe-pull to repair it")
-        import numpy as np
-
         if hasattr(mm, "madvise"):  # one readahead request for the whole record instead of a fault per page
             mm.madvise(mmap.MADV_WILLNEED, base, self.info.record_stride)
-        for dst, off in copy_plan:
+        for dst, off in plan:
             np.copyto(dst, np.frombuffer(mm, np.uint8, count=dst.nbytes, offset=base + off))
         if hasattr(mm, "madvise"):  # drop the mapped pages from our RSS (the page cache keeps them)
             mm.madvise(mmap.MADV_DONTNEED, base, self.info.record_stride)
+
+    def _pieces(self, experts: list[int], slots: list[int]) -> list[list[tuple[int, int]]]:
+        """(expert, slot) pairs in file order, grouped into sequential pieces of at most SEQ_PIECE bytes
+        (at least one record each)."""
+        per = max(1, SEQ_PIECE // self.info.record_stride)
+        pieces: list[list[tuple[int, int]]] = []
+        for e, s in sorted(zip(experts, slots)):
+            if pieces and e - pieces[-1][0][0] < per:
+                pieces[-1].append((e, s))
+            else:
+                pieces.append([(e, s)])
+        return pieces
+
+    def _read_piece_of_records(self, layer: int, piece: list[tuple[int, int]], cache) -> int:
+        """One read of the records from the piece's first to its last (whole strides, so it is aligned
+        for direct I/O too), then each wanted record checked and copied into its slot."""
+        f = self.files[layer]
+        stride, size = self.info.record_stride, self.info.record_size
+        first = piece[0][0]
+        n = (piece[-1][0] - first + 1) * stride
+        buf = self._buffer(n)[:n]
+        _check_read(f, first, os.preadv(f.fd, [memoryview(buf)], f.offset(first)), n)
+        for e, s in piece:
+            o = (e - first) * stride
+            self._deliver(layer, e, buf[o : o + size], cache, s)
+        return 1
 
     def attach_uploader(self, uploader) -> None:
         """Stage every read through `uploader` (a PinnedUploader). Unless the thread count was given, the
@@ -93,18 +206,15 @@ class ExpertReader:
             return
         t0 = time.perf_counter()
         if self.uploader is not None:
-            self._read_staged(layer, experts, slots, cache)
+            calls = self._read_staged(layer, experts, slots, cache)
+        elif self.io != "mmap" and len(experts) > 1 and len(experts) >= self.sequential * self.info.num_experts:
+            pieces = self._pieces(experts, slots)
+            calls = sum(self.pool.map(lambda p: self._read_piece_of_records(layer, p, cache), pieces))
+        elif len(experts) == 1:
+            calls = self._read_record(layer, experts[0], slots[0], cache)
         else:
-            def one(es):
-                e, s = es
-                self._read_one(layer, e, cache.iov[s], cache.copy_plan[s])
-                if self.verifier is not None:
-                    self.verifier(layer, e, cache.record_image(s))
-
-            if len(experts) == 1:
-                one((experts[0], slots[0]))
-            else:
-                list(self.pool.map(one, zip(experts, slots)))
+            calls = sum(self.pool.map(lambda es: self._read_record(layer, es[0], es[1], cache), zip(experts, slots)))
+        self.syscalls += calls
         for e in experts:
             self.reads[(layer, e)] += 1
         if self.stats is not None:
@@ -112,11 +222,11 @@ class ExpertReader:
             self.stats.expert_bytes += len(experts) * self.info.record_size
             self.stats.expert_reads += len(experts)
 
-    def _read_staged(self, layer: int, experts: list[int], slots: list[int], cache) -> None:
+    def _read_staged(self, layer: int, experts: list[int], slots: list[int], cache) -> int:
         """The uploader's path: each record is read in STAGE_CHUNK pieces spread over the pool (so the disk
         sees as many requests in flight as there are threads, not one per record), into a pinned buffer of
         the arena; the thread finishing a record's last piece checks it and copies it to its slot, then
-        frees the buffer for the next record."""
+        frees the buffer for the next record. Returns the read system calls it took."""
         up, size = self.uploader, self.info.record_size
         bufs = up.arena(self.threads, size)  # one pinned buffer per thread: ~108 MiB for the 397B
         free: queue.SimpleQueue = queue.SimpleQueue()
@@ -128,28 +238,30 @@ class ExpertReader:
 
         def piece(rec, off, n):
             e, s, buf, left, bad = rec
+            calls = 0
             try:
                 if not bad:
-                    self._read_piece(layer, e, buf, off, n)
+                    calls = self._read_staged_piece(layer, e, buf, off, n)
             except BaseException as ex:  # noqa: BLE001 - re-raised by the caller below
                 bad.append(ex)
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
             if not last:
-                return
+                return calls
             try:
                 if bad:
                     raise bad[0]
                 if self.verifier is not None:  # before the copy: a corrupt record never reaches the GPU
                     self.verifier(layer, e, buf)
-                for dst, off0 in cache.copy_plan[s]:
+                for dst, off0 in cache.destinations(s):
                     up.copy(dst.ctypes.data, buf[off0 : off0 + dst.nbytes])
             except BaseException as ex:  # noqa: BLE001
                 with lock:
                     errors.append(ex)
             finally:
                 free.put(buf)
+            return calls
 
         futures = []
         for e, s in zip(experts, slots):
@@ -157,19 +269,26 @@ class ExpertReader:
                 break
             rec = (e, s, free.get(), [len(pieces)], [])
             futures += [self.pool.submit(piece, rec, off, n) for off, n in pieces]
-        for fu in futures:
-            fu.result()
+        calls = sum(fu.result() for fu in futures)
         if errors:
             raise errors[0]
+        return calls
 
-    def _read_piece(self, layer: int, expert: int, buf, off: int, n: int) -> None:
+    def _read_staged_piece(self, layer: int, expert: int, buf, off: int, n: int) -> int:
         f = self.files[layer]
         base = f.offset(expert)
         if self.io == "pread":
             _check_read(f, expert, os.preadv(f.fd, [memoryview(buf)[off : off + n]], base + off), n, off)
-            return
+            return 1
+        if self.io == "direct":  # aligned: STAGE_CHUNK and record starts are multiples of RECORD_ALIGN
+            m = align_up(n, RECORD_ALIGN)
+            tmp = self._buffer(m)[:m]
+            _check_read(f, expert, os.preadv(f.fd, [memoryview(tmp)], base + off), m, off)
+            buf[off : off + n] = tmp[:n]
+            return 1
         if off == 0:  # mmap: the whole record in its first piece's task
-            self._read_one(layer, expert, [memoryview(buf)], [(buf, 0)])
+            self._copy_from_map(layer, expert, [(buf[: self.info.record_size], 0)])
+        return 0
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -1,5 +1,10 @@
 """The bundle's tokenizer (tokenizer.json through the `tokenizers` library), its chat template (jinja2,
-from chat_template.jinja or tokenizer_config.json) and a streaming detokenizer."""
+from chat_template.jinja or tokenizer_config.json) and a streaming detokenizer.
+
+In a bundle, every tokenizer file read here must be one its manifest lists, with the listed size and
+sha256 (checked through format.verify's record, so only a changed file is hashed again): a chat template
+edited or dropped in after conversion is refused, not silently used. `check_tokenizer` is what
+flashmoe-convert runs on a source before converting: tokenizer.json loads, the chat template parses."""
 
 from __future__ import annotations
 
@@ -7,7 +12,11 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from flashmoe.format import BundleError
+from flashmoe.format import Bundle, BundleError
+from flashmoe.format.bundle import MANIFEST
+from flashmoe.format.verify import verify
+
+READ_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def _token_str(v) -> str | None:
@@ -23,6 +32,8 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
+        if (path / MANIFEST).is_file():
+            _check_against_manifest(path)
         tj = path / "tokenizer.json"
         if not tj.is_file():
             raise BundleError(f"{path}: tokenizer.json is missing; the bundle needs the source's tokenizer files")
@@ -84,25 +95,7 @@ class Tokenizer:
             raise BundleError("the bundle has no chat template (chat_template.jinja or tokenizer_config.json); "
                               "pass --no-chat-template to use the raw prompt")
         if self._template is None:
-            from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(msg):
-                raise TemplateError(msg)
-
-            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                                  sort_keys=sort_keys)
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = tojson
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            try:
-                self._template = env.from_string(self.chat_template)
-            except TemplateError as e:
-                raise BundleError(f"the bundle's chat template does not parse ({e})") from None
+            self._template = compile_chat_template(self.chat_template)
         from jinja2 import TemplateError
 
         try:
@@ -110,6 +103,52 @@ class Tokenizer:
                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
         except TemplateError as e:
             raise BundleError(f"chat template failed: {e}") from None
+
+
+def compile_chat_template(text: str):
+    """A chat template compiled in the sandbox the templates of Hugging Face checkpoints expect
+    (raise_exception, tojson, strftime_now, loop controls). Raises BundleError if it does not parse."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise TemplateError(msg)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(text)
+    except TemplateError as e:
+        raise BundleError(f"the chat template does not parse ({str(e).splitlines()[0] if str(e) else e!r})") from None
+
+
+def check_tokenizer(path: str | Path) -> None:
+    """A directory's tokenizer is usable: tokenizer.json loads and the chat template (if any) parses.
+    Raises BundleError saying which file is wrong."""
+    tok = Tokenizer(path)
+    if tok.chat_template is not None:
+        compile_chat_template(tok.chat_template)
+
+
+def _check_against_manifest(path: Path) -> None:
+    """Every tokenizer file of bundle `path` that is on disk or listed is listed and intact."""
+    bundle = Bundle.open(path, check_files=False)
+    names = [n for n in READ_FILES if n in bundle.files or (path / n).exists() or (path / n).is_symlink()]
+    unlisted = [n for n in names if n not in bundle.files]
+    if unlisted:
+        raise BundleError(f"{path / unlisted[0]} is not part of the bundle (its manifest does not list it), so "
+                          "flashmoe does not use it: remove it, or re-run flashmoe-convert to make a bundle with it")
+    bad = verify(bundle, names=names, progress=False)
+    if bad:
+        n, why = sorted(bad.items())[0]
+        raise BundleError(f"{path / n}: {why}; the bundle's tokenizer files must be the converted ones: re-run "
+                          "flashmoe-pull or flashmoe-convert to repair it")
 
 
 class StreamingDetokenizer:

@@ -11,14 +11,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.format import DENSE_GLOBAL, ExpertFileWriter, ExpertQuant, TextConfig, dense_layer_path, expert_path
-from flashmoe.format.bundle import build_manifest, sha256_file, write_manifest
+from flashmoe.format import DENSE_GLOBAL, BundleWriter, ExpertQuant, TextConfig, dense_layer_path
+from flashmoe.format.bundle import build_manifest
+from flashmoe.format.dtypes import DTYPES
 from flashmoe.format.experts import make_info
 from flashmoe.format.layout import expert_components
 from flashmoe.format.names import ZERO_CENTRED_NORMS, layer_of
-
-_NP = {"float32": np.float32, "float16": np.float16}
-
 
 def _expert_weights(model):
     """{layer: (gate [E, I, H], up [E, I, H], down [E, H, I])} as float32 numpy."""
@@ -42,16 +40,15 @@ def quantize(w: np.ndarray, bits: int, group_size: int, dtype: str = "float32"):
 def write_bundle(model, out: Path, bits: int | None = None, group_size: int = 64, dtype: str = "float32",
                  tokenizer: bool = True) -> Path:
     """Write `model` (a transformers Qwen3_5MoeForCausalLM, fp32) as a bundle at `out`."""
-    from tiny import save_tokenizer
+    from flashmoe.bench.synth import byte_tokenizer_files
 
-    out = Path(out)
-    (out / "dense").mkdir(parents=True, exist_ok=True)
-    (out / "experts").mkdir(parents=True, exist_ok=True)
+    bw = BundleWriter(out)
     hf = json.loads(model.config.to_json_string())
     cfg = TextConfig.from_hf(hf)
-    (out / "config.json").write_text(json.dumps(hf, indent=1))
+    bw.write_bytes("config.json", json.dumps(hf, indent=1).encode())
     if tokenizer:
-        save_tokenizer(out, cfg.vocab_size)
+        for name, raw in byte_tokenizer_files(cfg.vocab_size).items():
+            bw.write_bytes(name, raw)
 
     # dense tensors
     dense: dict[str, dict[str, np.ndarray]] = {}
@@ -68,39 +65,36 @@ def write_bundle(model, out: Path, bits: int | None = None, group_size: int = 64
             a = a.astype(np.float32)
         L = layer_of(name)
         rel = DENSE_GLOBAL if L is None else dense_layer_path(L)
-        dense.setdefault(rel, {})[name] = np.ascontiguousarray(a)
+        dense.setdefault(rel, {})[name] = np.ascontiguousarray(a, dtype=np.float32)
     if cfg.tie_word_embeddings:
         dense[DENSE_GLOBAL].pop("lm_head.weight", None)
     for rel, tensors in dense.items():
-        mx.save_safetensors(str(out / rel), {k: mx.array(v) for k, v in tensors.items()})
+        with bw.safetensors(rel) as w:
+            for k, a in tensors.items():
+                w.add(k, "F32", a)
 
     # experts
     q = ExpertQuant(bits, group_size, dtype)
     comps = expert_components(cfg.hidden_size, cfg.moe_intermediate_size, q)
     info = None
-    digests = []
     for L, (g, u, d) in _expert_weights(model).items():
         info = make_info(L, cfg.num_experts, comps)
-        w = ExpertFileWriter(out / expert_path(L), info)
-        for e in range(cfg.num_experts):
-            parts = {}
-            for proj, t in (("gate_proj", g[e]), ("up_proj", u[e]), ("down_proj", d[e])):
-                if bits is None:
-                    parts[f"{proj}.weight"] = t.astype(_NP[dtype])
-                else:
-                    parts[f"{proj}.weight"], parts[f"{proj}.scales"], parts[f"{proj}.biases"] = quantize(
-                        t, bits, group_size, dtype)
-            w.write_record(parts)
-        w.close()
-        digests.append(w.record_digests)
+        with bw.experts(info) as w:
+            for e in range(cfg.num_experts):
+                parts = {}
+                for proj, t in (("gate_proj", g[e]), ("up_proj", u[e]), ("down_proj", d[e])):
+                    if bits is None:
+                        parts[f"{proj}.weight"] = t.astype(DTYPES[dtype].numpy)
+                    else:
+                        parts[f"{proj}.weight"], parts[f"{proj}.scales"], parts[f"{proj}.biases"] = quantize(
+                            t, bits, group_size, dtype)
+                w.write_record(parts)
 
-    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    files = [f for f in files if f not in ("flashmoe.json", "README.md")]
-    listed = {f: {"size": (out / f).stat().st_size, "sha256": sha256_file(out / f)} for f in files}
     dense_q = {"dtype": "float32", "bits": None, "group_size": group_size, "quantized": {}}
     manifest = build_manifest(cfg, q, info, dense_q, {"path": "test", "kind": "float"},
-                              {"vision": False, "mtp": False, "tensors": 0}, listed, "test", records=digests)
-    write_manifest(out, manifest)
+                              {"vision": False, "mtp": False, "tensors": 0}, bw.files, "test",
+                              records=bw.record_list(cfg.num_hidden_layers))
+    bw.finish(manifest)
     return out
 
 
@@ -145,7 +139,6 @@ def reference_from_bundle(model, bundle_dir):
                           group_size=q["group_size"], bits=q["bits"])
         put("lm_head.weight" if mod == "lm_head" else f"model.{mod}.weight", w)
     eq = b.expert_quant
-    to_mx = {"uint32": mx.uint32, "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
     for L in range(b.config.num_hidden_layers):
         f = b.expert_file(L)
         buf = np.zeros(f.info.record_stride, np.uint8)
@@ -153,7 +146,7 @@ def reference_from_bundle(model, bundle_dir):
         for e in range(f.info.num_experts):
             f.read_into(e, buf)
             v = record_views(f.info, buf)
-            comp = {c.name: mx.array(v[c.name]).view(to_mx[c.dtype]) if c.dtype == "bfloat16"
+            comp = {c.name: mx.array(v[c.name]).view(getattr(mx, c.dtype)) if c.dtype == "bfloat16"
                     else mx.array(v[c.name]) for c in f.info.components}
             out = []
             for proj in ("gate_proj", "up_proj", "down_proj"):

@@ -254,11 +254,11 @@ def test_resume_after_interruption_is_byte_identical(tmp_path, ckpts, monkeypatc
     calls = {"n": 0}
     real = conv_mod.Converter._write_experts
 
-    def crash_on_third(self, layer):
+    def crash_on_third(self, layer, bw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of layer 2
-        return real(self, layer)
+        return real(self, layer, bw)
 
     monkeypatch.setattr(conv_mod.Converter, "_write_experts", crash_on_third)
     with pytest.raises(KeyboardInterrupt):

@@ -481,7 +481,7 @@ def test_staged_reads_match_direct_reads(bundles, corpus_ids, io):
     assert b.experts.reader.threads == 16  # the staged path reads 1 MiB pieces with more threads
     np.testing.assert_array_equal(our_logits(a, ids, stepwise=True), our_logits(b, ids, stepwise=True))
     n = sum(b.experts.reads.values())
-    assert n > b.experts.slots and up.copies == n * len(b.experts.cache.copy_plan[0])
+    assert n > b.experts.slots and up.copies == n * len(b.experts.cache.destinations(0))
     a.experts.close()
     b.experts.close()
 
