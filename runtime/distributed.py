@@ -43,14 +43,17 @@ import signal
 import sys
 import threading
 import time
-import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from flashmoe.format.errors import BundleError, FlashmoeError
 from flashmoe.hub.shard import SHARD_MARKER  # written by `flashmoe-pull --shard r/N`
+
+from .config import EngineConfig
+from .engine import Engine
+from .experts import ExpertShard
+from .runner import PREFILL_TOKENS, BatchRunner, PromptCache
 
 DEFAULT_TIMEOUT_S = 60.0  # longest wait in one collective (one MoE layer's imbalance) before giving up
 LOAD_TIMEOUT_S = 900.0  # how long the ranks wait for the slowest one to load its bundle
@@ -197,18 +200,6 @@ def lost_message(rank: int, what: str, e: BaseException) -> str:
 # who we are
 
 
-@dataclass(frozen=True)
-class Shard:
-    """Expert-parallel ownership: rank `rank` of `size` owns the experts e with e % size == rank."""
-
-    rank: int
-    size: int
-
-    def mask(self, num_experts: int) -> np.ndarray:
-        """bool [num_experts]: the experts this rank owns."""
-        return (np.arange(num_experts) % self.size) == self.rank
-
-
 class Dist:
     """This process's place among the ranks: group, shard, watchdog and control link. size == 1 (no
     launcher) means a single process: nothing is sent and nothing changes."""
@@ -216,7 +207,6 @@ class Dist:
     def __init__(self, group, timeout: float = DEFAULT_TIMEOUT_S, prog: str = "flashmoe"):
         self.group = group
         self.rank, self.size = group.rank(), group.size()
-        self.shard = Shard(self.rank, self.size)
         self.prog = prog
         self.timeout = float(timeout)
         self.watchdog = Watchdog(self.rank, timeout, prog) if self.size > 1 else None
@@ -251,7 +241,7 @@ class Dist:
             raise BundleError(f"rank {self.rank} of {self.size}: {bundle_dir} is not a bundle directory on this host; "
                               f"give every rank a local copy (on this host: `flashmoe-pull REPO --shard "
                               f"{self.rank}/{self.size} -o DIR`)")
-        problem = bundle_part_problem(bundle_dir, self.shard)
+        problem = bundle_part_problem(bundle_dir, ExpertShard(self.rank, self.size))
         if self.size == 1:
             if problem:
                 raise BundleError(problem)
@@ -273,45 +263,26 @@ class Dist:
                 "or revision) or other settings than rank 0: every rank needs a copy of the same bundle "
                 "(flashmoe-pull the same repo and revision on each host) and the same flags")
 
-    def attach(self, model) -> None:
-        """Make `model` (from flashmoe.load) expert-parallel over this group: its experts read and apply
-        only this rank's share and add the ranks' parts with all_sum; the watchdog is kicked every layer."""
+    def expert_shard(self) -> ExpertShard | None:
+        """This rank's part of the experts, for flashmoe.load(..., shard=...): it reads and applies only its
+        share and adds the ranks' parts with all_sum; at each MoE layer the watchdog sees progress, and a
+        forward that no step announced is refused (the other ranks would not run it, and every later
+        collective would pair with the wrong one). None for a single process."""
         if self.size == 1:
-            return
-        ex = model.experts
-        ex.shard = (self.rank, self.size)
-        ex.owned = self.shard.mask(ex.num_experts)
-        ex.group = self.group
-        ex.optimistic = False  # Model.decode's optimistic pass retries locally: ranks would fall out of step
-        object.__setattr__(model, "experts", _Kicked(ex, self))
-        # loading takes as long as each host's disk needs: wait for every rank here, with a bound of its own
-        self.link.gather([1], "waiting for every rank to load the bundle", max(self.timeout, LOAD_TIMEOUT_S))
+            return None
+        return ExpertShard(self.rank, self.size, self.group, self._layer_guard)
 
-
-class _Kicked:
-    """The model's experts callable, kicking the watchdog at each MoE layer (before and after its
-    all_sum), and refusing a forward that no plan announced (the other ranks would not run it, and every
-    later collective would pair with the wrong one); everything else passes through."""
-
-    def __init__(self, inner, dist: Dist):
-        self.__dict__["inner"] = inner
-        self.__dict__["watchdog"] = dist.watchdog
-        self.__dict__["dist"] = dist
-
-    def __call__(self, *a, **k):
-        if not self.dist.in_plan:
-            raise RuntimeError("a model forward ran outside a broadcast plan (a call that LeaderModel or "
-                               "LeaderRunner does not wrap); the ranks would fall out of step")
+    def _layer_guard(self) -> None:
+        if not self.in_plan:
+            raise RuntimeError("a model forward ran outside a broadcast step (a call that LeaderRunner does "
+                               "not send); the ranks would fall out of step")
         self.watchdog.kick()
-        y = self.inner(*a, **k)
-        self.watchdog.kick()
-        return y
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __setattr__(self, name, value):
-        setattr(self.inner, name, value)
+    def wait_loaded(self) -> None:
+        """After loading (with shard=self.expert_shard()): wait for every rank to have loaded. Loading takes
+        as long as each host's disk needs, so this wait has a bound of its own (LOAD_TIMEOUT_S)."""
+        if self.size > 1:
+            self.link.gather([1], "waiting for every rank to load the bundle", max(self.timeout, LOAD_TIMEOUT_S))
 
 
 def bundle_digest(bundle_dir: Path, experts_per_token: int | None) -> bytes:
@@ -322,7 +293,7 @@ def bundle_digest(bundle_dir: Path, experts_per_token: int | None) -> bytes:
     return h.digest()
 
 
-def bundle_part_problem(bundle_dir: Path, shard: Shard) -> str | None:
+def bundle_part_problem(bundle_dir: Path, shard: ExpertShard) -> str | None:
     """Why this rank cannot run from `bundle_dir` (a message naming the rank, the file and the fix), or
     None. A bundle pulled with `flashmoe-pull --shard r/N` holds only rank r's expert records and says so
     in SHARD_MARKER; a whole bundle serves any rank."""
@@ -337,12 +308,12 @@ def bundle_part_problem(bundle_dir: Path, shard: Shard) -> str | None:
         return None
     try:
         m = json.loads(marker.read_text())
-        have = Shard(int(m["rank"]), int(m["size"]))
+        have = ExpertShard(int(m["rank"]), int(m["size"]))
     except (OSError, ValueError, KeyError, TypeError):
         return f"{who}: {marker} is unreadable; re-run `flashmoe-pull REPO --shard {shard.rank}/{shard.size} -o {bundle_dir}`"
     fix = (f"on this host run `flashmoe-pull REPO --shard {shard.rank}/{shard.size} -o DIR` and give this rank that "
            "directory (or a whole bundle)")
-    if have != shard:
+    if (have.rank, have.size) != (shard.rank, shard.size):
         if shard.size == 1:
             return (f"{bundle_dir} holds only the experts of shard {have.rank}/{have.size} (flashmoe-pull --shard): run it "
                     f"on {have.size} ranks with mlx.launch, or pull the whole bundle without --shard")
@@ -473,108 +444,89 @@ def follow(dist: Dist, target) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# the model behind plans: what flashmoe.generate drives
-
-
-class ModelPlans:
-    """The calls a follower mirrors for the single-sequence path (flashmoe.generate, flashmoe-run):
-    caches are named by integer handles that the leader allocates."""
-
-    def __init__(self, model):
-        self.model = model
-        self.caches: dict[int, object] = {}
-
-    def new_cache(self, handle: int) -> None:
-        self.caches[handle] = self.model.make_cache()
-
-    def drop(self, handles: list[int]) -> None:
-        for h in handles:
-            self.caches.pop(h, None)
-
-    def forward(self, handle: int, ids: list[list[int]], last_only: bool):
-        return self.model(mx.array(ids, mx.int32), self.caches[handle], last_only=last_only)
-
-    def decode(self, handle: int, ids: list[list[int]]):
-        return self.model.decode(mx.array(ids, mx.int32), self.caches[handle])
-
-
-class LeaderModel:
-    """Rank 0's model for flashmoe.generate: looks like the model, but every make_cache and forward is
-    also run by the followers. Caches the leader frees are dropped on the followers with the next plan."""
-
-    def __init__(self, model, leader: Leader, plans: ModelPlans):
-        self.__dict__.update(_model=model, _leader=leader, _plans=plans, _next=0, _dead=[])
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def make_cache(self):
-        h = self.__dict__["_next"]
-        self.__dict__["_next"] = h + 1
-        self._flush()
-        self._leader.call("new_cache", h)
-        cache = self._plans.caches.pop(h)  # the leader keeps its own reference, not the registry
-        cache.dist_handle = h
-        weakref.finalize(cache, self._dead.append, h)
-        return cache
-
-    def __call__(self, ids, cache, last_only: bool = False):
-        return self._run(cache, "forward", np.array(ids).tolist(), bool(last_only))
-
-    def decode(self, ids, cache):
-        return self._run(cache, "decode", np.array(ids).tolist())
-
-    def _run(self, cache, name: str, *args):
-        self._flush()
-        self._plans.caches[cache.dist_handle] = cache
-        try:
-            return self._leader.call(name, cache.dist_handle, *args)
-        finally:
-            self._plans.caches.pop(cache.dist_handle, None)
-
-    def _flush(self) -> None:
-        dead = self._dead
-        if dead:
-            handles, dead[:] = list(dead), []
-            self._leader.call("drop", handles)
+# the engine's runner behind plans
 
 
 class RunnerPlans:
-    """The calls a follower mirrors for the batched engine (runtime/engine.py): its BatchRunner's
-    prefill / decode / remove, with JSON-friendly arguments ((sid, ids) pairs, not dicts with int keys)."""
+    """The steps a follower mirrors: its BatchRunner's, with JSON-friendly arguments ((sid, ids) pairs, not
+    dicts with int keys). Decode steps are never pipelined across ranks (RoutedExperts turns the optimistic
+    path off for a shard), so `launch` runs the whole step."""
 
-    def __init__(self, runner):
+    def __init__(self, runner: BatchRunner):
         self.runner = runner
 
     def prefill(self, seqs: list):
         return self.runner.prefill([(int(sid), [int(t) for t in ids]) for sid, ids in seqs])
 
-    def decode(self, tokens: list[int]):
-        return self.runner.decode([int(t) for t in tokens])
+    def launch(self, tokens: list[int]):
+        return self.runner.launch([int(t) for t in tokens])
 
     def remove(self, seq_ids: list[int], keep: list | None):
         return self.runner.remove([int(s) for s in seq_ids],
                                   None if keep is None else {int(sid): [int(t) for t in ids] for sid, ids in keep})
 
+    def reset(self):
+        return self.runner.reset()
+
+    def store(self, ids: list[int]):
+        return self.runner.store([int(t) for t in ids])
+
 
 class LeaderRunner:
-    """Rank 0's BatchRunner for Engine(runner=...): each call is broadcast, then run here."""
+    """Rank 0's runner: the BatchRunner interface the Engine drives, each model step broadcast to the
+    followers and then run here. Steps are never pipelined (`pipelined` is False), so a launched step is
+    always finished and never cancelled; `finish` only syncs it here."""
 
-    def __init__(self, plans: RunnerPlans, leader: Leader):
-        self.__dict__.update(_plans=plans, _leader=leader)
+    pipelined = False
 
-    def __getattr__(self, name):  # rows, cache, prompt_cache, cache_bytes, ...
-        return getattr(self._plans.runner, name)
+    def __init__(self, runner: BatchRunner, leader: Leader):
+        self.local = runner
+        self.leader = leader
+
+    @property
+    def model(self):
+        return self.local.model
+
+    @property
+    def rows(self) -> list[int]:
+        return self.local.rows
+
+    @property
+    def cache(self):
+        return self.local.cache
+
+    @property
+    def prompt_cache(self):
+        return self.local.prompt_cache
+
+    def cache_bytes(self) -> int:
+        return self.local.cache_bytes()
 
     def prefill(self, seqs):
-        return self._leader.call("prefill", [[int(sid), [int(t) for t in ids]] for sid, ids in seqs])
+        return self.leader.call("prefill", [[int(sid), [int(t) for t in ids]] for sid, ids in seqs])
 
-    def decode(self, tokens):
-        return self._leader.call("decode", [int(t) for t in tokens])
+    def launch(self, tokens):
+        return self.leader.call("launch", [int(t) for t in np.asarray(tokens).reshape(-1)])
+
+    def finish(self, p, after=None):
+        return self.local.finish(p, after)
+
+    def cancel(self, p):
+        raise RuntimeError("a distributed run never launches a step ahead, so none is cancelled")
 
     def remove(self, seq_ids, keep=None):
         pairs = None if keep is None else [[int(sid), [int(t) for t in ids]] for sid, ids in keep.items()]
-        return self._leader.call("remove", [int(s) for s in seq_ids], pairs)
+        return self.leader.call("remove", [int(s) for s in seq_ids], pairs)
+
+    def reset(self) -> None:
+        """Every rank drops its rows. With the link gone (the failure itself), only this rank can."""
+        try:
+            self.leader.call("reset")
+        except DistributedError:
+            self.local.reset()
+
+    def store(self, ids):
+        return self.leader.call("store", [int(t) for t in ids])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,37 +548,37 @@ def start_from_env(prog: str, environ=None) -> Dist:
     return Dist.start(any(v in env for v in LAUNCHER_VARS), timeout, prog)
 
 
-def run_model(dist: Dist, model, body) -> int | None:
-    """Run a front end that drives `model` directly (flashmoe.generate, flashmoe-run) on every rank:
-    rank 0 runs body(model') where model' broadcasts each call to the followers; the followers follow
-    until rank 0 is done, then return 0. Single process: body(model)."""
-    if dist.size == 1:
-        return body(model)
-    plans = ModelPlans(model)
-    return _lead_or_follow(dist, plans, lambda leader: body(LeaderModel(model, leader, plans)))
+def make_engine(dist: Dist, model, tokenizer, config: EngineConfig | None = None,
+                prompt_cache: PromptCache | None = None) -> Engine:
+    """The Engine every rank builds alike (the same flags: its runner's prefill chunking and prompt cache
+    must match). On rank 0 of several, its runner broadcasts each model step to the other ranks."""
+    config = (config or EngineConfig()).check()
+    if prompt_cache is None and config.prompt_cache_gb > 0:
+        prompt_cache = PromptCache(int(config.prompt_cache_gb * 1e9))
+    runner = BatchRunner(model, config.prefill_tokens or PREFILL_TOKENS, prompt_cache)
+    if dist.size > 1 and dist.leader:
+        runner = LeaderRunner(runner, Leader(dist, RunnerPlans(runner)))
+    return Engine(model, tokenizer, config, runner=runner)
 
 
-def run_engine(dist: Dist, engine, body) -> int | None:
-    """The same for a front end on the batched Engine (flashmoe-batch, flashmoe-serve). Every rank builds
-    the same Engine (same flags); rank 0 runs body(engine) with the engine's model calls broadcast."""
+def run_engine(dist: Dist, engine: Engine, body) -> int | None:
+    """Run a front end on the engine from make_engine (flashmoe-run, flashmoe-batch, flashmoe-serve): rank 0
+    runs body(engine), the other ranks mirror its model steps until rank 0 is done, then return 0. A single
+    process: body(engine)."""
     if dist.size == 1:
         return body(engine)
-    plans = RunnerPlans(engine.runner)
-
-    def lead(leader: Leader):
-        engine.runner = LeaderRunner(plans, leader)
-        return body(engine)
-
-    return _lead_or_follow(dist, plans, lead)
-
-
-def _lead_or_follow(dist: Dist, plans, lead) -> int | None:
     if not dist.leader:
-        follow(dist, plans)
+        follow(dist, RunnerPlans(engine.runner))
         return 0
-    leader = Leader(dist, plans)
+    if not isinstance(engine.runner, LeaderRunner):
+        raise DistributedError("rank 0's engine does not send its steps to the other ranks: build it with "
+                               "make_engine(dist, ...)")
+    return _lead(engine.runner.leader, lambda: body(engine))
+
+
+def _lead(leader: Leader, body) -> int | None:
     try:
-        rc = lead(leader)
+        rc = body()
     except DistributedError:
         leader.abandon()  # the link is gone: nothing to release
         raise
@@ -639,16 +591,13 @@ def _lead_or_follow(dist: Dist, plans, lead) -> int | None:
 
 def follow_engine(dist: Dist, bundle, load_kw: dict | None = None, engine_kw: dict | None = None) -> int:
     """A follower of flashmoe-batch / flashmoe-serve: load the bundle and build the Engine exactly as rank 0
-    does (the same flags: its runner's prefill chunking and prompt cache must match), then mirror rank 0's
-    batched model calls until it is done. Returns the exit status (0)."""
-    from flashmoe.runtime.engine import Engine
-
+    does, then mirror rank 0's model steps until it is done. Returns the exit status (0)."""
     import flashmoe
 
     load_kw = dict(load_kw or {})
     k = load_kw.get("experts_per_token") or getattr(load_kw.get("config"), "experts_per_token", None)
     dist.check_bundle(bundle, k)
-    model, tokenizer = flashmoe.load(bundle, **load_kw)
-    dist.attach(model)
-    engine = Engine(model, tokenizer, **{k: v for k, v in (engine_kw or {}).items() if v is not None})
-    return run_engine(dist, engine, None)
+    model, tokenizer = flashmoe.load(bundle, shard=dist.expert_shard(), **load_kw)
+    dist.wait_loaded()
+    config = EngineConfig(**{k: v for k, v in (engine_kw or {}).items() if v is not None})
+    return run_engine(dist, make_engine(dist, model, tokenizer, config), None)

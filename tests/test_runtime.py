@@ -383,11 +383,11 @@ def test_converted_bundle(trained, tmp_path, corpus_ids, bits, dense_bits):
 def test_session_reuses_the_cache_across_turns(loaded, corpus_ids):
     """A second turn whose prompt extends the first (prompt + reply + more) prefills only the new tokens
     and generates exactly what a fresh full prefill generates."""
-    from flashmoe.runtime.generate import Session
+    from flashmoe.runtime.runner import PromptCache
 
     model, tok = loaded(None)
     turn1 = prompt_of(corpus_ids, 12)
-    session = Session()
+    session = PromptCache()
     chunks = list(flashmoe.generate(model, tok, turn1, max_tokens=6, session=session))
     reply = [c.token for c in chunks if c.token is not None]
     turn2 = turn1 + reply + prompt_of(corpus_ids, 20)[12:]
