@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -289,9 +290,12 @@ def test_cli_prompt_stdout_is_only_text(bundles, loaded, capsys):
     model, tok = loaded(None)
     want = "".join(c.text for c in flashmoe.generate(model, tok, "The quick", max_tokens=12))
     rc, out, err = run_cli([bundles[None], "--prompt", "The quick", "--max-tokens", "12", "--stats"], capsys)
-    assert rc == 0 and out == want
+    assert rc == 0 and out == want + "\n"  # the text, ending its line (issue #22)
     for key in ("prefill:", "decode:", "expert I/O", "expert compute", "routing", "attention", "GB/s", "peak RSS"):
         assert key in err
+    # the kernels were compiled by a warm-up run before the timed one, and that run is timed on its own
+    assert re.search(r"^first run: compiling kernels \([\d.]+ s\)$", err, re.M)
+    assert err.index("first run") < err.index("prefill:")
 
 
 @pytest.fixture()
