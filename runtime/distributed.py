@@ -8,11 +8,12 @@ outputs with `all_sum` (runtime/experts.py; the shared expert is applied once, a
 rank reads 1/size of the expert bytes from its own disk and caches 1/size of the model.
 
 Rank 0 (the leader) owns tokenization, sampling and output. The other ranks (followers) run no front
-end: they execute the same model calls as the leader, in the same order, told by a *plan* that the
-leader broadcasts before each call. A plan is a method name and JSON arguments (token ids, cache
-handles), sent with mx.distributed collectives only: all_sum of a fixed-size int32 frame to which the
-other ranks contribute zeros (a second all_sum carries what does not fit). `Leader.call` broadcasts and
-then runs the call locally; `follow` is the followers' loop.
+end: they mirror the engine's model steps (runtime/runner.py: prefill, decode, rows leaving, reset,
+prompt-cache stores), in the same order, told by a *plan* that the leader broadcasts before each step. A
+plan is a step name and JSON arguments (token ids, sequence ids), sent with mx.distributed collectives
+only: all_sum of a fixed-size int32 frame to which the other ranks contribute zeros (a second all_sum
+carries what does not fit). Rank 0's Engine drives a LeaderRunner, which broadcasts each step and then
+runs it on its own BatchRunner; `follow` is the followers' loop over theirs.
 
 Failures end every rank within a bounded time, never a hang:
   * a rank whose process dies closes its sockets: the others' next collective fails at once
@@ -28,10 +29,10 @@ whether each has its part of a sharded bundle (hub/shard.py); any mismatch stops
 the rank.
 
 What a front end calls: `start_from_env(prog)` (size 1 without a launcher: nothing changes), then
-`dist.check_bundle(path, k)` before loading and `dist.attach(model)` after, then `run_model(dist, model,
-body)` for code that drives the model itself (flashmoe.generate: flashmoe-run), or `run_engine(dist,
-engine, body)` on rank 0 and `follow_engine(...)` on the others for the batched Engine (flashmoe-batch,
-flashmoe-serve).
+`dist.check_bundle(path, k)` before loading, `flashmoe.load(path, config, shard=dist.expert_shard())` and
+`dist.wait_loaded()`, then on every rank `engine = make_engine(dist, model, tokenizer, engine_config)` and
+`run_engine(dist, engine, body)`: rank 0 runs body(engine), the others follow (flashmoe-run, -batch,
+-serve); `follow_engine(...)` does a follower's whole part.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ a ring hostfile per process). This file is also the worker those processes run:
     python tests/test_distributed.py BUNDLE OUT MODE PROMPT MAX_TOKENS
 
 MODE "once": generate once (greedy), then every rank writes OUT.RANK.json with its expert reads (and rank 0
-the tokens); MODE "loop": rank 0 generates again and again, printing a line per round, until killed.
+the tokens); MODE "loop": rank 0 generates again and again, printing a line per round, until killed;
+MODE "engine": three prompts batched on the engine; MODE "fail": the same after a step that failed on rank 0
+(every rank also writes the rows its runner holds at the end).
 """
 
 from __future__ import annotations
