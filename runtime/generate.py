@@ -10,7 +10,7 @@ from .config import EngineConfig
 from .engine import Engine
 from .runner import PromptCache
 from .sampling import SamplingParams, make_sampler  # noqa: F401  (make_sampler: public API)
-from .text import GenerationChunk, eos_ids, peak_rss_bytes, prompt_ids, sequence_stats  # noqa: F401  (public API)
+from .text import GenerationChunk, eos_ids, peak_rss_bytes, prompt_ids  # noqa: F401  (public API)
 from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 1024  # tokens per prefill forward; each layer reads its chunk's expert union once

@@ -41,6 +41,7 @@ SLOTS = 64  # the tiny model's 4 layers x 16 experts: every record stays residen
 
 
 def _worker(argv: list[str]) -> int:
+    from flashmoe.format.errors import FlashmoeError
     from flashmoe.runtime import distributed as D
     from flashmoe.runtime.config import EngineConfig
     from flashmoe.runtime.generate import generate, prompt_ids
@@ -101,7 +102,7 @@ def _worker(argv: list[str]) -> int:
                     return
 
         D.run_engine(dist, engine, body)
-    except D.FlashmoeError as e:
+    except FlashmoeError as e:
         print(f"worker: error: {e}", file=sys.stderr, flush=True)
         return 2
     return _dump(out, dist, model, res)
@@ -377,7 +378,8 @@ def test_rank_missing_its_part_names_rank_file_and_fix(bundles, tmp_path):
     assert rc0 == 2 and "rank 0: rank(s) 1 lack their part of the bundle" in err0
     # and a layer file missing from a rank's own part names that file
     (part / "experts" / "layer-002.bin").unlink()
-    from flashmoe.runtime.distributed import Shard, bundle_part_problem
+    from flashmoe.runtime.dist_checks import bundle_part_problem
+    from flashmoe.runtime.experts import ExpertShard as Shard
 
     msg = bundle_part_problem(part, Shard(0, 2))
     assert msg.startswith(f"rank 0 of 2: {part / 'experts' / 'layer-002.bin'} is missing; on this host run "
