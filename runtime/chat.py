@@ -280,11 +280,12 @@ class Chat:
             elif self.conv.ids and not self.confirm(reader, "Changing the system prompt starts over. Continue?"):
                 self.say("kept the conversation")
             else:
+                had = bool(self.conv.ids)
                 self.conv.system = None if rest == "off" else rest
                 self.conv.reset()
                 self.last = None
                 self.say("system prompt cleared" if rest == "off" else "system prompt set")
-                if self.conv.ids:
+                if had:
                     self.say("the conversation starts over")
         elif name == "/stats":
             self.say(self.stats_text())

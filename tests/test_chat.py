@@ -187,3 +187,13 @@ def test_long_prompt_shows_prefill_progress(demo, demo_bundle):
     n = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": text.strip(chr(10))}])))
     assert f"prefill: {n} new tokens" in err
     assert len(chat.conv.session.longest()) >= n
+
+
+def test_a_script_is_not_asked_to_confirm(demo, demo_bundle):
+    """With stdin not a terminal, /system and /reset go ahead without a "[y/N]" question (which would
+    read the script's next line as the answer)."""
+    out, err, chat = run_chat(demo, demo_bundle, "hello\n/system Answer briefly.\nagain\n/reset\n/stats\n")
+    assert "[y/N]" not in err
+    assert "system prompt set" in err and "the conversation starts over" in err
+    assert "conversation cleared" in err and "no reply yet; 0 tokens in the cache" in err
+    assert chat.conv.turns == 0

@@ -200,3 +200,25 @@ def test_converter_needs_no_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     model, tok = flashmoe.load(tmp_path / "b")
     assert model.config.num_experts >= 16
+
+
+def test_prompt_from_stdin_at_a_terminal_says_so(demo_bundle, tmp_path):
+    """`--prompt -` at a terminal prints a one-line hint on stderr that it reads to the end of input; the
+    text typed then is the prompt (Ctrl-D ends it), and the answer ends its line."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "flashmoe.runtime.cli", str(demo_bundle), "--prompt", "-",
+                                           "--max-tokens", "8", "--no-chat-template"],
+                          env=dict(os.environ, HOME=str(tmp_path)), timeout=120, encoding="utf-8")
+    try:
+        child.expect_exact("flashmoe-run: reading the prompt from stdin until end of input (Ctrl-D)")
+        child.send(PROMPT)
+        child.sendeof()
+        child.sendeof()  # the first only ends the line typed so far
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before
+    assert child.before.endswith("\r\n")
+    piped = run(demo_bundle, "--prompt", "-", "--max-tokens", "8", "--no-chat-template", stdin=PROMPT.encode())
+    assert b"reading the prompt" not in piped.stderr  # not at a terminal: no hint
+    assert piped.stdout.decode().strip() and piped.stdout.decode().strip() in child.before.replace("\r\n", "\n")
