@@ -56,8 +56,8 @@ class Conversation:
         self.turns = 0
 
     def reset(self) -> None:
+        """Start the conversation over (the caller empties the prompt cache: Chat.start_over)."""
         self.ids, self.turns = [], 0
-        self.session.clear()
 
     def _system(self) -> list[dict]:
         return [{"role": "system", "content": self.system}] if self.system else []
@@ -207,7 +207,7 @@ class Chat:
                             gen.close()
                             break
             except KeyboardInterrupt:  # a second Ctrl-C: the cache may be half-updated, start it over
-                conv.session.clear()
+                self.engine.runner.forget()
                 stop.hit = True
         self.out.write("\n")
         self.out.flush()
@@ -234,7 +234,13 @@ class Chat:
             try:
                 prefill(self.engine, ids, stop, self.err)
             except KeyboardInterrupt:
-                session.clear()
+                self.engine.runner.forget()
+
+    def start_over(self) -> None:
+        """An empty conversation and prompt cache (on every rank of a distributed run)."""
+        self.conv.reset()
+        self.engine.runner.forget()
+        self.last = None
 
     def stats_text(self) -> str:
         held = len(self.conv.session.longest())
@@ -267,8 +273,7 @@ class Chat:
             if not self.conv.ids:
                 self.say("the conversation is already empty")
             elif self.confirm(reader, "Clear the conversation?"):
-                self.conv.reset()
-                self.last = None
+                self.start_over()
                 self.say("conversation cleared")
             else:
                 self.say("kept the conversation")
@@ -282,8 +287,7 @@ class Chat:
             else:
                 had = bool(self.conv.ids)
                 self.conv.system = None if rest == "off" else rest
-                self.conv.reset()
-                self.last = None
+                self.start_over()
                 self.say("system prompt cleared" if rest == "off" else "system prompt set")
                 if had:
                     self.say("the conversation starts over")

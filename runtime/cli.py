@@ -177,7 +177,7 @@ def _body(args: argparse.Namespace) -> int:
     sampling_params_from_args(args)  # validate before loading
     dist.check_bundle(args.bundle, config.experts_per_token)
     model, tok = load(args.bundle, config, shard=dist.expert_shard())
-    dist.wait_loaded()
+    dist.attach(model)
     check_kernels_fit(model)
     if args.system_prompt is not None and tok.chat_template is None:
         raise InputError(f"{args.bundle} has no chat template, so --system-prompt cannot be placed; drop it")

@@ -9,7 +9,7 @@ rank reads 1/size of the expert bytes from its own disk and caches 1/size of the
 
 Rank 0 (the leader) owns tokenization, sampling and output. The other ranks (followers) run no front
 end: they mirror the engine's model steps (runtime/runner.py: prefill, decode, rows leaving, reset,
-prompt-cache stores), in the same order, told by a *plan* that the leader broadcasts before each step. A
+prompt-cache stores and clears), in the same order, told by a *plan* that the leader broadcasts before each step. A
 plan is a step name and JSON arguments (token ids, sequence ids), sent with mx.distributed collectives
 only: all_sum of a fixed-size int32 frame to which the other ranks contribute zeros (a second all_sum
 carries what does not fit). Rank 0's Engine drives a LeaderRunner, which broadcasts each step and then
@@ -30,7 +30,7 @@ the rank.
 
 What a front end calls: `start_from_env(prog)` (size 1 without a launcher: nothing changes), then
 `dist.check_bundle(path, k)` before loading, `flashmoe.load(path, config, shard=dist.expert_shard())` and
-`dist.wait_loaded()`, then on every rank `engine = make_engine(dist, model, tokenizer, engine_config)` and
+`dist.attach(model)`, then on every rank `engine = make_engine(dist, model, tokenizer, engine_config)` and
 `run_engine(dist, engine, body)`: rank 0 runs body(engine), the others follow (flashmoe-run, -batch,
 -serve); `follow_engine(...)` does a follower's whole part.
 """
@@ -135,11 +135,18 @@ class Dist:
                                "not send); the ranks would fall out of step")
         self.watchdog.kick()
 
-    def wait_loaded(self) -> None:
-        """After loading (with shard=self.expert_shard()): wait for every rank to have loaded. Loading takes
-        as long as each host's disk needs, so this wait has a bound of its own (LOAD_TIMEOUT_S)."""
-        if self.size > 1:
-            self.link.gather([1], "waiting for every rank to load the bundle", max(self.timeout, LOAD_TIMEOUT_S))
+    def attach(self, model) -> None:
+        """After loading `model` with shard=self.expert_shard(): check that it was (a model holding every
+        expert would skip the ranks' sums and leave them waiting), then wait for every rank to have loaded.
+        Loading takes as long as each host's disk needs, so this wait has a bound of its own
+        (LOAD_TIMEOUT_S). Nothing is changed on the model."""
+        if self.size == 1:
+            return
+        shard = model.experts.shard
+        if shard is None or (shard.rank, shard.size) != (self.rank, self.size):
+            raise DistributedError(f"rank {self.rank}: the model was loaded without this rank's expert shard; "
+                                   "load it with flashmoe.load(..., shard=dist.expert_shard())")
+        self.link.gather([1], "waiting for every rank to load the bundle", max(self.timeout, LOAD_TIMEOUT_S))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,6 +176,9 @@ class RunnerPlans:
 
     def store(self, ids: list[int]):
         return self.runner.store([int(t) for t in ids])
+
+    def forget(self):
+        return self.runner.forget()
 
 
 class LeaderRunner:
@@ -226,6 +236,9 @@ class LeaderRunner:
 
     def store(self, ids):
         return self.leader.call("store", [int(t) for t in ids])
+
+    def forget(self) -> None:
+        self.leader.call("forget")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +310,6 @@ def follow_engine(dist: Dist, bundle, load_kw: dict | None = None, engine_kw: di
     k = load_kw.get("experts_per_token") or getattr(load_kw.get("config"), "experts_per_token", None)
     dist.check_bundle(bundle, k)
     model, tokenizer = flashmoe.load(bundle, shard=dist.expert_shard(), **load_kw)
-    dist.wait_loaded()
+    dist.attach(model)
     config = EngineConfig(**{k: v for k, v in (engine_kw or {}).items() if v is not None})
     return run_engine(dist, make_engine(dist, model, tokenizer, config), None)

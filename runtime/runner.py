@@ -9,7 +9,8 @@ mirror it (runtime/distributed.py): every forward of every front end goes throug
   * `launch` / `finish` / `cancel`: one decode step for every row (runtime/pipeline.py), so the engine
     can launch the next step before the host waits for this one.
   * `remove`: rows leave (optionally kept in the prompt cache); `reset`: drop every row (a failed step).
-  * `store`: feed tokens into the prompt cache without generating (the chat's prefill with progress).
+  * `store`: feed tokens into the prompt cache without generating (the chat's prefill with progress);
+    `forget`: empty the prompt cache.
 
 PromptCache keeps finished sequences' state, keyed by the tokens it holds; a new sequence whose prompt
 extends one of them prefills only the rest (chat turns, agents' growing conversations). Delta-net state
@@ -56,7 +57,6 @@ class PromptCache:
         self.budget = math.inf if budget_bytes is None else int(budget_bytes)
         self.entries: OrderedDict[tuple, Cache] = OrderedDict()
         self.bytes = 0
-        self.hits = 0
 
     def put(self, ids: list[int], cache: Cache) -> None:
         n = cache.nbytes()
@@ -77,7 +77,6 @@ class PromptCache:
             return None
         cache = self.entries.pop(tuple(ids[:n]))
         self.bytes -= cache.nbytes()
-        self.hits += 1
         return n, cache
 
     def prefix(self, ids: list[int]) -> int:
@@ -186,6 +185,11 @@ class BatchRunner:
     def reset(self) -> None:
         """Drop every row (after a failed step: their shared state may be half-updated)."""
         self.rows, self.cache = [], None
+
+    def forget(self) -> None:
+        """Empty the prompt cache (a chat's /reset)."""
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
 
     def store(self, ids: list[int]) -> int:
         """Feed `ids` into the prompt cache without generating: continue its longest entry that is a prefix

@@ -55,7 +55,7 @@ def _worker(argv: list[str]) -> int:
         bundle = bundle.replace("{rank}", str(dist.rank))  # a part per rank (flashmoe-pull --shard)
         dist.check_bundle(bundle)
         model, tok = flashmoe.load(bundle, slots=SLOTS, shard=dist.expert_shard())
-        dist.wait_loaded()
+        dist.attach(model)
         res: dict = {}
         if mode in ("engine", "fail"):  # the batched engine: three prompts of different lengths decoded together
             engine = D.make_engine(dist, model, tok, EngineConfig(max_batch=4, memory_budget_gb=1.0))
@@ -461,14 +461,13 @@ def test_pull_shard_flag_errors(capsys, argv, msg):
 
 
 def test_single_process_is_unchanged():
-    """Without a launcher: a group of one, no watchdog, no link, no expert shard; waiting for the others
-    does nothing."""
+    """Without a launcher: a group of one, no watchdog, no link, no expert shard; attach does nothing."""
     from flashmoe.runtime import distributed as D
 
     dist = D.start_from_env("t", environ={})
     assert (dist.rank, dist.size, dist.watchdog, dist.link) == (0, 1, None, None)
     assert dist.expert_shard() is None
-    dist.wait_loaded()
+    dist.attach(None)
     with pytest.raises(D.DistributedError, match="FLASHMOE_DIST_TIMEOUT='x'"):
         D.start_from_env("t", environ={"FLASHMOE_DIST_TIMEOUT": "x"})
 
