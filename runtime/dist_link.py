@@ -195,8 +195,12 @@ class Leader:
     def call(self, name: str, *args):
         with self._lock, _sigint_deferred():  # a plan sent is a plan run: Ctrl-C lands after the call
             if self._closed:
-                raise DistributedError("the ranks were already released (Leader.close)")
-            self._send(name, args, f"sending the plan for {name}")
+                raise DistributedError("the ranks were already released, or the link to them was lost")
+            try:
+                self._send(name, args, f"sending the plan for {name}")
+            except DistributedError:
+                self._closed = True  # no later plan (a reset after this failure) may wait on a lost rank
+                raise
             dog = self.dist.watchdog
             try:
                 with dog.guard(f"running {name} with the other ranks"):
@@ -204,6 +208,7 @@ class Leader:
                     return getattr(self.target, name)(*args)
             except RuntimeError as e:
                 if _link_error(e):
+                    self._closed = True
                     raise DistributedError(lost_message(self.dist.rank, f"running {name}", e)) from None
                 raise
             finally:

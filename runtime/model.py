@@ -34,6 +34,7 @@ import numpy as np
 
 from flashmoe.format import TextConfig
 
+from . import pipeline
 from .cache import Cache, KVCache, LinearCache
 from .integrity import check_finite, nonfinite
 
@@ -415,6 +416,11 @@ class Model(nn.Module):
         return Cache([LinearCache() if layer.is_linear else KVCache() for layer in self.layers], 0, lp)
 
     # ---- forward --------------------------------------------------------------------------
+    def decode(self, ids: mx.array, cache: Cache) -> mx.array:
+        """One unpipelined decode step (runtime/pipeline.decode, which the engine's steps use): ids [B, 1]
+        -> logits [B, 1, V], evaluated and checked."""
+        return pipeline.decode(self, ids, cache)
+
     def __call__(self, ids: mx.array, cache: Cache, last_only: bool = False, lookups: list | None = None) -> mx.array:
         if self.experts is None:
             raise RuntimeError("Model.experts is not set; load the model with flashmoe.load")
