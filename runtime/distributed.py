@@ -193,10 +193,6 @@ class LeaderRunner:
         self.leader = leader
 
     @property
-    def model(self):
-        return self.local.model
-
-    @property
     def rows(self) -> list[int]:
         return self.local.rows
 
