@@ -123,7 +123,7 @@ def load(path, config: RuntimeConfig | None = None, shard: ExpertShard | None = 
     if cfg.model_type == "qwen4_exp":  # n-gram tables streamed like the experts (runtime/qwen4_exp.py)
         from .qwen4_exp import Qwen4ExpModel
 
-        model = Qwen4ExpModel.from_bundle(bundle, **kw)
+        model = Qwen4ExpModel.from_bundle(**kw)
     else:
         model = Model(cfg, **kw)
     _load_dense(model, bundle)

@@ -414,7 +414,7 @@ class Qwen4ExpModel(Model):
         self.runtime_config = runtime_config
 
     @staticmethod
-    def from_bundle(bundle, **kw) -> "Qwen4ExpModel":
+    def from_bundle(*, bundle, **kw) -> "Qwen4ExpModel":
         """The model of a qwen4_exp bundle; `kw` as Model's (experts, stats, compute_dtype, ...)."""
         hf = read_json_file(Path(bundle.path) / "config.json", "config.json", "re-run flashmoe-convert")
         params = Qwen4Params.from_hf(hf, bundle.config)
