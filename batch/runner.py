@@ -79,8 +79,16 @@ def read_lines(source) -> list[bytes]:
     return list(source)
 
 
-def _prepare(req: Request, tokenizer, limit: int):
-    """(token ids, SamplingParams) for a request, or a BadLine saying what is wrong with it."""
+def _prepare(req: Request, tokenizer, limit: int, vocab: int):
+    """(token ids, SamplingParams) for a request, or a BadLine saying what is wrong with it: every failure
+    (validation, tokenization, the chat template) is this line's error line, never the job's."""
+    try:
+        return _prepare_checked(req, tokenizer, limit, vocab)
+    except Exception as e:
+        return _bad(req, f"cannot be tokenized ({type(e).__name__}: {e})", "invalid_prompt")
+
+
+def _prepare_checked(req: Request, tokenizer, limit: int, vocab: int):
     from flashmoe.runtime.engine import SamplingParams
     from flashmoe.runtime.generate import prompt_ids
 
@@ -98,6 +106,9 @@ def _prepare(req: Request, tokenizer, limit: int):
         ids = prompt_ids(tokenizer, req.prompt, chat_template=req.chat)
     except FlashmoeError as e:
         return _bad(req, e, "invalid_prompt")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        return _bad(req, f"token id {bad} is not in the model's vocabulary (ids 0 to {vocab - 1})", "invalid_prompt")
     if len(ids) >= limit:
         return _bad(req, f"the prompt is {len(ids)} tokens, past the context limit of {limit} tokens; "
                          "shorten it", "context_length_exceeded")
@@ -146,7 +157,7 @@ def _run(model, tokenizer, source, log: OutputLog, options: JobOptions, engine) 
         if isinstance(it, BadLine):
             errors.append(it)
             continue
-        r = _prepare(it, tokenizer, limit)
+        r = _prepare(it, tokenizer, limit, model.config.vocab_size)
         if isinstance(r, BadLine):
             errors.append(r)
         else:
@@ -176,9 +187,10 @@ def _drive(engine, queue: deque, log: OutputLog, summary: JobSummary, progress: 
             req, ids, params = queue.popleft()
             try:
                 sid = engine.add(ids.tolist(), params, tag=req.line)
-            except FlashmoeError as e:  # the engine's own checks (one sequence past the memory budget)
-                records.append(error_record(_bad(req, e, "capacity" if isinstance(e, CapacityError) else
-                                                 "invalid_request")))
+            except Exception as e:  # the engine's own checks (one sequence past the memory budget): this line's
+                code = "capacity" if isinstance(e, CapacityError) else "invalid_request"  # error, not the job's
+                records.append(error_record(_bad(req, e if isinstance(e, FlashmoeError) else
+                                                 f"{type(e).__name__}: {e}", code)))
                 summary.failed += 1
                 continue
             running[sid] = (req, len(ids), [])
