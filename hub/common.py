@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import stat
+import threading
 import sys
 import time
 from contextlib import contextmanager
@@ -115,9 +117,10 @@ def with_retries(fn: Callable[[], T], what: str, retries: int, backoff: float, p
             wait = min(backoff * 2 ** (attempt - 1), 60.0)
             msg = (f"{what} failed (attempt {attempt}/{retries}: {type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                    f"retrying in {wait:.0f} s{', ' + note if note else ''}")
-            log.warning(msg)
-            if progress:
+            if progress:  # once: printed, or (quiet) only logged at a level no default handler shows
                 print(f"flashmoe-publish: {msg}", file=sys.stderr, flush=True)
+            else:
+                log.info(msg)
             time.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -174,3 +177,39 @@ def place(src: Path, root: Path, rel: str) -> None:
     if os.path.isdir(dest) and not os.path.islink(dest):
         raise HubError(f"{dest} is a directory where the bundle has a file; remove it and re-run")
     os.replace(src, dest)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: a resumable job stops the same way."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread, so that a resumable
+    command (batch, pull, publish) ends as on Ctrl-C: finish the line being written, say how to resume."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends (a write and its fsync finish whole), then take effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -20,7 +20,7 @@ from flashmoe.format.bundle import MANIFEST, Bundle, inside, read_json_file, val
 from flashmoe.format.errors import BundleError
 
 from .common import (DOWNLOAD_TIMEOUT, RESOLVE_TIMEOUT_CACHED, HubError, file_patterns, looks_like_path,
-                     network_timeout, offline, place, quiet_tqdm, unlink_links, with_retries)
+                     network_timeout, offline, place, quiet_tqdm, unlink_links, with_retries, write_new)
 
 log = logging.getLogger("flashmoe.hub")
 
@@ -97,9 +97,7 @@ def _write_ref(cache_dir: str | None, repo_id: str, revision: str, commit: str) 
         if ref.is_file() and ref.read_text() == commit:
             return
         ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(ref.name + ".partial")
-        tmp.write_text(commit)
-        os.replace(tmp, ref)
+        write_new(ref, commit.encode())
     except OSError as e:  # a read-only cache still works online
         log.warning("could not record %s -> %s in the cache: %s", revision, commit, e)
 

@@ -280,7 +280,7 @@ def test_malformed_lines_become_error_lines(bundles, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    rc = main([str(bundles[None]), str(src), "-o", str(out), "--max-tokens", "3", "--batch-size", "8", "-q",
+    rc = main([str(bundles[None]), str(src), "-o", str(out), "--max-tokens", "3", "--max-batch", "8", "-q",
                "--stats-json", str(stats)])
     assert rc == 0
     assert "45 done, 5 failed, 0 skipped" in capsys.readouterr().err
@@ -305,7 +305,7 @@ def test_malformed_lines_become_error_lines(bundles, tmp_path, capsys):
 
 def _cli(bundle, src, out, *extra):
     return [sys.executable, "-m", "flashmoe.batch.cli", str(bundle), str(src), "-o", str(out), "-q",
-            "--max-tokens", "3", "--batch-size", "16", *extra]
+            "--max-tokens", "3", "--max-batch", "16", *extra]
 
 
 def _tail_ok(path):
