@@ -658,27 +658,33 @@ def test_kill_9_pull_then_resume(converted, hub, hf_env, tmp_path):
 
 
 # ---- 11. round two: pull -o DIR never writes through a link; batch lines never end the job ----------------
-def _outside_links(out: Path, tmp_path: Path) -> dict[Path, bytes]:
-    """Replace an expert file, README.md, the manifest and the dense/ folder of a pulled DIR with links to
-    files (a folder) outside it; returns {outside file: its bytes}, which must never change."""
+def _outside_links(out: Path, tmp_path: Path, every_kind: bool) -> dict[Path, bytes]:
+    """Replace an expert file of a pulled DIR (every_kind: also README.md, the manifest and the dense/ folder)
+    with links to files (a folder) outside it; returns {outside file: its bytes}, which must never change."""
     victims = {}
-    for i, name in enumerate(["experts/layer-001.bin", "README.md", MANIFEST]):
+    later = time.time() + 5  # modified after the pull (huggingface_hub then re-checks the file, and rewrites it)
+    for i, name in enumerate(["experts/layer-001.bin", "README.md", MANIFEST][:3 if every_kind else 1]):
         outside = tmp_path / f"precious-{i}"
         outside.write_bytes(b"precious %d\n" % i)
+        os.utime(outside, (later, later))
         (out / name).unlink()
         (out / name).symlink_to(outside)
         victims[outside] = outside.read_bytes()
+    if not every_kind:
+        return victims
     far = tmp_path / "far-dense"
     shutil.copytree(out / "dense", far)
     for f in far.iterdir():
         f.write_bytes(b"precious dense\n")
+        os.utime(f, (later, later))
         victims[f] = f.read_bytes()
     shutil.rmtree(out / "dense")
     (out / "dense").symlink_to(far, target_is_directory=True)
     return victims
 
 
-def test_11_pull_never_writes_through_a_link_in_the_directory(converted, hub, hf_env, tmp_path):
+@pytest.mark.parametrize("every_kind", [False, True], ids=["expert-file", "files-and-folder"])
+def test_11_pull_never_writes_through_a_link_in_the_directory(converted, hub, hf_env, tmp_path, every_kind):
     """Once the blobs are in the Hugging Face cache, huggingface_hub copied them into -o DIR by opening the
     existing path for writing: a link there to a file outside DIR got the expert bytes (rc 0)."""
     from flashmoe.hub import pull_bundle
@@ -686,11 +692,11 @@ def test_11_pull_never_writes_through_a_link_in_the_directory(converted, hub, hf
     _publish_and_pull(converted)  # every blob in the cache
     out = tmp_path / "out"
     pull_bundle(REPO, token=False, progress=False, local_dir=out)
-    victims = _outside_links(out, tmp_path)
+    victims = _outside_links(out, tmp_path, every_kind)
     r = cli("flashmoe.hub.cli", "pull", REPO, "-o", out, "-q",
             env=dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_HOME=str(hf_env / "hf_home")))
-    assert r.returncode == 0, r.stderr
     assert {p: p.read_bytes() for p in victims} == victims  # not one byte outside DIR written
+    assert r.returncode == 0, r.stderr
     assert not [p for p in out.rglob("*") if p.is_symlink()]
     assert not (out / ".flashmoe-pull").exists()  # the staging folder is gone
     same_bytes(converted, out)
@@ -708,7 +714,7 @@ def test_11_bad_token_ids_and_roles_are_error_lines(bundles, tmp_path):
     lines = [json.dumps({"id": "ok1", "prompt": "the cat"}), oa("oov", [5, 999999]), oa("huge", [5, 2 ** 31]),
              oa("neg", [5, -3]), json.dumps({"id": "role", "messages": [{"role": {"a": 1}, "content": "x"}]}),
              json.dumps({"id": "rolel", "messages": [{"role": ["user"], "content": "x"}]}),
-             json.dumps({"id": "sur", "prompt": "caf\\ud800"}), oa("ok2", [5, 6, 7])]
+             json.dumps({"id": "sur", "prompt": "caf\ud800"}), oa("ok2", [5, 6, 7])]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(lines) + "\n")
     r = batch_cli(bundles[None], src, out)
