@@ -190,7 +190,7 @@ def _pull(repo_id, revision, local_dir, cache_dir, token, endpoint, progress, fu
     bundle_dir = local_dir if local_dir is not None else manifest_path.parent
     bundle = Bundle(bundle_dir, manifest)
     # -o DIR: only the files DIR lacks (or holds wrong) are fetched; its manifest goes last, after every file
-    need = names if stage is None else _missing_in_dir(bundle, manifest_path, names, full_verify)
+    need, checked = (names, False) if stage is None else _missing_in_dir(bundle, manifest_path, names, full_verify)
 
     def land(files: list[str]) -> None:  # staged files -> DIR (nothing to do for the cache)
         if stage is not None:
@@ -213,7 +213,7 @@ def _pull(repo_id, revision, local_dir, cache_dir, token, endpoint, progress, fu
     if local_dir is None and commit is not None:
         _write_ref(cache_dir, repo_id, revision, commit)
 
-    bad = _verify.verify(bundle, full=full_verify, progress=progress)
+    bad = _verify.verify(bundle, full=full_verify, progress=progress, names=need if checked else None)
     attempt = 0
     while bad and commit is not None and offline_error is None and attempt < max_repairs:
         attempt += 1
@@ -253,18 +253,19 @@ def _stage(local_dir: Path) -> Path:
     return stage
 
 
-def _missing_in_dir(bundle: Bundle, staged_manifest: Path, names: list[str], full: bool) -> list[str]:
-    """The manifest files -o DIR lacks or holds wrong. Links in DIR are removed, never followed. The same
-    manifest already in DIR: its verified record makes this instant; another (or none): DIR's manifest goes
-    first, so an interrupted pull never leaves DIR looking like a bundle, and what is there is hashed."""
+def _missing_in_dir(bundle: Bundle, staged_manifest: Path, names: list[str], full: bool) -> tuple[list[str], bool]:
+    """The manifest files -o DIR lacks or holds wrong, and whether the others are verified (recorded) now.
+    Links in DIR are removed, never followed. The same manifest already in DIR: its verified record makes
+    this instant; another (or none): DIR's manifest goes first, so an interrupted pull never leaves DIR
+    looking like a bundle, and what is there is hashed."""
     root = Path(bundle.path)
     for n in names + EXTRA_FILES:
         unlink_links(root, n)
     here = root / MANIFEST
     if here.is_file() and here.read_bytes() == staged_manifest.read_bytes():
-        return sorted(_verify.verify(bundle, full=full, progress=False))
+        return sorted(_verify.verify(bundle, full=full, progress=False)), True
     here.unlink(missing_ok=True)
-    return sorted(_verify.check_files(root, bundle.files)[0])
+    return sorted(_verify.check_files(root, bundle.files)[0]), False
 
 
 def resolve_bundle(path_or_repo_id: str | os.PathLike, revision: str | None = None, **kwargs) -> Path:
