@@ -176,8 +176,8 @@ def _run(model, tokenizer, source, log: OutputLog, options: JobOptions, engine) 
     summary.failed = len(errors)
 
     prefill_tokens = engine.runner.prefill_tokens
-    summary.planned = plan([(len(ids), params.max_tokens) for _, ids, params in ready], engine.max_batch,
-                           prefill_tokens)
+    summary.planned = plan([(len(ids), min(params.max_tokens, limit - len(ids))) for _, ids, params in ready],
+                           engine.max_batch, prefill_tokens)  # (the engine's cap on max_tokens: the context)
     if options.progress and ready:
         p = summary.planned
         print(f"flashmoe-batch: {len(ready)} documents to answer in at most {p.passes} passes over the experts "

@@ -2,6 +2,8 @@
 headers, the source's weight index, config.json and safetensors headers. Every input must give either a
 valid object or one BundleError, never another exception; and what the manifest validator accepts, the
 published JSON Schema accepts too (the validator enforces the schema, plus rules it cannot state).
+Batch input lines (both forms) go through a whole job on the tiny model: no exception, and exactly one
+output line per non-blank input line (100 examples by default).
 
 Fast by default (CI); FLASHMOE_FUZZ_EXAMPLES=N runs N examples per test (e.g. 5000 for a long run).
 """
