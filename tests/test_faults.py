@@ -849,3 +849,27 @@ def test_12_batch_cli_missing_bundle_path(bundles, tmp_path):
     t = time.monotonic()
     one_line_error(batch_cli("./no/such/bundle", src, tmp_path / "o.jsonl"), "no such bundle directory: ")
     assert time.monotonic() - t < 60
+
+
+def test_11_sigterm_ends_a_pull_like_ctrl_c(converted, hub, hf_env, tmp_path):
+    import signal
+
+    from flashmoe.hub import publish_bundle, pull_bundle
+
+    publish_bundle(converted, REPO, token=TOKEN, progress=False, backoff=0.01)
+    out = tmp_path / "out"
+    port = int(hub.endpoint.rsplit(":", 1)[1])
+    with SlowProxy(port, rate=400_000) as proxy:
+        env = dict(os.environ, HF_ENDPOINT=proxy.endpoint, HF_HOME=str(hf_env / "hf_home"))
+        proc = subprocess.Popen([sys.executable, "-m", "flashmoe.hub.cli", "pull", REPO, "-o", str(out), "-q"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and not (out / ".flashmoe-pull").is_dir():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "run the same command again to resume" in err and "Traceback" not in err
+    assert pull_bundle(REPO, token=False, progress=False, local_dir=out) == out.resolve()
+    same_bytes(converted, out)
