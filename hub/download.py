@@ -162,6 +162,8 @@ def _pull(repo_id, revision, local_dir, cache_dir, token, endpoint, progress, fu
     tqdm_class = None if progress else quiet_tqdm()
 
     commit, offline_error = _resolve_commit(api, repo_id, revision, cache_dir, local_dir, token_sent, timeout)
+    if offline_error is not None and local_dir is not None:
+        commit = None  # the Hub cannot be reached: -o DIR is used as it is (verified below), if it is a bundle
     if commit is None:
         if local_dir is not None and (local_dir / MANIFEST).is_file():
             commit = None  # use the local copy as it is (verified below)

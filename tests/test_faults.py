@@ -249,6 +249,9 @@ def test_3_cached_bundle_never_waits_on_a_silent_hub(converted, hub, hf_env, tmp
             t = time.perf_counter()
             p = pull_bundle(REPO, token=False, progress=False, endpoint=silent.endpoint, **kw)
             assert time.perf_counter() - t < 8 and p == (cached if not kw else out)
+        # -o DIR at a commit, Hub silent: DIR is used as it is (nothing is staged or fetched)
+        assert pull_bundle(REPO, revision=cached.name, token=False, progress=False, endpoint=silent.endpoint,
+                           local_dir=tmp_path / "out") == out
         t = time.perf_counter()
         assert resolve_bundle(REPO, progress=False, endpoint=silent.endpoint, token=False) == cached
         assert time.perf_counter() - t < 8
