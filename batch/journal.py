@@ -12,9 +12,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 from pathlib import Path
 
 from flashmoe.format.errors import CapacityError, InputError
+from flashmoe.hub.common import signals_held
 
 from .output import line_of
 
@@ -24,22 +26,33 @@ class OutputLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        created = not self.path.exists()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fd = -1
+        self.created = not os.path.lexists(self.path)
+        # the one file flashmoe opens in a user's directory for writing without a rename: the journal is
+        # resumed in place, so it must be a regular file of its own (never a link, a device, a FIFO)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise InputError(f"{self.path} is in use by another flashmoe-batch run; wait for it to finish, "
-                             "or give a different -o") from None
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if os.path.islink(self.path):
+                raise InputError(f"{self.path} is a link; give the real path of the output file as -o") from None
+            raise InputError(f"cannot write {self.path} ({e.strerror or e}); give an -o on a writable disk") from None
         try:
-            if created:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise InputError(f"{self.path} is not a regular file; give a file path as -o (the output is "
+                                 "resumed, so it must be a file)")
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.created = False
+                raise InputError(f"{self.path} is in use by another flashmoe-batch run; wait for it to finish, "
+                                 "or give a different -o") from None
+            if self.created:
                 _fsync_dir(self.path.parent)
             self.done: dict[int, str | None] = {}
             self.errors = 0  # how many of the recovered lines are error lines
             self.dropped_bytes = self._recover()
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
 
     def _recover(self) -> int:
@@ -74,24 +87,28 @@ class OutputLog:
         start = os.fstat(self.fd).st_size
         view = memoryview(buf)
         try:
-            while view:
-                view = view[os.write(self.fd, view):]
-            os.fsync(self.fd)
+            with signals_held():  # Ctrl-C / SIGTERM: after the lines are written whole and fsync'd
+                while view:
+                    view = view[os.write(self.fd, view):]
+                os.fsync(self.fd)
         except OSError as e:  # disk full, I/O error: leave no partial line behind
             os.ftruncate(self.fd, start)
             raise CapacityError(f"cannot write {self.path} ({e.strerror or e}); free space or fix the disk, then "
                                 "run the same command again to resume") from None
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Unlock. `failed`: the run did not get going; an output this run created and left empty is removed."""
         if self.fd >= 0:
+            if failed and self.created and os.fstat(self.fd).st_size == 0:
+                self.path.unlink(missing_ok=True)  # still locked: no other run has it
             os.close(self.fd)  # releases the lock
             self.fd = -1
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        self.close(failed=exc_type is not None)
 
 
 def _fsync_dir(d: Path) -> None:

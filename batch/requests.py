@@ -49,6 +49,7 @@ _NEUTRAL = {
 }
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 _SIMPLE_KEYS = {"id", "custom_id", "prompt", "messages", "system", *_SAMPLING}
+MAX_TOKEN_ID = 2 ** 31 - 1  # past any vocabulary; the model's own size is checked when the line is tokenized
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -104,7 +105,10 @@ def parse_lines(lines, defaults: Defaults = Defaults()) -> list[Request | BadLin
             raw = raw.decode("utf-8", errors="replace")
         if not raw.strip():
             continue
-        r = parse_line(n, raw, defaults)
+        try:
+            r = parse_line(n, raw, defaults)
+        except Exception as e:  # a shape the checks above did not foresee: this line's error, never the job's
+            r = BadLine(n, None, "invalid_request", f"line {n} cannot be read ({type(e).__name__}: {e})")
         if isinstance(r, Request) and r.custom_id in seen:
             r = BadLine(n, r.custom_id, "duplicate_custom_id",
                         f"line {n}: custom_id {r.custom_id!r} is already used on line {seen[r.custom_id]}; "
@@ -123,6 +127,11 @@ def parse_line(n: int, raw: str, defaults: Defaults = Defaults()) -> Request | B
     if not isinstance(obj, dict):
         return BadLine(n, None, "invalid_json", f"line {n} is JSON but not an object ({type(obj).__name__}); "
                                                 "each line must be one JSON object")
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return BadLine(n, None, "invalid_json", f"line {n} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+                                                "without its pair), which is not text")
     openai = "url" in obj or "body" in obj or "method" in obj
     cid = obj.get("custom_id") if openai else obj.get("custom_id", obj.get("id"))
     if isinstance(cid, int) and not isinstance(cid, bool):
@@ -175,6 +184,10 @@ def _openai(n: int, obj: dict, cid: str | None, d: Defaults) -> Request:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # ["text"] or [[ids]]: one prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        bad = next((t for t in prompt if not 0 <= t < MAX_TOKEN_ID), None)
+        if bad is not None:
+            raise _Bad("invalid_prompt", f"token id {bad} is out of range; token ids are integers from 0 to the "
+                                         "model's vocabulary size - 1", "prompt")
         prompt = [int(t) for t in prompt]
     elif not isinstance(prompt, str):
         raise _Bad("missing_prompt", "body.prompt must be a string (or one list of token ids); "
@@ -212,7 +225,7 @@ def _messages(msgs, system_prompt: str | None) -> list[dict]:
         raise _Bad("missing_prompt", "messages must be a non-empty list of {\"role\", \"content\"}", "messages")
     out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
             raise _Bad("invalid_request", f"messages[{i}] needs a role of {', '.join(_ROLES)}", "messages")
         c = m.get("content")
         if isinstance(c, list):  # content parts: text only

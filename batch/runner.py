@@ -6,13 +6,16 @@
     summary = run_jobs(model, tokenizer, "in.jsonl", "out.jsonl", JobOptions(batch_size=None))
 
 Every request is tokenized up front (bad ones become error lines at once), then submitted to the Engine
-longest prompt first, a window of requests ahead of its free rows, so that documents of similar length
-prefill together and a finished document's row is refilled at the next step. Each sequence's output
-does not depend on its batch mates (the engine's guarantee) nor on the order, so the order is free.
+longest prompt first in waves (batch.passes: a small first wave, so that answers are written within a
+few steps, then a few passes of prompt tokens per step while the running rows decode), so that documents
+of similar length prefill together and a finished document's row is refilled at the next step. Each
+sequence's output does not depend on its batch mates (the engine's guarantee) nor on the order, so the
+order is free. Before starting, the job prints how many passes over the experts it needs at most.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from array import array
 from collections import deque
@@ -23,6 +26,7 @@ from flashmoe.format.errors import CapacityError, FlashmoeError, InputError
 
 from .journal import OutputLog
 from .output import answer_record, error_record
+from .passes import Plan, Waves, plan, prefill_passes
 from .progress import JobProgress
 from .requests import BadLine, Defaults, Request, parse_lines
 
@@ -52,6 +56,8 @@ class JobSummary:
     decode_only_tokens: int = 0  # tokens generated in decode-only steps
     max_batch: int = 0  # the engine's cap on rows at once (its memory plan admits within it)
     plan: str = ""
+    planned: Plan = Plan(0, 0, 0)  # passes over the experts this run needs at most (batch.passes)
+    passes: int = 0  # passes this run made
 
     @property
     def docs_per_hour(self) -> float:
@@ -59,6 +65,7 @@ class JobSummary:
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        d["planned"] = dict(d["planned"], passes=self.planned.passes)
         d.update(docs_per_hour=self.docs_per_hour,
                  prefill_tps=self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0,
                  decode_tps=self.decode_only_tokens / self.decode_s if self.decode_s > 0 else 0.0,
@@ -67,7 +74,8 @@ class JobSummary:
 
     def line(self) -> str:
         return (f"{self.done} done, {self.failed} failed, {self.skipped} skipped (answered earlier) of {self.total}"
-                f" in {self.wall_s:.1f} s ({self.docs_per_hour:.0f} docs/hour)")
+                f" in {self.wall_s:.1f} s ({self.docs_per_hour:.0f} docs/hour, {self.passes} passes of at most "
+                f"{self.planned.passes} planned)")
 
 
 def read_lines(source) -> list[bytes]:
@@ -79,8 +87,16 @@ def read_lines(source) -> list[bytes]:
     return list(source)
 
 
-def _prepare(req: Request, tokenizer, limit: int):
-    """(token ids, SamplingParams) for a request, or a BadLine saying what is wrong with it."""
+def _prepare(req: Request, tokenizer, limit: int, vocab: int):
+    """(token ids, SamplingParams) for a request, or a BadLine saying what is wrong with it: every failure
+    (validation, tokenization, the chat template) is this line's error line, never the job's."""
+    try:
+        return _prepare_checked(req, tokenizer, limit, vocab)
+    except Exception as e:
+        return _bad(req, f"cannot be tokenized ({type(e).__name__}: {e})", "invalid_prompt")
+
+
+def _prepare_checked(req: Request, tokenizer, limit: int, vocab: int):
     from flashmoe.runtime.engine import SamplingParams
     from flashmoe.runtime.generate import prompt_ids
 
@@ -98,6 +114,9 @@ def _prepare(req: Request, tokenizer, limit: int):
         ids = prompt_ids(tokenizer, req.prompt, chat_template=req.chat)
     except FlashmoeError as e:
         return _bad(req, e, "invalid_prompt")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        return _bad(req, f"token id {bad} is not in the model's vocabulary (ids 0 to {vocab - 1})", "invalid_prompt")
     if len(ids) >= limit:
         return _bad(req, f"the prompt is {len(ids)} tokens, past the context limit of {limit} tokens; "
                          "shorten it", "context_length_exceeded")
@@ -146,7 +165,7 @@ def _run(model, tokenizer, source, log: OutputLog, options: JobOptions, engine) 
         if isinstance(it, BadLine):
             errors.append(it)
             continue
-        r = _prepare(it, tokenizer, limit)
+        r = _prepare(it, tokenizer, limit, model.config.vocab_size)
         if isinstance(r, BadLine):
             errors.append(r)
         else:
@@ -156,44 +175,61 @@ def _run(model, tokenizer, source, log: OutputLog, options: JobOptions, engine) 
     log.append([error_record(b) for b in errors])
     summary.failed = len(errors)
 
+    prefill_tokens = engine.runner.prefill_tokens
+    summary.planned = plan([(len(ids), min(params.max_tokens, limit - len(ids))) for _, ids, params in ready],
+                           engine.max_batch, prefill_tokens)  # (the engine's cap on max_tokens: the context)
+    if options.progress and ready:
+        p = summary.planned
+        print(f"flashmoe-batch: {len(ready)} documents to answer in at most {p.passes} passes over the experts "
+              f"({p.prefill} prefill, {p.decode} decode; fewer when answers stop early); the bar counts passes",
+              file=sys.stderr, flush=True)
     progress = JobProgress(summary, enabled=options.progress)
     try:
-        _drive(engine, deque(ready), log, summary, progress, options.model_name)
+        _drive(engine, deque(ready), Waves(prefill_tokens), log, summary, progress, options.model_name)
     finally:
         progress.close()
         summary.wall_s = time.perf_counter() - t0
     return summary
 
 
-def _drive(engine, queue: deque, log: OutputLog, summary: JobSummary, progress: JobProgress,
+def _drive(engine, queue: deque, waves: Waves, log: OutputLog, summary: JobSummary, progress: JobProgress,
            model_name: str) -> None:
-    window = 2 * engine.max_batch  # queued ahead of the engine's rows: a freed row is refilled at the next step
-    running: dict[int, tuple[Request, int, list[str]]] = {}
+    """Documents join in waves while the rows already running decode; every finished answer is written
+    (and fsync'd) in the step it finishes."""
+    running: dict[int, tuple[Request, int, list[str]]] = {}  # in the engine: waiting or running
+    waiting: deque[tuple[int, int]] = deque()  # (seq id, prompt tokens) added and not yet prefilled
     c0 = dict(engine.counters)
     while queue or running:
         records = []
-        while queue and len(running) < window:
-            req, ids, params = queue.popleft()
+        for req, ids, params in waves.take(queue, engine.max_batch - len(running), lambda r: len(r[1])):
             try:
                 sid = engine.add(ids.tolist(), params, tag=req.line)
-            except FlashmoeError as e:  # the engine's own checks (one sequence past the memory budget)
-                records.append(error_record(_bad(req, e, "capacity" if isinstance(e, CapacityError) else
-                                                 "invalid_request")))
+            except Exception as e:  # the engine's own checks (one sequence past the memory budget): this line's
+                code = "capacity" if isinstance(e, CapacityError) else "invalid_request"  # error, not the job's
+                records.append(error_record(_bad(req, e if isinstance(e, FlashmoeError) else
+                                                 f"{type(e).__name__}: {e}", code)))
                 summary.failed += 1
                 continue
             running[sid] = (req, len(ids), [])
+            waiting.append((sid, len(ids)))
         if running:
+            was_running = len(running) - len(waiting)
             before = engine.counters["prompt_tokens"]
             gen_before = engine.counters["generated_tokens"]
             t = time.perf_counter()
             events = engine.step()
             dt = time.perf_counter() - t
             c = engine.counters
+            joined = [waiting.popleft() for _ in range(len(waiting) - c["waiting"])]  # the engine admits in order
             if c["prompt_tokens"] > before:
                 summary.prefill_s += dt
             else:
                 summary.decode_s += dt
                 summary.decode_only_tokens += c["generated_tokens"] - gen_before
+            finals = {ev.seq_id: ev for ev in events if ev.finish_reason is not None}
+            joined_ids = {sid for sid, _ in joined}
+            decoded = was_running > 0 or any(sid not in finals or len(finals[sid].tokens) > 1 for sid in joined_ids)
+            summary.passes += prefill_passes([n for _, n in joined], waves.prefill_tokens) + decoded
             for ev in events:
                 req, n_prompt, texts = running[ev.seq_id]
                 texts.append(ev.text)

@@ -51,8 +51,11 @@ def resolve(source: str, revision: str | None = None, progress: bool = True, tim
             raise BundleError(f"{source}: is a file; expected a checkpoint directory (with config.json and "
                               "*.safetensors) or a Hub repo id")
         return p, {"path": str(p.resolve()), "revision": revision}
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise BundleError(f"{source}: no such directory, and it is not a Hub repo id like Qwen/Qwen3.5-397B-A17B")
+    from flashmoe.hub.common import looks_like_path
+
+    if looks_like_path(source) or source.count("/") != 1:
+        raise BundleError(f"no such checkpoint directory: {source} (a path, not a Hub repo id like "
+                          "Qwen/Qwen3.5-397B-A17B)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 

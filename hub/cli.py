@@ -7,6 +7,8 @@ import sys
 
 from flashmoe.cli import add_common_arguments, run_cli
 
+from .common import Terminated, sigterm_as_interrupt
+
 PUBLISH_EPILOG = """\
 Tokens come from HF_TOKEN or `hf auth login` (never printed). The upload resumes: if it is
 interrupted, run the same command again. Private storage on free Hub accounts is limited; a
@@ -36,12 +38,13 @@ def _publish(a: argparse.Namespace) -> int:
     from .publish import publish_bundle
 
     try:
-        info = publish_bundle(a.bundle, a.repo_id, private=a.private, revision=a.revision,
-                              commit_message=a.commit_message, speed=a.speed, retries=a.retries,
-                              progress=not a.quiet)
-    except KeyboardInterrupt:
-        print("flashmoe-publish: interrupted; run the same command again to resume the upload", file=sys.stderr)
-        return 130
+        with sigterm_as_interrupt():
+            info = publish_bundle(a.bundle, a.repo_id, private=a.private, revision=a.revision,
+                                  commit_message=a.commit_message, speed=a.speed, retries=a.retries,
+                                  progress=not a.quiet)
+    except KeyboardInterrupt as e:
+        print(f"flashmoe-publish: {_stopped(e)}; run the same command again to resume the upload", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # network trouble that outlasted the retries: the user re-runs; anything else is a bug
         if not is_transient(e):
             raise
@@ -77,6 +80,19 @@ def _pull_parser() -> argparse.ArgumentParser:
 
 
 def _pull(a: argparse.Namespace) -> int:
+    try:
+        with sigterm_as_interrupt():
+            return _pull_body(a)
+    except KeyboardInterrupt as e:
+        print(f"flashmoe-pull: {_stopped(e)}; run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+
+
+def _stopped(e: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+
+
+def _pull_body(a: argparse.Namespace) -> int:
     from .common import HubError, is_transient
     from .download import pull_bundle
 
@@ -92,9 +108,6 @@ def _pull(a: argparse.Namespace) -> int:
         else:
             path = pull_bundle(a.repo_id, revision=a.revision, local_dir=a.output, cache_dir=a.cache_dir,
                                progress=not a.quiet, full_verify=a.verify)
-    except KeyboardInterrupt:
-        print("flashmoe-pull: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
     except Exception as e:  # network trouble is the user's to retry; anything else is a bug
         if not is_transient(e):
             raise

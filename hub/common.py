@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import signal
+import stat
+import threading
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 log = logging.getLogger("flashmoe.hub")
@@ -111,8 +117,99 @@ def with_retries(fn: Callable[[], T], what: str, retries: int, backoff: float, p
             wait = min(backoff * 2 ** (attempt - 1), 60.0)
             msg = (f"{what} failed (attempt {attempt}/{retries}: {type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                    f"retrying in {wait:.0f} s{', ' + note if note else ''}")
-            log.warning(msg)
-            if progress:
+            if progress:  # once: printed, or (quiet) only logged at a level no default handler shows
                 print(f"flashmoe-publish: {msg}", file=sys.stderr, flush=True)
+            else:
+                log.info(msg)
             time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+# ---- paths and files in a user's directory ----------------------------------------------------------------
+def looks_like_path(s: str) -> bool:
+    """An argument that names a local path, never a Hub repo id: it exists here, starts with `.`, `/` or `~`,
+    has more than one slash, or holds this system's own separator."""
+    return (os.path.lexists(os.path.expanduser(s)) or s.startswith((".", "/", "~")) or s.count("/") > 1
+            or (os.sep != "/" and os.sep in s))
+
+
+def write_new(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` the one safe way: a fresh file under a temporary name in the same directory
+    (O_CREAT|O_EXCL|O_NOFOLLOW: never an existing file, never through a link), fsync'd, then renamed over
+    `path` (a link there is replaced, its target never touched). On any error the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def unlink_links(root: Path, rel: str) -> None:
+    """Remove every link on the way from `root` to `root/rel` (the path itself or a folder on the way),
+    never following one, so that nothing later written at `rel` can land outside `root`."""
+    p = Path(root)
+    for part in Path(rel).parts:
+        p = p / part
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            p.unlink()
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            return
+
+
+def place(src: Path, root: Path, rel: str) -> None:
+    """Move `src` (a file of ours) to `root/rel` by rename: the folders on the way are made real ones (a link
+    among them is removed first) and whatever is at `rel` is replaced, never opened or followed."""
+    unlink_links(root, rel)
+    dest = Path(root) / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        raise HubError(f"{dest} is a directory where the bundle has a file; remove it and re-run")
+    os.replace(src, dest)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: a resumable job stops the same way."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread, so that a resumable
+    command (batch, pull, publish) ends as on Ctrl-C: finish the line being written, say how to resume."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends (a write and its fsync finish whole), then take effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from flashmoe.format import verify as _verify
 from flashmoe.format.bundle import MANIFEST, Bundle, inside, read_json_file, validate_manifest
 from flashmoe.format.errors import BundleError
 
-from .common import (DOWNLOAD_TIMEOUT, RESOLVE_TIMEOUT_CACHED, HubError, file_patterns, network_timeout, offline,
-                     quiet_tqdm, with_retries)
+from .common import (DOWNLOAD_TIMEOUT, RESOLVE_TIMEOUT_CACHED, HubError, file_patterns, looks_like_path,
+                     network_timeout, offline, place, quiet_tqdm, unlink_links, with_retries, write_new)
 
 log = logging.getLogger("flashmoe.hub")
 
@@ -96,9 +97,7 @@ def _write_ref(cache_dir: str | None, repo_id: str, revision: str, commit: str) 
         if ref.is_file() and ref.read_text() == commit:
             return
         ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(ref.name + ".partial")
-        tmp.write_text(commit)
-        os.replace(tmp, ref)
+        write_new(ref, commit.encode())
     except OSError as e:  # a read-only cache still works online
         log.warning("could not record %s -> %s in the cache: %s", revision, commit, e)
 
@@ -161,16 +160,21 @@ def _pull(repo_id, revision, local_dir, cache_dir, token, endpoint, progress, fu
     api = HfApi(endpoint=endpoint, token=token)
     token_sent = bool(token) if token is not None else get_token() is not None
     tqdm_class = None if progress else quiet_tqdm()
-    where = dict(cache_dir=cache_dir, local_dir=str(local_dir) if local_dir else None)
-    common = dict(repo_id=repo_id, endpoint=endpoint, token=token, **where)
 
     commit, offline_error = _resolve_commit(api, repo_id, revision, cache_dir, local_dir, token_sent, timeout)
+    if offline_error is not None and local_dir is not None:
+        commit = None  # the Hub cannot be reached: -o DIR is used as it is (verified below), if it is a bundle
     if commit is None:
         if local_dir is not None and (local_dir / MANIFEST).is_file():
             commit = None  # use the local copy as it is (verified below)
         else:
             raise HubError(f"cannot reach the Hub ({type(offline_error).__name__}: {offline_error}) and there is no "
                            f"downloaded copy of {repo_id}@{revision}; connect and re-run") from None
+    # huggingface_hub writes only into the cache or into our private staging folder of -o DIR (it opens an
+    # existing file for writing when it copies a cached blob); files reach DIR by rename, links never followed
+    stage = _stage(local_dir) if local_dir is not None and commit is not None else None
+    common = dict(repo_id=repo_id, endpoint=endpoint, token=token, cache_dir=cache_dir,
+                  local_dir=str(stage) if stage else None)
     try:
         if commit is None:
             manifest_path = local_dir / MANIFEST
@@ -183,13 +187,22 @@ def _pull(repo_id, revision, local_dir, cache_dir, token, endpoint, progress, fu
     except EntryNotFoundError:
         raise HubError(f"{repo_id}@{commit[:12]} has no {MANIFEST}: it is not a flashmoe bundle, or its upload did "
                        "not finish (flashmoe-publish commits the manifest last)") from None
-    bundle_dir = manifest_path.parent
     manifest = _read_manifest(manifest_path, f"{repo_id}@{(commit or 'local')[:12]}")
     names = sorted(f["path"] for f in manifest["files"])
+    bundle_dir = local_dir if local_dir is not None else manifest_path.parent
+    bundle = Bundle(bundle_dir, manifest)
+    # -o DIR: only the files DIR lacks (or holds wrong) are fetched; its manifest goes last, after every file
+    need, checked = (names, False) if stage is None else _missing_in_dir(bundle, manifest_path, names, full_verify)
 
-    if commit is not None:
+    def land(files: list[str]) -> None:  # staged files -> DIR (nothing to do for the cache)
+        if stage is not None:
+            for n in files:
+                if (stage / n).is_file():
+                    place(stage / n, local_dir, n)
+
+    if commit is not None and need:
         try:
-            snapshot_download(revision=commit, allow_patterns=file_patterns(names + EXTRA_FILES),
+            snapshot_download(revision=commit, allow_patterns=file_patterns(need + EXTRA_FILES),
                               max_workers=max_workers, tqdm_class=tqdm_class,
                               local_files_only=offline_error is not None, **common)
         except LocalEntryNotFoundError as e:
@@ -198,11 +211,11 @@ def _pull(repo_id, revision, local_dir, cache_dir, token, endpoint, progress, fu
         except EntryNotFoundError as e:
             raise HubError(f"{repo_id}@{commit[:12]}: a file the manifest lists is missing from the repo ({e}); "
                            "the published bundle is incomplete: ask the publisher to re-run flashmoe-publish") from None
-        if local_dir is None:
-            _write_ref(cache_dir, repo_id, revision, commit)
+    land(need + ["README.md", MANIFEST])
+    if local_dir is None and commit is not None:
+        _write_ref(cache_dir, repo_id, revision, commit)
 
-    bundle = Bundle(bundle_dir, manifest)
-    bad = _verify.verify(bundle, full=full_verify, progress=progress)
+    bad = _verify.verify(bundle, full=full_verify, progress=progress, names=need if checked else None)
     attempt = 0
     while bad and commit is not None and offline_error is None and attempt < max_repairs:
         attempt += 1
@@ -213,6 +226,7 @@ def _pull(repo_id, revision, local_dir, cache_dir, token, endpoint, progress, fu
                 hf_hub_download(filename=n, revision=commit, force_download=True, tqdm_class=tqdm_class, **common)
             except EntryNotFoundError:
                 pass  # reported below as missing
+        land(sorted(bad))
         bad = _verify.verify(bundle, names=sorted(bad), full=True, progress=progress)
     if bad:
         for n in bad:
@@ -225,11 +239,35 @@ def _pull(repo_id, revision, local_dir, cache_dir, token, endpoint, progress, fu
                     "The bad files were deleted, not used; ask the publisher to re-run flashmoe-publish")
         raise HubError(f"{repo_id}@{(commit or revision)[:12]}: {len(bad)} file(s) do not match the manifest: "
                        f"{listing}. {hint}")
+    if stage is not None:
+        shutil.rmtree(stage, ignore_errors=True)
     return bundle_dir
 
 
-def looks_like_path(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or s.count("/") != 1 or os.sep != "/" and os.sep in s
+STAGE = ".flashmoe-pull"  # in -o DIR: the only folder huggingface_hub writes into
+
+
+def _stage(local_dir: Path) -> Path:
+    local_dir.mkdir(parents=True, exist_ok=True)
+    unlink_links(local_dir, STAGE)
+    stage = local_dir / STAGE
+    stage.mkdir(mode=0o700, exist_ok=True)
+    return stage
+
+
+def _missing_in_dir(bundle: Bundle, staged_manifest: Path, names: list[str], full: bool) -> tuple[list[str], bool]:
+    """The manifest files -o DIR lacks or holds wrong, and whether the others are verified (recorded) now.
+    Links in DIR are removed, never followed. The same manifest already in DIR: its verified record makes
+    this instant; another (or none): DIR's manifest goes first, so an interrupted pull never leaves DIR
+    looking like a bundle, and what is there is hashed."""
+    root = Path(bundle.path)
+    for n in names + EXTRA_FILES:
+        unlink_links(root, n)
+    here = root / MANIFEST
+    if here.is_file() and here.read_bytes() == staged_manifest.read_bytes():
+        return sorted(_verify.verify(bundle, full=full, progress=False)), True
+    here.unlink(missing_ok=True)
+    return sorted(_verify.check_files(root, bundle.files)[0]), False
 
 
 def resolve_bundle(path_or_repo_id: str | os.PathLike, revision: str | None = None, **kwargs) -> Path:
@@ -244,6 +282,6 @@ def resolve_bundle(path_or_repo_id: str | os.PathLike, revision: str | None = No
                            "or a Hub repo id NAMESPACE/NAME")
         return p
     if looks_like_path(s) or not REPO_ID_RE.match(s):
-        raise HubError(f"{s}: no such bundle directory (and not a Hub repo id NAMESPACE/NAME). "
+        raise HubError(f"no such bundle directory: {s} (a path, not a Hub repo id NAMESPACE/NAME). "
                        f"Convert one with `flashmoe-convert SOURCE -o {s}` or pull one with `flashmoe-pull REPO_ID`.")
     return pull_bundle(s, revision=revision, **kwargs)

@@ -24,7 +24,8 @@ from flashmoe.format.errors import BundleError
 
 from flashmoe.format import verify as _verify
 from .card import CARD_MARKER, card_text
-from .common import UPLOAD_TIMEOUT, HubError, file_patterns, is_transient, network_timeout, offline, with_retries
+from .common import (UPLOAD_TIMEOUT, HubError, file_patterns, is_transient, network_timeout, offline, with_retries,
+                     write_new)
 
 log = logging.getLogger("flashmoe.hub")
 
@@ -38,9 +39,7 @@ def _write_card(bundle: Bundle, repo_id: str, speed: str | None, progress: bool)
     text = card_text(bundle, repo_id, speed)
     if path.is_file() and path.read_text(errors="replace") == text:
         return
-    tmp = path.with_name("README.md.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_new(path, text.encode())
 
 
 def _auth_error(e: Exception, repo_id: str) -> HubError | None:

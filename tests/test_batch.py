@@ -280,7 +280,7 @@ def test_malformed_lines_become_error_lines(bundles, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    rc = main([str(bundles[None]), str(src), "-o", str(out), "--max-tokens", "3", "--batch-size", "8", "-q",
+    rc = main([str(bundles[None]), str(src), "-o", str(out), "--max-tokens", "3", "--max-batch", "8", "-q",
                "--stats-json", str(stats)])
     assert rc == 0
     assert "45 done, 5 failed, 0 skipped" in capsys.readouterr().err
@@ -305,7 +305,7 @@ def test_malformed_lines_become_error_lines(bundles, tmp_path, capsys):
 
 def _cli(bundle, src, out, *extra):
     return [sys.executable, "-m", "flashmoe.batch.cli", str(bundle), str(src), "-o", str(out), "-q",
-            "--max-tokens", "3", "--batch-size", "16", *extra]
+            "--max-tokens", "3", "--max-batch", "16", *extra]
 
 
 def _tail_ok(path):
@@ -382,3 +382,64 @@ def test_two_runs_on_one_output_are_refused(bundles, tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+# ----------------------------------------------------------------------------------------------
+# waves and passes
+
+
+def test_first_answers_are_written_before_the_last_line_is_prefilled(loaded, tmp_path):
+    """60 lines used to join at once: nothing was written until every line was prefilled. In waves, the
+    first answers are in the output (fsync'd) steps before the last line's prefill; the answers are the
+    same as with every line prefilled together."""
+    from flashmoe.batch import JobOptions, run_jobs
+    from flashmoe.runtime.engine import Engine
+
+    model, tok = loaded(None)
+    rng = random.Random(11)
+    lines = [json.dumps({"id": f"d{i}", "prompt": text(rng, rng.randint(10, 30)), "max_tokens": 3}) for i in range(60)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+
+    def job(out, prefill_tokens):
+        engine = Engine(model, tok, max_batch=64, prefill_tokens=prefill_tokens)
+        seen = []
+
+        class Watched(OutputLog):
+            def append(self, recs):
+                super().append(recs)
+                if recs:
+                    seen.append((engine.counters["steps"], engine.counters["prompt_tokens"]))
+
+        with Watched(out) as log:
+            s = run_jobs(model, tok, src, log, JobOptions(progress=False), engine=engine)
+        return s, seen
+
+    s, seen = job(tmp_path / "waves.jsonl", 64)
+    total_prompt = seen[-1][1]
+    first_written = seen[0][0]
+    assert seen[0][1] < total_prompt, seen  # written while lines were still waiting for their prefill
+    assert first_written <= 3 and s.done == 60
+    s_all, seen_all = job(tmp_path / "all.jsonl", 1 << 20)  # one wave would be every line at once
+    assert seen_all[0][1] == total_prompt  # (what the old admission did: nothing written before all prefilled)
+    key = lambda path: sorted((r["custom_id"], answer_of(r)) for r in records(path))  # noqa: E731
+    assert key(tmp_path / "waves.jsonl") == key(tmp_path / "all.jsonl")
+
+
+def test_planned_passes_bound_the_job_and_are_exact_without_early_stops(loaded, tmp_path):
+    from flashmoe.batch import JobOptions, run_jobs
+    from flashmoe.batch.passes import plan, prefill_passes
+    from flashmoe.runtime.engine import Engine
+
+    assert prefill_passes([100, 30], 64) == 4 and prefill_passes([], 64) == 0
+    assert plan([(10, 3)], 4, 64).passes == 1 + 2  # one prefill forward, then two decode steps
+    model, tok = loaded(None)
+    rng = random.Random(12)
+    for max_tokens, exact in ((1, True), (6, False)):
+        lines = [json.dumps({"prompt": text(rng, rng.randint(5, 60)), "max_tokens": max_tokens}) for _ in range(40)]
+        out = tmp_path / f"o{max_tokens}.jsonl"
+        s = run_jobs(model, tok, [x.encode() for x in lines], out, JobOptions(progress=False),
+                     engine=Engine(model, tok, max_batch=16, prefill_tokens=128))
+        assert s.done == 40 and 0 < s.passes <= s.planned.passes, (s.passes, s.planned)
+        if exact:  # every answer is one token: no decode step, and the plan is the real count
+            assert s.passes == s.planned.passes and s.planned.decode == 0

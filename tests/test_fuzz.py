@@ -2,6 +2,8 @@
 headers, the source's weight index, config.json and safetensors headers. Every input must give either a
 valid object or one BundleError, never another exception; and what the manifest validator accepts, the
 published JSON Schema accepts too (the validator enforces the schema, plus rules it cannot state).
+Batch input lines (both forms) go through a whole job on the tiny model: no exception, and exactly one
+output line per non-blank input line (100 examples by default).
 
 Fast by default (CI); FLASHMOE_FUZZ_EXAMPLES=N runs N examples per test (e.g. 5000 for a long run).
 """
@@ -285,3 +287,104 @@ def test_safetensors_header(data):
             return
         for t in tensors.values():
             read_tensor(t)
+
+
+# ---- batch input lines: every line gets exactly one output line, and the job never crashes --------------------
+BATCH_EXAMPLES = int(os.environ.get("FLASHMOE_FUZZ_EXAMPLES", "100"))
+BATCH_FUZZ = settings(max_examples=BATCH_EXAMPLES, deadline=None,
+                      derandomize="FLASHMOE_FUZZ_EXAMPLES" not in os.environ,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_CHARS = st.characters(codec=None, categories=None)  # every code point, lone surrogates included
+_TEXT = st.text(_CHARS, max_size=12) | st.sampled_from(["the cat", "", " ", "user", "\ud800", "caf\u00e9"])
+_INT = st.integers(-2 ** 70, 2 ** 70) | st.sampled_from([-3, -1, 0, 1, 5, 511, 512, 999999, 2 ** 31, 2 ** 63])
+_SCALAR = st.none() | st.booleans() | _INT | st.floats(allow_nan=True, allow_infinity=True) | _TEXT
+_JUNK = st.recursive(_SCALAR, lambda c: st.lists(c, max_size=3) | st.dictionaries(_TEXT, c, max_size=3), max_leaves=8)
+_MAX_TOKENS = st.sampled_from([0, 1, 2, -1, -(2 ** 40), 1.5, 2.0, "2", None, True, [], {}])  # never a long answer
+_TEMP = st.sampled_from([0, 0.0, 0.7, -1, float("nan"), float("inf"), "0", None, 1e308])
+
+
+@st.composite
+def _messages(draw):
+    def message():
+        role = draw(st.sampled_from(["user", "system", "developer", "assistant", "tool", None, 3, {"a": 1}, ["user"]]))
+        content = draw(_TEXT | _JUNK | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image"]),
+                                                                       "text": _TEXT | _JUNK}), max_size=2))
+        m = {"role": role, "content": content}
+        return draw(st.sampled_from([m, {"content": content}, {"role": role}, content]))
+
+    return draw(st.lists(st.builds(message), max_size=3) | _JUNK)
+
+
+def _sampling(draw, obj: dict) -> dict:
+    for key, values in (("max_tokens", _MAX_TOKENS), ("temperature", _TEMP), ("top_p", _TEMP), ("top_k", _INT),
+                        ("seed", _INT | _JUNK), ("stop", _TEXT | st.lists(_TEXT, max_size=2) | _JUNK)):
+        if draw(st.booleans()):
+            obj[key] = draw(values)
+    return obj
+
+
+_IDS = st.lists(_INT | st.integers(0, 511) | _JUNK, max_size=4)
+
+
+@st.composite
+def batch_line(draw) -> str:
+    kind = draw(st.sampled_from(["openai", "simple", "junk", "nested", "bytes"]))
+    if kind == "openai":
+        url = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings", None, 7]))
+        body = _sampling(draw, {})
+        if draw(st.booleans()):
+            body["messages"] = draw(_messages())
+        if draw(st.booleans()):
+            body["prompt"] = draw(_TEXT | _IDS | st.lists(_IDS, max_size=2) | _JUNK)
+        if draw(st.booleans()):
+            body[draw(st.sampled_from(["n", "stream", "logprobs", "tools", "model", "x"]))] = draw(_JUNK)
+        obj = {"custom_id": draw(_TEXT | _INT | _JUNK), "method": draw(st.sampled_from(["POST", "GET", None])),
+               "url": url, "body": draw(st.just(body) | _JUNK)}
+        for k in draw(st.lists(st.sampled_from(list(obj)), max_size=2)):
+            obj.pop(k, None)
+    elif kind == "simple":
+        obj = _sampling(draw, {})
+        if draw(st.booleans()):
+            obj["id"] = draw(_TEXT | _INT | _JUNK)
+        which = draw(st.sampled_from(["prompt", "messages", "both", "none"]))
+        if which in ("prompt", "both"):
+            obj["prompt"] = draw(_TEXT | _IDS | _JUNK)
+        if which in ("messages", "both"):
+            obj["messages"] = draw(_messages())
+        if draw(st.booleans()):
+            obj["system"] = draw(_TEXT | _JUNK)
+    elif kind == "junk":
+        return json.dumps(draw(_JUNK))
+    elif kind == "nested":
+        depth = draw(st.integers(1, 3000))
+        return "[" * depth + "]" * depth if draw(st.booleans()) else '{"a":' * depth + "1" + "}" * depth
+    else:
+        return draw(st.binary(max_size=20)).decode("latin-1")
+    return json.dumps(obj)
+
+
+@pytest.fixture(scope="module")
+def batch_engine(loaded):
+    from flashmoe.runtime.engine import Engine
+
+    model, tok = loaded(None)
+    return model, tok, Engine(model, tok, max_batch=8, memory_budget_gb=1.0)
+
+
+@BATCH_FUZZ
+@given(st.lists(batch_line() | st.just(json.dumps({"prompt": "the cat"})), min_size=1, max_size=5))
+def test_batch_lines(batch_engine, lines):
+    from flashmoe.batch import Defaults, JobOptions, run_jobs
+    from flashmoe.batch.output import line_of
+
+    model, tok, engine = batch_engine
+    lines = [x.replace("\n", " ").replace("\r", " ") for x in lines]  # one input line each
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "out.jsonl"
+        s = run_jobs(model, tok, [x.encode("utf-8", "surrogatepass") for x in lines], out,
+                     JobOptions(Defaults(max_tokens=2), progress=False), engine=engine)
+        got = [json.loads(x) for x in out.read_bytes().decode("utf-8").splitlines()]
+    want = [n for n, x in enumerate(lines, 1) if x.strip()]
+    assert sorted(line_of(r) for r in got) == want
+    assert s.done + s.failed == len(want)
+    assert all((r["error"] is None) != (r["response"] is None) for r in got)
