@@ -17,31 +17,17 @@ import os
 import sys
 from pathlib import Path
 
-from flashmoe.cli import add_common_arguments, run_cli
-from flashmoe.format.errors import InputError
+from flashmoe.cli import (add_common_arguments, add_engine_flags, add_runtime_flags, add_sampling_flags,
+                          engine_config_from_args, run_cli, runtime_config_from_args)
+from flashmoe.errors import InputError
 from flashmoe.hub.common import Terminated, sigterm_as_interrupt, write_new
-from flashmoe.runtime.config import RuntimeConfig
 
 from .requests import Defaults
 
 PROG = "flashmoe-batch"
 
 
-def _max_batch(v: str) -> int | None:
-    if v == "auto":
-        return None
-    try:
-        n = int(v)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be auto or a positive integer (got {v!r})")
-    return n
-
-
 def _parser() -> argparse.ArgumentParser:
-    from flashmoe.runtime.config import IO_MODES, KERNELS
-
     d = Defaults()
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="bundle directory (from flashmoe-convert or flashmoe-pull) or a Hub repo id")
@@ -53,27 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", default=None, metavar="FILE",
                    help="instruction text for simple {\"prompt\": ...} lines: the document goes in at {document}, "
                         "or after the instruction when it has no {document}")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
-                   help=f"tokens to generate at most (default {d.max_tokens}; a line's max_tokens overrides)")
-    p.add_argument("--temperature", type=float, default=d.temperature,
-                   help=f"0 = greedy (default {d.temperature:g}; a line may override)")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling mass (default {d.top_p:g} = off)")
-    p.add_argument("--top-k", type=int, default=d.top_k,
-                   help=f"sample among the k likeliest tokens (default {d.top_k} = off)")
-    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed for lines that give none (default none; "
-                                                            "with one, a resumed job samples the same answers)")
-    p.add_argument("--stop", action="append", default=None, metavar="STR",
-                   help="stop string for lines that give none (repeatable; default none)")
-    p.add_argument("--max-batch", type=_max_batch, default=None, metavar="auto|N",
-                   help="sequences decoded together (default auto: from the memory plan)")
-    p.add_argument("--memory-budget-gb", type=float, default=None, metavar="GB",
-                   help="memory for the batch's caches (default: the engine's share of free memory)")
-    p.add_argument("--experts-per-token", type=int, default=None, metavar="K",
-                   help="routed experts per token (default: the model's own)")
-    p.add_argument("--io", choices=IO_MODES, default=None,
-                   help=f"expert read method (default {RuntimeConfig.io})")
-    p.add_argument("--kernels", choices=KERNELS, default=None,
-                   help=f"expert kernels (default {RuntimeConfig.kernels}, or FLASHMOE_KERNELS)")
+    add_sampling_flags(p, max_tokens=d.max_tokens)  # a line's own values override these
+    add_engine_flags(p)
+    add_runtime_flags(p)
     p.add_argument("--stats-json", default=None, metavar="FILE", help="write the job's numbers here as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_common_arguments(p)
@@ -92,10 +60,6 @@ def _check_new_file(path: str, what: str) -> None:
         raise InputError(f"{what} {path}: the directory {parent} is not writable")
 
 
-def _runtime_config(args: argparse.Namespace):
-    return RuntimeConfig.from_env(experts_per_token=args.experts_per_token, io=args.io, kernels=args.kernels)
-
-
 def _body(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():
         return _job(args)
@@ -109,15 +73,14 @@ def _job(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 0:
         raise InputError(f"--max-tokens must be >= 0 (got {args.max_tokens})")
-    if args.memory_budget_gb is not None and not args.memory_budget_gb > 0:
-        raise InputError(f"--memory-budget-gb must be a positive number of GB (got {args.memory_budget_gb})")
-    from flashmoe.runtime.distributed import follow_engine, run_engine, start_from_env
-    from flashmoe.runtime.engine import Engine
+    from flashmoe.runtime.distributed import follow_engine, make_engine, run_engine, start_from_env
 
-    engine_kw = dict(max_batch=args.max_batch, memory_budget_gb=args.memory_budget_gb)
+    engine_config = engine_config_from_args(args)  # a bad budget is refused before anything loads
+    engine_kw = dict(max_batch=args.max_batch, memory_budget_gb=args.memory_budget_gb,
+                     prompt_cache_gb=args.prompt_cache_gb)
     dist = start_from_env(PROG)  # under mlx.launch: rank 0 runs the jobs, the other ranks mirror its model calls
     if not dist.leader:  # (before any input is read: only rank 0 reads it); loaded as rank 0 loads it below
-        return follow_engine(dist, args.bundle, {"config": _runtime_config(args)}, engine_kw)
+        return follow_engine(dist, args.bundle, {"config": runtime_config_from_args(args)}, engine_kw)
     if args.input == "-" and dist.size > 1:
         raise InputError("input '-' reads stdin to its end, and mlx.launch never passes the end of its input on to "
                          "the ranks: give the input file's path (on rank 0's host)")
@@ -135,7 +98,7 @@ def _job(args: argparse.Namespace) -> int:
 
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    seed=args.seed, stop=defaults.stop).check()  # bad defaults are the user's flags: refuse before loading
-    config = _runtime_config(args)
+    config = runtime_config_from_args(args)
     source = sys.stdin.buffer.read() if args.input == "-" else args.input
     opts = JobOptions(defaults=defaults, batch_size=args.max_batch, memory_budget_gb=args.memory_budget_gb,
                       model_name=Path(str(args.bundle).rstrip("/")).name, progress=not args.quiet)
@@ -145,9 +108,9 @@ def _job(args: argparse.Namespace) -> int:
                 print(f"{PROG}: removed a torn last line ({log.dropped_bytes} bytes) that an interrupted run left",
                       file=sys.stderr)
             dist.check_bundle(args.bundle, args.experts_per_token)
-            model, tokenizer = flashmoe.load(args.bundle, config)
+            model, tokenizer = flashmoe.load(args.bundle, config, shard=dist.expert_shard())
             dist.attach(model)
-            engine = Engine(model, tokenizer, **{k: v for k, v in engine_kw.items() if v is not None})
+            engine = make_engine(dist, model, tokenizer, engine_config)
             summary = run_engine(dist, engine, lambda e: run_jobs(model, tokenizer, source, log, opts, engine=e))
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
