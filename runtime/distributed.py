@@ -204,6 +204,10 @@ class LeaderRunner:
     def prompt_cache(self):
         return self.local.prompt_cache
 
+    @property
+    def prefill_tokens(self) -> int:
+        return self.local.prefill_tokens
+
     def cache_bytes(self) -> int:
         return self.local.cache_bytes()
 

@@ -341,13 +341,14 @@ def test_5_converter_checks_dense_shapes(src_copy, tmp_path, field, value, tenso
 
 # ---- 6. tracebacks become one-line errors ------------------------------------------------------------------
 def test_6_disk_full_mid_write(ckpt, converted, tmp_path):
-    # ENOSPC from the kernel: the expert file's temporary name leads to /dev/full
+    # a stale temporary name that is a link (here to /dev/full) is removed, never written through; ENOSPC
+    # itself is simulated in tests/test_faults_format.py (test_disk_full_mid_write_is_one_error_...)
     out = tmp_path / "b"
     (out / "experts").mkdir(parents=True)
     (out / "experts/layer-000.bin.partial").symlink_to("/dev/full")
-    with pytest.raises(BundleError, match="the disk is full .* re-run the same command: it resumes"):
-        convert_checkpoint(ckpt, out, progress=False)
-    assert not (out / "experts/layer-000.bin.partial").exists()
+    convert_checkpoint(ckpt, out, progress=False)
+    assert not (out / "experts/layer-000.bin.partial").is_symlink()
+    same_bytes(converted, out)
     # EFBIG in a real flashmoe-convert process whose file size limit is lower than an expert file
     out2 = tmp_path / "c"
     def limit():
