@@ -9,9 +9,11 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from .app import Answer, Server, flag
+from flashmoe.request import MessagesRequest
+
+from .app import Answer, Server, dump
 from .chat import anthropic_messages, anthropic_tools, force_from_tool_choice, render
-from .errors import APIError, bad
+from .errors import APIError
 from .toolcalls import OutputParser, tool_schemas
 from .worker import EngineFailed
 
@@ -41,21 +43,16 @@ def stop_info(server: Server, reason: str, calls: bool, tokens: list[int], stops
 def register(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages")
     async def messages(request: Request):
-        body = await server.body(request)
-        stream = flag(body, "stream")
-        msgs = anthropic_messages(body.get("system"), body.get("messages"))
-        tools = anthropic_tools(body.get("tools"))
-        use_tools, force = force_from_tool_choice(body.get("tool_choice"), tools, style="anthropic")
-        thinking = body.get("thinking")
-        kwargs = {}
-        if thinking is not None:
-            if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled", "adaptive"):
-                raise bad("thinking must be {\"type\": \"enabled\" | \"disabled\"}", "thinking")
-            kwargs["enable_thinking"] = thinking["type"] != "disabled"
+        req: MessagesRequest = await server.read(request, MessagesRequest)
+        stream = bool(req.stream)
+        msgs = anthropic_messages(dump(req.system), dump(req.messages))
+        tools = anthropic_tools(dump(req.tools))
+        use_tools, force = force_from_tool_choice(dump(req.tool_choice), tools, style="anthropic")
+        kwargs = {} if req.thinking is None else {"enable_thinking": req.thinking.type != "disabled"}
         show_thinking = bool(kwargs.get("enable_thinking"))
         prompt = render(server.tokenizer, msgs, tools if use_tools else None, force, kwargs)
         ids = server.encode(prompt.text)
-        params = server.sampling(body, ("max_tokens",), stop_key="stop_sequences", required_max=True)
+        params = server.sampling(req, req.max_tokens)
         parser = OutputParser(prompt.reasoning, tool_schemas(tools) if use_tools else None)
         parser.feed(prompt.forced)
         mid, model = "msg_" + uuid.uuid4().hex[:24], server.config.model_id

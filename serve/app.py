@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import hmac
 import json
-import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,13 +25,13 @@ from flashmoe.format.errors import FlashmoeError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flashmoe import __version__
+from flashmoe.format.errors import InputError
+from flashmoe.request import field_of, parse_json, validate
 
 from .errors import APIError, bad, from_flashmoe
+from .middleware import BodyLimit, Internal
 from .toolcalls import OutputParser
 from .worker import EngineFailed, EngineWorker, Overloaded
-
-MAX_STOP = 16
-
 
 @dataclass
 class ServerConfig:
@@ -40,7 +39,8 @@ class ServerConfig:
     api_key: str | None = None  # when set, every /v1 request needs it (Authorization: Bearer, or x-api-key)
     max_tokens: int = 4096  # tokens per answer when a request names none, and the most it may ask for
     sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "top_k": 0})  # defaults
-    max_body_bytes: int = 16 << 20
+    max_body_bytes: int = 16 << 20  # request bodies over this are refused (413) before being read whole
+    strict_model: bool = False  # True: a request must name model_id; False: any name is served by the one model
     json_attempts: int = 3  # response_format: tries before giving up on valid JSON
     max_queue: int = 64  # requests waiting beyond the engine's batch; past it: 429
 
@@ -73,55 +73,35 @@ class Server:
             raise APIError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY' (or x-api-key)",
                            code="invalid_api_key")
 
-    async def body(self, request: Request) -> dict:
+    async def read(self, request: Request, cls):
+        """The request's body as the typed request `cls` (flashmoe.request): JSON, every field's type and
+        range, token ids, and the model name checked; the body size was bounded by BodyLimit already."""
         self.authorize(request)
         raw = await request.body()
-        if len(raw) > self.config.max_body_bytes:
-            raise APIError(413, f"the request body is {len(raw)} bytes, over the server's limit of "
-                                f"{self.config.max_body_bytes}")
         try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise bad(f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise bad("model is required (GET /v1/models lists it)", "model")
-        if model != self.config.model_id:
-            raise APIError(404, f"model {model!r} does not exist here; this server serves {self.config.model_id!r}",
-                           "model", "model_not_found")
-        return body
+            req = validate(cls, parse_json(raw), vocab_size=self.tokenizer.vocab_size)
+        except InputError as e:
+            raise bad(str(e), field_of(str(e))) from None
+        if req.model != self.config.model_id and self.config.strict_model:
+            raise APIError(404, f"model {req.model!r} does not exist here; this server serves "
+                                f"{self.config.model_id!r}", "model", "model_not_found")
+        return req
 
-    def sampling(self, body: dict, max_tokens_keys: tuple[str, ...], stop_key: str = "stop",
-                 required_max: bool = False):
-        """SamplingParams from a request body (OpenAI or Anthropic field names)."""
-        max_tokens = None
-        for k in max_tokens_keys:
-            if body.get(k) is not None:
-                max_tokens = _int(body, k, lo=1)
-                break
-        if max_tokens is None and required_max:
-            raise bad(f"{max_tokens_keys[0]} is required", max_tokens_keys[0])
+    def sampling(self, req, max_tokens: int | None, max_tokens_key: str = "max_tokens"):
+        """SamplingParams from a typed request (OpenAI or Anthropic: the same sampling fields)."""
         if max_tokens is None:
             max_tokens = self.config.max_tokens
         if max_tokens > self.config.max_tokens:
-            raise bad(f"{max_tokens_keys[0]} is {max_tokens}, over this server's limit of {self.config.max_tokens}",
-                      max_tokens_keys[0])
+            raise bad(f"{max_tokens_key} is {max_tokens}, over this server's limit of {self.config.max_tokens}",
+                      max_tokens_key)
         d = self.config.sampling
-        stop = body.get(stop_key)
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)
-                                 or len(stop) > MAX_STOP):
-            raise bad(f"{stop_key} must be a string or a list of at most {MAX_STOP} strings", stop_key)
         return self.make_params(
             max_tokens=max_tokens,
-            temperature=_float(body, "temperature", d["temperature"]),
-            top_p=_float(body, "top_p", d["top_p"]),
-            top_k=_int(body, "top_k", lo=0) if body.get("top_k") is not None else d["top_k"],
-            seed=_int(body, "seed") if body.get("seed") is not None else None,
-            stop=tuple(s for s in (stop or []) if s),
+            temperature=d["temperature"] if req.temperature is None else req.temperature,
+            top_p=d["top_p"] if req.top_p is None else req.top_p,
+            top_k=d["top_k"] if req.top_k is None else req.top_k,
+            seed=req.seed,
+            stop=tuple(s for s in req.stops if s),
         )
 
     def make_params(self, **kw):
@@ -230,40 +210,13 @@ def _engine_result(task) -> Answer:
         raise APIError(500, str(e)) from None
 
 
-def _number(body: dict, key: str):
-    v = body.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise bad(f"{key} must be a number (got {json.dumps(v)})", key)
-    return v
-
-
-def _float(body: dict, key: str, default: float) -> float:
-    if body.get(key) is None:
-        return default
-    v = float(_number(body, key))
-    if not math.isfinite(v):
-        raise bad(f"{key} must be a finite number", key)
-    return v
-
-
-def _int(body: dict, key: str, lo: int | None = None) -> int:
-    v = _number(body, key)
-    if isinstance(v, float):
-        if not v.is_integer():
-            raise bad(f"{key} must be an integer (got {v})", key)
-        v = int(v)
-    if lo is not None and v < lo:
-        raise bad(f"{key} must be >= {lo} (got {v})", key)
-    return v
-
-
-def flag(body: dict, key: str) -> bool:
-    v = body.get(key, False)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise bad(f"{key} must be true or false", key)
-    return v
+def dump(x):
+    """A validated request part as plain JSON values (what chat.py normalises), None kept as None."""
+    if x is None or isinstance(x, str):
+        return x
+    if isinstance(x, list):
+        return [dump(v) for v in x]
+    return x.model_dump(by_alias=True, exclude_none=True)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -292,10 +245,6 @@ def create_app(server: Server) -> FastAPI:
                405: f"{request.method} is not allowed on {request.url.path}"}.get(err.status_code, str(err.detail))
         return render_error(request, APIError(err.status_code, msg))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception):  # a bug: one line, never a traceback
-        return render_error(request, APIError(500, f"internal error: {type(err).__name__}: {err}"))
-
     @app.get("/health")
     async def health():
         c = server.engine.counters
@@ -318,4 +267,6 @@ def create_app(server: Server) -> FastAPI:
 
     openai_api.register(app, server)
     anthropic_api.register(app, server)
+    app.add_middleware(BodyLimit, limit=server.config.max_body_bytes)
+    app.add_middleware(Internal)  # added last: the outer one
     return app

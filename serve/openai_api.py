@@ -11,7 +11,9 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from .app import Answer, Server, flag
+from flashmoe.request import ChatRequest, CompletionRequest
+
+from .app import Answer, Server, dump
 from .chat import force_from_tool_choice, openai_messages, openai_tools, render
 from .errors import APIError, bad
 from .jsonformat import parse_response_format
@@ -42,32 +44,23 @@ def tool_call_json(call, index: int | None = None) -> dict:
     return d
 
 
-def _single_choice(body: dict) -> None:
-    n = body.get("n", 1)
-    if n is not None and n != 1:
-        raise bad("only n=1 is supported; send several requests instead", "n")
-
-
 def register(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await server.body(request)
-        _single_choice(body)
-        if body.get("logprobs") or body.get("top_logprobs"):
+        req: ChatRequest = await server.read(request, ChatRequest)
+        if req.logprobs or req.top_logprobs:
             raise bad("logprobs are not supported by this server", "logprobs")
-        stream = flag(body, "stream")
-        messages = openai_messages(body.get("messages"))
-        tools = openai_tools(body.get("tools"))
-        use_tools, force = force_from_tool_choice(body.get("tool_choice"), tools)
-        fmt = parse_response_format(body.get("response_format"))
-        kwargs = body.get("chat_template_kwargs")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise bad("chat_template_kwargs must be an object", "chat_template_kwargs")
-        prompt = render(server.tokenizer, messages, tools if use_tools else None, force, kwargs)
+        stream = bool(req.stream)
+        messages = openai_messages(dump(req.messages))
+        tools = openai_tools(dump(req.tools))
+        use_tools, force = force_from_tool_choice(dump(req.tool_choice), tools)
+        fmt = parse_response_format(dump(req.response_format))
+        prompt = render(server.tokenizer, messages, tools if use_tools else None, force, req.chat_template_kwargs)
         ids = server.encode(prompt.text)
-        params = server.sampling(body, ("max_completion_tokens", "max_tokens"))
+        params = server.sampling(req, req.answer_tokens,
+                                 "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         schemas = tool_schemas(tools) if use_tools else None
-        include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = stream and bool(req.stream_options and req.stream_options.include_usage)
         rid, created, model = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), server.config.model_id
 
         def new_parser() -> OutputParser:
@@ -137,18 +130,11 @@ def register(app: FastAPI, server: Server) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await server.body(request)
-        _single_choice(body)
-        for key, allowed in (("echo", (None, False)), ("logprobs", (None,)), ("suffix", (None, "")),
-                             ("best_of", (None, 1))):
-            if body.get(key) not in allowed:
-                raise bad(f"{key} is not supported by this server", key)
-        stream = flag(body, "stream")
-        ids = completion_ids(server, body.get("prompt"))
-        if body.get("max_tokens") is None:
-            body = dict(body, max_tokens=16)  # the OpenAI default for completions
-        params = server.sampling(body, ("max_tokens",))
-        include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+        req: CompletionRequest = await server.read(request, CompletionRequest)
+        stream = bool(req.stream)
+        ids = completion_ids(server, req.one_prompt)
+        params = server.sampling(req, 16 if req.max_tokens is None else req.max_tokens)  # 16: OpenAI's default
+        include_usage = stream and bool(req.stream_options and req.stream_options.include_usage)
         rid, created, model = "cmpl-" + uuid.uuid4().hex, int(time.time()), server.config.model_id
         ticket = server.submit(ids, params)
 
@@ -178,20 +164,13 @@ def register(app: FastAPI, server: Server) -> None:
                 "choices": [choice(a.content, finish(a.finish_reason, False))], "usage": usage(a.stats)}
 
 
-def completion_ids(server: Server, prompt) -> list[int]:
-    """The prompt as raw text (no chat template) or token ids; a one-element list of either is accepted."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+def completion_ids(server: Server, prompt: str | list[int]) -> list[int]:
+    """The prompt as raw text (no chat template) or token ids (already checked against the vocabulary)."""
     if isinstance(prompt, str):
         if not prompt:
             raise bad("prompt is empty: give some text", "prompt")
         return server.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = server.tokenizer.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise bad(f"prompt token ids must be in [0, {vocab})", "prompt")
-        return list(prompt)
-    raise bad("prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+    return list(prompt)
 
 
 async def json_answer(server: Server, request: Request, ids, params, new_parser, fmt) -> Answer:

@@ -623,8 +623,7 @@ def test_20_clients_disconnecting_mid_stream_leave_nothing_behind(live):
 BAD = [  # path, body (dict, or raw bytes), status, words in the message
     ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
     ("/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model is required"),
-    ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-9"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model: Field required"),
     ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
@@ -634,7 +633,7 @@ BAD = [  # path, body (dict, or raw bytes), status, words in the message
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
      400, "temperature"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5},
-     400, "top-p"),
+     400, "top_p"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_k": -2},
      400, "top_k"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": -5},
@@ -643,7 +642,7 @@ BAD = [  # path, body (dict, or raw bytes), status, words in the message
      400, "max_tokens"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
      400, "limit"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n=1"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n: "),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": [1]},
      400, "stop"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
@@ -651,7 +650,7 @@ BAD = [  # path, body (dict, or raw bytes), status, words in the message
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                               "tool_choice": "required"}, 400, "no tools"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                              "response_format": {"type": "yaml"}}, 400, "yaml"),
+                              "response_format": {"type": "yaml"}}, 400, "response_format.type"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
      400, "logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * (17 << 20)}]},
@@ -662,8 +661,6 @@ BAD = [  # path, body (dict, or raw bytes), status, words in the message
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
     ("/v1/messages", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, 400, "max_tokens"),
     ("/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]}, 400, "role"),
-    ("/v1/messages", {"model": "claude-9", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
-     404, "claude-9"),
     ("/v1/nothing", {}, 404, "no route"),
 ]
 
@@ -684,12 +681,10 @@ def test_bad_requests_through_the_clients(live):
     import anthropic
     import openai
 
-    with pytest.raises(openai.NotFoundError):
-        live.openai().chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
         live.openai().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=7)
-    with pytest.raises(anthropic.NotFoundError):
-        live.anthropic().messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(anthropic.BadRequestError):
+        live.anthropic().messages.create(model=MODEL, max_tokens=0, messages=[{"role": "user", "content": "x"}])
 
 
 def test_full_queue_answers_429(loaded):
