@@ -11,9 +11,10 @@ from fastapi.responses import StreamingResponse
 
 from flashmoe.request import MessagesRequest
 
-from .app import Answer, Server, dump
+from .app import Answer, Server, count_tokens, dump
 from .chat import anthropic_messages, anthropic_tools, force_from_tool_choice, render
 from .errors import APIError
+from .jsonformat import parse_response_format
 from .toolcalls import OutputParser, tool_schemas
 from .worker import EngineFailed
 
@@ -50,13 +51,15 @@ def register(app: FastAPI, server: Server) -> None:
         use_tools, force = force_from_tool_choice(dump(req.tool_choice), tools, style="anthropic")
         kwargs = {} if req.thinking is None else {"enable_thinking": req.thinking.type != "disabled"}
         show_thinking = bool(kwargs.get("enable_thinking"))
-        prompt = render(server.tokenizer, msgs, tools if use_tools else None, force, kwargs)
+        fmt = parse_response_format(dump(req.output_format), "output_format")
+        prompt = render(server.tokenizer, msgs, tools if use_tools else None, force, kwargs, answer_only=fmt is not None)
         ids = server.encode(prompt.text)
         params = server.sampling(req, req.max_tokens)
-        parser = OutputParser(prompt.reasoning, tool_schemas(tools) if use_tools else None)
+        schemas = tool_schemas(tools) if use_tools else None
+        parser = OutputParser(prompt.reasoning, schemas)
         parser.feed(prompt.forced)
         mid, model = "msg_" + uuid.uuid4().hex[:24], server.config.model_id
-        ticket = server.submit(ids, params)
+        ticket = server.submit(ids, params, server.constraint(fmt, schemas, force, "output_format"))
 
         if not stream:
             a: Answer = await server.answer(request, ticket, parser)
@@ -111,6 +114,7 @@ def register(app: FastAPI, server: Server) -> None:
                             "type": "input_json_delta", "partial_json": x.arguments_json()}})
                         yield close()
                     else:
+                        count_tokens(request, x.stats)
                         if open_kind:
                             yield close()
                         reason, seq = stop_info(server, x.finish_reason, calls > 0, list(x.tokens), params.stop)

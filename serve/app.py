@@ -29,7 +29,8 @@ from flashmoe.format.errors import InputError
 from flashmoe.request import field_of, parse_json, validate
 
 from .errors import APIError, bad, from_flashmoe
-from .middleware import BodyLimit, Internal
+from .grammar import Grammars, tool_call_grammar
+from .middleware import BodyLimit, Internal, RequestLog
 from .toolcalls import OutputParser
 from .worker import EngineFailed, EngineWorker, Overloaded
 
@@ -38,11 +39,12 @@ class ServerConfig:
     model_id: str  # the name /v1/models lists and requests must use
     api_key: str | None = None  # when set, every /v1 request needs it (Authorization: Bearer, or x-api-key)
     max_tokens: int = 4096  # tokens per answer when a request names none, and the most it may ask for
-    sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "top_k": 0})  # defaults
+    # defaults for requests that do not set them: temperature, top_p, top_k, seed, stop
+    sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "top_k": 0})
     max_body_bytes: int = 16 << 20  # request bodies over this are refused (413) before being read whole
     strict_model: bool = False  # True: a request must name model_id; False: any name is served by the one model
-    json_attempts: int = 3  # response_format: tries before giving up on valid JSON
     max_queue: int = 64  # requests waiting beyond the engine's batch; past it: 429
+    request_log: bool = True  # one line per request on the "flashmoe.serve" logger (INFO)
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Server:
         self.model, self.tokenizer, self.engine, self.config = model, tokenizer, engine, config
         self.worker = EngineWorker(engine, config.max_queue)
         self.created = int(time.time())
+        self.grammars = Grammars((Path(model.bundle.path) / "tokenizer.json").read_text(),
+                                 int(model.config.vocab_size), sorted(engine.eos))
 
     # ---- request checks -----------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -100,8 +104,8 @@ class Server:
             temperature=d["temperature"] if req.temperature is None else req.temperature,
             top_p=d["top_p"] if req.top_p is None else req.top_p,
             top_k=d["top_k"] if req.top_k is None else req.top_k,
-            seed=req.seed,
-            stop=tuple(s for s in req.stops if s),
+            seed=d.get("seed") if req.seed is None else req.seed,
+            stop=tuple(dict.fromkeys(s for s in (*d.get("stop", ()), *req.stops) if s)),
         )
 
     def make_params(self, **kw):
@@ -120,8 +124,22 @@ class Server:
             raise bad("the prompt is empty after tokenization: give some text", "prompt")
         return ids
 
+    def constraint(self, fmt, tools: dict | None, force: str | None, fmt_where: str = "response_format") -> str | None:
+        """The grammar an answer must follow, or None: a required tool call (force not None) follows its
+        tool's schema; else response_format's JSON; else, with tools, free text whose calls follow theirs."""
+        if tools and force is not None:
+            return self.grammars.compile(tool_call_grammar(tools, force), "tool_choice")
+        if fmt is not None:
+            return self.grammars.compile(fmt.grammar(), fmt_where)
+        if tools:
+            return self.grammars.compile(tool_call_grammar(tools, None), "tools")
+        return None
+
     # ---- generation ---------------------------------------------------------------------------
-    def submit(self, ids: list[int], params):
+    def submit(self, ids: list[int], params, grammar: str | None = None):
+        """Admit one sequence; with a grammar, its own matcher masks every token it samples."""
+        if grammar is not None:
+            params = dataclasses.replace(params, logits_processor=self.grammars.mask(grammar))
         try:
             return self.worker.submit(ids, params)
         except Overloaded as e:
@@ -157,6 +175,7 @@ class Server:
                     calls.append(x)
                 elif kind == "end":
                     end = x
+            count_tokens(request, end.stats)
             return Answer("".join(r), "".join(c), calls, end.finish_reason, list(end.tokens), dict(end.stats))
 
         task = asyncio.ensure_future(collect())
@@ -171,6 +190,13 @@ class Server:
         finally:
             if not task.done():
                 task.cancel()
+
+
+def count_tokens(request: Request, stats: dict) -> None:
+    """Add a finished generation's tokens to the request's log line (middleware.RequestLog reads them)."""
+    tokens = request.scope.setdefault("state", {}).setdefault("flashmoe_tokens", [0, 0])
+    tokens[0] += int(stats.get("prompt_tokens", 0))
+    tokens[1] += int(stats.get("generated_tokens", 0))
 
 
 def sampling_defaults(bundle_dir: Path) -> dict:
@@ -188,8 +214,10 @@ def sampling_defaults(bundle_dir: Path) -> dict:
     return d
 
 
-def open_server(bundle, runtime_config=None, config: ServerConfig | None = None, **engine_kw) -> Server:
+def open_server(bundle, runtime_config=None, config: ServerConfig | None = None, sampling_overrides=None,
+                **engine_kw) -> Server:
     """Load a bundle (directory or Hub repo id) and build its engine: a Server ready for create_app.
+    sampling_overrides: request defaults over the bundle's (temperature, top_p, top_k, seed, stop).
     engine_kw: Engine's max_batch, memory_budget_gb, prompt_cache_gb, prefill_tokens (None: its default)."""
     from flashmoe.runtime.engine import Engine
 
@@ -198,7 +226,8 @@ def open_server(bundle, runtime_config=None, config: ServerConfig | None = None,
     model, tokenizer = flashmoe.load(bundle, config=runtime_config)
     path = Path(model.bundle.path)
     config = config or ServerConfig(model_id="")
-    config = dataclasses.replace(config, model_id=config.model_id or path.name, sampling=sampling_defaults(path))
+    config = dataclasses.replace(config, model_id=config.model_id or path.name, 
+                                 sampling={**sampling_defaults(path), **(sampling_overrides or {})})
     engine = Engine(model, tokenizer, **{k: v for k, v in engine_kw.items() if v is not None})
     return Server(model, tokenizer, engine, config)
 
@@ -268,5 +297,7 @@ def create_app(server: Server) -> FastAPI:
     openai_api.register(app, server)
     anthropic_api.register(app, server)
     app.add_middleware(BodyLimit, limit=server.config.max_body_bytes)
-    app.add_middleware(Internal)  # added last: the outer one
+    app.add_middleware(Internal)
+    if server.config.request_log:
+        app.add_middleware(RequestLog)  # added last: the outermost, it sees every status
     return app

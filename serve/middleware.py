@@ -1,5 +1,5 @@
-"""The server's ASGI middleware (outermost first): Internal (a bug is a 500 and the connection lives on),
-BodyLimit (bounds request bodies before anything buffers them).
+"""The server's ASGI middleware (outermost first): RequestLog (one line per request), Internal (a bug is a
+500 and the connection lives on), BodyLimit (bounds request bodies before anything buffers them).
 
 BodyLimit:
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from .errors import APIError
 
@@ -28,6 +29,33 @@ async def send_error(send, err: APIError, anthropic: bool, close: bool = False) 
     await send({"type": "http.response.start", "status": err.status,
                 "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": body})
+
+
+class RequestLog:
+    """Logs `CLIENT METHOD PATH STATUS in=PROMPT out=GENERATED SECONDS` on the "flashmoe.serve" logger (INFO)
+    once the response has been sent whole (a stream: when it ends). Tokens come from app.count_tokens."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 0
+
+        async def watch(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            p, g = scope.get("state", {}).get("flashmoe_tokens", (0, 0))
+            client = (scope.get("client") or ("-",))[0]
+            log.info("%s %s %s %s in=%d out=%d %.3fs", client, scope.get("method"), scope.get("path"),
+                     status or "-", p, g, time.perf_counter() - t0)
 
 
 class Internal:

@@ -3,7 +3,6 @@ ending with `data: [DONE]`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import uuid
@@ -13,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from flashmoe.request import ChatRequest, CompletionRequest
 
-from .app import Answer, Server, dump
+from .app import Answer, Server, count_tokens, dump
 from .chat import force_from_tool_choice, openai_messages, openai_tools, render
 from .errors import APIError, bad
 from .jsonformat import parse_response_format
@@ -55,18 +54,18 @@ def register(app: FastAPI, server: Server) -> None:
         tools = openai_tools(dump(req.tools))
         use_tools, force = force_from_tool_choice(dump(req.tool_choice), tools)
         fmt = parse_response_format(dump(req.response_format))
-        prompt = render(server.tokenizer, messages, tools if use_tools else None, force, req.chat_template_kwargs)
+        prompt = render(server.tokenizer, messages, tools if use_tools else None, force, req.chat_template_kwargs,
+                        answer_only=fmt is not None)
         ids = server.encode(prompt.text)
         params = server.sampling(req, req.answer_tokens,
                                  "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         schemas = tool_schemas(tools) if use_tools else None
+        grammar = server.constraint(fmt, schemas, force)
         include_usage = stream and bool(req.stream_options and req.stream_options.include_usage)
         rid, created, model = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), server.config.model_id
 
-        def new_parser() -> OutputParser:
-            parser = OutputParser(prompt.reasoning, schemas)
-            parser.feed(prompt.forced)  # a forced call start: the parser is now inside the call
-            return parser
+        parser = OutputParser(prompt.reasoning, schemas)
+        parser.feed(prompt.forced)  # a forced call start: the parser is now inside the call
 
         def chunk(delta: dict, reason: str | None = None) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -80,49 +79,34 @@ def register(app: FastAPI, server: Server) -> None:
                 m["tool_calls"] = [tool_call_json(c) for c in a.calls]
             return m
 
-        if fmt is not None:  # validation and retry: whole answers only
-            a = await json_answer(server, request, ids, params, new_parser, fmt)
-            if stream:
-                async def replay():
-                    yield chunk({"role": "assistant", "content": ""})
-                    if a.reasoning:
-                        yield chunk({"reasoning_content": a.reasoning})
-                    yield chunk({"content": a.content})
-                    yield chunk({}, finish(a.finish_reason, False))
-                    if include_usage:
-                        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                   "choices": [], "usage": usage(a.stats)})
-                    yield "data: [DONE]\n\n"
+        ticket = server.submit(ids, params, grammar)
+        if stream:
+            async def events():
+                yield chunk({"role": "assistant", "content": ""})
+                n_calls = 0
+                try:
+                    async for kind, x in server.parts(ticket, parser):
+                        if kind == "content":
+                            yield chunk({"content": x})
+                        elif kind == "tick":  # a token with nothing to show yet
+                            yield chunk({"content": ""})
+                        elif kind == "reasoning":
+                            yield chunk({"reasoning_content": x})
+                        elif kind == "tool_call":
+                            yield chunk({"tool_calls": [tool_call_json(x, n_calls)]})
+                            n_calls += 1
+                        else:
+                            count_tokens(request, x.stats)
+                            yield chunk({}, finish(x.finish_reason, n_calls > 0))
+                            if include_usage:
+                                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                           "model": model, "choices": [], "usage": usage(x.stats)})
+                except EngineFailed as e:
+                    yield sse(APIError(500, str(e)).openai_body())
+                yield "data: [DONE]\n\n"
 
-                return StreamingResponse(replay(), media_type="text/event-stream")
-        else:
-            ticket = server.submit(ids, params)
-            if stream:
-                async def events():
-                    yield chunk({"role": "assistant", "content": ""})
-                    n_calls = 0
-                    try:
-                        async for kind, x in server.parts(ticket, new_parser()):
-                            if kind == "content":
-                                yield chunk({"content": x})
-                            elif kind == "tick":  # a token with nothing to show yet
-                                yield chunk({"content": ""})
-                            elif kind == "reasoning":
-                                yield chunk({"reasoning_content": x})
-                            elif kind == "tool_call":
-                                yield chunk({"tool_calls": [tool_call_json(x, n_calls)]})
-                                n_calls += 1
-                            else:
-                                yield chunk({}, finish(x.finish_reason, n_calls > 0))
-                                if include_usage:
-                                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                               "model": model, "choices": [], "usage": usage(x.stats)})
-                    except EngineFailed as e:
-                        yield sse(APIError(500, str(e)).openai_body())
-                    yield "data: [DONE]\n\n"
-
-                return StreamingResponse(events(), media_type="text/event-stream")
-            a = await server.answer(request, ticket, new_parser())
+            return StreamingResponse(events(), media_type="text/event-stream")
+        a = await server.answer(request, ticket, parser)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": message(a), "logprobs": None,
                              "finish_reason": finish(a.finish_reason, bool(a.calls))}],
@@ -149,6 +133,7 @@ def register(app: FastAPI, server: Server) -> None:
                             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                        "choices": [choice(x or "", None)]})
                         elif kind == "end":
+                            count_tokens(request, x.stats)
                             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                        "choices": [choice("", finish(x.finish_reason, False))]})
                             if include_usage:
@@ -171,20 +156,3 @@ def completion_ids(server: Server, prompt: str | list[int]) -> list[int]:
             raise bad("prompt is empty: give some text", "prompt")
         return server.encode(prompt)
     return list(prompt)
-
-
-async def json_answer(server: Server, request: Request, ids, params, new_parser, fmt) -> Answer:
-    """Generate until the content is valid JSON for fmt: retries sample with other seeds."""
-    error = ""
-    for attempt in range(server.config.json_attempts):
-        p = params
-        if attempt:
-            p = dataclasses.replace(params, temperature=params.temperature or 0.7,
-                                    seed=(params.seed or 0) + attempt)
-        a = await server.answer(request, server.submit(ids, p), new_parser())
-        error, text = fmt.check(a.content)
-        if error is None:
-            return dataclasses.replace(a, content=text)
-    raise APIError(422, f"the model's answer was not valid for response_format after "
-                        f"{server.config.json_attempts} attempts (last: {error}); try a clearer prompt or more "
-                        "max_tokens", "response_format")

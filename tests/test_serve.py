@@ -242,22 +242,12 @@ def test_anthropic_normalisation_matches_openai():
     (lambda: force_from_tool_choice({"type": "function", "function": {"name": "nope"}}, [WEATHER]), "nope"),
     (lambda: force_from_tool_choice("sometimes", [WEATHER]), "not understood"),
     (lambda: anthropic_messages(None, [{"role": "user", "content": [{"type": "image"}]}]), "image"),
-    (lambda: parse_response_format({"type": "xml"}), "xml"),
     (lambda: parse_response_format({"type": "json_schema", "json_schema": {"schema": {"type": 5}}}), "valid JSON schema"),
 ])
 def test_bad_requests_raise_400(call, message):
     with pytest.raises(APIError) as e:
         call()
     assert e.value.status == 400 and message in e.value.message
-
-
-def test_json_format_check():
-    f = parse_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}})
-    assert f.check('```json\n{"n": 1}\n```') == (None, '{"n": 1}')
-    assert "schema" in f.check('{"n": "one"}')[0]
-    assert "not valid JSON" in f.check("{n: 1")[0]
-    assert parse_response_format({"type": "json_object"}).check("[1]")[0] == "not a JSON object"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,27 +506,6 @@ def test_tool_use_anthropic_structured_and_streamed(qwen_live):
     assert r2.stop_reason == "end_turn"
 
 
-def test_response_format_validated_with_retries(qwen_live):
-    import openai
-
-    scripted, _ = qwen_live
-    oa = scripted.openai()
-    msgs = [{"role": "user", "content": "Give n as JSON"}]
-    schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": {
-        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}
-    scripted.server.script = '</think>\n\n```json\n{"n": 1}\n```'
-    r = oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, response_format=schema)
-    assert r.choices[0].message.content == '{"n": 1}'
-    s = oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, stream=True,
-                                   response_format={"type": "json_object"})
-    assert _accumulate_openai_stream(s)[0] == '{"n": 1}'
-    scripted.server.script = '</think>\n\n{"n": "one"}'  # valid JSON, wrong type: every retry fails
-    before = scripted.server.engine.counters["finished"]
-    with pytest.raises(openai.UnprocessableEntityError, match="schema"):
-        oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, response_format=schema)
-    assert scripted.server.engine.counters["finished"] - before == scripted.server.config.json_attempts
-
-
 def test_end_to_end_real_template_with_tools(qwen_live):
     """The model itself (greedy) behind the Qwen3.5 template with tools: the prompt is the template's
     rendering with the tools block, and the answer is the model's own output, parsed."""
@@ -786,7 +755,32 @@ def test_cli_serves_with_key_from_env_and_refuses_bad_flags(bundles):
         assert [m.id for m in oa.models.list().data] == ["m"]
         r = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature=0)
         assert r.usage.completion_tokens <= 8
+        r = oa.chat.completions.create(model="any-name", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert r.model == "m" and r.usage.completion_tokens <= 3
+        # the port is taken: a one-line error before anything loads
+        taken = subprocess.run(cmd + [str(bundles[None]), "--port", str(port)], capture_output=True, text=True,
+                               timeout=120, check=False)
+        assert taken.returncode == 2 and taken.stderr.strip().splitlines() == [
+            f"flashmoe-serve: error: port {port} is in use on 127.0.0.1 (another server?); stop it or choose "
+            "another with --port"], taken.stderr
     finally:
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     assert p.returncode == 0 and "serving 'm' on http://127.0.0.1" in err and "API key required" in err
+    log = [line for line in err.splitlines() if "POST /v1/chat/completions" in line]
+    assert len(log) == 2 and " 200 in=" in log[0] and log[0].startswith("flashmoe-serve: 127.0.0.1 POST"), err
+    assert " out=3 " in log[1] or " out=2 " in log[1] or " out=1 " in log[1], log
+    assert any("GET /v1/models 401 in=0 out=0" in line for line in err.splitlines()), err
+
+
+def test_cli_without_fastapi_names_the_install_command(bundles):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None; "
+            "from flashmoe.serve.cli import main; sys.exit(main())")
+    r = subprocess.run([sys.executable, "-c", code, str(bundles[None])], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "flashmoe-serve: error: flashmoe-serve needs fastapi, uvicorn, which are not installed: "
+        "pip install 'flashmoe[serve]'"], r.stderr
