@@ -83,7 +83,7 @@ class _ToolLark:
         if types is None:
             types = ["object"] if "properties" in schema else ["array"] if "items" in schema else None
         if types is None:
-            return f"%json {json.dumps(schema)}"  # any JSON value
+            return _json(schema)  # any JSON value
         types = [types] if isinstance(types, str) else types
         alts = []
         for t in types:
@@ -102,7 +102,7 @@ class _ToolLark:
             elif t == "null":
                 alts.append('"None"')
             elif t in ("integer", "number", "object", "array"):
-                alts.append(f"%json {json.dumps(dict(schema, type=t))}")
+                alts.append(_json(dict(schema, type=t)))
             else:
                 raise GrammarError(f"{where}.type", f"type {t!r} is not a JSON schema type")
         return self._rule(" | ".join(alts))
@@ -154,6 +154,11 @@ def tool_call_grammar(tools: dict[str, dict], force: str | None, where: str = "t
         start = f'TEXT | text "\\n<function=" {call} {more}'
         lark.rules += ['text[stop="<tool_call>"]: /(?s:.*)/', "TEXT: /(?s:.*)/ & ~/(?s:.*<tool_call>.*)/"]
     return llguidance.LLMatcher.grammar_from_lark("\n".join([f"start: {start}", *lark.rules]))
+
+
+def _json(schema: dict) -> str:
+    """A JSON value of `schema` inside a Lark grammar, compact like the top-level JSON grammars."""
+    return f"%json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS})}"
 
 
 def _py(v) -> str:
