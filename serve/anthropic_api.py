@@ -80,10 +80,14 @@ def register(app: FastAPI, server: Server) -> None:
             yield event("message_start", {"type": "message_start", "message": {
                 "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
                 "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": len(ids), "output_tokens": 0}}})
-            index, open_kind, calls = -1, None, 0
+            index, open_kind, calls, streaming = -1, None, 0, None
 
             def close():
                 return event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+            def delta(partial_json: str):
+                return event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                     "delta": {"type": "input_json_delta", "partial_json": partial_json}})
 
             try:
                 async for kind, x in server.parts(ticket, parser):
@@ -99,19 +103,24 @@ def register(app: FastAPI, server: Server) -> None:
                                 {"type": "thinking", "thinking": "", "signature": ""}
                             yield event("content_block_start", {"type": "content_block_start", "index": index,
                                                                 "content_block": start})
-                        delta = {"type": "text_delta", "text": x} if block == "text" else \
+                        d = {"type": "text_delta", "text": x} if block == "text" else \
                             {"type": "thinking_delta", "thinking": x}
                         yield event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                            "delta": delta})
-                    elif kind == "tool_call":
+                                                            "delta": d})
+                    elif kind == "call_start" or (kind == "tool_call" and x.id != streaming):
                         if open_kind:
                             yield close()
-                        index, open_kind, calls = index + 1, None, calls + 1
-                        block = dict(tool_use(x), input={})
+                        index, open_kind, streaming = index + 1, None, x.id
                         yield event("content_block_start", {"type": "content_block_start", "index": index,
-                                                            "content_block": block})
-                        yield event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
-                            "type": "input_json_delta", "partial_json": x.arguments_json()}})
+                                                            "content_block": dict(tool_use(x), input={})})
+                        if kind == "tool_call":  # not streamed (JSON inside <tool_call>): whole
+                            yield delta(x.arguments_json())
+                            calls += 1
+                            yield close()
+                    elif kind == "call_delta":
+                        yield delta(x)
+                    elif kind == "tool_call":
+                        calls += 1
                         yield close()
                     else:
                         count_tokens(request, x.stats)

@@ -83,7 +83,7 @@ def register(app: FastAPI, server: Server) -> None:
         if stream:
             async def events():
                 yield chunk({"role": "assistant", "content": ""})
-                n_calls = 0
+                n_calls, streaming = 0, None
                 try:
                     async for kind, x in server.parts(ticket, parser):
                         if kind == "content":
@@ -92,8 +92,15 @@ def register(app: FastAPI, server: Server) -> None:
                             yield chunk({"content": ""})
                         elif kind == "reasoning":
                             yield chunk({"reasoning_content": x})
+                        elif kind == "call_start":  # the call's name, then its arguments as they are written
+                            yield chunk({"tool_calls": [{"index": n_calls, "id": x.id, "type": "function",
+                                                         "function": {"name": x.name, "arguments": ""}}]})
+                            streaming = x.id
+                        elif kind == "call_delta":
+                            yield chunk({"tool_calls": [{"index": n_calls, "function": {"arguments": x}}]})
                         elif kind == "tool_call":
-                            yield chunk({"tool_calls": [tool_call_json(x, n_calls)]})
+                            if x.id != streaming:  # a call not streamed (JSON inside <tool_call>): whole
+                                yield chunk({"tool_calls": [tool_call_json(x, n_calls)]})
                             n_calls += 1
                         else:
                             count_tokens(request, x.stats)

@@ -112,6 +112,27 @@ def test_parser_streamed_in_random_pieces_equals_whole(seed):
     assert [k for k, _ in parts].count("tool_call") == 2
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_parser_streams_call_arguments_as_parameters_close(seed):
+    rng = random.Random(seed)
+    p = OutputParser(reasoning=True, tools=tool_schemas([WEATHER]))
+    parts, i = [], 0
+    while i < len(CALL_TEXT):
+        n = rng.randint(1, 7)
+        parts += p.feed(CALL_TEXT[i:i + n])
+        i += n
+    parts += p.close()
+    calls = [x for k, x in parts if k == "tool_call"]
+    for call in calls:
+        kinds = [k for k, x in parts if getattr(x, "id", None) == call.id or k == "call_delta"]
+        start = next(j for j, (k, x) in enumerate(parts) if k == "call_start" and x.id == call.id)
+        end = next(j for j, (k, x) in enumerate(parts) if k == "tool_call" and x.id == call.id)
+        deltas = [x for k, x in parts[start:end] if k == "call_delta"]
+        assert "".join(deltas) == call.arguments_json() and parts[start][1].name == call.name
+        assert len(deltas) == len(call.arguments) + 1  # one per parameter, then the closing brace
+        assert kinds
+
+
 def test_parser_plain_text_passes_through_unchanged():
     text = "\n  Hello <b>world</b> a < b > c <tool and <think not closed  \n"
     p = OutputParser(reasoning=False, tools=None)
@@ -461,6 +482,32 @@ def test_tool_calls_openai_structured_and_streamed(qwen_live):
     scripted.server.script = "</think>\n\nIt is sunny."
     r2 = oa.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], max_tokens=50)
     assert r2.choices[0].message.content == "It is sunny." and r2.choices[0].finish_reason == "stop"
+
+
+def test_tool_arguments_stream_through_both_clients_helpers(qwen_live):
+    scripted, _ = qwen_live
+    scripted.server.script = CALL_TEXT
+    msgs = [{"role": "user", "content": "Weather in New York?"}]
+    deltas, done = [], []
+    with scripted.openai().chat.completions.stream(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=400) as st:
+        for ev in st:
+            if ev.type == "tool_calls.function.arguments.delta":
+                deltas.append((ev.index, ev.arguments_delta))
+            elif ev.type == "tool_calls.function.arguments.done":
+                done.append((ev.name, json.loads(ev.arguments)))
+    assert done == [("get_weather", a) for a in CALL_ARGS]
+    assert len([d for i, d in deltas if i == 0 and d]) == len(CALL_ARGS[0]) + 1  # one per parameter + the brace
+    tools = [{"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}]
+    partial, snapshots = [], []
+    with scripted.anthropic().messages.stream(model=MODEL, messages=msgs, tools=tools, max_tokens=400) as st:
+        for ev in st:
+            if ev.type == "input_json":
+                partial.append(ev.partial_json)
+                snapshots.append(ev.snapshot)
+        final = st.get_final_message()
+    assert [b.input for b in final.content if b.type == "tool_use"] == CALL_ARGS
+    assert len(partial) == len(CALL_ARGS[0]) + 1 + len(CALL_ARGS[1]) + 1
+    assert snapshots[0] == {"city": "New York"}  # the first parameter, before the call is complete
 
 
 def test_tool_choice_forces_a_call(qwen_live, qwen_bundle):
