@@ -215,7 +215,7 @@ class GrammarMask:
                 ok[self.eos] = True
                 return ok
             self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-            return np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self.n_vocab].astype(bool)
+            return np.unpackbits(self._words.view(np.uint8), bitorder="little", count=self.n_vocab).view(np.bool_)
 
     def __call__(self, generated: list[int], logits: mx.array) -> mx.array:
         ok = self.allowed(generated)
