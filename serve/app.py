@@ -30,6 +30,7 @@ from flashmoe.request import field_of, parse_json, validate
 
 from .errors import APIError, bad, from_flashmoe
 from .grammar import Grammars, tool_call_grammar
+from .logprobs import LogprobRecorder
 from .middleware import BodyLimit, Internal, RequestLog
 from .toolcalls import OutputParser
 from .worker import EngineFailed, EngineWorker, Overloaded
@@ -56,6 +57,7 @@ class Answer:
     finish_reason: str  # the engine's: "stop", "length" (or "cancelled")
     tokens: list[int]
     stats: dict
+    logprobs: list  # logprobs.TokenLogprob per output token, when asked for
 
 
 class Server:
@@ -136,10 +138,14 @@ class Server:
         return None
 
     # ---- generation ---------------------------------------------------------------------------
-    def submit(self, ids: list[int], params, grammar: str | None = None):
-        """Admit one sequence; with a grammar, its own matcher masks every token it samples."""
-        if grammar is not None:
-            params = dataclasses.replace(params, logits_processor=self.grammars.mask(grammar))
+    def submit(self, ids: list[int], params, grammar: str | None = None, recorder: LogprobRecorder | None = None):
+        """Admit one sequence; with a grammar, its own matcher masks every token it samples; with a
+        recorder, the log-probabilities of what it samples are kept (read them through parts)."""
+        mask = self.grammars.mask(grammar) if grammar is not None else None
+        if mask is not None and recorder is not None:
+            params = dataclasses.replace(params, logits_processor=lambda ids, logits: recorder(ids, mask(ids, logits)))
+        elif mask is not None or recorder is not None:
+            params = dataclasses.replace(params, logits_processor=mask or recorder)
         try:
             return self.worker.submit(ids, params)
         except Overloaded as e:
@@ -147,11 +153,17 @@ class Server:
         except FlashmoeError as e:
             raise from_flashmoe(e) from None
 
-    async def parts(self, ticket, parser: OutputParser | None) -> AsyncIterator[tuple[str, object]]:
+    async def parts(self, ticket, parser: OutputParser | None,
+                    recorder: LogprobRecorder | None = None) -> AsyncIterator[tuple[str, object]]:
         """Parsed output: ("reasoning"|"content", str), ("tool_call", ToolCall), then ("end", Event).
         parser None: the raw text, all of it content. A generated token that shows nothing yet (held back,
-        part of a call or of a character) gives ("tick", None), so streams can show progress."""
+        part of a call or of a character) gives ("tick", None), so streams can show progress. With a
+        recorder, each output token first gives ("logprob", TokenLogprob)."""
+        n = 0
         async for ev in self.worker.events(ticket):
+            if recorder is not None and ev.token is not None:
+                yield "logprob", recorder.take(n, ev.token)
+                n += 1
             parts = parser.feed(ev.text) if parser else [("content", ev.text)] if ev.text else []
             for part in parts:
                 yield part
@@ -162,12 +174,15 @@ class Server:
                     yield part
                 yield "end", ev
 
-    async def answer(self, request: Request, ticket, parser: OutputParser | None) -> Answer:
+    async def answer(self, request: Request, ticket, parser: OutputParser | None,
+                     recorder: LogprobRecorder | None = None) -> Answer:
         """Collect a whole answer, cancelling it if the client goes away meanwhile."""
         async def collect() -> Answer:
-            r, c, calls, end = [], [], [], None
-            async for kind, x in self.parts(ticket, parser):
-                if kind == "reasoning":
+            r, c, calls, end, lps = [], [], [], None, []
+            async for kind, x in self.parts(ticket, parser, recorder):
+                if kind == "logprob":
+                    lps.append(x)
+                elif kind == "reasoning":
                     r.append(x)
                 elif kind == "content":
                     c.append(x)
@@ -176,7 +191,7 @@ class Server:
                 elif kind == "end":
                     end = x
             count_tokens(request, end.stats)
-            return Answer("".join(r), "".join(c), calls, end.finish_reason, list(end.tokens), dict(end.stats))
+            return Answer("".join(r), "".join(c), calls, end.finish_reason, list(end.tokens), dict(end.stats), lps)
 
         task = asyncio.ensure_future(collect())
         try:

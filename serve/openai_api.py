@@ -16,6 +16,7 @@ from .app import Answer, Server, count_tokens, dump
 from .chat import force_from_tool_choice, openai_messages, openai_tools, render
 from .errors import APIError, bad
 from .jsonformat import parse_response_format
+from .logprobs import LogprobRecorder, openai_chat, openai_completion
 from .toolcalls import OutputParser, tool_schemas
 from .worker import EngineFailed
 
@@ -47,8 +48,9 @@ def register(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatRequest = await server.read(request, ChatRequest)
-        if req.logprobs or req.top_logprobs:
-            raise bad("logprobs are not supported by this server", "logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+        recorder = LogprobRecorder(req.top_logprobs or 0) if req.logprobs else None
         stream = bool(req.stream)
         messages = openai_messages(dump(req.messages))
         tools = openai_tools(dump(req.tools))
@@ -67,9 +69,13 @@ def register(app: FastAPI, server: Server) -> None:
         parser = OutputParser(prompt.reasoning, schemas)
         parser.feed(prompt.forced)  # a forced call start: the parser is now inside the call
 
+        pending: list = []  # logprobs of tokens not yet sent in a chunk
+
         def chunk(delta: dict, reason: str | None = None) -> str:
+            lps = openai_chat(pending, server.tokenizer) if pending else None
+            pending.clear()
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]})
+                        "choices": [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}]})
 
         def message(a: Answer) -> dict:
             m = {"role": "assistant", "content": a.content if a.content or not a.calls else None}
@@ -79,14 +85,16 @@ def register(app: FastAPI, server: Server) -> None:
                 m["tool_calls"] = [tool_call_json(c) for c in a.calls]
             return m
 
-        ticket = server.submit(ids, params, grammar)
+        ticket = server.submit(ids, params, grammar, recorder)
         if stream:
             async def events():
                 yield chunk({"role": "assistant", "content": ""})
                 n_calls, streaming = 0, None
                 try:
-                    async for kind, x in server.parts(ticket, parser):
-                        if kind == "content":
+                    async for kind, x in server.parts(ticket, parser, recorder):
+                        if kind == "logprob":
+                            pending.append(x)
+                        elif kind == "content":
                             yield chunk({"content": x})
                         elif kind == "tick":  # a token with nothing to show yet
                             yield chunk({"content": ""})
@@ -113,9 +121,10 @@ def register(app: FastAPI, server: Server) -> None:
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        a = await server.answer(request, ticket, parser)
+        a = await server.answer(request, ticket, parser, recorder)
+        lps = openai_chat(a.logprobs, server.tokenizer) if recorder else None
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": message(a), "logprobs": None,
+                "choices": [{"index": 0, "message": message(a), "logprobs": lps,
                              "finish_reason": finish(a.finish_reason, bool(a.calls))}],
                 "usage": usage(a.stats)}
 
@@ -127,16 +136,23 @@ def register(app: FastAPI, server: Server) -> None:
         params = server.sampling(req, 16 if req.max_tokens is None else req.max_tokens)  # 16: OpenAI's default
         include_usage = stream and bool(req.stream_options and req.stream_options.include_usage)
         rid, created, model = "cmpl-" + uuid.uuid4().hex, int(time.time()), server.config.model_id
-        ticket = server.submit(ids, params)
+        recorder = LogprobRecorder(req.logprobs) if req.logprobs is not None else None
+        ticket = server.submit(ids, params, recorder=recorder)
+        pending, sent = [], [0]  # logprobs not yet sent; characters sent so far
 
         def choice(text: str, reason: str | None) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            lps = openai_completion(pending, server.tokenizer, sent[0]) if recorder else None
+            pending.clear()
+            sent[0] += len(text)
+            return {"index": 0, "text": text, "logprobs": lps, "finish_reason": reason}
 
         if stream:
             async def events():
                 try:
-                    async for kind, x in server.parts(ticket, None):
-                        if kind in ("content", "tick"):
+                    async for kind, x in server.parts(ticket, None, recorder):
+                        if kind == "logprob":
+                            pending.append(x)
+                        elif kind in ("content", "tick"):
                             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                        "choices": [choice(x or "", None)]})
                         elif kind == "end":
@@ -151,7 +167,8 @@ def register(app: FastAPI, server: Server) -> None:
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        a = await server.answer(request, ticket, None)
+        a = await server.answer(request, ticket, None, recorder)
+        pending.extend(a.logprobs)
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "choices": [choice(a.content, finish(a.finish_reason, False))], "usage": usage(a.stats)}
 
