@@ -350,3 +350,79 @@ class MessagesRequest(Sampling):
     @property
     def stops(self) -> list[str]:
         return list(self.stop_sequences or [])
+
+
+# ---- OpenAI Responses (stateless) -------------------------------------------------------------------
+
+
+class InputText(Model):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(Model):
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[InputText]]
+
+
+class FunctionCallItem(Model):
+    type: Literal["function_call"]
+    call_id: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str = "{}"
+
+
+class FunctionCallOutputItem(Model):
+    type: Literal["function_call_output"]
+    call_id: Annotated[str, Field(min_length=1)]
+    output: Union[str, list[InputText]]
+
+
+class ResponsesTool(Model):
+    type: Literal["function"]
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: JsonObject | None = None
+    strict: bool | None = None
+
+
+class ResponsesToolChoice(Model):
+    type: Literal["function"]
+    name: Annotated[str, Field(min_length=1)]
+
+
+class TextFormat(Model):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: JsonObject | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.schema_ is None:
+            raise ValueError("type json_schema needs a schema")
+        return self
+
+
+class TextConfig(Model):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(Sampling):
+    input: Union[str, Annotated[list[Union[FunctionCallItem, FunctionCallOutputItem, InputMessage]],
+                                Field(min_length=1)]]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: list[ResponsesTool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], ResponsesToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    previous_response_id: None = None  # stateless: a stored response cannot be continued
+    store: bool | None = None
+    metadata: JsonObject | None = None
+    user: str | None = None
+
+    @property
+    def stops(self) -> list[str]:
+        return []

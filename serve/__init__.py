@@ -4,6 +4,7 @@
                       open_server, create_app
     openai_api.py     POST /v1/chat/completions, POST /v1/completions
     anthropic_api.py  POST /v1/messages
+    responses_api.py  POST /v1/responses (stateless)
     chat.py           OpenAI/Anthropic messages and tools -> the chat template's inputs; render; tool_choice
     toolcalls.py      Qwen3.5 output parser: reasoning, content and tool calls, incrementally
     jsonformat.py     response_format / output_format -> the JSON an answer must be

@@ -264,7 +264,7 @@ def dump(x):
 
 
 def create_app(server: Server) -> FastAPI:
-    from . import anthropic_api, openai_api
+    from . import anthropic_api, openai_api, responses_api
 
     @asynccontextmanager
     async def lifespan(app):
@@ -311,6 +311,7 @@ def create_app(server: Server) -> FastAPI:
 
     openai_api.register(app, server)
     anthropic_api.register(app, server)
+    responses_api.register(app, server)
     app.add_middleware(BodyLimit, limit=server.config.max_body_bytes)
     app.add_middleware(Internal)
     if server.config.request_log:
