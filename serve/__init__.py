@@ -10,6 +10,8 @@
     jsonformat.py     response_format / output_format -> the JSON an answer must be
     grammar.py        constrained decoding (llguidance): JSON and Qwen3.5 XML tool-call grammars, masks
     middleware.py     RequestLog, Internal (a bug's 500 keeps the connection), BodyLimit (bodies bounded)
+    metrics.py        Prometheus metrics (GET /metrics)
+    logprobs.py       logprobs: the recorder (a logits processor) and the OpenAI shapes
     worker.py         EngineWorker: the one thread that steps the engine; per-request asyncio queues
     errors.py         APIError in the OpenAI and Anthropic shapes
     cli.py            flashmoe-serve

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from flashmoe.request import MessagesRequest
 
-from .app import Answer, Server, count_tokens, dump
+from .app import Answer, Server, dump
 from .chat import anthropic_messages, anthropic_tools, force_from_tool_choice, render
 from .errors import APIError
 from .jsonformat import parse_response_format
@@ -123,7 +123,7 @@ def register(app: FastAPI, server: Server) -> None:
                         calls += 1
                         yield close()
                     else:
-                        count_tokens(request, x.stats)
+                        server.finished(request, x.stats)
                         if open_kind:
                             yield close()
                         reason, seq = stop_info(server, x.finish_reason, calls > 0, list(x.tokens), params.stop)

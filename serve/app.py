@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from flashmoe.format.errors import FlashmoeError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,6 +31,7 @@ from flashmoe.request import field_of, parse_json, validate
 from .errors import APIError, bad, from_flashmoe
 from .grammar import Grammars, tool_call_grammar
 from .logprobs import LogprobRecorder
+from .metrics import Metrics
 from .middleware import BodyLimit, Internal, RequestLog
 from .toolcalls import OutputParser
 from .worker import EngineFailed, EngineWorker, Overloaded
@@ -65,6 +66,7 @@ class Server:
         self.model, self.tokenizer, self.engine, self.config = model, tokenizer, engine, config
         self.worker = EngineWorker(engine, config.max_queue)
         self.created = int(time.time())
+        self.metrics = Metrics(engine, model)
         self.grammars = Grammars((Path(model.bundle.path) / "tokenizer.json").read_text(),
                                  int(model.config.vocab_size), sorted(engine.eos))
 
@@ -138,6 +140,13 @@ class Server:
         return None
 
     # ---- generation ---------------------------------------------------------------------------
+    def finished(self, request: Request, stats: dict) -> None:
+        """A generation ended: its tokens go to the metrics and to the request's log line."""
+        self.metrics.generation(stats)
+        tokens = request.scope.setdefault("state", {}).setdefault("flashmoe_tokens", [0, 0])
+        tokens[0] += int(stats.get("prompt_tokens", 0))
+        tokens[1] += int(stats.get("generated_tokens", 0))
+
     def submit(self, ids: list[int], params, grammar: str | None = None, recorder: LogprobRecorder | None = None):
         """Admit one sequence; with a grammar, its own matcher masks every token it samples; with a
         recorder, the log-probabilities of what it samples are kept (read them through parts)."""
@@ -190,7 +199,7 @@ class Server:
                     calls.append(x)
                 elif kind == "end":
                     end = x
-            count_tokens(request, end.stats)
+            self.finished(request, end.stats)
             return Answer("".join(r), "".join(c), calls, end.finish_reason, list(end.tokens), dict(end.stats), lps)
 
         task = asyncio.ensure_future(collect())
@@ -205,13 +214,6 @@ class Server:
         finally:
             if not task.done():
                 task.cancel()
-
-
-def count_tokens(request: Request, stats: dict) -> None:
-    """Add a finished generation's tokens to the request's log line (middleware.RequestLog reads them)."""
-    tokens = request.scope.setdefault("state", {}).setdefault("flashmoe_tokens", [0, 0])
-    tokens[0] += int(stats.get("prompt_tokens", 0))
-    tokens[1] += int(stats.get("generated_tokens", 0))
 
 
 def sampling_defaults(bundle_dir: Path) -> dict:
@@ -295,6 +297,12 @@ def create_app(server: Server) -> FastAPI:
         return {"status": "ok", "model": server.config.model_id, "running": c.get("running", 0),
                 "waiting": c.get("waiting", 0)}
 
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models(request: Request):
         server.authorize(request)
@@ -314,6 +322,5 @@ def create_app(server: Server) -> FastAPI:
     responses_api.register(app, server)
     app.add_middleware(BodyLimit, limit=server.config.max_body_bytes)
     app.add_middleware(Internal)
-    if server.config.request_log:
-        app.add_middleware(RequestLog)  # added last: the outermost, it sees every status
+    app.add_middleware(RequestLog, metrics=server.metrics, log=server.config.request_log)  # the outermost
     return app

@@ -32,11 +32,12 @@ async def send_error(send, err: APIError, anthropic: bool, close: bool = False) 
 
 
 class RequestLog:
-    """Logs `CLIENT METHOD PATH STATUS in=PROMPT out=GENERATED SECONDS` on the "flashmoe.serve" logger (INFO)
-    once the response has been sent whole (a stream: when it ends). Tokens come from app.count_tokens."""
+    """Accounts for each request once its response has been sent whole (a stream: when it ends): counted in
+    the metrics, and (log=True) logged as `CLIENT METHOD PATH STATUS in=PROMPT out=GENERATED SECONDS` on the
+    "flashmoe.serve" logger (INFO). Tokens come from Server.finished."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, metrics, log: bool = True):
+        self.app, self.metrics, self.log = app, metrics, log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -52,10 +53,12 @@ class RequestLog:
         try:
             await self.app(scope, receive, watch)
         finally:
-            p, g = scope.get("state", {}).get("flashmoe_tokens", (0, 0))
-            client = (scope.get("client") or ("-",))[0]
-            log.info("%s %s %s %s in=%d out=%d %.3fs", client, scope.get("method"), scope.get("path"),
-                     status or "-", p, g, time.perf_counter() - t0)
+            self.metrics.request(scope.get("path", ""), status or 500)
+            if self.log:
+                p, g = scope.get("state", {}).get("flashmoe_tokens", (0, 0))
+                client = (scope.get("client") or ("-",))[0]
+                log.info("%s %s %s %s in=%d out=%d %.3fs", client, scope.get("method"), scope.get("path"),
+                         status or "-", p, g, time.perf_counter() - t0)
 
 
 class Internal:

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from flashmoe.request import ChatRequest, CompletionRequest
 
-from .app import Answer, Server, count_tokens, dump
+from .app import Answer, Server, dump
 from .chat import force_from_tool_choice, openai_messages, openai_tools, render
 from .errors import APIError, bad
 from .jsonformat import parse_response_format
@@ -111,7 +111,7 @@ def register(app: FastAPI, server: Server) -> None:
                                 yield chunk({"tool_calls": [tool_call_json(x, n_calls)]})
                             n_calls += 1
                         else:
-                            count_tokens(request, x.stats)
+                            server.finished(request, x.stats)
                             yield chunk({}, finish(x.finish_reason, n_calls > 0))
                             if include_usage:
                                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -156,7 +156,7 @@ def register(app: FastAPI, server: Server) -> None:
                             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                        "choices": [choice(x or "", None)]})
                         elif kind == "end":
-                            count_tokens(request, x.stats)
+                            server.finished(request, x.stats)
                             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                        "choices": [choice("", finish(x.finish_reason, False))]})
                             if include_usage:

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from flashmoe.request import InputMessage, ResponsesRequest
 
-from .app import Server, count_tokens
+from .app import Server
 from .chat import force_from_tool_choice, openai_messages, openai_tools, render
 from .errors import APIError
 from .jsonformat import parse_response_format
@@ -163,7 +163,7 @@ def register(app: FastAPI, server: Server) -> None:
             yield out.start()
             async for kind, x in server.parts(ticket, parser):
                 if kind == "end":
-                    count_tokens(request, x.stats)
+                    server.finished(request, x.stats)
                     evs, final = out.end(x)
                     yield evs
                     yield final
