@@ -297,6 +297,12 @@ def create_app(server: Server) -> FastAPI:
         return {"status": "ok", "model": server.config.model_id, "running": c.get("running", 0),
                 "waiting": c.get("waiting", 0)}
 
+    page = (Path(__file__).parent / "static" / "chat.html").read_bytes()
+
+    @app.get("/")
+    async def chat_page():  # one static page, no build step and nothing fetched from elsewhere
+        return Response(page, media_type="text/html; charset=utf-8")
+
     @app.get("/metrics")
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
