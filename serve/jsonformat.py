@@ -30,7 +30,7 @@ def parse_response_format(rf: dict | None, where: str = "response_format") -> Js
     try:
         import jsonschema
     except ImportError:
-        raise bad(f"json_schema needs the jsonschema package on the server (pip install jsonschema)",
+        raise bad("json_schema needs the jsonschema package on the server (pip install jsonschema)",
                   where) from None
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)

@@ -1,5 +1,5 @@
-"""flashmoe-serve under fuzzed request bodies (hypothesis): for /v1/chat/completions, /v1/completions and
-/v1/messages, streaming and not, no body gets a 5xx (or an error event inside a stream) and the server
+"""flashmoe-serve under fuzzed request bodies (hypothesis): for /v1/chat/completions, /v1/completions,
+/v1/messages and /v1/responses, streaming and not, no body gets a 5xx (or an error event inside a stream) and the server
 keeps answering. Fast by default; FLASHMOE_FUZZ_EXAMPLES=N runs N examples per endpoint."""
 
 from __future__ import annotations
@@ -80,6 +80,24 @@ messages_body = st.fixed_dictionaries(
               "thinking": maybe(st.fixed_dictionaries({"type": maybe(st.sampled_from(["enabled", "disabled"]))})),
               **sampling})
 
+responses_item = maybe(st.fixed_dictionaries({"role": maybe(st.sampled_from(["user", "assistant", "developer"])),
+                                              "content": maybe(text | st.lists(openai_part, max_size=2))})
+                       | st.fixed_dictionaries({"type": st.sampled_from(["function_call", "function_call_output"]),
+                                                "call_id": maybe(text)},
+                                               optional={"name": maybe(text), "arguments": maybe(text),
+                                                         "output": maybe(text)}))
+responses_body = st.fixed_dictionaries(
+    {"model": maybe(st.sampled_from([MODEL, "x"])), "input": maybe(text | st.lists(responses_item, max_size=3))},
+    optional={"instructions": maybe(text), "max_output_tokens": small, "previous_response_id": anything,
+              "tools": maybe(st.lists(st.fixed_dictionaries({"type": maybe(st.just("function")),
+                                                             "name": maybe(st.sampled_from(["f", ""]))},
+                                                            optional={"parameters": schema}), max_size=2)),
+              "tool_choice": maybe(st.sampled_from(["auto", "required", "none"])),
+              "text": maybe(st.fixed_dictionaries({"format": maybe(st.fixed_dictionaries(
+                  {"type": maybe(st.sampled_from(["text", "json_object", "json_schema"]))},
+                  optional={"schema": schema}))})),
+              **sampling})
+
 
 @pytest.fixture(scope="module")
 def live(loaded):
@@ -127,6 +145,13 @@ def test_fuzz_messages(client, body, stream):
 
 
 @FUZZ
-@given(body=anything, path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/messages"]))
+@given(body=responses_body, stream=st.sampled_from([None, True, False]))
+def test_fuzz_responses(client, body, stream):
+    _post(client, "/v1/responses", body, stream)
+
+
+@FUZZ
+@given(body=anything, path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/messages",
+                                            "/v1/responses"]))
 def test_fuzz_any_json(client, body, path):
     _post(client, path, body, None)
