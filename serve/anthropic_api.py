@@ -9,9 +9,12 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from .app import Answer, Server, flag
+from flashmoe.request import MessagesRequest
+
+from .app import Answer, Server, dump
 from .chat import anthropic_messages, anthropic_tools, force_from_tool_choice, render
-from .errors import APIError, bad
+from .errors import APIError
+from .jsonformat import parse_response_format
 from .toolcalls import OutputParser, tool_schemas
 from .worker import EngineFailed
 
@@ -41,25 +44,22 @@ def stop_info(server: Server, reason: str, calls: bool, tokens: list[int], stops
 def register(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages")
     async def messages(request: Request):
-        body = await server.body(request)
-        stream = flag(body, "stream")
-        msgs = anthropic_messages(body.get("system"), body.get("messages"))
-        tools = anthropic_tools(body.get("tools"))
-        use_tools, force = force_from_tool_choice(body.get("tool_choice"), tools, style="anthropic")
-        thinking = body.get("thinking")
-        kwargs = {}
-        if thinking is not None:
-            if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled", "adaptive"):
-                raise bad("thinking must be {\"type\": \"enabled\" | \"disabled\"}", "thinking")
-            kwargs["enable_thinking"] = thinking["type"] != "disabled"
+        req: MessagesRequest = await server.read(request, MessagesRequest)
+        stream = bool(req.stream)
+        msgs = anthropic_messages(dump(req.system), dump(req.messages))
+        tools = anthropic_tools(dump(req.tools))
+        use_tools, force = force_from_tool_choice(dump(req.tool_choice), tools, style="anthropic")
+        kwargs = {} if req.thinking is None else {"enable_thinking": req.thinking.type != "disabled"}
         show_thinking = bool(kwargs.get("enable_thinking"))
-        prompt = render(server.tokenizer, msgs, tools if use_tools else None, force, kwargs)
+        fmt = parse_response_format(dump(req.output_format), "output_format")
+        prompt = render(server.tokenizer, msgs, tools if use_tools else None, force, kwargs, answer_only=fmt is not None)
         ids = server.encode(prompt.text)
-        params = server.sampling(body, ("max_tokens",), stop_key="stop_sequences", required_max=True)
-        parser = OutputParser(prompt.reasoning, tool_schemas(tools) if use_tools else None)
+        params = server.sampling(req, req.max_tokens)
+        schemas = tool_schemas(tools) if use_tools else None
+        parser = OutputParser(prompt.reasoning, schemas)
         parser.feed(prompt.forced)
         mid, model = "msg_" + uuid.uuid4().hex[:24], server.config.model_id
-        ticket = server.submit(ids, params)
+        ticket = server.submit(ids, params, server.constraint(fmt, schemas, force, "output_format"))
 
         if not stream:
             a: Answer = await server.answer(request, ticket, parser)
@@ -80,10 +80,14 @@ def register(app: FastAPI, server: Server) -> None:
             yield event("message_start", {"type": "message_start", "message": {
                 "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
                 "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": len(ids), "output_tokens": 0}}})
-            index, open_kind, calls = -1, None, 0
+            index, open_kind, calls, streaming = -1, None, 0, None
 
             def close():
                 return event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+            def delta(partial_json: str):
+                return event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                     "delta": {"type": "input_json_delta", "partial_json": partial_json}})
 
             try:
                 async for kind, x in server.parts(ticket, parser):
@@ -99,21 +103,27 @@ def register(app: FastAPI, server: Server) -> None:
                                 {"type": "thinking", "thinking": "", "signature": ""}
                             yield event("content_block_start", {"type": "content_block_start", "index": index,
                                                                 "content_block": start})
-                        delta = {"type": "text_delta", "text": x} if block == "text" else \
+                        d = {"type": "text_delta", "text": x} if block == "text" else \
                             {"type": "thinking_delta", "thinking": x}
                         yield event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                            "delta": delta})
-                    elif kind == "tool_call":
+                                                            "delta": d})
+                    elif kind == "call_start" or (kind == "tool_call" and x.id != streaming):
                         if open_kind:
                             yield close()
-                        index, open_kind, calls = index + 1, None, calls + 1
-                        block = dict(tool_use(x), input={})
+                        index, open_kind, streaming = index + 1, None, x.id
                         yield event("content_block_start", {"type": "content_block_start", "index": index,
-                                                            "content_block": block})
-                        yield event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
-                            "type": "input_json_delta", "partial_json": x.arguments_json()}})
+                                                            "content_block": dict(tool_use(x), input={})})
+                        if kind == "tool_call":  # not streamed (JSON inside <tool_call>): whole
+                            yield delta(x.arguments_json())
+                            calls += 1
+                            yield close()
+                    elif kind == "call_delta":
+                        yield delta(x)
+                    elif kind == "tool_call":
+                        calls += 1
                         yield close()
                     else:
+                        server.finished(request, x.stats)
                         if open_kind:
                             yield close()
                         reason, seq = stop_info(server, x.finish_reason, calls > 0, list(x.tokens), params.stop)

@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import hmac
 import json
-import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,28 +20,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from flashmoe.format.errors import FlashmoeError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flashmoe import __version__
+from flashmoe.format.errors import InputError
+from flashmoe.request import field_of, parse_json, validate
 
 from .errors import APIError, bad, from_flashmoe
+from .grammar import Grammars, tool_call_grammar
+from .logprobs import LogprobRecorder
+from .metrics import Metrics
+from .middleware import BodyLimit, Internal, RequestLog
 from .toolcalls import OutputParser
 from .worker import EngineFailed, EngineWorker, Overloaded
-
-MAX_STOP = 16
-
 
 @dataclass
 class ServerConfig:
     model_id: str  # the name /v1/models lists and requests must use
     api_key: str | None = None  # when set, every /v1 request needs it (Authorization: Bearer, or x-api-key)
     max_tokens: int = 4096  # tokens per answer when a request names none, and the most it may ask for
-    sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "top_k": 0})  # defaults
-    max_body_bytes: int = 16 << 20
-    json_attempts: int = 3  # response_format: tries before giving up on valid JSON
+    # defaults for requests that do not set them: temperature, top_p, top_k, seed, stop
+    sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "top_k": 0})
+    max_body_bytes: int = 16 << 20  # request bodies over this are refused (413) before being read whole
+    strict_model: bool = False  # True: a request must name model_id; False: any name is served by the one model
     max_queue: int = 64  # requests waiting beyond the engine's batch; past it: 429
+    request_log: bool = True  # one line per request on the "flashmoe.serve" logger (INFO)
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Answer:
     finish_reason: str  # the engine's: "stop", "length" (or "cancelled")
     tokens: list[int]
     stats: dict
+    logprobs: list  # logprobs.TokenLogprob per output token, when asked for
 
 
 class Server:
@@ -61,6 +66,9 @@ class Server:
         self.model, self.tokenizer, self.engine, self.config = model, tokenizer, engine, config
         self.worker = EngineWorker(engine, config.max_queue)
         self.created = int(time.time())
+        self.metrics = Metrics(engine, model)
+        self.grammars = Grammars((Path(model.bundle.path) / "tokenizer.json").read_text(),
+                                 int(model.config.vocab_size), sorted(engine.eos))
 
     # ---- request checks -----------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -73,55 +81,35 @@ class Server:
             raise APIError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY' (or x-api-key)",
                            code="invalid_api_key")
 
-    async def body(self, request: Request) -> dict:
+    async def read(self, request: Request, cls):
+        """The request's body as the typed request `cls` (flashmoe.request): JSON, every field's type and
+        range, token ids, and the model name checked; the body size was bounded by BodyLimit already."""
         self.authorize(request)
         raw = await request.body()
-        if len(raw) > self.config.max_body_bytes:
-            raise APIError(413, f"the request body is {len(raw)} bytes, over the server's limit of "
-                                f"{self.config.max_body_bytes}")
         try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise bad(f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise bad("model is required (GET /v1/models lists it)", "model")
-        if model != self.config.model_id:
-            raise APIError(404, f"model {model!r} does not exist here; this server serves {self.config.model_id!r}",
-                           "model", "model_not_found")
-        return body
+            req = validate(cls, parse_json(raw), vocab_size=self.tokenizer.vocab_size)
+        except InputError as e:
+            raise bad(str(e), field_of(str(e))) from None
+        if req.model != self.config.model_id and self.config.strict_model:
+            raise APIError(404, f"model {req.model!r} does not exist here; this server serves "
+                                f"{self.config.model_id!r}", "model", "model_not_found")
+        return req
 
-    def sampling(self, body: dict, max_tokens_keys: tuple[str, ...], stop_key: str = "stop",
-                 required_max: bool = False):
-        """SamplingParams from a request body (OpenAI or Anthropic field names)."""
-        max_tokens = None
-        for k in max_tokens_keys:
-            if body.get(k) is not None:
-                max_tokens = _int(body, k, lo=1)
-                break
-        if max_tokens is None and required_max:
-            raise bad(f"{max_tokens_keys[0]} is required", max_tokens_keys[0])
+    def sampling(self, req, max_tokens: int | None, max_tokens_key: str = "max_tokens"):
+        """SamplingParams from a typed request (OpenAI or Anthropic: the same sampling fields)."""
         if max_tokens is None:
             max_tokens = self.config.max_tokens
         if max_tokens > self.config.max_tokens:
-            raise bad(f"{max_tokens_keys[0]} is {max_tokens}, over this server's limit of {self.config.max_tokens}",
-                      max_tokens_keys[0])
+            raise bad(f"{max_tokens_key} is {max_tokens}, over this server's limit of {self.config.max_tokens}",
+                      max_tokens_key)
         d = self.config.sampling
-        stop = body.get(stop_key)
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)
-                                 or len(stop) > MAX_STOP):
-            raise bad(f"{stop_key} must be a string or a list of at most {MAX_STOP} strings", stop_key)
         return self.make_params(
             max_tokens=max_tokens,
-            temperature=_float(body, "temperature", d["temperature"]),
-            top_p=_float(body, "top_p", d["top_p"]),
-            top_k=_int(body, "top_k", lo=0) if body.get("top_k") is not None else d["top_k"],
-            seed=_int(body, "seed") if body.get("seed") is not None else None,
-            stop=tuple(s for s in (stop or []) if s),
+            temperature=d["temperature"] if req.temperature is None else req.temperature,
+            top_p=d["top_p"] if req.top_p is None else req.top_p,
+            top_k=d["top_k"] if req.top_k is None else req.top_k,
+            seed=d.get("seed") if req.seed is None else req.seed,
+            stop=tuple(dict.fromkeys(s for s in (*d.get("stop", ()), *req.stops) if s)),
         )
 
     def make_params(self, **kw):
@@ -140,8 +128,33 @@ class Server:
             raise bad("the prompt is empty after tokenization: give some text", "prompt")
         return ids
 
+    def constraint(self, fmt, tools: dict | None, force: str | None, fmt_where: str = "response_format") -> str | None:
+        """The grammar an answer must follow, or None: a required tool call (force not None) follows its
+        tool's schema; else response_format's JSON; else, with tools, free text whose calls follow theirs."""
+        if tools and force is not None:
+            return self.grammars.compile(tool_call_grammar(tools, force), "tool_choice")
+        if fmt is not None:
+            return self.grammars.compile(fmt.grammar(), fmt_where)
+        if tools:
+            return self.grammars.compile(tool_call_grammar(tools, None), "tools")
+        return None
+
     # ---- generation ---------------------------------------------------------------------------
-    def submit(self, ids: list[int], params):
+    def finished(self, request: Request, stats: dict) -> None:
+        """A generation ended: its tokens go to the metrics and to the request's log line."""
+        self.metrics.generation(stats)
+        tokens = request.scope.setdefault("state", {}).setdefault("flashmoe_tokens", [0, 0])
+        tokens[0] += int(stats.get("prompt_tokens", 0))
+        tokens[1] += int(stats.get("generated_tokens", 0))
+
+    def submit(self, ids: list[int], params, grammar: str | None = None, recorder: LogprobRecorder | None = None):
+        """Admit one sequence; with a grammar, its own matcher masks every token it samples; with a
+        recorder, the log-probabilities of what it samples are kept (read them through parts)."""
+        mask = self.grammars.mask(grammar) if grammar is not None else None
+        if mask is not None and recorder is not None:
+            params = dataclasses.replace(params, logits_processor=lambda ids, logits: recorder(ids, mask(ids, logits)))
+        elif mask is not None or recorder is not None:
+            params = dataclasses.replace(params, logits_processor=mask or recorder)
         try:
             return self.worker.submit(ids, params)
         except Overloaded as e:
@@ -149,11 +162,17 @@ class Server:
         except FlashmoeError as e:
             raise from_flashmoe(e) from None
 
-    async def parts(self, ticket, parser: OutputParser | None) -> AsyncIterator[tuple[str, object]]:
+    async def parts(self, ticket, parser: OutputParser | None,
+                    recorder: LogprobRecorder | None = None) -> AsyncIterator[tuple[str, object]]:
         """Parsed output: ("reasoning"|"content", str), ("tool_call", ToolCall), then ("end", Event).
         parser None: the raw text, all of it content. A generated token that shows nothing yet (held back,
-        part of a call or of a character) gives ("tick", None), so streams can show progress."""
+        part of a call or of a character) gives ("tick", None), so streams can show progress. With a
+        recorder, each output token first gives ("logprob", TokenLogprob)."""
+        n = 0
         async for ev in self.worker.events(ticket):
+            if recorder is not None and ev.token is not None:
+                yield "logprob", recorder.take(n, ev.token)
+                n += 1
             parts = parser.feed(ev.text) if parser else [("content", ev.text)] if ev.text else []
             for part in parts:
                 yield part
@@ -164,12 +183,15 @@ class Server:
                     yield part
                 yield "end", ev
 
-    async def answer(self, request: Request, ticket, parser: OutputParser | None) -> Answer:
+    async def answer(self, request: Request, ticket, parser: OutputParser | None,
+                     recorder: LogprobRecorder | None = None) -> Answer:
         """Collect a whole answer, cancelling it if the client goes away meanwhile."""
         async def collect() -> Answer:
-            r, c, calls, end = [], [], [], None
-            async for kind, x in self.parts(ticket, parser):
-                if kind == "reasoning":
+            r, c, calls, end, lps = [], [], [], None, []
+            async for kind, x in self.parts(ticket, parser, recorder):
+                if kind == "logprob":
+                    lps.append(x)
+                elif kind == "reasoning":
                     r.append(x)
                 elif kind == "content":
                     c.append(x)
@@ -177,7 +199,8 @@ class Server:
                     calls.append(x)
                 elif kind == "end":
                     end = x
-            return Answer("".join(r), "".join(c), calls, end.finish_reason, list(end.tokens), dict(end.stats))
+            self.finished(request, end.stats)
+            return Answer("".join(r), "".join(c), calls, end.finish_reason, list(end.tokens), dict(end.stats), lps)
 
         task = asyncio.ensure_future(collect())
         try:
@@ -208,8 +231,10 @@ def sampling_defaults(bundle_dir: Path) -> dict:
     return d
 
 
-def open_server(bundle, runtime_config=None, config: ServerConfig | None = None, **engine_kw) -> Server:
+def open_server(bundle, runtime_config=None, config: ServerConfig | None = None, sampling_overrides=None,
+                **engine_kw) -> Server:
     """Load a bundle (directory or Hub repo id) and build its engine: a Server ready for create_app.
+    sampling_overrides: request defaults over the bundle's (temperature, top_p, top_k, seed, stop).
     engine_kw: Engine's max_batch, memory_budget_gb, prompt_cache_gb, prefill_tokens (None: its default)."""
     from flashmoe.runtime.engine import Engine
 
@@ -218,7 +243,8 @@ def open_server(bundle, runtime_config=None, config: ServerConfig | None = None,
     model, tokenizer = flashmoe.load(bundle, config=runtime_config)
     path = Path(model.bundle.path)
     config = config or ServerConfig(model_id="")
-    config = dataclasses.replace(config, model_id=config.model_id or path.name, sampling=sampling_defaults(path))
+    config = dataclasses.replace(config, model_id=config.model_id or path.name, 
+                                 sampling={**sampling_defaults(path), **(sampling_overrides or {})})
     engine = Engine(model, tokenizer, **{k: v for k, v in engine_kw.items() if v is not None})
     return Server(model, tokenizer, engine, config)
 
@@ -230,44 +256,17 @@ def _engine_result(task) -> Answer:
         raise APIError(500, str(e)) from None
 
 
-def _number(body: dict, key: str):
-    v = body.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise bad(f"{key} must be a number (got {json.dumps(v)})", key)
-    return v
-
-
-def _float(body: dict, key: str, default: float) -> float:
-    if body.get(key) is None:
-        return default
-    v = float(_number(body, key))
-    if not math.isfinite(v):
-        raise bad(f"{key} must be a finite number", key)
-    return v
-
-
-def _int(body: dict, key: str, lo: int | None = None) -> int:
-    v = _number(body, key)
-    if isinstance(v, float):
-        if not v.is_integer():
-            raise bad(f"{key} must be an integer (got {v})", key)
-        v = int(v)
-    if lo is not None and v < lo:
-        raise bad(f"{key} must be >= {lo} (got {v})", key)
-    return v
-
-
-def flag(body: dict, key: str) -> bool:
-    v = body.get(key, False)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise bad(f"{key} must be true or false", key)
-    return v
+def dump(x):
+    """A validated request part as plain JSON values (what chat.py normalises), None kept as None."""
+    if x is None or isinstance(x, str):
+        return x
+    if isinstance(x, list):
+        return [dump(v) for v in x]
+    return x.model_dump(by_alias=True, exclude_none=True)
 
 
 def create_app(server: Server) -> FastAPI:
-    from . import anthropic_api, openai_api
+    from . import anthropic_api, openai_api, responses_api
 
     @asynccontextmanager
     async def lifespan(app):
@@ -292,15 +291,23 @@ def create_app(server: Server) -> FastAPI:
                405: f"{request.method} is not allowed on {request.url.path}"}.get(err.status_code, str(err.detail))
         return render_error(request, APIError(err.status_code, msg))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception):  # a bug: one line, never a traceback
-        return render_error(request, APIError(500, f"internal error: {type(err).__name__}: {err}"))
-
     @app.get("/health")
     async def health():
         c = server.engine.counters
         return {"status": "ok", "model": server.config.model_id, "running": c.get("running", 0),
                 "waiting": c.get("waiting", 0)}
+
+    page = (Path(__file__).parent / "static" / "chat.html").read_bytes()
+
+    @app.get("/")
+    async def chat_page():  # one static page, no build step and nothing fetched from elsewhere
+        return Response(page, media_type="text/html; charset=utf-8")
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -318,4 +325,8 @@ def create_app(server: Server) -> FastAPI:
 
     openai_api.register(app, server)
     anthropic_api.register(app, server)
+    responses_api.register(app, server)
+    app.add_middleware(BodyLimit, limit=server.config.max_body_bytes)
+    app.add_middleware(Internal)
+    app.add_middleware(RequestLog, metrics=server.metrics, log=server.config.request_log)  # the outermost
     return app

@@ -179,10 +179,11 @@ class Prompt:
 
 
 def render(tokenizer, messages: list[dict], tools: list[dict] | None, force_call: str | None = None,
-           template_kwargs: dict | None = None) -> Prompt:
+           template_kwargs: dict | None = None, answer_only: bool = False) -> Prompt:
     """Render through the bundle's chat template. force_call: None, "" (some tool must be called) or a
     function name: the answer is started with `<tool_call>\\n<function=` (and the name), after closing
-    an open <think> block, so the model can only continue the call."""
+    an open <think> block, so the model can only continue the call. answer_only: an open <think> block is
+    closed too (a constrained answer, JSON, starts at once)."""
     reserved = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
     kw = {k: v for k, v in (template_kwargs or {}).items() if k not in reserved}
     if tools:
@@ -195,10 +196,11 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None, force_call
         raise bad(" ".join(str(e).split()), "messages") from None
     forced = ""
     reasoning = text.rstrip().endswith(THINK_OPEN)
-    if force_call is not None:
+    if force_call is not None or answer_only:
         if reasoning:
             forced += "\n" + THINK_CLOSE + "\n\n"
             reasoning = False
+    if force_call is not None:
         forced += CALL_OPEN + "\n<function=" + (force_call + ">\n" if force_call else "")
     return Prompt(text + forced, reasoning, forced)
 

@@ -10,6 +10,7 @@ _TYPES = {
     400: ("invalid_request_error", "invalid_request_error"),
     401: ("authentication_error", "authentication_error"),
     404: ("not_found_error", "not_found_error"),
+    405: ("invalid_request_error", "invalid_request_error"),
     413: ("invalid_request_error", "request_too_large"),
     422: ("invalid_request_error", "invalid_request_error"),
     429: ("rate_limit_error", "rate_limit_error"),
@@ -23,12 +24,14 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
+    def types(self) -> tuple[str, str]:
+        return _TYPES.get(self.status, _TYPES[400] if self.status < 500 else _TYPES[500])
+
     def openai_body(self) -> dict:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, _TYPES[500])[0],
-                          "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.types()[0], "param": self.param, "code": self.code}}
 
     def anthropic_body(self) -> dict:
-        return {"type": "error", "error": {"type": _TYPES.get(self.status, _TYPES[500])[1], "message": self.message}}
+        return {"type": "error", "error": {"type": self.types()[1], "message": self.message}}
 
 
 def from_flashmoe(e: FlashmoeError) -> APIError:

@@ -3,7 +3,6 @@ ending with `data: [DONE]`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import uuid
@@ -11,10 +10,13 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from .app import Answer, Server, flag
+from flashmoe.request import ChatRequest, CompletionRequest
+
+from .app import Answer, Server, dump
 from .chat import force_from_tool_choice, openai_messages, openai_tools, render
 from .errors import APIError, bad
 from .jsonformat import parse_response_format
+from .logprobs import LogprobRecorder, openai_chat, openai_completion
 from .toolcalls import OutputParser, tool_schemas
 from .worker import EngineFailed
 
@@ -42,42 +44,38 @@ def tool_call_json(call, index: int | None = None) -> dict:
     return d
 
 
-def _single_choice(body: dict) -> None:
-    n = body.get("n", 1)
-    if n is not None and n != 1:
-        raise bad("only n=1 is supported; send several requests instead", "n")
-
-
 def register(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await server.body(request)
-        _single_choice(body)
-        if body.get("logprobs") or body.get("top_logprobs"):
-            raise bad("logprobs are not supported by this server", "logprobs")
-        stream = flag(body, "stream")
-        messages = openai_messages(body.get("messages"))
-        tools = openai_tools(body.get("tools"))
-        use_tools, force = force_from_tool_choice(body.get("tool_choice"), tools)
-        fmt = parse_response_format(body.get("response_format"))
-        kwargs = body.get("chat_template_kwargs")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise bad("chat_template_kwargs must be an object", "chat_template_kwargs")
-        prompt = render(server.tokenizer, messages, tools if use_tools else None, force, kwargs)
+        req: ChatRequest = await server.read(request, ChatRequest)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+        recorder = LogprobRecorder(req.top_logprobs or 0) if req.logprobs else None
+        stream = bool(req.stream)
+        messages = openai_messages(dump(req.messages))
+        tools = openai_tools(dump(req.tools))
+        use_tools, force = force_from_tool_choice(dump(req.tool_choice), tools)
+        fmt = parse_response_format(dump(req.response_format))
+        prompt = render(server.tokenizer, messages, tools if use_tools else None, force, req.chat_template_kwargs,
+                        answer_only=fmt is not None)
         ids = server.encode(prompt.text)
-        params = server.sampling(body, ("max_completion_tokens", "max_tokens"))
+        params = server.sampling(req, req.answer_tokens,
+                                 "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         schemas = tool_schemas(tools) if use_tools else None
-        include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+        grammar = server.constraint(fmt, schemas, force)
+        include_usage = stream and bool(req.stream_options and req.stream_options.include_usage)
         rid, created, model = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), server.config.model_id
 
-        def new_parser() -> OutputParser:
-            parser = OutputParser(prompt.reasoning, schemas)
-            parser.feed(prompt.forced)  # a forced call start: the parser is now inside the call
-            return parser
+        parser = OutputParser(prompt.reasoning, schemas)
+        parser.feed(prompt.forced)  # a forced call start: the parser is now inside the call
+
+        pending: list = []  # logprobs of tokens not yet sent in a chunk
 
         def chunk(delta: dict, reason: str | None = None) -> str:
+            lps = openai_chat(pending, server.tokenizer) if pending else None
+            pending.clear()
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]})
+                        "choices": [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}]})
 
         def message(a: Answer) -> dict:
             m = {"role": "assistant", "content": a.content if a.content or not a.calls else None}
@@ -87,82 +85,78 @@ def register(app: FastAPI, server: Server) -> None:
                 m["tool_calls"] = [tool_call_json(c) for c in a.calls]
             return m
 
-        if fmt is not None:  # validation and retry: whole answers only
-            a = await json_answer(server, request, ids, params, new_parser, fmt)
-            if stream:
-                async def replay():
-                    yield chunk({"role": "assistant", "content": ""})
-                    if a.reasoning:
-                        yield chunk({"reasoning_content": a.reasoning})
-                    yield chunk({"content": a.content})
-                    yield chunk({}, finish(a.finish_reason, False))
-                    if include_usage:
-                        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                   "choices": [], "usage": usage(a.stats)})
-                    yield "data: [DONE]\n\n"
-
-                return StreamingResponse(replay(), media_type="text/event-stream")
-        else:
-            ticket = server.submit(ids, params)
-            if stream:
-                async def events():
-                    yield chunk({"role": "assistant", "content": ""})
-                    n_calls = 0
-                    try:
-                        async for kind, x in server.parts(ticket, new_parser()):
-                            if kind == "content":
-                                yield chunk({"content": x})
-                            elif kind == "tick":  # a token with nothing to show yet
-                                yield chunk({"content": ""})
-                            elif kind == "reasoning":
-                                yield chunk({"reasoning_content": x})
-                            elif kind == "tool_call":
+        ticket = server.submit(ids, params, grammar, recorder)
+        if stream:
+            async def events():
+                yield chunk({"role": "assistant", "content": ""})
+                n_calls, streaming = 0, None
+                try:
+                    async for kind, x in server.parts(ticket, parser, recorder):
+                        if kind == "logprob":
+                            pending.append(x)
+                        elif kind == "content":
+                            yield chunk({"content": x})
+                        elif kind == "tick":  # a token with nothing to show yet
+                            yield chunk({"content": ""})
+                        elif kind == "reasoning":
+                            yield chunk({"reasoning_content": x})
+                        elif kind == "call_start":  # the call's name, then its arguments as they are written
+                            yield chunk({"tool_calls": [{"index": n_calls, "id": x.id, "type": "function",
+                                                         "function": {"name": x.name, "arguments": ""}}]})
+                            streaming = x.id
+                        elif kind == "call_delta":
+                            yield chunk({"tool_calls": [{"index": n_calls, "function": {"arguments": x}}]})
+                        elif kind == "tool_call":
+                            if x.id != streaming:  # a call not streamed (JSON inside <tool_call>): whole
                                 yield chunk({"tool_calls": [tool_call_json(x, n_calls)]})
-                                n_calls += 1
-                            else:
-                                yield chunk({}, finish(x.finish_reason, n_calls > 0))
-                                if include_usage:
-                                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                               "model": model, "choices": [], "usage": usage(x.stats)})
-                    except EngineFailed as e:
-                        yield sse(APIError(500, str(e)).openai_body())
-                    yield "data: [DONE]\n\n"
+                            n_calls += 1
+                        else:
+                            server.finished(request, x.stats)
+                            yield chunk({}, finish(x.finish_reason, n_calls > 0))
+                            if include_usage:
+                                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                           "model": model, "choices": [], "usage": usage(x.stats)})
+                except EngineFailed as e:
+                    yield sse(APIError(500, str(e)).openai_body())
+                yield "data: [DONE]\n\n"
 
-                return StreamingResponse(events(), media_type="text/event-stream")
-            a = await server.answer(request, ticket, new_parser())
+            return StreamingResponse(events(), media_type="text/event-stream")
+        a = await server.answer(request, ticket, parser, recorder)
+        lps = openai_chat(a.logprobs, server.tokenizer) if recorder else None
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": message(a), "logprobs": None,
+                "choices": [{"index": 0, "message": message(a), "logprobs": lps,
                              "finish_reason": finish(a.finish_reason, bool(a.calls))}],
                 "usage": usage(a.stats)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await server.body(request)
-        _single_choice(body)
-        for key, allowed in (("echo", (None, False)), ("logprobs", (None,)), ("suffix", (None, "")),
-                             ("best_of", (None, 1))):
-            if body.get(key) not in allowed:
-                raise bad(f"{key} is not supported by this server", key)
-        stream = flag(body, "stream")
-        ids = completion_ids(server, body.get("prompt"))
-        if body.get("max_tokens") is None:
-            body = dict(body, max_tokens=16)  # the OpenAI default for completions
-        params = server.sampling(body, ("max_tokens",))
-        include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+        req: CompletionRequest = await server.read(request, CompletionRequest)
+        stream = bool(req.stream)
+        ids = completion_ids(server, req.one_prompt)
+        params = server.sampling(req, 16 if req.max_tokens is None else req.max_tokens)  # 16: OpenAI's default
+        include_usage = stream and bool(req.stream_options and req.stream_options.include_usage)
         rid, created, model = "cmpl-" + uuid.uuid4().hex, int(time.time()), server.config.model_id
-        ticket = server.submit(ids, params)
+        recorder = LogprobRecorder(req.logprobs) if req.logprobs is not None else None
+        ticket = server.submit(ids, params, recorder=recorder)
+        pending, sent = [], [0]  # logprobs not yet sent; characters sent so far
 
         def choice(text: str, reason: str | None) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            lps = openai_completion(pending, server.tokenizer, sent[0]) if recorder else None
+            pending.clear()
+            sent[0] += len(text)
+            return {"index": 0, "text": text, "logprobs": lps, "finish_reason": reason}
 
         if stream:
             async def events():
                 try:
-                    async for kind, x in server.parts(ticket, None):
-                        if kind in ("content", "tick"):
+                    async for kind, x in server.parts(ticket, None, recorder):
+                        if kind == "logprob":
+                            pending.append(x)
+                        elif kind in ("content", "tick"):
                             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                        "choices": [choice(x or "", None)]})
                         elif kind == "end":
+                            server.finished(request, x.stats)
                             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                        "choices": [choice("", finish(x.finish_reason, False))]})
                             if include_usage:
@@ -173,39 +167,16 @@ def register(app: FastAPI, server: Server) -> None:
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        a = await server.answer(request, ticket, None)
+        a = await server.answer(request, ticket, None, recorder)
+        pending.extend(a.logprobs)
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "choices": [choice(a.content, finish(a.finish_reason, False))], "usage": usage(a.stats)}
 
 
-def completion_ids(server: Server, prompt) -> list[int]:
-    """The prompt as raw text (no chat template) or token ids; a one-element list of either is accepted."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+def completion_ids(server: Server, prompt: str | list[int]) -> list[int]:
+    """The prompt as raw text (no chat template) or token ids (already checked against the vocabulary)."""
     if isinstance(prompt, str):
         if not prompt:
             raise bad("prompt is empty: give some text", "prompt")
         return server.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = server.tokenizer.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise bad(f"prompt token ids must be in [0, {vocab})", "prompt")
-        return list(prompt)
-    raise bad("prompt must be a string or a list of token ids (one prompt per request)", "prompt")
-
-
-async def json_answer(server: Server, request: Request, ids, params, new_parser, fmt) -> Answer:
-    """Generate until the content is valid JSON for fmt: retries sample with other seeds."""
-    error = ""
-    for attempt in range(server.config.json_attempts):
-        p = params
-        if attempt:
-            p = dataclasses.replace(params, temperature=params.temperature or 0.7,
-                                    seed=(params.seed or 0) + attempt)
-        a = await server.answer(request, server.submit(ids, p), new_parser())
-        error, text = fmt.check(a.content)
-        if error is None:
-            return dataclasses.replace(a, content=text)
-    raise APIError(422, f"the model's answer was not valid for response_format after "
-                        f"{server.config.json_attempts} attempts (last: {error}); try a clearer prompt or more "
-                        "max_tokens", "response_format")
+    return list(prompt)

@@ -17,7 +17,10 @@ anything else (so a number reads `3`, a boolean `True`). Several calls follow on
 accepted too.
 
 OutputParser.feed(text) takes generated text in arbitrary pieces (as the engine streams it) and returns
-the parts completed so far: ("reasoning", str), ("content", str) or ("tool_call", ToolCall). A text piece
+the parts completed so far: ("reasoning", str), ("content", str) or ("tool_call", ToolCall); while an XML
+call is being written, ("call_start", ToolCall with no arguments yet) once its name is complete and
+("call_delta", str) as each parameter closes: pieces of its arguments' JSON that, joined, are the final
+ToolCall.arguments_json() (the same id). A text piece
 that could be the start of a tag is held back until the next piece decides it, so the concatenation of
 what a stream returns equals the parse of the whole text.
 """
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
+_FUNCTION_OPEN = re.compile(r"<function=([^>\n]*)>")
 _FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)(?:</function>|$)", re.DOTALL)
 _PARAMETER = re.compile(r"<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)", re.DOTALL)
 
@@ -93,9 +97,10 @@ def convert_value(raw: str, schema: dict | None):
     return raw
 
 
-def parse_call_body(body: str, tools: dict[str, dict]) -> ToolCall | None:
+def parse_call_body(body: str, tools: dict[str, dict], call_id: str | None = None) -> ToolCall | None:
     """The text between <tool_call> and </tool_call> (or up to the end of output): a ToolCall, or None
     when it is not a call at all. `tools` maps a function name to its JSON schema (`parameters`)."""
+    call_id = call_id or new_call_id()
     m = _FUNCTION.search(body)
     if m:
         name = m.group(1).strip()
@@ -106,7 +111,7 @@ def parse_call_body(body: str, tools: dict[str, dict]) -> ToolCall | None:
         for pm in _PARAMETER.finditer(m.group(2)):
             key = pm.group(1).strip()
             args[key] = convert_value(_strip_one_newline(pm.group(2)), props.get(key))
-        return ToolCall(new_call_id(), name, args)
+        return ToolCall(call_id, name, args)
     text = body.strip()
     if text.startswith("{"):  # Qwen3 / Hermes style: {"name": ..., "arguments": {...}}
         try:
@@ -121,7 +126,7 @@ def parse_call_body(body: str, tools: dict[str, dict]) -> ToolCall | None:
                 except ValueError:
                     return None
             if isinstance(args, dict):
-                return ToolCall(new_call_id(), obj["name"], args)
+                return ToolCall(call_id, obj["name"], args)
     return None
 
 
@@ -150,6 +155,8 @@ class OutputParser:
         self.space = ""  # trailing whitespace of content/reasoning, held until more text follows
         self.at_start = reasoning  # after <think>, </think> or a call: leading newlines are dropped
         self.calls: list[ToolCall] = []
+        self.open: ToolCall | None = None  # the XML call being written, once its name is known
+        self.sent = ""  # its arguments' JSON handed out so far
 
     def _tags(self) -> tuple[str, ...]:
         if self.state == "reasoning":
@@ -182,6 +189,7 @@ class OutputParser:
             if self.state == "call":
                 i = self.buf.find(CALL_CLOSE)
                 if i < 0:
+                    self._progress(out)
                     break
                 self._end_call(self.buf[:i], out)
                 self.buf = self.buf[i + len(CALL_CLOSE):]
@@ -206,12 +214,35 @@ class OutputParser:
                 self.state, self.space = "call", ""
         return out
 
+    def _progress(self, out: list) -> None:
+        """An XML call still open: its start once the name is written, then its arguments' JSON up to the
+        last parameter closed (without the final brace)."""
+        m = _FUNCTION_OPEN.search(self.buf)
+        if not m or not m.group(1).strip():
+            return
+        if self.open is None:
+            self.open, self.sent = ToolCall(new_call_id(), m.group(1).strip(), {}), ""
+            out.append(("call_start", self.open))
+        last = self.buf.rfind("</parameter>")
+        if last < m.end():
+            return
+        call = parse_call_body(self.buf[: last + len("</parameter>")], self.tools or {}, self.open.id)
+        self._delta(call.arguments_json()[:-1], out)
+
+    def _delta(self, j: str, out: list) -> None:
+        if j.startswith(self.sent) and len(j) > len(self.sent):
+            out.append(("call_delta", j[len(self.sent):]))
+            self.sent = j
+
     def _end_call(self, body: str, out: list, closed: bool = True) -> None:
-        call = parse_call_body(body, self.tools or {})
+        opened, self.open = self.open, None
+        call = parse_call_body(body, self.tools or {}, opened.id if opened else None)
         self.state = "content"
         if call is None:  # not a call after all: keep the text
             self._text("content", CALL_OPEN + body + (CALL_CLOSE if closed else ""), out)
             return
+        if opened is not None:
+            self._delta(call.arguments_json(), out)
         self.calls.append(call)
         out.append(("tool_call", call))
         self.at_start = True
