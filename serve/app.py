@@ -232,21 +232,24 @@ def sampling_defaults(bundle_dir: Path) -> dict:
 
 
 def open_server(bundle, runtime_config=None, config: ServerConfig | None = None, sampling_overrides=None,
-                **engine_kw) -> Server:
+                engine_config=None, dist=None, **engine_kw) -> Server:
     """Load a bundle (directory or Hub repo id) and build its engine: a Server ready for create_app.
     sampling_overrides: request defaults over the bundle's (temperature, top_p, top_k, seed, stop).
-    engine_kw: Engine's max_batch, memory_budget_gb, prompt_cache_gb, prefill_tokens (None: its default)."""
-    from flashmoe.runtime.engine import Engine
-
+    engine_config: an EngineConfig (or engine_kw: its max_batch, memory_budget_gb, prompt_cache_gb,
+    prefill_tokens). dist: this process's place in an expert-parallel run (runtime/distributed.py)."""
     import flashmoe
+    from flashmoe.runtime.config import EngineConfig
+    from flashmoe.runtime.distributed import make_engine, start_from_env
 
-    model, tokenizer = flashmoe.load(bundle, config=runtime_config)
+    dist = dist or start_from_env("flashmoe-serve", environ={})  # a single process
+    model, tokenizer = flashmoe.load(bundle, config=runtime_config, shard=dist.expert_shard())
+    dist.attach(model)
     path = Path(model.bundle.path)
     config = config or ServerConfig(model_id="")
-    config = dataclasses.replace(config, model_id=config.model_id or path.name, 
+    config = dataclasses.replace(config, model_id=config.model_id or path.name,
                                  sampling={**sampling_defaults(path), **(sampling_overrides or {})})
-    engine = Engine(model, tokenizer, **{k: v for k, v in engine_kw.items() if v is not None})
-    return Server(model, tokenizer, engine, config)
+    ec = engine_config or EngineConfig(**{k: v for k, v in engine_kw.items() if v is not None})
+    return Server(model, tokenizer, make_engine(dist, model, tokenizer, ec), config)
 
 
 def _engine_result(task) -> Answer:

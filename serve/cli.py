@@ -17,17 +17,15 @@ import os
 import socket
 import sys
 
-from flashmoe.format.errors import InputError
-
-from flashmoe.cli import run_cli
+from flashmoe.cli import (add_engine_flags, add_runtime_flags, engine_config_from_args, run_cli,
+                          runtime_config_from_args)
+from flashmoe.errors import InputError
 
 PROG = "flashmoe-serve"
 INSTALL = "pip install 'flashmoe[serve]'"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from flashmoe.runtime.config import DTYPES, IO_MODES, UPLOADS
-
     p = argparse.ArgumentParser(prog=PROG, description="Serve a flashmoe bundle over the OpenAI and Anthropic "
                                                        "HTTP APIs (chat, completions, messages, tool calls).")
     p.add_argument("bundle", help="bundle directory (from flashmoe-convert or flashmoe-pull) or a Hub repo id")
@@ -49,27 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not log one line per request on stderr (method, path, status, tokens, time)")
     s.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's own log level (default warning)")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--io", choices=IO_MODES, default=None, help="expert read method (default pread)")
-    from flashmoe.metal.dispatch import add_cli_argument
-
-    add_cli_argument(r)  # --kernels auto|builtin|custom
-    r.add_argument("--gpu-cache-gb", type=float, default=None, metavar="GB",
-                   help="CUDA expert cache size (default: $FLASHMOE_GPU_CACHE_GB, else 16 GB or 40%% of a smaller GPU)")
-    r.add_argument("--upload", choices=UPLOADS, default=None,
-                   help="how expert records reach a CUDA GPU (default: $FLASHMOE_UPLOAD, else auto)")
-    r.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="activation dtype (default: $FLASHMOE_DTYPE, else float32 on the CPU, the bundle's on a GPU)")
-    r.add_argument("--experts-per-token", type=int, default=None, metavar="K",
-                   help="routed experts per token (default: the model's own)")
-    e = p.add_argument_group("engine")
-    e.add_argument("--max-batch", default=None, metavar="N",
-                   help="sequences decoded together, or auto (default auto: what the memory budget fits)")
-    e.add_argument("--memory-budget-gb", type=float, default=None, metavar="GB",
-                   help="memory for sequence state (default: the engine's share of free memory)")
-    e.add_argument("--prompt-cache-gb", type=float, default=2.0, metavar="GB",
-                   help="memory for finished conversations' state, reused when a request extends one "
-                        "(LRU; 0 = off; default 2)")
+    add_runtime_flags(p)
+    add_engine_flags(p, prompt_cache_gb=2.0)
     g = p.add_argument_group("sampling (defaults for requests that do not set them)")
     g.add_argument("--max-tokens", type=int, default=4096, metavar="N",
                    help="tokens per answer when a request names none, and the most one may ask for (default 4096)")
@@ -124,43 +103,26 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _max_batch(v: str | None) -> int | None:
-    if v is None or v == "auto":
-        return None
-    try:
-        n = int(v)
-    except ValueError:
-        raise InputError(f"--max-batch {v!r}: give a number of sequences or auto") from None
-    if n < 1:
-        raise InputError(f"--max-batch must be >= 1 (got {n})")
-    return n
-
-
 def _body(args: argparse.Namespace) -> int:
-    from flashmoe.runtime.config import RuntimeConfig
-
     _check_dependencies()
     for name, lo in (("max_tokens", 1), ("max_queue", 0)):
         if getattr(args, name) < lo:
             raise InputError(f"--{name.replace('_', '-')} must be >= {lo}")
-    if args.prompt_cache_gb < 0:
-        raise InputError("--prompt-cache-gb must be >= 0")
     if not 0 < args.max_body_mb <= 1 << 20:
         raise InputError("--max-body-mb must be a positive number of MiB")
-    max_batch = _max_batch(args.max_batch)
+    engine_config = engine_config_from_args(args)  # bad values refused before anything loads
     from flashmoe.runtime.sampling import SamplingParams
 
     sampling = {k: v for k, v in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                       seed=args.seed, stop=tuple(args.stop or ())).items() if v is not None}
     SamplingParams(**sampling).check()  # the flags' ranges, before anything loads
     api_key = args.api_key if args.api_key is not None else os.environ.get("FLASHMOE_API_KEY") or None
-    runtime = RuntimeConfig.from_env(io=args.io, kernels=args.kernels, experts_per_token=args.experts_per_token,
-                                     gpu_cache_gb=args.gpu_cache_gb, upload=args.upload, dtype=args.dtype)
+    runtime = runtime_config_from_args(args)
     from flashmoe.runtime.distributed import follow_engine, run_engine, start_from_env
 
     from .app import ServerConfig, create_app, open_server
 
-    engine_kw = dict(max_batch=max_batch, memory_budget_gb=args.memory_budget_gb,
+    engine_kw = dict(max_batch=args.max_batch, memory_budget_gb=args.memory_budget_gb,
                      prompt_cache_gb=args.prompt_cache_gb)
     dist = start_from_env(PROG)  # under mlx.launch: rank 0 serves, the other ranks mirror its model calls
     if not dist.leader:
@@ -170,8 +132,7 @@ def _body(args: argparse.Namespace) -> int:
     server = open_server(args.bundle, runtime, ServerConfig(
         model_id=args.model_name or "", api_key=api_key, max_tokens=args.max_tokens, max_queue=args.max_queue,
         strict_model=args.strict_model, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-        request_log=not args.no_request_log), sampling_overrides=sampling, **engine_kw)
-    dist.attach(server.model)
+        request_log=not args.no_request_log), sampling_overrides=sampling, engine_config=engine_config, dist=dist)
     import uvicorn
 
     if not args.no_request_log:
