@@ -35,7 +35,7 @@ demo: install
 	@echo '>>> $(DEMO_PROMPT)'
 	@$(PY) -m flashmoe.runtime.cli $(DEMO_BUNDLE) --prompt '$(DEMO_PROMPT)' --max-tokens 80 --stats
 	@echo
-	@echo 'That was a 4-layer, 16-expert Qwen3.5-MoE (18 MB, trained on Python'"'"'s help topics), run the way'
+	@echo 'That was a 4-layer, 16-expert Qwen3.5-MoE (17 MB, trained on Python'"'"'s help topics), run the way'
 	@echo 'flashmoe runs the 397B: dense weights resident, the routed experts read from disk per token.'
 	@echo 'Next, in this shell:  source $(VENV)/bin/activate   (then see the README'"'"'s quick start)'
 	@echo '  flashmoe-run $(DEMO_BUNDLE)                             chat with it (/help inside)'

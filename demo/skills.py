@@ -1,6 +1,7 @@
 """What the demo model does in a conversation, measured through flashmoe on held-out requests
 (demo/conversations.py draws them; none was trained):
 
+* first turn: each training topic asked once; how often the reply opens with that topic's title;
 * second turn: on two-turn chats about Python topics, how often the second reply opens with the
   second topic's title (it answers the second question) and how often with the first's (it repeats);
 * tool calls: on 50 requests phrased in ways never trained, with 1-3 tools offered, how often the reply
@@ -29,6 +30,16 @@ def reply(model, tok, text: str, max_tokens: int) -> str:
     from flashmoe.runtime.generate import generate
 
     return "".join(c.text for c in generate(model, tok, tok.encode(text), max_tokens=max_tokens))
+
+
+def first_turn(model, tok, docs: dict[str, str]) -> dict:
+    """Each training topic asked once (the question shapes in turn): does the reply open with its title?"""
+    right = 0
+    for i, k in enumerate(sorted(docs)):
+        q = conversations.QUESTIONS[i % 3].format(conversations.subject(conversations.title(docs[k])))
+        out = reply(model, tok, tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True), 16)
+        right += out.lstrip().startswith(conversations.title(docs[k]))
+    return {"questions": len(docs), "right_topic": right}
 
 
 def second_turn(model, tok, docs: dict[str, str]) -> dict:
@@ -87,11 +98,13 @@ def main(argv=None) -> int:
 
     model, tok = flashmoe.load(a.bundle)
     docs = {k: v.strip() for k, v in sorted(topics.items()) if k not in HELDOUT}
-    res = {"second_turn": second_turn(model, tok, docs),
+    res = {"first_turn": first_turn(model, tok, docs), "second_turn": second_turn(model, tok, docs),
            "tool_calls": tool_calls(model, tok) if "tools" in (tok.chat_template or "") else None}
     if a.json:
         print(json.dumps(res, indent=1))
         return 0
+    f = res["first_turn"]
+    print(f"first turn: {f['right_topic']}/{f['questions']} replies open with the asked topic's title")
     s = res["second_turn"]
     print(f"second turn: {s['answers_second']}/{s['chats']} answer the second question, "
           f"{s['repeats_first']}/{s['chats']} repeat the first answer")

@@ -1,19 +1,15 @@
-"""Rebuild the demo checkpoint in demo/model/: a small Qwen3.5-MoE trained on Python's own documentation,
-on conversations about it and on tool calls in Qwen3.5's format.
+"""Rebuild the demo checkpoint in demo/model/: a small Qwen3.5-MoE trained on Python's own documentation.
 
-    python demo/train.py                 # ~45 min on a busy 2-core VM (one thread); writes demo/model/
+    python demo/train.py                 # 47 min on a busy 2-core VM (one thread); writes demo/model/
     python demo/train.py --steps 50 -o /tmp/quick   # a quick smoke run
 
 Dev-only: needs torch and transformers (`pip install -e ".[test]"`); `make demo` does not.
 
 The text is `pydoc_data.topics`, the help topics every CPython ships (the Python documentation,
 PSF License; see demo/README.md). Some topics are held out of training and written to
-demo/heldout.txt, the text `flashmoe-eval` measures perplexity on. Besides the plain topic text the
-model sees chats (demo/data.py): single- and multi-turn questions about the topics, and requests
-answered by tool calls, rendered by transformers through the demo's chat template (Qwen3.5's tool
-format). Loss is taken on the plain text and on the assistant's turns only. Each training window starts
-at a sample's start (or every SEQ/2 tokens inside a long topic), so a tool request is seen whole with
-the tool list before it.
+demo/heldout.txt, the text `flashmoe-eval` measures perplexity on. Besides the plain topic text, each
+topic's opening also appears as a chat turn ("Tell me about the "for" statement." -> its first
+paragraphs), so that the chat template and `flashmoe-run` chat produce on-topic answers.
 
 The model keeps the real Qwen3.5-MoE structure: Gated DeltaNet and full-attention layers (full every
 4th), GQA, partial RoPE, 16 routed experts (4 per token) plus a shared expert. Training runs a fixed
@@ -31,11 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-import conversations  # demo/conversations.py, next to this file
-
 HERE = Path(__file__).resolve().parent
 HELDOUT = ("bitwise", "shifting", "unary", "power", "imaginary", "floating", "integers", "in", "truth")
 SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 CONFIG = dict(
     vocab_size=2048,
     hidden_size=256,
@@ -59,6 +57,7 @@ CONFIG = dict(
     pad_token_id=0,
     bos_token_id=None,
 )
+QUESTIONS = ("Tell me about {}.", "What is {}?", "Explain {}.")
 
 
 def topics() -> dict[str, str]:
@@ -67,53 +66,26 @@ def topics() -> dict[str, str]:
     return {k: v.strip() for k, v in sorted(t.items())}
 
 
-def render(msgs: list[dict], tools: list[dict] | None = None) -> str:
-    """A conversation as the chat template writes it, rendered by transformers (the reference renderer)."""
-    global _RENDERER  # built once: transformers only renders the template here
-    if _RENDERER is None:
-        from tokenizers import Tokenizer, models
-        from transformers import PreTrainedTokenizerFast
-
-        _RENDERER = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=conversations.TEMPLATE)
-    return _RENDERER.apply_chat_template(msgs, tools=tools, tokenize=False)
-
-
-_RENDERER = None
+def opening(text: str, limit: int = 700) -> str:
+    """The title and first paragraphs of a topic, cut at a paragraph end near `limit` characters."""
+    paras = text.split("\n\n")
+    out = paras[0]
+    for p in paras[1:]:
+        if len(out) + 2 + len(p) > limit and len(out) > 200:
+            break
+        out += "\n\n" + p
+    return out
 
 
-def corpus(docs: dict[str, str], rng: random.Random, multi: int, tool: int) -> tuple[list[str], list[str]]:
-    """(plain topic texts, rendered chats), the chats shuffled."""
-    plain = [v + "<|endoftext|>" for v in docs.values()]
-    convs = [render(m) for m in conversations.chats(docs, rng, multi)] + [render(m, t) for m, t in conversations.tool_chats(tool, rng, docs)]
-    rng.shuffle(convs)
-    return plain, convs
-
-
-def assistant_mask(text: str, offsets: list[tuple[int, int]]) -> list[int]:
-    """1 for tokens inside an assistant turn's content (and its closing <|im_end|>), else 0."""
-    spans, at = [], 0
-    opener, close = "<|im_start|>assistant\n", "<|im_end|>"
-    while (i := text.find(opener, at)) >= 0:
-        j = text.find(close, i)
-        j = len(text) if j < 0 else j + len(close)
-        spans.append((i + len(opener), j))
-        at = j
-    return [int(any(a <= s < b for a, b in spans)) for s, _ in offsets]
-
-
-def stream(tok, plain: list[str], convs: list[str], seq: int, rng: random.Random):
-    """(token ids, loss mask, window starts): every sample concatenated in random order; a window starts
-    at each chat and every seq//2 tokens of a plain topic."""
-    pieces = [(s, False) for s in plain] + [(s, True) for s in convs]
-    rng.shuffle(pieces)
-    ids, mask, starts = [], [], []
-    for text, chat in pieces:
-        enc = tok.encode(text)
-        n = len(enc.ids)
-        starts += [len(ids)] if chat else [len(ids) + k for k in range(0, n, seq // 2)]
-        ids += enc.ids
-        mask += assistant_mask(text, enc.offsets) if chat else [1] * n
-    return ids, mask, [s for s in starts if s + seq + 1 <= len(ids)]
+def chat_samples(docs: dict[str, str]) -> list[str]:
+    out = []
+    for text in docs.values():
+        title = text.split("\n", 1)[0].strip()
+        subject = title[0].lower() + title[1:] if title[:2].istitle() or title.startswith("The ") else title
+        for q in QUESTIONS:
+            out.append(f"<|im_start|>user\n{q.format(subject)}<|im_end|>\n<|im_start|>assistant\n"
+                       f"{opening(text)}<|im_end|>\n")
+    return out
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
@@ -138,20 +110,18 @@ def save(model, tok, out: Path) -> None:
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "chat_template": conversations.TEMPLATE}, indent=1) + "\n")
-    (out / "chat_template.jinja").write_text(conversations.TEMPLATE)
+        "chat_template": TEMPLATE}, indent=1) + "\n")
+    (out / "chat_template.jinja").write_text(TEMPLATE)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", type=Path, default=HERE / "model", help="checkpoint directory to write")
-    p.add_argument("--steps", type=int, default=450, help="optimizer steps (default 450)")
-    p.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
-    p.add_argument("--seq", type=int, default=576, help="tokens per window (default 576: a tool request fits whole)")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
+    p.add_argument("--batch", type=int, default=12, help="sequences per step (default 12)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, corpus and batch order (default 0)")
-    p.add_argument("--multi", type=int, default=700, help="multi-turn topic conversations (default 700)")
-    p.add_argument("--tool-chats", type=int, default=1400, help="tool-call conversations (default 1400)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init and batch order (default 0)")
     p.add_argument("--heldout", type=Path, default=HERE / "heldout.txt", help="where to write the held-out text")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a busy machine more threads stall each other)")
     a = p.parse_args(argv)
@@ -163,15 +133,19 @@ def main(argv=None) -> int:
     docs = topics()
     train_docs = {k: v for k, v in docs.items() if k not in HELDOUT}
     heldout = "\n\n".join(docs[k] for k in HELDOUT if k in docs) + "\n"
+    chats = chat_samples(train_docs)
+    plain = [v + "<|endoftext|>" for v in train_docs.values()]
+    tok = build_tokenizer(list(train_docs.values()) + chats, CONFIG["vocab_size"])
+
     rng = random.Random(a.seed)
-    plain, convs = corpus(train_docs, rng, a.multi, a.tool_chats)
-    tok = build_tokenizer(list(train_docs.values()) + convs, CONFIG["vocab_size"])
-    ids, mask, starts = stream(tok, plain, convs, a.seq, rng)
-    longest = max(len(tok.encode(c).ids) for c in convs)
-    data, weight = torch.tensor(ids), torch.tensor(mask, dtype=torch.float32)
-    print(f"corpus: {len(train_docs)} topics + {len(convs)} chats = {len(ids)} tokens ({sum(mask)} with loss), "
-          f"{len(starts)} window starts, longest chat {longest} tokens (vocab {tok.get_vocab_size()}); "
-          f"held out: {len(tok.encode(heldout).ids)} tokens", flush=True)
+    pieces = plain + chats
+    rng.shuffle(pieces)
+    ids = []
+    for s in pieces:
+        ids += tok.encode(s).ids
+    data = torch.tensor(ids)
+    print(f"corpus: {len(train_docs)} topics + {len(chats)} chat turns = {len(ids)} tokens "
+          f"(vocab {tok.get_vocab_size()}); held out: {len(tok.encode(heldout).ids)} tokens", flush=True)
 
     torch.manual_seed(a.seed)
     model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**CONFIG))
@@ -185,13 +159,11 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(a.seed)
     t0 = time.time()
     for step in range(1, a.steps + 1):
-        pick = torch.randint(0, len(starts), (a.batch,), generator=g).tolist()
-        x = torch.stack([data[starts[i]: starts[i] + a.seq] for i in pick])
-        y = torch.stack([data[starts[i] + 1: starts[i] + a.seq + 1] for i in pick])
-        w = torch.stack([weight[starts[i] + 1: starts[i] + a.seq + 1] for i in pick]).reshape(-1)
+        starts = torch.randint(0, len(ids) - a.seq - 1, (a.batch,), generator=g)
+        x = torch.stack([data[s: s + a.seq] for s in starts])
+        y = torch.stack([data[s + 1: s + a.seq + 1] for s in starts])
         logits = model(x).logits
-        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-        loss = (losses * w).sum() / w.sum().clamp(min=1)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -203,10 +175,9 @@ def main(argv=None) -> int:
     save(model, tok, a.output)
     a.heldout.write_text(heldout)
     with torch.no_grad():
-        prompt = tok.encode(render([{"role": "user", "content": "What time is it in Oslo?"}],
-                                   [conversations.TOOLS["get_time"]]) + "<|im_start|>assistant\n").ids
+        prompt = tok.encode('The "for" statement is used to').ids
         out = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)
-    print("greedy sample:", tok.decode(out[0, len(prompt):].tolist()), flush=True)
+    print("greedy sample:", tok.decode(out[0].tolist()), flush=True)
     print(f"wrote {a.output} in {time.time() - t0:.0f} s", flush=True)
     return 0
 
