@@ -42,8 +42,9 @@ demo: install
 	@echo '  flashmoe-serve $(DEMO_BUNDLE)                           an OpenAI/Anthropic API on 127.0.0.1:8080'
 	@echo '  flashmoe-eval $(DEMO_BUNDLE) --text demo/heldout.txt    its perplexity on topics it never saw'
 
+# .venv/bin first on PATH, as `source .venv/bin/activate` does: tests start flashmoe-run, mlx.launch, ...
 test: install-test
-	$(PY) -m pytest -q tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info
