@@ -9,10 +9,11 @@ reference bundle's next-token distributions (the quality meter for bits and expe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from flashmoe.cli import add_common_arguments, run_cli
+from flashmoe.cli import add_common_arguments, add_runtime_flags, run_cli, runtime_config_from_args
 from flashmoe.format.errors import InputError
 
 PROG = "flashmoe-eval"
@@ -30,8 +31,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="REF",
                    help="reference bundle of the same model: report both side by side and the mean "
                         "KL(REF || BUNDLE) of their next-token distributions")
-    p.add_argument("--experts-per-token", type=int, default=None, metavar="K",
-                   help="routed experts per token for BUNDLE (default: the model's own; REF keeps its own)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="score only the first N tokens of the text (default: all)")
     p.add_argument("--window", type=int, default=WINDOW, metavar="N",
@@ -40,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=CHUNK, metavar="N",
                    help=f"tokens per forward pass; memory holds N x vocab logits (default {CHUNK})")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    p.add_argument("--io", choices=("pread", "mmap"), default="pread", help="expert read method (default pread)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_runtime_flags(p)  # --experts-per-token applies to BUNDLE only (REF keeps its own)
     add_common_arguments(p)
     return p
 
@@ -60,13 +59,12 @@ def _body(a: argparse.Namespace) -> int:
     text = read_text(a.text, "--text")
     if a.max_tokens is not None and a.max_tokens < 2:
         raise InputError(f"--max-tokens must be >= 2 (got {a.max_tokens})")
-    from flashmoe.runtime.config import RuntimeConfig
-
-    model, tok = flashmoe.load(a.bundle, RuntimeConfig.from_env(experts_per_token=a.experts_per_token, io=a.io))
+    config = runtime_config_from_args(a)
+    model, tok = flashmoe.load(a.bundle, config)
     ids = tok.encode(text)[: a.max_tokens]
     ref = None
     if a.compare:
-        ref, ref_tok = flashmoe.load(a.compare, RuntimeConfig.from_env(io=a.io))
+        ref, ref_tok = flashmoe.load(a.compare, dataclasses.replace(config, experts_per_token=None))
         if ref_tok.encode(text)[: len(ids)] != ids:
             raise InputError(f"{a.compare} tokenizes the text differently from {a.bundle}; "
                              "compare bundles of the same model")

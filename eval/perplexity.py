@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 
 from flashmoe.format.errors import InputError
+from flashmoe.runtime.runner import forward_chunks
 
 CHUNK = 256  # tokens per forward
 WINDOW = 4096  # tokens per window (fresh cache), capped by the model's context
@@ -64,14 +65,16 @@ def _check(ids: list[int], model, window: int, chunk: int) -> int:
 
 
 def _logprobs(model, ids: list[int], window: int, chunk: int) -> Iterator[tuple[mx.array, mx.array]]:
-    """Yield (log-probabilities [S, V], targets [S]) chunk by chunk over the whole text."""
+    """Yield (log-probabilities [S, V], targets [S]) chunk by chunk over the whole text, through the
+    runtime's one prefill loop (every position's logits)."""
     for s, e in _windows(len(ids), window):
-        cache = model.make_cache()
-        for i in range(s, e - 1, chunk):
-            j = min(i + chunk, e - 1)  # positions i..j-1 predict tokens i+1..j
-            logits = model(mx.array([ids[i:j]]), cache)[0].astype(mx.float32)  # [S, V]
+        i = s
+        for fed, logits in forward_chunks(model, model.make_cache(), [ids[s : e - 1]], chunk, last_only=False):
+            j = s + fed  # positions i..j-1 predict tokens i+1..j
+            logits = logits[0].astype(mx.float32)  # [S, V]
             logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             yield logp, mx.array(ids[i + 1: j + 1])
+            i = j
 
 
 def _nll_sum(logp: mx.array, targets: mx.array) -> mx.array:

@@ -15,11 +15,15 @@ import threading
 import time
 from pathlib import Path
 
-import mlx.core as mx
-
+from flashmoe.cli import sampling_params_from_args
 from flashmoe.format.errors import FlashmoeError, InputError
 
-from .generate import Session, generate
+from .config import EngineConfig
+from .engine import Engine
+from .generate import PREFILL_CHUNK as GENERATE_CHUNK
+from .generate import generate
+from .runner import PromptCache
+from .report import fmt_stats
 
 PROMPT, MORE = ">>> ", "... "
 FENCE = '"""'
@@ -41,19 +45,19 @@ input:
 
 
 class Conversation:
-    """Token ids of the conversation, its messages and the generation Session holding their cache."""
+    """Token ids of the conversation, its messages and the prompt cache (`session`) holding their state."""
 
-    def __init__(self, tok, system: str | None = None, template: bool = True):
+    def __init__(self, tok, system: str | None = None, template: bool = True, session: PromptCache | None = None):
         self.tok = tok
         self.template = template and tok.chat_template is not None
         self.system = system
-        self.session = Session()
+        self.session = session if session is not None else PromptCache()
         self.ids: list[int] = []  # every token of the conversation so far, replies as generated
         self.turns = 0
 
     def reset(self) -> None:
+        """Start the conversation over (the caller empties the prompt cache: Chat.start_over)."""
         self.ids, self.turns = [], 0
-        self.session.reset()
 
     def _system(self) -> list[dict]:
         return [{"role": "system", "content": self.system}] if self.system else []
@@ -140,19 +144,18 @@ class LineReader:
         return body.rstrip()[: -len(FENCE)].strip("\n")
 
 
-def prefill(model, session: Session, ids: list[int], stop: Interrupt | None = None, err=None) -> None:
-    """Feed ids[len(session.ids):] into the session's cache chunk by chunk with a progress line, stopping
-    between chunks on Ctrl-C (the session then holds what was fed)."""
+def prefill(engine: Engine, ids: list[int], stop: Interrupt | None = None, err=None) -> None:
+    """Feed `ids` into the engine's prompt cache chunk by chunk with a progress line, stopping between
+    chunks on Ctrl-C (the cache then holds what was fed)."""
     err = err or sys.stderr
-    if not (session.cache is not None and ids[: len(session.ids)] == session.ids):
-        session.reset()
-        session.cache = model.make_cache()
-    start, total = len(session.ids), len(ids) - len(session.ids)
-    for i in range(start, len(ids), PREFILL_CHUNK):
-        chunk = ids[i: i + PREFILL_CHUNK]
-        mx.eval(model(mx.array([chunk]), session.cache, last_only=True))
-        session.ids = ids[: i + len(chunk)]
-        done = len(session.ids) - start
+    pc = engine.prompt_cache
+    if pc.holds(ids):
+        return
+    start = pc.prefix(ids)
+    total = len(ids) - start
+    for end in range(start + PREFILL_CHUNK, len(ids) + PREFILL_CHUNK, PREFILL_CHUNK):
+        engine.runner.store(ids[: min(end, len(ids))])
+        done = min(end, len(ids)) - start
         err.write(f"\rprefill {done}/{total} tokens ({100 * done // max(total, 1)}%)")
         err.flush()
         if stop is not None and stop.hit:
@@ -162,10 +165,16 @@ def prefill(model, session: Session, ids: list[int], stop: Interrupt | None = No
 
 
 class Chat:
-    def __init__(self, model, tok, args, out=None, err=None):
+    """The chat loop over an Engine (by default a one-sequence engine of `model` with an unbounded prompt
+    cache; flashmoe-run under mlx.launch passes the leader's)."""
+
+    def __init__(self, model, tok, args, out=None, err=None, engine: Engine | None = None):
         self.model, self.tok, self.args = model, tok, args
         self.out, self.err = out or sys.stdout, err or sys.stderr
-        self.conv = Conversation(tok, args.system_prompt, template=not args.no_chat_template)
+        self.engine = engine or Engine(model, tok, EngineConfig(max_batch=1, prefill_tokens=GENERATE_CHUNK),
+                                       prompt_cache=PromptCache())
+        self.conv = Conversation(tok, args.system_prompt, template=not args.no_chat_template,
+                                 session=self.engine.prompt_cache)
         self.last: dict | None = None  # figures of the last reply
 
     def say(self, msg: str) -> None:
@@ -173,21 +182,19 @@ class Chat:
 
     # ---- one reply ---------------------------------------------------------------------------
     def reply(self, text: str) -> None:
-        from .cli import fmt_stats, gen_kwargs
-
         conv, model = self.conv, self.model
         ids = conv.prompt_ids(text)
-        cached = len(conv.session.ids) if ids[: len(conv.session.ids)] == conv.session.ids else 0
+        cached = conv.session.prefix(ids)
         generated: list[int] = []
         stats = None
         t0 = time.perf_counter()
         with Interrupt() as stop:
             try:
                 if len(ids) - cached > PROGRESS_MIN and len(ids) < model.config.max_position_embeddings:
-                    prefill(model, conv.session, ids[:-1], stop, self.err)  # generate() then feeds the last token
+                    prefill(self.engine, ids[:-1], stop, self.err)  # generate() then feeds the last token
                 t_own = time.perf_counter() - t0
                 if not stop.hit:
-                    gen = generate(model, self.tok, ids, session=conv.session, **gen_kwargs(self.args))
+                    gen = generate(model, self.tok, ids, engine=self.engine, params=sampling_params_from_args(self.args))
                     for chunk in gen:
                         if chunk.token is not None:
                             generated.append(chunk.token)
@@ -200,7 +207,7 @@ class Chat:
                             gen.close()
                             break
             except KeyboardInterrupt:  # a second Ctrl-C: the cache may be half-updated, start it over
-                conv.session.reset()
+                self.engine.runner.forget()
                 stop.hit = True
         self.out.write("\n")
         self.out.flush()
@@ -221,16 +228,22 @@ class Chat:
         left unfed (at least the last one shown), or all of it if the stop left the session empty, so the
         next turn prefills only its new tokens."""
         session, ids = self.conv.session, self.conv.ids
-        if session.cache is not None and session.ids == ids:
+        if session.holds(ids):
             return
         with Interrupt() as stop:
             try:
-                prefill(self.model, session, ids, stop, self.err)
+                prefill(self.engine, ids, stop, self.err)
             except KeyboardInterrupt:
-                session.reset()
+                self.engine.runner.forget()
+
+    def start_over(self) -> None:
+        """An empty conversation and prompt cache (on every rank of a distributed run)."""
+        self.conv.reset()
+        self.engine.runner.forget()
+        self.last = None
 
     def stats_text(self) -> str:
-        held = len(self.conv.session.ids)
+        held = len(self.conv.session.longest())
         if self.last is None:
             return f"no reply yet; {held} tokens in the cache"
         s = self.last
@@ -240,6 +253,9 @@ class Chat:
 
     # ---- commands ----------------------------------------------------------------------------
     def confirm(self, reader: LineReader, question: str) -> bool:
+        """Ask in a terminal; a script (stdin not a terminal) is not asked: the command goes ahead."""
+        if reader.ps is None:
+            return True
         try:
             return reader.read(f"{question} [y/N] ").strip().lower() in ("y", "yes")
         except (EOFError, KeyboardInterrupt):
@@ -257,8 +273,7 @@ class Chat:
             if not self.conv.ids:
                 self.say("the conversation is already empty")
             elif self.confirm(reader, "Clear the conversation?"):
-                self.conv.reset()
-                self.last = None
+                self.start_over()
                 self.say("conversation cleared")
             else:
                 self.say("kept the conversation")
@@ -270,11 +285,11 @@ class Chat:
             elif self.conv.ids and not self.confirm(reader, "Changing the system prompt starts over. Continue?"):
                 self.say("kept the conversation")
             else:
+                had = bool(self.conv.ids)
                 self.conv.system = None if rest == "off" else rest
-                self.conv.reset()
-                self.last = None
+                self.start_over()
                 self.say("system prompt cleared" if rest == "off" else "system prompt set")
-                if self.conv.ids:
+                if had:
                     self.say("the conversation starts over")
         elif name == "/stats":
             self.say(self.stats_text())
@@ -307,6 +322,6 @@ class Chat:
                 self.say(f"error: {' '.join(str(e).split())}" + ("; /reset starts over" if "context" in str(e) else ""))
 
 
-def chat(model, tok, args) -> None:
+def chat(model, tok, args, engine: Engine | None = None) -> None:
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    Chat(model, tok, args).run(LineReader(tty))
+    Chat(model, tok, args, engine=engine).run(LineReader(tty))

@@ -14,8 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from flashmoe.cli import add_common_arguments, run_cli
+from flashmoe.cli import (add_common_arguments, add_runtime_flags, add_sampling_flags, run_cli,
+                          runtime_config_from_args, sampling_params_from_args)
 from flashmoe.format.errors import InputError
+
+from .config import EngineConfig
+from .generate import PREFILL_CHUNK
+from .report import fmt_stats
+from .runner import PromptCache
+from .text import prompt_ids
 
 PROG = "flashmoe-run"
 EPILOG = """examples:
@@ -31,32 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle directory (from flashmoe-convert or flashmoe-pull) or a Hub repo id")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT",
-                     help="generate once for this prompt and exit ('-' reads it from stdin); "
+                     help="generate once for this prompt and exit ('-' reads it from stdin until end of input); "
                           "without --prompt or --prompt-file: interactive chat")
     src.add_argument("--prompt-file", metavar="FILE", help="generate once for the UTF-8 text in FILE and exit")
     p.add_argument("--system-prompt", metavar="TEXT",
                    help="system message put before the conversation (needs the chat template)")
-    p.add_argument("--max-tokens", type=int, default=512, metavar="N",
-                   help="tokens to generate at most per reply (default 512)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 = greedy, always the likeliest token (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="sample from the smallest set of tokens whose probability reaches P (default 1.0 = off)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="sample among the K likeliest tokens (default 0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
-    p.add_argument("--experts-per-token", type=int, default=None, metavar="K",
-                   help="routed experts per token (default: the model's own); fewer reads less from disk "
-                        "and costs some quality (measure it with flashmoe-eval)")
-    p.add_argument("--stop", action="append", default=None, metavar="STR",
-                   help="stop when this string appears (repeat the flag for several: --stop A --stop B)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed the prompt as raw text instead of wrapping it in the model's chat template")
-    p.add_argument("--stats", action="store_true", help="print speed, time per stage, I/O and memory to stderr")
-    p.add_argument("--io", choices=("pread", "mmap"), default="pread", help="expert read method (default pread)")
-    from flashmoe.metal.dispatch import add_cli_argument
-
-    add_cli_argument(p)  # --kernels auto|builtin|custom
+    p.add_argument("--stats", action="store_true",
+                   help="print speed, time per stage, I/O and memory to stderr (the first run's kernel "
+                        "compilation is timed on its own, not in the speed)")
+    add_sampling_flags(p, max_tokens=512)
+    add_runtime_flags(p)
     add_common_arguments(p)
     return p
 
@@ -111,60 +104,57 @@ def check_kernels_fit(model) -> None:
 # one prompt
 
 
-def fmt_stats(s: dict) -> str:
-    pf, dc = s["prefill"], s["decode"]
-    mb = 1 << 20
-    cached = s.get("cached_prompt_tokens", 0)
-    lines = [
-        f"prefill: {s['prompt_tokens'] - cached} new tokens in {s['prefill_s']:.2f} s "
-        f"({s['prefill_tps']:.1f} tok/s{f', {cached} more from the chat cache' if cached else ''})",
-        f"decode:  {s['generated_tokens']} tokens in {s['decode_s']:.2f} s ({s['decode_tps']:.2f} tok/s)",
-        "time per stage (prefill | decode): " + ", ".join(
-            f"{name} {pf[k]:.3f} | {dc[k]:.3f} s" for name, k in
-            (("attention", "attention"), ("routing", "routing"), ("expert I/O", "expert_io"),
-             ("expert compute", "expert_compute"), ("lm head", "head"))),
-        f"experts read: {pf['expert_reads'] + dc['expert_reads']} records, {s['expert_bytes'] / mb:.1f} MiB "
-        f"at {s['expert_gbps']:.2f} GB/s effective (prefill {pf['expert_bytes'] / mb:.1f} MiB, "
-        f"decode {dc['expert_bytes'] / mb:.1f} MiB)",
-        f"peak RSS: {s['peak_rss_bytes'] / mb:.1f} MiB",
-    ]
-    return "\n".join(lines)
+def warm_up(engine, ids: list[int], err=None) -> None:
+    """Compile the kernels before anything is timed: one short generation (a prefill of two tokens and a
+    decode step) whose figures are not reported; says how long it took. Its tokens start differently from
+    `ids`, so what it leaves in the prompt cache is never taken for the prompt's prefix."""
+    import time
+
+    from .generate import stream
+    from .sampling import SamplingParams
+
+    err = err or sys.stderr
+    other = (ids[0] + 1) % engine.model.config.vocab_size
+    t0 = time.perf_counter()
+    for _ in stream(engine, [other, other], SamplingParams(max_tokens=2)):
+        pass
+    print(f"first run: compiling kernels ({time.perf_counter() - t0:.1f} s)", file=err, flush=True)
 
 
-def gen_kwargs(args) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed, stop=args.stop)
-
-
-def run_once(model, tok, prompt: str, args, out=None) -> str:
+def run_once(engine, tok, prompt: str, args, out=None) -> str:
     from .generate import generate
 
     out = out or sys.stdout
     use_template = not args.no_chat_template
     if args.system_prompt is not None:
         prompt = [{"role": "system", "content": args.system_prompt}, {"role": "user", "content": prompt}]
+    if args.stats:
+        warm_up(engine, prompt_ids(tok, prompt, use_template))
     text = []
-    for chunk in generate(model, tok, prompt, chat_template=use_template, **gen_kwargs(args)):
+    for chunk in generate(engine.model, tok, prompt, chat_template=use_template, engine=engine,
+                          params=sampling_params_from_args(args)):
         if chunk.text:
             out.write(chunk.text)
             out.flush()
             text.append(chunk.text)
-        if chunk.finish_reason is not None and args.stats:
-            print("\n" + fmt_stats(chunk.stats), file=sys.stderr, flush=True)
+        if chunk.finish_reason is not None:
+            if not "".join(text).endswith("\n"):  # the output ends a line (a shell prompt starts on its own)
+                out.write("\n")
+                out.flush()
+            if args.stats:
+                print(fmt_stats(chunk.stats), file=sys.stderr, flush=True)
     return "".join(text)
 
 
 def _body(args: argparse.Namespace) -> int:
-    from .config import RuntimeConfig
-
-    config = RuntimeConfig.from_env(experts_per_token=args.experts_per_token, io=args.io, kernels=args.kernels)
+    config = runtime_config_from_args(args)
     if args.max_tokens < 0:
         raise InputError(f"--max-tokens must be >= 0 (got {args.max_tokens})")
     prompt = check_arg_text(args.prompt, "--prompt")
     check_arg_text(args.system_prompt, "--system-prompt")
     for s in args.stop or []:
         check_arg_text(s, "--stop")
-    from .distributed import run_model, start_from_env
+    from .distributed import make_engine, run_engine, start_from_env
 
     dist = start_from_env(PROG)  # under mlx.launch: this rank's place (runtime/distributed.py); else size 1
     if not dist.leader:  # the other ranks read no input: they run rank 0's model calls
@@ -173,6 +163,8 @@ def _body(args: argparse.Namespace) -> int:
         if dist.size > 1:
             raise InputError("--prompt - reads stdin to its end, and mlx.launch never passes the end of its input "
                              "on to the ranks: use --prompt-file FILE (a path on rank 0's host)")
+        if sys.stdin.isatty():
+            print(f"{PROG}: reading the prompt from stdin until end of input (Ctrl-D)", file=sys.stderr, flush=True)
         prompt = read_text("-", "--prompt")
     elif args.prompt_file is not None:
         prompt = read_text(args.prompt_file, "--prompt-file")
@@ -180,30 +172,29 @@ def _body(args: argparse.Namespace) -> int:
         raise InputError("the prompt is empty: give some text with --prompt or --prompt-file")
     if args.system_prompt is not None and args.no_chat_template:
         raise InputError("--system-prompt needs the chat template; drop --no-chat-template")
-    from .generate import make_sampler
     from .loader import load
 
-    make_sampler(args.temperature, args.top_p, args.top_k, args.seed)  # validate before loading
-    dist.check_bundle(args.bundle, args.experts_per_token)
-    model, tok = load(args.bundle, config)
+    sampling_params_from_args(args)  # validate before loading
+    dist.check_bundle(args.bundle, config.experts_per_token)
+    model, tok = load(args.bundle, config, shard=dist.expert_shard())
     dist.attach(model)
     check_kernels_fit(model)
     if args.system_prompt is not None and tok.chat_template is None:
         raise InputError(f"{args.bundle} has no chat template, so --system-prompt cannot be placed; drop it")
     model.stats.enabled = args.stats
+    # one sequence at a time, its state kept between the chat's turns (on every rank alike)
+    engine = make_engine(dist, model, tok, EngineConfig(max_batch=1, prefill_tokens=PREFILL_CHUNK), PromptCache())
 
-    def body(model) -> int:  # rank 0 only (the other ranks follow its model calls)
+    def body(engine) -> int:  # rank 0 only (the other ranks follow its model calls)
         if prompt is not None:
-            run_once(model, tok, prompt, args)
-            if sys.stdout.isatty():
-                sys.stdout.write("\n")
+            run_once(engine, tok, prompt, args)
             return 0
         from .chat import chat
 
-        chat(model, tok, args)
+        chat(model, tok, args, engine)
         return 0
 
-    return run_model(dist, model, body)
+    return run_engine(dist, engine, body)
 
 
 def main(argv: list[str] | None = None) -> int:

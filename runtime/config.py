@@ -10,9 +10,9 @@ import math
 import os
 from dataclasses import dataclass, fields, replace
 
-from flashmoe.format.errors import InputError
+from flashmoe.format.errors import CapacityError, InputError
 
-IO_MODES = ("pread", "mmap")
+IO_MODES = ("pread", "mmap", "direct")
 UPLOADS = ("auto", "direct", "pinned")
 KERNELS = ("auto", "builtin", "custom")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -20,7 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    io: str = "pread"  # expert read method: pread (measured faster) or mmap
+    io: str = "pread"  # expert read method: pread (measured faster), mmap or direct (O_DIRECT, runtime/reader.py)
     kernels: str = "auto"  # expert kernels: auto, builtin (MLX), custom (dequant-FMA, GPU only)
     gpu_cache_gb: float | None = None  # CUDA expert cache size; None: 16 GB or 40% of a smaller GPU
     dtype: str | None = None  # activation dtype; None: float32 on the CPU, the bundle's dtype on a GPU
@@ -76,3 +76,31 @@ class RuntimeConfig:
         names = {f.name for f in fields(cls)}
         kw.update({k: v for k, v in overrides.items() if k in names and v is not None})
         return cls(**kw).check()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The batched engine's knobs (runtime/engine.py). None: the default named in each comment."""
+
+    max_batch: int | None = None  # sequences decoded at once; None: MAX_BATCH, the memory budget binds first
+    memory_budget_gb: float | None = None  # state of the running sequences; None: half the available memory
+    prompt_cache_gb: float = 0.0  # finished sequences' state kept for prompts that extend them; 0: off
+    prefill_tokens: int | None = None  # tokens per prefill forward, all joining rows together; None: 2048
+
+    def check(self) -> "EngineConfig":
+        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
+                                           or self.max_batch < 1):
+            raise CapacityError(f"max batch must be >= 1 (got {self.max_batch!r})")
+        if self.memory_budget_gb is not None and not (isinstance(self.memory_budget_gb, (int, float))
+                                                      and math.isfinite(self.memory_budget_gb)
+                                                      and self.memory_budget_gb > 0):
+            raise CapacityError(f"memory budget {self.memory_budget_gb!r} GB: give a positive number of gigabytes")
+        if not (isinstance(self.prompt_cache_gb, (int, float)) and math.isfinite(self.prompt_cache_gb)
+                and self.prompt_cache_gb >= 0):
+            raise InputError(f"prompt cache {self.prompt_cache_gb!r} GB: give a number >= 0 (0 = off)")
+        if self.prefill_tokens is not None and (not isinstance(self.prefill_tokens, int) or self.prefill_tokens < 1):
+            raise InputError(f"prefill tokens must be a whole number >= 1 (got {self.prefill_tokens!r})")
+        return self
+
+    def with_(self, **changes) -> "EngineConfig":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})

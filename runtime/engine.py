@@ -1,7 +1,7 @@
-"""The batched engine: many sequences decoded together, so that one expert read serves every token that
-routed to that expert.
+"""The engine: every generation of flashmoe runs here, one sequence (flashmoe.generate, the chat) or many
+decoded together, so that one expert read serves every token that routed to that expert.
 
-    engine = Engine(model, tokenizer)                    # max batch from the memory plan
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=8))
     sid = engine.add(ids, SamplingParams(max_tokens=64))   # thread-safe; queued
     while engine.has_work():
         for ev in engine.step():                         # one thread calls step()
@@ -9,16 +9,16 @@ routed to that expert.
 
 Three parts, one job each:
   * MemoryPlan: how many sequences fit a memory budget (per-sequence state: delta-net state + KV cache).
-  * BatchRunner: the model forwards over the running batch (left-padded rows, runtime/model.py): batched
-    chunked prefill of joining sequences, one decode forward for every running row, rows leaving. It is
-    deterministic given its calls, which is what lets other ranks of a distributed run mirror it.
+  * BatchRunner (runtime/runner.py): the model forwards over the running batch, and the prompt cache.
   * Engine: the scheduler. Sequences wait in a queue, join between steps when the plan has room (all
     joiners prefill together: each layer reads their expert union once), decode together, and leave when
     done; each has its own sampler, stop strings, max tokens and stats (runtime/sampling.py).
 
-A prompt cache (prompt_cache_gb > 0) keeps finished sequences' state, keyed by the tokens it holds; a
-new sequence whose prompt extends one of them prefills only the rest (chat turns, agents' growing
-conversations). Delta-net state cannot be rolled back, so only exact prefixes are reused.
+Decode is pipelined when the runner's steps need no host round trip per layer (the GPU expert cache's
+optimistic path, runtime/pipeline.py): the next step is launched on this step's lazy choice (greedy
+argmax, or a draw with the row's own seeded sampler) before the host waits. A step that has to run again
+voids the one built on it; the step launched ahead is undone when the batch changes (a row ends, joins or
+is cancelled), so the cache always holds exactly the tokens fed.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import itertools
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -36,13 +36,12 @@ import numpy as np
 
 from flashmoe.format.errors import CapacityError
 
+from .config import EngineConfig
 from .experts import device_memory_bytes
-from .generate import GenerationChunk, eos_ids, prompt_ids
-from .integrity import check_logits
-from .model import Cache
+from .model import Stats
+from .runner import PREFILL_TOKENS, BatchRunner, PromptCache
 from .sampling import SamplingParams, Sequence
-
-PREFILL_TOKENS = 2048  # tokens per prefill forward (all joining rows together)
+from .text import GenerationChunk, eos_ids, prompt_ids, sequence_stats, stage_delta
 MAX_BATCH = 256  # rows at once unless the caller says otherwise (the memory budget usually binds first)
 REFERENCE_CONTEXT = 4096  # context length at which the plan quotes sequences per budget
 
@@ -117,131 +116,6 @@ class MemoryPlan:
 
 
 # ----------------------------------------------------------------------------------------------
-# prompt cache
-
-
-class PromptCache:
-    """Finished sequences' single-row caches, keyed by the tokens they hold; least recently used out first
-    past a byte budget. `take` hands out (and removes) the longest entry that is a proper prefix."""
-
-    def __init__(self, budget_bytes: int):
-        self.budget = int(budget_bytes)
-        self.entries: OrderedDict[tuple, Cache] = OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-
-    def put(self, ids: list[int], cache: Cache) -> None:
-        n = cache.nbytes()
-        if n > self.budget or not ids:
-            return
-        key = tuple(ids)
-        if key in self.entries:
-            self.bytes -= self.entries.pop(key).nbytes()
-        self.entries[key] = cache
-        self.bytes += n
-        while self.bytes > self.budget:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.nbytes()
-
-    def take(self, ids: list[int]) -> tuple[int, Cache] | None:
-        best = None
-        for key in self.entries:
-            if len(key) < len(ids) and (best is None or len(key) > len(best)) and tuple(ids[: len(key)]) == key:
-                best = key
-        if best is None:
-            return None
-        cache = self.entries.pop(best)
-        self.bytes -= cache.nbytes()
-        self.hits += 1
-        return len(best), cache
-
-
-# ----------------------------------------------------------------------------------------------
-# the forwards
-
-
-class BatchRunner:
-    """The running batch's cache and the model calls on it. `rows[i]` is the sequence id of row i."""
-
-    def __init__(self, model, prefill_tokens: int = PREFILL_TOKENS, prompt_cache: PromptCache | None = None):
-        self.model = model
-        self.prefill_tokens = max(1, int(prefill_tokens))
-        self.prompt_cache = prompt_cache
-        self.cache: Cache | None = None
-        self.rows: list[int] = []
-
-    def _forward_rows(self, seqs: list[list[int]], cache: Cache) -> mx.array:
-        """Left-pad `seqs` (the tokens to add to each row of `cache`), run them in chunks; the last
-        position's logits [B, V]."""
-        B = len(seqs)
-        L = max(len(s) for s in seqs)
-        grid = np.zeros((B, L), np.int32)
-        for i, s in enumerate(seqs):
-            grid[i, L - len(s):] = s
-        chunk = max(1, self.prefill_tokens // B)
-        logits = None
-        for c0 in range(0, L, chunk):
-            logits = self.model(mx.array(grid[:, c0 : c0 + chunk]), cache, last_only=True)
-        check_logits(logits[:, -1])
-        return logits[:, -1]
-
-    def prefill(self, seqs: list[tuple[int, list[int]]]) -> tuple[mx.array, list[int]]:
-        """Sequences (id, prompt ids) join the batch. Returns each one's last logits [n, V] (in the
-        order given) and how many of its prompt tokens came from the prompt cache."""
-        hits: dict[int, tuple[int, Cache]] = {}
-        if self.prompt_cache is not None:
-            for sid, ids in seqs:
-                got = self.prompt_cache.take(ids)
-                if got is not None:
-                    hits[sid] = got
-        parts: list[Cache] = []
-        order: list[int] = []
-        out: dict[int, mx.array] = {}
-        fresh = [(sid, ids) for sid, ids in seqs if sid not in hits]
-        if fresh:  # every fresh prompt in one left-padded batch: each layer reads their expert union once
-            lens = np.array([len(ids) for _, ids in fresh])
-            cache = self.model.make_cache(left_pad=lens.max() - lens)
-            lg = self._forward_rows([ids for _, ids in fresh], cache)
-            parts.append(cache)
-            for i, (sid, _) in enumerate(fresh):
-                out[sid] = lg[i]
-                order.append(sid)
-        for sid, ids in seqs:  # prefix hits continue from their own state, one row each
-            if sid in hits:
-                n, cache = hits[sid]
-                out[sid] = self._forward_rows([ids[n:]], cache)[0]
-                parts.append(cache)
-                order.append(sid)
-        if self.cache is not None and self.rows:
-            parts.insert(0, self.cache)
-        self.cache = parts[0] if len(parts) == 1 else Cache.concat(parts)
-        self.rows = self.rows + order
-        logits = mx.stack([out[sid] for sid, _ in seqs])
-        return logits, [hits[sid][0] if sid in hits else 0 for sid, _ in seqs]
-
-    def decode(self, tokens: list[int]) -> mx.array:
-        """One token for every row (in row order) -> next-token logits [B, V]."""
-        logits = self.model.decode(mx.array(np.asarray(tokens, np.int32)[:, None]), self.cache)  # checked there
-        return logits[:, -1]
-
-    def remove(self, seq_ids: list[int], keep: dict[int, list[int]] | None = None) -> None:
-        """Rows leave the batch; `keep[sid]` (the tokens the row holds) stores it in the prompt cache."""
-        gone = set(seq_ids)
-        if not gone:
-            return
-        if keep and self.prompt_cache is not None:
-            for sid, ids in keep.items():
-                if sid in self.rows:
-                    self.prompt_cache.put(ids, self.cache.rows([self.rows.index(sid)]))
-        stay = [i for i, sid in enumerate(self.rows) if sid not in gone]
-        self.rows = [self.rows[i] for i in stay]
-        self.cache = self.cache.rows(stay) if stay else None
-
-    def cache_bytes(self) -> int:
-        return 0 if self.cache is None else self.cache.nbytes()
-
-
-# ----------------------------------------------------------------------------------------------
 # the scheduler
 
 
@@ -265,38 +139,45 @@ class _Entry:
     t_first: float | None = None
     t_prefill: float = 0.0
     cached: int = 0
-    expert_bytes: float = 0.0
     next_token: int | None = None
+    prefill_stats: dict = field(default_factory=lambda: Stats().snapshot())
+    decode_stats: dict = field(default_factory=lambda: Stats().snapshot())
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int | None = None, memory_budget_gb: float | None = None,
-                 prefill_tokens: int = PREFILL_TOKENS, prompt_cache_gb: float = 0.0,
-                 runner: BatchRunner | None = None):
+    """The scheduler over a BatchRunner. `config` (EngineConfig) or its fields as keywords (max_batch=,
+    memory_budget_gb=, prompt_cache_gb=, prefill_tokens=); `runner`: the runner to drive (a distributed
+    leader's, runtime/distributed.py), by default a BatchRunner of `model`; `prompt_cache`: a PromptCache
+    to use (a chat keeps its conversation in one between turns), by default one of prompt_cache_gb."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, runner=None,
+                 prompt_cache: PromptCache | None = None, **kw):
+        config = (config or EngineConfig()).with_(**kw).check()
+        self.engine_config = config
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
-        if memory_budget_gb is not None and not (memory_budget_gb > 0):
-            raise CapacityError(f"memory budget {memory_budget_gb!r} GB: give a positive number of gigabytes")
-        budget = int(memory_budget_gb * 1e9) if memory_budget_gb is not None else available_memory() // 2
-        self.plan = MemoryPlan.for_model(model, budget, max_batch)
+        budget = int(config.memory_budget_gb * 1e9) if config.memory_budget_gb is not None else available_memory() // 2
+        self.plan = MemoryPlan.for_model(model, budget, config.max_batch)
         need = self.plan.bytes_for(1, 1)
         if need > budget:
             raise CapacityError(f"the memory budget ({budget / 1e6:.3g} MB) cannot hold even one sequence "
-                                f"({need / 1e6:.3g} MB of state); raise --memory-budget")
+                                f"({need / 1e6:.3g} MB of state); raise --memory-budget-gb")
         # rows at once: the caller's cap; admission then checks the real sizes against the budget
-        self.max_batch = int(max_batch) if max_batch is not None else MAX_BATCH
-        if self.max_batch < 1:
-            raise CapacityError(f"max batch must be >= 1 (got {max_batch})")
-        pc = PromptCache(int(prompt_cache_gb * 1e9)) if prompt_cache_gb and prompt_cache_gb > 0 else None
-        self.runner = runner or BatchRunner(model, prefill_tokens, pc)
-        self.prompt_cache = self.runner.prompt_cache
+        self.max_batch = config.max_batch if config.max_batch is not None else MAX_BATCH
+        if runner is None:
+            if prompt_cache is None and config.prompt_cache_gb > 0:
+                prompt_cache = PromptCache(int(config.prompt_cache_gb * 1e9))
+            runner = BatchRunner(model, config.prefill_tokens or PREFILL_TOKENS, prompt_cache)
+        self.runner = runner
+        self.prompt_cache = runner.prompt_cache
         self.eos = eos_ids(tokenizer, self.config)
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._waiting: deque[_Entry] = deque()
         self._cancel: set[int] = set()
         self._running: dict[int, _Entry] = {}
+        self._ahead = None  # the decode step launched ahead for the running rows (pipelined decode)
         self.counters = {"running": 0, "waiting": 0, "finished": 0, "cancelled": 0, "prompt_tokens": 0,
                          "generated_tokens": 0, "expert_bytes": 0, "steps": 0}
 
@@ -324,6 +205,7 @@ class Engine:
         return sid
 
     def cancel(self, seq_id: int) -> None:
+        """Stop a sequence at the next step. With a prompt cache, what it holds is kept there."""
         with self._lock:
             self._cancel.add(seq_id)
 
@@ -360,35 +242,36 @@ class Engine:
                 joining.append(self._waiting.popleft())
             self.counters["waiting"] = len(self._waiting)
         if gone:
-            self.runner.remove(gone)
+            self._settle()
+            self.runner.remove(gone, self._keep([self._running[sid] for sid in gone]))
             for sid in gone:
                 e = self._running.pop(sid)
                 events.append(self._final(e, "cancelled"))
                 self.counters["cancelled"] += 1
         return joining, events
 
+    def _keep(self, entries: list[_Entry]) -> dict | None:
+        """What leaving rows hold, for the prompt cache (None without one)."""
+        if self.prompt_cache is None:
+            return None
+        return {e.seq_id: e.seq.cached_ids() for e in entries}
+
     def _final(self, e: _Entry, reason: str | None = None) -> Event:
         s = e.seq
         now = time.perf_counter()
-        stats = {
-            "prompt_tokens": len(s.prompt), "cached_prompt_tokens": e.cached, "generated_tokens": len(s.generated),
-            "ttft_s": (e.t_first - e.t_added) if e.t_first else None, "prefill_s": e.t_prefill,
-            "decode_s": (now - e.t_first) if e.t_first else 0.0, "expert_bytes": int(e.expert_bytes),
-        }
+        decode_s = (now - e.t_first) if e.t_first else 0.0
+        stats = sequence_stats(len(s.prompt), e.cached, len(s.generated), e.t_prefill, decode_s,
+                               e.prefill_stats, e.decode_stats)
+        stats["expert_bytes"] = int(stats["expert_bytes"])
+        stats["ttft_s"] = (e.t_first - e.t_added) if e.t_first else None
         return Event(e.seq_id, e.tag, s.tail() if reason != "cancelled" else "", None, reason or s.finish,
                      list(s.generated), stats)
 
-    def _take_tokens(self, entries: list[_Entry], logits: mx.array, events: list[Event]) -> list[_Entry]:
-        """Choose and accept each row's next token; returns the entries that finished."""
+    def _take_tokens(self, entries: list[_Entry], tokens: list[int], events: list[Event]) -> list[_Entry]:
+        """Accept each row's next token; returns the entries that finished."""
         now = time.perf_counter()
-        greedy = [i for i, e in enumerate(entries) if e.seq.greedy]
-        picks = {}
-        if greedy:
-            arg = np.array(mx.argmax(logits[mx.array(np.asarray(greedy, np.int32))], axis=-1)).tolist()
-            picks = dict(zip(greedy, arg))
         done = []
-        for i, e in enumerate(entries):
-            token = picks[i] if i in picks else e.seq.choose(logits[i])
+        for e, token in zip(entries, tokens):
             text, output = e.seq.accept(token)
             if e.t_first is None:
                 e.t_first = now
@@ -403,17 +286,25 @@ class Engine:
     def _finish(self, done: list[_Entry], events: list[Event]) -> None:
         if not done:
             return
-        keep = {e.seq_id: e.seq.cached_ids() for e in done} if self.prompt_cache is not None else None
-        self.runner.remove([e.seq_id for e in done if e.seq_id in self._running], keep)
+        leaving = [e for e in done if e.seq_id in self._running]
+        if leaving:
+            self._settle()
+            self.runner.remove([e.seq_id for e in leaving], self._keep(leaving))
         for e in done:
             self._running.pop(e.seq_id, None)
             events.append(self._final(e))
             self.counters["finished"] += 1
 
+    def _settle(self) -> None:
+        """Undo the step launched ahead (the batch is about to change)."""
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            self.runner.cancel(ahead)
+
     def step(self) -> list[Event]:
         """One scheduler step. If a model call fails (a corrupt record, a lost rank, a bug), every running
-        sequence is dropped with the batch state it shared, so the engine stays usable; the error is
-        raised to the caller, and sequences still waiting run in later steps."""
+        sequence is dropped with the batch state it shared (runner.reset()), so the engine stays usable;
+        the error is raised to the caller, and sequences still waiting run in later steps."""
         joining, events = self._admit()
         try:
             return self._step(joining, events)
@@ -422,38 +313,84 @@ class Engine:
                 self._running.setdefault(e.seq_id, e)
             self.counters["failed"] = self.counters.get("failed", 0) + len(self._running)
             self._running.clear()
-            self.runner.rows, self.runner.cache = [], None
+            self._ahead = None
+            self.runner.reset()
             self.counters["running"] = 0
             raise
 
     def _step(self, joining: list[_Entry], events: list[Event]) -> list[Event]:
-        stats = self.model.stats
         if joining:
-            b0, t0 = stats.expert_bytes, time.perf_counter()
-            logits, cached = self.runner.prefill([(e.seq_id, e.seq.prompt) for e in joining])
-            dt, db = time.perf_counter() - t0, stats.expert_bytes - b0
-            for e, c in zip(joining, cached):
-                e.cached, e.t_prefill, e.expert_bytes = c, dt, db / len(joining)
-                self._running[e.seq_id] = e
-                self.counters["prompt_tokens"] += len(e.seq.prompt) - c
-            zero = [e for e in joining if e.seq.finish is not None]  # max_tokens 0
-            rest = [e for e in joining if e.seq.finish is None]
-            idx = [i for i, e in enumerate(joining) if e.seq.finish is None]
-            done = zero + (self._take_tokens(rest, logits[mx.array(np.asarray(idx, np.int32))], events) if rest else [])
-            self._finish(done, events)
+            self._prefill(joining, events)
         rows = [self._running[sid] for sid in self.runner.rows]
         if rows:
-            b0 = stats.expert_bytes
-            logits = self.runner.decode([e.next_token for e in rows])
-            for e in rows:
-                e.seq.fed += 1
-                e.expert_bytes += (stats.expert_bytes - b0) / len(rows)
-            self._finish(self._take_tokens(rows, logits, events), events)
-        self.counters["expert_bytes"] = stats.expert_bytes
+            self._decode(rows, events)
+        self.counters["expert_bytes"] = self.model.stats.expert_bytes
         self.counters["generated_tokens"] += sum(1 for ev in events if ev.token is not None)
         self.counters["running"] = len(self._running)
         self.counters["steps"] += 1
         return events
+
+    def _prefill(self, joining: list[_Entry], events: list[Event]) -> None:
+        self._settle()
+        stats = self.model.stats
+        s0, t0 = stats.snapshot(), time.perf_counter()
+        logits, cached = self.runner.prefill([(e.seq_id, e.seq.prompt) for e in joining])
+        dt, spent = time.perf_counter() - t0, stage_delta(s0, stats.snapshot(), 1 / len(joining))
+        for e, c in zip(joining, cached):
+            e.cached, e.t_prefill, e.prefill_stats = c, dt, dict(spent)
+            self._running[e.seq_id] = e
+            self.counters["prompt_tokens"] += len(e.seq.prompt) - c
+        rest = [i for i, e in enumerate(joining) if e.seq.finish is None]  # not max_tokens 0
+        tokens = self._choose([joining[i] for i in rest], logits[mx.array(np.asarray(rest, np.int32))]) if rest else []
+        done = [e for e in joining if e.seq.finish is not None]
+        done += self._take_tokens([joining[i] for i in rest], tokens, events)
+        self._finish(done, events)
+
+    @staticmethod
+    def _choose(entries: list[_Entry], logits: mx.array) -> list[int]:
+        """Each row's next token from its logits [B, V] (greedy rows in one argmax)."""
+        greedy = [i for i, e in enumerate(entries) if e.seq.greedy]
+        picks = {}
+        if greedy:
+            arg = np.array(mx.argmax(logits[mx.array(np.asarray(greedy, np.int32))], axis=-1)).tolist()
+            picks = dict(zip(greedy, arg))
+        return [picks[i] if i in picks else e.seq.choose(logits[i]) for i, e in enumerate(entries)]
+
+    def _decode(self, rows: list[_Entry], events: list[Event]) -> None:
+        stats, runner = self.model.stats, self.runner
+        s0 = stats.snapshot()
+        if self._ahead is not None:  # launched last step on these rows' lazy tokens
+            p, self._ahead = self._ahead, None
+        else:
+            p = runner.launch([e.next_token for e in rows])
+        ahead = nxt = None
+        if runner.pipelined and all(e.seq.lazy for e in rows):
+            # the next step on this one's lazy choices: greedy rows its argmax, sampled rows a draw from
+            # its logits with their own sampler (the same random key a synced draw would use)
+            nxt = [None if e.seq.greedy else e.seq.draw(p.logits[i, -1]) for i, e in enumerate(rows)]
+            ids = p.choice if all(d is None for d in nxt) else \
+                mx.stack([p.choice[i] if d is None else d for i, d in enumerate(nxt)])
+            ahead = runner.launch(ids)
+        logits, choice, redone = runner.finish(p, after=ahead)
+        if redone:
+            ahead = None  # built on a void step
+        tokens = []
+        for i, e in enumerate(rows):
+            if e.seq.greedy:
+                tokens.append(int(choice[i]))
+            elif nxt is not None and not redone:
+                tokens.append(int(nxt[i].item()))
+            elif nxt is not None:  # the step ran again: the same draw from its new logits
+                tokens.append(e.seq.redraw(logits[i]))
+            else:
+                tokens.append(e.seq.choose(logits[i]))
+        spent = stage_delta(s0, stats.snapshot(), 1 / len(rows))
+        for e in rows:
+            e.seq.fed += 1
+            for k, v in spent.items():
+                e.decode_stats[k] += v
+        self._ahead = ahead
+        self._finish(self._take_tokens(rows, tokens, events), events)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,5 +449,5 @@ def batch_generate(model, tokenizer, prompts, chat_template: bool = True, **kw) 
     return out
 
 
-__all__ = ["Engine", "Event", "MemoryPlan", "BatchRunner", "PromptCache", "BatchResult", "batch_generate",
-           "stream_batch_generate", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "Event", "MemoryPlan", "BatchRunner", "PromptCache", "BatchResult",
+           "batch_generate", "stream_batch_generate", "SamplingParams"]

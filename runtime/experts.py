@@ -13,7 +13,7 @@ When a step needs more distinct experts than there are slots, the union is proce
 `slots` experts (still one read per expert), each group computing only the (token, expert) pairs it
 holds and accumulating into the output.
 
-Expert parallelism (runtime/distributed.py): with `shard=(rank, size)` this process reads and applies only
+Expert parallelism (runtime/distributed.py): with `shard=ExpertShard(rank, size, group)` this process reads and applies only
 the experts e with e % size == rank; the other pairs contribute zero here, and `group.all_sum` adds up
 every rank's part. The shared expert is not routed: the MoE block applies it once, after the sum.
 """
@@ -21,12 +21,15 @@ every rank's part. The shared expert is not routed: the MoE block applies it onc
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from flashmoe.format import Bundle, BundleError, InputError
 
+from .config import RuntimeConfig
 from .expert_cache import ExpertCache
 from .reader import ExpertReader
 
@@ -60,39 +63,53 @@ def default_slots(record_stride: int, k: int, gpu: str | None, gpu_cache_gb: flo
     return max(DEFAULT_SLOTS, k)
 
 
+@dataclass(frozen=True)
+class ExpertShard:
+    """Expert parallelism (runtime/distributed.py): rank `rank` of `size` owns the experts e with
+    e % size == rank and adds its part to the others' with all_sum over `group`. `guard` is called
+    before and after each layer's all_sum (the distributed watchdog's progress mark, and the check that
+    the forward belongs to a step every rank runs)."""
+
+    rank: int
+    size: int
+    group: object = None
+    guard: Callable[[], None] = lambda: None
+
+    def mask(self, num_experts: int) -> np.ndarray:
+        """bool [num_experts]: the experts this rank owns."""
+        return (np.arange(num_experts) % self.size) == self.rank
+
+
 class RoutedExperts:
     """reader + cache + apply, for one bundle. Call it as experts(layer, x [T, H], indices [T, K],
     scores [T, K]) -> routed output [T, H], evaluated."""
 
-    def __init__(self, bundle: Bundle, io: str = "pread", slots: int | None = None, threads: int | None = None,
-                 stats=None, kernels: str = "auto", gpu_cache_gb: float | None = None,
-                 shard: tuple[int, int] | None = None, group=None, optimistic: bool | None = None,
-                 upload: str = "auto"):
+    def __init__(self, bundle: Bundle, config: RuntimeConfig | None = None, stats=None,
+                 shard: ExpertShard | None = None, optimistic: bool | None = None):
         from flashmoe.metal.dispatch import gpu_backend
 
+        config = config or RuntimeConfig()
         cfg = bundle.config
         self.quant = bundle.expert_quant
         self.num_experts = cfg.num_experts
-        self.kernels = kernels
+        self.kernels = config.kernels
         self.stats = stats
-        self.reader = ExpertReader(bundle, io=io, threads=threads, stats=stats)
+        self.reader = ExpertReader(bundle, io=config.io, threads=config.threads, stats=stats)
         info = self.reader.info
-        want = slots if slots is not None else default_slots(info.record_stride, cfg.num_experts_per_tok,
-                                                             gpu_backend(), gpu_cache_gb)
+        want = config.slots if config.slots is not None else default_slots(
+            info.record_stride, cfg.num_experts_per_tok, gpu_backend(), config.gpu_cache_gb)
         n = max(1, min(int(want), cfg.num_experts * cfg.num_hidden_layers))
         self.cache = ExpertCache(info, n, cfg.num_hidden_layers, cfg.num_experts)
-        self.upload = self._open_uploader(upload, gpu_backend())
-        self.shard = shard
-        self.group = group
-        # optimistic decode (Model.decode): worth it when the cache is a real cache (the GPU expert cache,
-        # or a test's large slot count), not a one-layer staging area; never across ranks
-        self.optimistic = optimistic if optimistic is not None else (
-            shard is None and n >= OPTIMISTIC_MIN_LAYERS_RESIDENT * cfg.num_experts_per_tok * cfg.num_hidden_layers)
+        self.upload = self._open_uploader(config.upload, gpu_backend())
+        self.shard = shard if shard is not None and shard.size > 1 else None
+        # optimistic decode (runtime/pipeline.py): worth it when the cache is a real cache (the GPU expert
+        # cache, or a test's large slot count), not a one-layer staging area; never across ranks (a rank's
+        # retry would leave the others' collectives unpaired)
+        self.optimistic = self.shard is None and (optimistic if optimistic is not None else (
+            n >= OPTIMISTIC_MIN_LAYERS_RESIDENT * cfg.num_experts_per_tok * cfg.num_hidden_layers))
         self.optimistic_hits = self.optimistic_misses = 0
-        self.owned = None  # bool [E]: experts this process applies (None: all)
-        if shard is not None:
-            rank, size = shard
-            self.owned = (np.arange(cfg.num_experts) % size) == rank
+        # bool [E]: experts this process applies (None: all)
+        self.owned = None if self.shard is None else self.shard.mask(cfg.num_experts)
 
     def _open_uploader(self, upload: str, gpu: str | None) -> str:
         """Give the reader a PinnedUploader where records must cross to a discrete GPU. Returns the mode
@@ -144,10 +161,21 @@ class RoutedExperts:
         q = self.quant
         return expert_block(x, self.cache.weights, slot_ids, scores, q.bits, q.group_size, backend=self.kernels)
 
-    def touch(self, used: list[tuple[int, np.ndarray]]) -> None:
-        """Mark (layer, expert ids) as just used (after an optimistic step, which skipped the host)."""
+    # ---- the optimistic path (runtime/pipeline.py): no host round trip per layer --------------
+    def lookup(self, layer: int, indices: mx.array) -> mx.array:
+        """Lazy slot ids [T, K] of the selected experts in the device-side slot table, -1 where an expert is
+        not resident (then the step is void and runs again the ordinary way)."""
+        return self.cache.device_table()[layer][indices]
+
+    def commit(self, used: list[tuple[int, np.ndarray]], hit: bool) -> None:
+        """After an optimistic step: `hit` (every expert was resident) marks (layer, expert ids) in `used`
+        as just used; a miss is counted (the step runs again through __call__)."""
+        if not hit:
+            self.optimistic_misses += 1
+            return
         for layer, ids in used:
             self.cache.touch(layer, np.unique(ids).tolist())
+        self.optimistic_hits += 1
 
     def _load(self, layer: int, experts: list[int]) -> np.ndarray:
         slot_of, to_read, read_slots = self.cache.place(layer, experts)
@@ -159,7 +187,8 @@ class RoutedExperts:
         return slot_of
 
     def __call__(self, layer: int, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
-        T, K = indices.shape
+        if self.shard is not None:  # progress, and a forward that every rank runs
+            self.shard.guard()
         ids = np.array(indices)  # [T, K] on the host
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise BundleError(f"layer {layer}: the router chose expert {int(ids.max())} outside "
@@ -175,9 +204,10 @@ class RoutedExperts:
             y = mx.zeros(x.shape, x.dtype)
         else:
             y = self._routed(layer, x, ids, scores)
-        if self.group is not None:
-            y = mx.distributed.all_sum(y, group=self.group)
+        if self.shard is not None:  # the ranks' parts added up
+            y = mx.distributed.all_sum(y, group=self.shard.group)
             mx.eval(y)
+            self.shard.guard()
         return y
 
     def _routed(self, layer: int, x: mx.array, ids: np.ndarray, scores: mx.array) -> mx.array:

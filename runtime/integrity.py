@@ -86,7 +86,7 @@ def check_dense(bundle: Bundle, progress: bool = False) -> None:
 
 def logit_flags(a):
     """Lazy bool [3] for an mx.array a [..., V]: (has NaN, has an infinity, has a row constant along the last
-    axis). Evaluate it with something synced anyway (Model.launch_decode packs it into the step's one
+    axis). Evaluate it with something synced anyway (runtime/pipeline.launch packs it into the step's one
     transfer) and call check_logits only when a flag is set."""
     import mlx.core as mx
 

@@ -12,9 +12,9 @@ from flashmoe.format.config import SUPPORTED_MODEL_TYPES
 from flashmoe.format.st import read_header
 
 from .config import RuntimeConfig
-from .experts import RoutedExperts
+from .experts import ExpertShard, RoutedExperts
 from .integrity import RecordVerifier, check_dense
-from .model import Model, dense_weight_names
+from .model import Model, Stats, dense_weight_names
 from .tokenizer import Tokenizer
 
 
@@ -81,12 +81,14 @@ def compute_dtype(bundle: Bundle, forced: str | None = None):
     return getattr(mx, bundle.manifest["dense"]["dtype"])
 
 
-def load(path, config: RuntimeConfig | None = None, **overrides):
+def load(path, config: RuntimeConfig | None = None, shard: ExpertShard | None = None, **overrides):
     """Open a converted bundle (or a Hub repo id of one). Returns (model, tokenizer).
 
     config     a RuntimeConfig (io mode, kernels, GPU cache size, dtype, slots, threads, experts per
                token, verify); keyword overrides of its fields are accepted too, e.g.
                load(path, experts_per_token=4, io="mmap"). Resolved once, here.
+    shard      this process's part of an expert-parallel run (runtime/distributed.py: Dist.expert_shard());
+               None: every expert here.
     """
     cfg_rt = (config or RuntimeConfig()).with_(**overrides).check()
     if cfg_rt.kernels == "custom":
@@ -107,27 +109,23 @@ def load(path, config: RuntimeConfig | None = None, **overrides):
         if bad:
             raise BundleError(f"{bundle.path}: {len(bad)} file(s) fail their sha256 ({', '.join(bad[:3])}); "
                               "re-run flashmoe-pull to repair")
-    if cfg.model_type == "qwen4_exp":  # n-gram tables streamed like the experts (runtime/qwen4_exp.py)
-        from .qwen4_exp import Qwen4ExpModel
-
-        model = Qwen4ExpModel.from_bundle(bundle)
-    else:
-        model = Model(cfg)
-    _load_dense(model, bundle)
-    object.__setattr__(model, "compute_dtype", compute_dtype(bundle, cfg_rt.dtype))
-    if cfg_rt.experts_per_token is not None:
-        k = cfg_rt.experts_per_token
-        if not 1 <= k <= cfg.num_experts:
-            raise InputError(f"--experts-per-token {k} is out of range: the model has {cfg.num_experts} experts "
-                             f"(its default is {cfg.num_experts_per_tok})")
-        model.set_experts_per_token(k)
-    experts = RoutedExperts(bundle, io=cfg_rt.io, slots=cfg_rt.slots, threads=cfg_rt.threads, stats=model.stats,
-                            kernels=cfg_rt.kernels, gpu_cache_gb=cfg_rt.gpu_cache_gb, upload=cfg_rt.upload)
+    k = cfg_rt.experts_per_token
+    if k is not None and not 1 <= k <= cfg.num_experts:
+        raise InputError(f"--experts-per-token {k} is out of range: the model has {cfg.num_experts} experts "
+                         f"(its default is {cfg.num_experts_per_tok})")
+    stats = Stats()
+    experts = RoutedExperts(bundle, cfg_rt, stats=stats, shard=shard)
     verifier = RecordVerifier(bundle)
     if verifier.enabled:  # each record's CRC-32, checked the first time this process reads it
         experts.reader.verifier = verifier.check
-    object.__setattr__(model, "experts", experts)
-    object.__setattr__(model, "bundle", bundle)
-    object.__setattr__(model, "runtime_config", cfg_rt)
+    kw = dict(experts=experts, stats=stats, compute_dtype=compute_dtype(bundle, cfg_rt.dtype), experts_per_token=k,
+              bundle=bundle, runtime_config=cfg_rt)
+    if cfg.model_type == "qwen4_exp":  # n-gram tables streamed like the experts (runtime/qwen4_exp.py)
+        from .qwen4_exp import Qwen4ExpModel
+
+        model = Qwen4ExpModel.from_bundle(bundle, **kw)
+    else:
+        model = Model(cfg, **kw)
+    _load_dense(model, bundle)
     tokenizer = Tokenizer(bundle.path, config_eos=cfg.eos_token_id)
     return model, tokenizer

@@ -24,7 +24,7 @@ is j - left_pad[b] (RoPE takes per-row offsets).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -34,7 +34,9 @@ import numpy as np
 
 from flashmoe.format import TextConfig
 
-from .integrity import check_finite, check_logits, logit_flags, nonfinite
+from . import pipeline
+from .cache import Cache, KVCache, LinearCache
+from .integrity import check_finite, nonfinite
 
 # ----------------------------------------------------------------------------------------------
 # stats: wall time per stage. Stages are only separable when we synchronise at their ends, so the
@@ -63,119 +65,6 @@ class Stats:
                                               "expert_bytes", "expert_reads")}
 
 
-# ----------------------------------------------------------------------------------------------
-# caches
-
-
-@dataclass
-class LinearCache:
-    """Gated DeltaNet state: the last W-1 conv inputs and the recurrent state, per row."""
-
-    conv: mx.array | None = None  # [B, W-1, C]
-    state: mx.array | None = None  # [B, Hv, Dv, Dk] float32
-
-    def rows(self, idx: mx.array) -> "LinearCache":
-        return LinearCache(None if self.conv is None else self.conv[idx], None if self.state is None else self.state[idx])
-
-    @staticmethod
-    def concat(parts: list["LinearCache"]) -> "LinearCache":
-        return LinearCache(mx.concatenate([p.conv for p in parts]), mx.concatenate([p.state for p in parts]))
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.conv, self.state) if a is not None)
-
-
-@dataclass
-class KVCache:
-    """Keys/values of a full-attention layer, grown in steps to avoid a copy per token. Columns
-    [0, offset) are written; left-padded rows have pad columns first (Cache.left_pad)."""
-
-    keys: mx.array | None = None  # [B, Nk, cap, D]
-    values: mx.array | None = None
-    offset: int = 0
-    step: int = 256
-
-    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        B, Nk, S, D = k.shape
-        need = self.offset + S
-        if self.keys is None or need > self.keys.shape[2]:
-            cap = ((need + self.step - 1) // self.step) * self.step
-            nk = mx.zeros((B, Nk, cap, D), k.dtype)
-            nv = mx.zeros((B, Nk, cap, D), v.dtype)
-            if self.keys is not None and self.offset:
-                nk[:, :, : self.offset] = self.keys[:, :, : self.offset]
-                nv[:, :, : self.offset] = self.values[:, :, : self.offset]
-            self.keys, self.values = nk, nv
-        self.keys[:, :, self.offset : need] = k
-        self.values[:, :, self.offset : need] = v
-        self.offset = need
-        return self.keys[:, :, :need], self.values[:, :, :need]
-
-    def rows(self, idx: mx.array, drop: int = 0) -> "KVCache":
-        """These rows, without the first `drop` columns (padding every kept row has)."""
-        if self.keys is None:
-            return KVCache(step=self.step)
-        return KVCache(self.keys[idx, :, drop : self.offset], self.values[idx, :, drop : self.offset],
-                       self.offset - drop, self.step)
-
-    @staticmethod
-    def concat(parts: list["KVCache"], pads: list[int]) -> "KVCache":
-        """Stack rows of caches written to different offsets, each left-padded by pads[i] columns so
-        that all end at the same column."""
-        n = max(p.offset + pad for p, pad in zip(parts, pads))
-        ref = next(p for p in parts if p.keys is not None)
-        _, Nk, _, D = ref.keys.shape
-        ks, vs = [], []
-        for p, pad in zip(parts, pads):
-            B = p.keys.shape[0]
-            z = mx.zeros((B, Nk, pad, D), ref.keys.dtype)
-            ks.append(mx.concatenate([z, p.keys[:, :, : p.offset]], axis=2) if pad else p.keys[:, :, : p.offset])
-            vs.append(mx.concatenate([z, p.values[:, :, : p.offset]], axis=2) if pad else p.values[:, :, : p.offset])
-        return KVCache(mx.concatenate(ks), mx.concatenate(vs), n, ref.step)
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.keys, self.values) if a is not None)
-
-
-@dataclass
-class Cache:
-    """Per-layer caches of a batch of rows. `offset`: columns written (the same for every row);
-    `left_pad[b]`: leading pad columns of row b, so row b holds `offset - left_pad[b]` tokens."""
-
-    layers: list  # LinearCache | KVCache per layer
-    offset: int = 0
-    left_pad: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
-
-    @property
-    def batch(self) -> int:
-        return len(self.left_pad)
-
-    def lengths(self) -> np.ndarray:
-        return self.offset - self.left_pad
-
-    def rows(self, keep: list[int]) -> "Cache":
-        """A cache of only these rows (sequences leaving the batch), with padding no kept row needs dropped."""
-        lp = self.left_pad[np.asarray(keep, np.int64)]
-        drop = int(lp.min()) if len(lp) else 0
-        idx = mx.array(np.asarray(keep, np.int32))
-        layers = [c.rows(idx, drop) if isinstance(c, KVCache) else c.rows(idx) for c in self.layers]
-        return Cache(layers, self.offset - drop, lp - drop)
-
-    @staticmethod
-    def concat(parts: list["Cache"]) -> "Cache":
-        """One batch from several (sequences joining): rows right-aligned, shorter ones left-padded."""
-        n = max(p.offset for p in parts)
-        pads = [n - p.offset for p in parts]
-        layers = []
-        for i, c in enumerate(parts[0].layers):
-            group = [p.layers[i] for p in parts]
-            layers.append(type(c).concat(group, pads) if isinstance(c, KVCache) else type(c).concat(group))
-        return Cache(layers, n, np.concatenate([p.left_pad + pad for p, pad in zip(parts, pads)]))
-
-    def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.layers)
-
-
 @dataclass
 class StepInfo:
     """What one forward needs to know about its rows' padding (built once per call by Model)."""
@@ -184,7 +73,7 @@ class StepInfo:
     rope_offset: int | mx.array  # position of each row's first new token
     valid: np.ndarray | None  # [B, S] bool: real (not pad) tokens of this call; None = all real
     gate: mx.array | None  # valid as float [B, S, 1] for the delta net
-    # optimistic decode (Model.decode): MoE blocks look their experts up in the device-side slot table
+    # optimistic decode (runtime/pipeline.py): MoE blocks look their experts up in the device-side slot table
     # instead of syncing with the host, and append (layer, indices, slot ids, nonfinite flag) here
     lookups: list | None = None
 
@@ -434,9 +323,9 @@ class SparseMoeBlock(nn.Module):
         B, S, H = x.shape
         xf = x.reshape(B * S, H)  # [T, H]
         rows = None
-        if step.lookups is not None:  # optimistic: no host round trip; Model.decode checks for misses
+        if step.lookups is not None:  # optimistic: no host round trip; pipeline.finish checks for misses
             inds, scores = self.route(xf)
-            slots = experts.cache.device_table()[self.layer][inds]  # [T, K], -1 where not resident
+            slots = experts.lookup(self.layer, inds)  # [T, K], -1 where not resident
             step.lookups.append((self.layer, inds, slots, nonfinite(xf)))
             y = experts.apply(xf, mx.maximum(slots, 0), scores)
         else:
@@ -489,23 +378,14 @@ class DecoderLayer(nn.Module):
 # the model
 
 
-@dataclass
-class PendingDecode:
-    """A decode step on the device, not yet synced (Model.launch_decode)."""
-
-    ids: mx.array  # [B, 1] the tokens fed
-    saved: tuple  # the cache state before the step (for a rollback)
-    logits: mx.array  # [B, 1, V]
-    choice: mx.array  # [B] each row's argmax (lazy: the next step may be built on it)
-    pack: mx.array  # int32: miss flag, 3 logit guards, B choices, then each layer's expert ids
-    used: list  # (layer, number of expert ids) in pack order
-
-
 class Model(nn.Module):
     """Qwen3.5-MoE causal LM without its routed experts. Call with token ids [B, S] and a Cache; returns
-    logits [B, S, V] (or [B, 1, V] with last_only=True). Set `experts` before calling."""
+    logits [B, S, V] (or [B, 1, V] with last_only=True). Built by flashmoe.load, complete: `experts` is the
+    routed-expert source (runtime/experts.py), `stats` the stage timings it shares with it, `compute_dtype`
+    the activation dtype (None: the embedding's), `experts_per_token` K (None: the model's own)."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, experts=None, stats: Stats | None = None, compute_dtype=None,
+                 experts_per_token: int | None = None, bundle=None, runtime_config=None):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -513,19 +393,20 @@ class Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # plain attributes (not parameters): the expert source, the stats and the activation dtype
-        object.__setattr__(self, "experts", None)
-        object.__setattr__(self, "stats", Stats())
-        object.__setattr__(self, "compute_dtype", None)  # None: the embedding's dtype
+        if experts_per_token is not None:
+            for layer in self.layers:
+                layer.mlp.top_k = int(experts_per_token)
+        # plain attributes (not parameters)
+        self.experts = experts
+        self.stats = stats if stats is not None else Stats()
+        self.compute_dtype = compute_dtype
+        self.bundle = bundle
+        self.runtime_config = runtime_config
 
     # ---- experts per token ----------------------------------------------------------------
     @property
     def experts_per_token(self) -> int:
         return self.layers[0].mlp.top_k
-
-    def set_experts_per_token(self, k: int) -> None:
-        for layer in self.layers:
-            layer.mlp.top_k = int(k)
 
     # ---- cache ----------------------------------------------------------------------------
     def make_cache(self, left_pad=None) -> Cache:
@@ -536,81 +417,9 @@ class Model(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------
     def decode(self, ids: mx.array, cache: Cache) -> mx.array:
-        """One new token per row ([B, 1]) -> logits [B, 1, V], evaluated and checked (NaN, infinities,
-        constant rows raise BundleError). When the expert cache is large enough to be worth it
-        (experts.optimistic), the token first runs against the device-side slot table with no host round
-        trip per layer; only if some expert was not resident (or a guard fired) is the token run again
-        the ordinary way, from the caches as they were."""
-        return self.finish_decode(self.launch_decode(ids, cache), cache)[0]
-
-    def launch_decode(self, ids: mx.array, cache: Cache) -> "PendingDecode":
-        """Build the decode step of `ids` [B, 1] (which may be lazy: the previous step's argmax) and start
-        it on the device without waiting. `finish_decode` syncs it; in between, the host may build and
-        launch the next step (generate's pipelined greedy decoding), which `cancel_decode` undoes."""
-        saved = ([(c.conv, c.state) if isinstance(c, LinearCache) else c.offset for c in cache.layers],
-                 cache.offset)
-        lookups = [] if getattr(self.experts, "optimistic", False) else None
-        logits = self(ids, cache, last_only=True, lookups=lookups)
-        last = logits[:, -1].astype(mx.float32)  # [B, V]
-        i32 = mx.int32
-        guard = logit_flags(last).astype(i32)  # what check_logits tests, without a sync of its own
-        choice = mx.argmax(last, axis=-1).astype(i32)  # [B]
-        parts = [guard, choice]
-        if lookups:  # one flag for every layer's misses and guards, then every layer's expert ids
-            parts.insert(0, mx.any(mx.stack([mx.any(sl < 0) | bad for _, _, sl, bad in lookups]))[None].astype(i32))
-            parts += [i.reshape(-1).astype(i32) for _, i, _, _ in lookups]
-        else:
-            parts.insert(0, mx.zeros((1,), i32))
-        pack = mx.concatenate(parts)  # everything the host needs from this step, in one transfer
-        mx.async_eval(logits, pack)
-        return PendingDecode(ids, saved, logits, choice, pack, [(layer, i.size) for layer, i, _, _ in lookups or []])
-
-    def finish_decode(self, p: "PendingDecode", cache: Cache,
-                      after: "PendingDecode | None" = None) -> tuple[mx.array, np.ndarray, bool]:
-        """Sync a launched step. Returns (logits [B, 1, V], each row's argmax [B], whether it was redone).
-        A step that missed is rolled back and rerun the ordinary way; `after` (a step launched on top of
-        it, now void) is waited for first, so no kernel still reads a slot the rerun refills."""
-        host = np.array(p.pack)
-        B = p.choice.shape[0]
-        guard, choice = host[1:4], host[4 : 4 + B]
-        experts = self.experts
-        redone = bool(host[0])
-        if not redone and p.used:
-            pos, used = 4 + B, []
-            for layer, n in p.used:
-                used.append((layer, host[pos : pos + n]))
-                pos += n
-            experts.touch(used)
-            experts.optimistic_hits += 1
-        logits = p.logits
-        if redone:
-            experts.optimistic_misses += 1
-            if after is not None:
-                mx.eval(after.pack)
-            self._restore(cache, p.saved)
-            logits = self(p.ids, cache, last_only=True)
-            last = logits[:, -1].astype(mx.float32)
-            ch = mx.argmax(last, axis=-1).astype(mx.int32)
-            mx.eval(logits, ch)
-            choice = np.array(ch)
-        if redone or guard.any():  # a rerun's logits were not guarded yet; check_logits names what is wrong
-            check_logits(logits[:, -1])
-        return logits, choice, redone
-
-    def cancel_decode(self, p: "PendingDecode", cache: Cache) -> None:
-        """Undo a launched step that will not be used (the sequence ended before it was needed)."""
-        mx.eval(p.pack)
-        self._restore(cache, p.saved)
-
-    @staticmethod
-    def _restore(cache: Cache, saved) -> None:
-        layers, offset = saved
-        for c, old in zip(cache.layers, layers):  # KV columns past the offset are rewritten later
-            if isinstance(c, LinearCache):
-                c.conv, c.state = old
-            else:
-                c.offset = old
-        cache.offset = offset
+        """One unpipelined decode step (runtime/pipeline.decode, which the engine's steps use): ids [B, 1]
+        -> logits [B, 1, V], evaluated and checked."""
+        return pipeline.decode(self, ids, cache)
 
     def __call__(self, ids: mx.array, cache: Cache, last_only: bool = False, lookups: list | None = None) -> mx.array:
         if self.experts is None:
@@ -647,4 +456,4 @@ def dense_weight_names(model: Model) -> set[str]:
     return {k for k, _ in tree_flatten(model.parameters())}
 
 
-__all__ = ["Model", "PendingDecode", "Cache", "KVCache", "LinearCache", "StepInfo", "Stats", "dense_weight_names"]
+__all__ = ["Model", "Cache", "KVCache", "LinearCache", "StepInfo", "Stats", "dense_weight_names"]

@@ -29,8 +29,9 @@ import numpy as np
 from flashmoe.format import BundleError, TextConfig
 from flashmoe.format.manifest import read_json_file
 
-from .model import (Attention, Cache, DepthwiseConv, GatedDeltaNet, KVCache, LinearCache, Model, RMSNorm,
-                    RMSNormGated, SparseMoeBlock, StepInfo, Stats)
+from .cache import Cache, KVCache, LinearCache
+from .model import (Attention, DepthwiseConv, GatedDeltaNet, Model, RMSNorm, RMSNormGated, SparseMoeBlock,
+                    StepInfo, Stats)
 from .table_reader import TableReader
 
 
@@ -112,6 +113,13 @@ class PLECache(LinearCache):
 
     def nbytes(self) -> int:
         return super().nbytes() + (0 if self.ple_conv is None else self.ple_conv.nbytes)
+
+    def snapshot(self):
+        return super().snapshot(), self.ple_conv, self.ngram
+
+    def restore(self, saved) -> None:
+        base, self.ple_conv, self.ngram = saved
+        super().restore(base)
 
 
 @dataclass
@@ -374,7 +382,9 @@ class Qwen4ExpModel(Model):
     """Qwen4-Exp causal LM without its routed experts and n-gram tables (both read from the bundle).
     The interface is Model's: call with ids [B, S] and a Cache, or decode()."""
 
-    def __init__(self, cfg: TextConfig, params: Qwen4Params, tables: TableReader | None):
+    def __init__(self, cfg: TextConfig, params: Qwen4Params, tables: TableReader | None, experts=None,
+                 stats: Stats | None = None, compute_dtype=None, experts_per_token: int | None = None, bundle=None,
+                 runtime_config=None):
         nn.Module.__init__(self)  # not Model.__init__: the layers and the head differ
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -391,34 +401,29 @@ class Qwen4ExpModel(Model):
                     or info.hash.eos_token_id != params.eos_token_id:
                 raise BundleError(f"the n-gram table of layer {L} does not fit config.json (ple_embed_dim "
                                   f"{params.ple_embed_dim}, eos {params.eos_token_id}); the bundle is corrupt")
-        object.__setattr__(self, "params", params)
-        object.__setattr__(self, "tables", tables)
-        object.__setattr__(self, "experts", None)
-        object.__setattr__(self, "stats", Stats())
-        object.__setattr__(self, "compute_dtype", None)
+        if experts_per_token is not None:
+            for layer in self.layers:
+                layer.mlp.top_k = int(experts_per_token)
+        # plain attributes (not parameters), as Model's
+        self.params = params
+        self.tables = tables
+        self.experts = experts
+        self.stats = stats if stats is not None else Stats()
+        self.compute_dtype = compute_dtype
+        self.bundle = bundle
+        self.runtime_config = runtime_config
 
     @staticmethod
-    def from_bundle(bundle) -> "Qwen4ExpModel":
+    def from_bundle(bundle, **kw) -> "Qwen4ExpModel":
+        """The model of a qwen4_exp bundle; `kw` as Model's (experts, stats, compute_dtype, ...)."""
         hf = read_json_file(Path(bundle.path) / "config.json", "config.json", "re-run flashmoe-convert")
         params = Qwen4Params.from_hf(hf, bundle.config)
-        return Qwen4ExpModel(bundle.config, params, TableReader(bundle.path, bundle.manifest))
+        return Qwen4ExpModel(bundle.config, params, TableReader(bundle.path, bundle.manifest), bundle=bundle, **kw)
 
     def make_cache(self, left_pad=None) -> Cache:
         lp = np.zeros(1, np.int64) if left_pad is None else np.asarray(left_pad, np.int64)
         return Cache([(PLECache() if "ple" in layer else LinearCache()) if layer.is_linear
                       else IndexedKVCache() if layer.indexed else KVCache() for layer in self.layers], 0, lp)
-
-    def launch_decode(self, ids: mx.array, cache: Cache):
-        """Model.launch_decode, with the PLE state in the rollback point too."""
-        ple = [(c.ple_conv, c.ngram) for c in cache.layers if isinstance(c, PLECache)]
-        p = super().launch_decode(ids, cache)
-        return dataclasses.replace(p, saved=(*p.saved, ple))
-
-    @staticmethod
-    def _restore(cache: Cache, saved) -> None:
-        Model._restore(cache, saved[:2])
-        for c, (conv, ngram) in zip([c for c in cache.layers if isinstance(c, PLECache)], saved[2]):
-            c.ple_conv, c.ngram = conv, ngram
 
     def _ngram_rows(self, ids: mx.array, cache: Cache, step: StepInfo) -> dict[int, mx.array]:
         """Every PLE layer's n-gram embedding [B, S, E] for this call: one read plan over all tables."""

@@ -54,16 +54,37 @@ class SamplingParams:
         return self
 
 
-def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
+class Sampler:
     """logits [V] -> token id. temperature 0 is greedy; otherwise top-k then top-p (nucleus) filtering,
-    drawn from this sampler's own random key (seeded: reproducible per sequence)."""
-    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).check()
-    if temperature == 0:
-        return lambda logits: int(mx.argmax(logits, axis=-1).item())
-    state = {"key": mx.random.key(seed if seed is not None else random.SystemRandom().randrange(1 << 62))}
+    drawn from this sampler's own random key (seeded: reproducible per sequence). `draw` gives the token
+    lazily (the engine launches the next decode step on it before the host waits); `redraw` draws again
+    with the same random key from other logits (a decode step that was run again)."""
 
-    def sample(logits: mx.array) -> int:
-        x = logits.astype(mx.float32) / temperature  # [V]
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
+        SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).check()
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.key = None if temperature == 0 else mx.random.key(
+            seed if seed is not None else random.SystemRandom().randrange(1 << 62))
+        self.last_key = None
+
+    def __call__(self, logits: mx.array) -> int:
+        return int(self.draw(logits).item())
+
+    def draw(self, logits: mx.array) -> mx.array:
+        """The token as a lazy int32 scalar."""
+        if self.key is None:
+            return mx.argmax(logits, axis=-1).astype(mx.int32)
+        self.key, self.last_key = mx.random.split(self.key)
+        return self._sample(logits, self.last_key)
+
+    def redraw(self, logits: mx.array) -> int:
+        if self.key is None:
+            return int(mx.argmax(logits, axis=-1).item())
+        return int(self._sample(logits, self.last_key).item())
+
+    def _sample(self, logits: mx.array, key) -> mx.array:
+        top_k, top_p = self.top_k, self.top_p
+        x = logits.astype(mx.float32) / self.temperature  # [V]
         if 0 < top_k < x.shape[-1]:
             kth = mx.sort(x)[-top_k]
             x = mx.where(x < kth, -mx.inf, x)
@@ -74,10 +95,12 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, s
             drop_sorted = (cum - p) >= top_p  # keep the smallest prefix whose mass reaches top_p
             threshold = mx.min(mx.where(drop_sorted, mx.inf, x[order]))  # smallest kept logit
             x = mx.where(x < threshold, -mx.inf, x)
-        state["key"], sub = mx.random.split(state["key"])
-        return int(mx.random.categorical(x, key=sub).item())
+        return mx.random.categorical(x, key=key).astype(mx.int32)
 
-    return sample
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Sampler:
+    """logits [V] -> token id (a Sampler; see there)."""
+    return Sampler(temperature, top_p, top_k, seed)
 
 
 def _stop_hold(text: str, stops: tuple[str, ...]) -> int:
@@ -106,11 +129,10 @@ class Sequence:
 
     def __post_init__(self):
         p = self.params
-        self.sampler = p.sampler
-        if self.sampler is None:
-            base = make_sampler(p.temperature, p.top_p, p.top_k, p.seed)
-            self.sampler = lambda logits, _ids: base(logits)
-        self.greedy = p.sampler is None and p.logits_processor is None and p.temperature == 0
+        self.base = Sampler(p.temperature, p.top_p, p.top_k, p.seed) if p.sampler is None else None
+        # the next token can be drawn on the device without the host (`draw`): no Python callable involved
+        self.lazy = p.sampler is None and p.logits_processor is None
+        self.greedy = self.lazy and p.temperature == 0
         self.detok = StreamingDetokenizer(self.tokenizer)
         self.pending = ""
         if p.max_tokens == 0:
@@ -118,9 +140,20 @@ class Sequence:
 
     def choose(self, logits: mx.array) -> int:
         """logits [V] -> the next token id."""
-        if self.params.logits_processor is not None:
-            logits = self.params.logits_processor(self.generated, logits)
-        return int(self.sampler(logits, self.generated))
+        p = self.params
+        if p.logits_processor is not None:
+            logits = p.logits_processor(self.generated, logits)
+        if p.sampler is not None:
+            return int(p.sampler(logits, self.generated))
+        return self.base(logits)
+
+    def draw(self, logits: mx.array) -> mx.array:
+        """The next token as a lazy int32 scalar (only when `lazy`)."""
+        return self.base.draw(logits)
+
+    def redraw(self, logits: mx.array) -> int:
+        """The token `draw` gave, drawn again with the same random key from these logits."""
+        return self.base.redraw(logits)
 
     def accept(self, token: int) -> tuple[str, bool]:
         """Take the chosen token. Returns (text to show now, whether the token counts as output);

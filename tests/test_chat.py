@@ -142,11 +142,12 @@ def test_fenced_block_is_one_message(demo, demo_bundle):
 def test_cache_survives_replies_that_do_not_retokenize(demo, demo_bundle):
     """The conversation is kept as the generated ids; a reply whose text would tokenize differently
     still leaves the cache usable, and the next turn prefills only the new template suffix."""
-    from flashmoe.runtime.chat import Chat, Conversation
+    from flashmoe.runtime.chat import Chat
     from flashmoe.runtime.generate import generate
 
     model, tok = demo
-    conv = Conversation(tok)
+    chat = Chat(model, tok, _args(demo_bundle), out=io.StringIO(), err=io.StringIO())
+    conv = chat.conv
     ids = conv.prompt_ids("Tell me about the \"for\" statement.")
     # a reply spelled byte by byte: valid text, but not the ids the tokenizer would choose for it
     word = " statement"
@@ -154,8 +155,6 @@ def test_cache_survives_replies_that_do_not_retokenize(demo, demo_bundle):
     assert None not in odd and tok.encode(word) != odd and tok.decode(odd) == word
     list(generate(model, tok, ids + odd, max_tokens=0, session=conv.session))  # cache: prompt + odd reply
     conv.ids = ids + odd
-    chat = Chat(model, tok, _args(demo_bundle), out=io.StringIO(), err=io.StringIO())
-    chat.conv = conv
     chat.reply("thanks")
     assert chat.last["cached"] == len(ids) + len(odd)
     assert chat.last["new"] == len(suffix_ids(tok, "thanks"))
@@ -187,4 +186,14 @@ def test_long_prompt_shows_prefill_progress(demo, demo_bundle):
     assert re.search(r"prefill \d+/\d+ tokens \(\d+%\)", err)
     n = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": text.strip(chr(10))}])))
     assert f"prefill: {n} new tokens" in err
-    assert len(chat.conv.session.ids) >= n
+    assert len(chat.conv.session.longest()) >= n
+
+
+def test_a_script_is_not_asked_to_confirm(demo, demo_bundle):
+    """With stdin not a terminal, /system and /reset go ahead without a "[y/N]" question (which would
+    read the script's next line as the answer)."""
+    out, err, chat = run_chat(demo, demo_bundle, "hello\n/system Answer briefly.\nagain\n/reset\n/stats\n")
+    assert "[y/N]" not in err
+    assert "system prompt set" in err and "the conversation starts over" in err
+    assert "conversation cleared" in err and "no reply yet; 0 tokens in the cache" in err
+    assert chat.conv.turns == 0

@@ -108,7 +108,8 @@ def test_stop_is_repeatable_and_before_the_bundle(demo_bundle):
             "--no-chat-template")
     assert r.returncode == 0, r.stderr
     out = r.stdout.decode()
-    assert out == free[: min(free.index(first), free.index(second))]
+    cut = free[: min(free.index(first), free.index(second))]
+    assert out == cut + ("" if cut.endswith("\n") else "\n")  # the text up to the stop, ending its line
 
 
 @pytest.mark.parametrize("case", ["bad_utf8_arg", "bad_utf8_file", "bad_utf8_stdin", "empty_stdin", "no_file",
@@ -199,3 +200,59 @@ def test_converter_needs_no_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     model, tok = flashmoe.load(tmp_path / "b")
     assert model.config.num_experts >= 16
+
+
+def test_prompt_from_stdin_at_a_terminal_says_so(demo_bundle, tmp_path):
+    """`--prompt -` at a terminal prints a one-line hint on stderr that it reads to the end of input; the
+    text typed then is the prompt (Ctrl-D ends it), and the answer ends its line."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "flashmoe.runtime.cli", str(demo_bundle), "--prompt", "-",
+                                           "--max-tokens", "8", "--no-chat-template"],
+                          env=dict(os.environ, HOME=str(tmp_path)), timeout=120, encoding="utf-8")
+    try:
+        child.expect_exact("flashmoe-run: reading the prompt from stdin until end of input (Ctrl-D)")
+        child.send(PROMPT)
+        child.sendeof()
+        child.sendeof()  # the first only ends the line typed so far
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before
+    assert child.before.endswith("\r\n")
+    piped = run(demo_bundle, "--prompt", "-", "--max-tokens", "8", "--no-chat-template", stdin=PROMPT.encode())
+    assert b"reading the prompt" not in piped.stderr  # not at a terminal: no hint
+    assert piped.stdout.decode().strip() and piped.stdout.decode().strip() in child.before.replace("\r\n", "\n")
+
+
+def test_shared_flags_build_the_configs():
+    """flashmoe/cli.py's one flag vocabulary: runtime, engine and sampling flags parse into a RuntimeConfig
+    (over the FLASHMOE_* environment, flags winning), an EngineConfig and a SamplingParams."""
+    import argparse
+
+    from flashmoe.cli import (add_engine_flags, add_runtime_flags, add_sampling_flags, engine_config_from_args,
+                              runtime_config_from_args, sampling_params_from_args)
+    from flashmoe.runtime.config import EngineConfig, RuntimeConfig
+
+    p = argparse.ArgumentParser(prog="t")
+    add_runtime_flags(p)
+    add_engine_flags(p, max_batch=None, prompt_cache_gb=2.0)
+    add_sampling_flags(p, max_tokens=64)
+    a = p.parse_args(["--io", "direct", "--kernels", "builtin", "--gpu-cache-gb", "3", "--upload", "pinned",
+                      "--dtype", "bfloat16", "--experts-per-token", "4", "--max-batch", "8",
+                      "--memory-budget-gb", "1.5", "--temperature", "0.5", "--top-k", "5", "--seed", "3",
+                      "--stop", "a", "--stop", "b"])
+    assert runtime_config_from_args(a, environ={"FLASHMOE_KERNELS": "custom", "FLASHMOE_GPU_CACHE_GB": "9"}) == \
+        RuntimeConfig(io="direct", kernels="builtin", gpu_cache_gb=3.0, upload="pinned", dtype="bfloat16",
+                      experts_per_token=4)
+    assert engine_config_from_args(a) == EngineConfig(max_batch=8, memory_budget_gb=1.5, prompt_cache_gb=2.0)
+    s = sampling_params_from_args(a)
+    assert (s.max_tokens, s.temperature, s.top_k, s.seed, s.stop) == (64, 0.5, 5, 3, ("a", "b"))
+    d = p.parse_args(["--max-batch", "auto"])
+    assert runtime_config_from_args(d, environ={"FLASHMOE_KERNELS": "custom"}).kernels == "custom"
+    assert engine_config_from_args(d).max_batch is None and sampling_params_from_args(d).max_tokens == 64
+    for bad in (["--max-batch", "0"], ["--max-batch", "x"], ["--io", "odirect"]):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(bad)
+        assert e.value.code == 2
+    with pytest.raises(flashmoe.format.InputError, match="top-p"):
+        sampling_params_from_args(p.parse_args(["--top-p", "0"]))

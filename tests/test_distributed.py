@@ -7,7 +7,9 @@ a ring hostfile per process). This file is also the worker those processes run:
     python tests/test_distributed.py BUNDLE OUT MODE PROMPT MAX_TOKENS
 
 MODE "once": generate once (greedy), then every rank writes OUT.RANK.json with its expert reads (and rank 0
-the tokens); MODE "loop": rank 0 generates again and again, printing a line per round, until killed.
+the tokens); MODE "loop": rank 0 generates again and again, printing a line per round, until killed;
+MODE "engine": three prompts batched on the engine; MODE "fail": the same after a step that failed on rank 0
+(every rank also writes the rows its runner holds at the end).
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ SLOTS = 64  # the tiny model's 4 layers x 16 experts: every record stays residen
 
 
 def _worker(argv: list[str]) -> int:
+    from flashmoe.format.errors import FlashmoeError
     from flashmoe.runtime import distributed as D
-    from flashmoe.runtime.generate import generate
+    from flashmoe.runtime.config import EngineConfig
+    from flashmoe.runtime.generate import generate, prompt_ids
+    from flashmoe.runtime.sampling import SamplingParams
 
     import flashmoe
 
@@ -49,17 +54,13 @@ def _worker(argv: list[str]) -> int:
         dist = D.start_from_env("worker")
         bundle = bundle.replace("{rank}", str(dist.rank))  # a part per rank (flashmoe-pull --shard)
         dist.check_bundle(bundle)
-        model, tok = flashmoe.load(bundle, slots=SLOTS)
+        model, tok = flashmoe.load(bundle, slots=SLOTS, shard=dist.expert_shard())
         dist.attach(model)
         res: dict = {}
-        if mode == "engine":  # the batched engine: three prompts of different lengths decoded together
-            from flashmoe.runtime.engine import Engine
-            from flashmoe.runtime.generate import prompt_ids
-            from flashmoe.runtime.sampling import SamplingParams
+        if mode in ("engine", "fail"):  # the batched engine: three prompts of different lengths decoded together
+            engine = D.make_engine(dist, model, tok, EngineConfig(max_batch=4, memory_budget_gb=1.0))
 
-            engine = Engine(model, tok, max_batch=4, memory_budget_gb=1.0)
-
-            def run(engine):
+            def run_all(engine):
                 sids = [engine.add(prompt_ids(tok, p, chat_template=False), SamplingParams(max_tokens=n))
                         for p in ENGINE_PROMPTS]
                 done = {}
@@ -67,23 +68,41 @@ def _worker(argv: list[str]) -> int:
                     for ev in engine.step():
                         if ev.finish_reason is not None:
                             done[ev.seq_id] = ev.tokens
-                res["tokens"] = [done[s] for s in sids]
+                return [done[s] for s in sids]
+
+            def run(engine):
+                if mode == "fail":  # a step that fails on rank 0 after the ranks ran its forwards
+                    def broken(ids, logits):
+                        raise RuntimeError("injected failure")
+
+                    for p in ENGINE_PROMPTS[:2]:
+                        engine.add(prompt_ids(tok, p, chat_template=False),
+                                   SamplingParams(max_tokens=n, logits_processor=broken))
+                    try:
+                        engine.step()
+                    except RuntimeError as e:
+                        res["failed"] = str(e)
+                res["tokens"] = run_all(engine)
 
             D.run_engine(dist, engine, run)
+            res["rows"] = list(engine.runner.rows)  # every rank: nothing left of the failed batch
+            res["cache"] = engine.runner.cache is not None
             return _dump(out, dist, model, res)
 
-        def body(m):
+        engine = D.make_engine(dist, model, tok, EngineConfig(max_batch=1, prefill_tokens=1024))
+
+        def body(engine):
             rounds = 0
             while True:
-                res["tokens"] = [c.token for c in generate(m, tok, prompt, max_tokens=n, chat_template=False)
-                                 if c.token is not None]
+                res["tokens"] = [c.token for c in generate(model, tok, prompt, max_tokens=n, chat_template=False,
+                                                           engine=engine) if c.token is not None]
                 rounds += 1
                 print(f"round {rounds}", flush=True)
                 if mode == "once":
                     return
 
-        D.run_model(dist, model, body)
-    except D.FlashmoeError as e:
+        D.run_engine(dist, engine, body)
+    except FlashmoeError as e:
         print(f"worker: error: {e}", file=sys.stderr, flush=True)
         return 2
     return _dump(out, dist, model, res)
@@ -191,6 +210,19 @@ def test_batched_engine_on_two_ranks_matches_single_process(bundles, reference, 
     assert got[0]["tokens"] == [reference[p][0] for p in ENGINE_PROMPTS]
     for rank in range(2):
         assert got[rank]["reads"] and all(e % 2 == rank for _, e, _ in got[rank]["reads"])
+
+
+def test_a_failed_step_resets_every_rank_and_the_next_request_works(bundles, reference, tmp_path):
+    """A step that fails on rank 0 (here its sampler raises, after every rank ran the prefill) drops the
+    batch on every rank: rank 0's engine resets its runner, which tells the followers to reset theirs.
+    The next requests then run as in one process, and no rank holds a row of the failed batch."""
+    r = mlx_launch(2, worker_cmd(bundles[8], tmp_path / "out", "fail"))
+    assert "error" not in r.stderr, r.stderr
+    got = [json.loads((tmp_path / f"out.{rank}.json").read_text()) for rank in range(2)]
+    assert got[0]["failed"] == "injected failure"
+    assert got[0]["tokens"] == [reference[p][0] for p in ENGINE_PROMPTS]
+    for rank in range(2):
+        assert got[rank]["rows"] == [] and got[rank]["cache"] is False, rank
 
 
 def test_flashmoe_run_on_two_ranks_prints_the_single_process_text(bundles):
@@ -346,7 +378,8 @@ def test_rank_missing_its_part_names_rank_file_and_fix(bundles, tmp_path):
     assert rc0 == 2 and "rank 0: rank(s) 1 lack their part of the bundle" in err0
     # and a layer file missing from a rank's own part names that file
     (part / "experts" / "layer-002.bin").unlink()
-    from flashmoe.runtime.distributed import Shard, bundle_part_problem
+    from flashmoe.runtime.dist_checks import bundle_part_problem
+    from flashmoe.runtime.experts import ExpertShard as Shard
 
     msg = bundle_part_problem(part, Shard(0, 2))
     assert msg.startswith(f"rank 0 of 2: {part / 'experts' / 'layer-002.bin'} is missing; on this host run "
@@ -428,11 +461,13 @@ def test_pull_shard_flag_errors(capsys, argv, msg):
 
 
 def test_single_process_is_unchanged():
-    """Without a launcher: a group of one, no watchdog, no link; check_bundle and attach do nothing."""
+    """Without a launcher: a group of one, no watchdog, no link, no expert shard; attach does nothing."""
     from flashmoe.runtime import distributed as D
 
     dist = D.start_from_env("t", environ={})
     assert (dist.rank, dist.size, dist.watchdog, dist.link) == (0, 1, None, None)
+    assert dist.expert_shard() is None
+    dist.attach(None)
     with pytest.raises(D.DistributedError, match="FLASHMOE_DIST_TIMEOUT='x'"):
         D.start_from_env("t", environ={"FLASHMOE_DIST_TIMEOUT": "x"})
 

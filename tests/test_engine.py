@@ -175,10 +175,11 @@ def test_shared_reads_across_the_batch(loaded, corpus_ids):
     engine = Engine(model, tok)
     for p in ps:
         engine.add(p, SamplingParams(max_tokens=4))
-    engine.step()  # prefill + first decode
+    engine.step()  # prefill + first decode (the second is launched ahead: 64 slots, the optimistic path)
     model.experts.clear_cache()
+    engine.step()  # the step launched before the clear; it launches the next one on the cleared cache
     model.experts.reads.clear()
-    engine.step()  # one decode forward for 6 rows
+    engine.step()  # one decode forward for 6 rows: every expert missing, run again the ordinary way
     cfg = model.config
     n = sum(model.experts.reads.values())
     assert n <= cfg.num_experts * cfg.num_hidden_layers
@@ -274,16 +275,16 @@ def test_optimistic_decode_equals_host_routing(loaded, corpus_ids):
 def test_session_survives_a_stopped_reply(model_tok, corpus_ids):
     """A reply stopped midway (the chat's Ctrl-C closes the generator) leaves the session's cache usable:
     the next turn prefills only its new tokens and decodes exactly as a fresh run of the whole prompt."""
-    from flashmoe.runtime.generate import Session
+    from flashmoe.runtime.runner import PromptCache
 
     model, tok = model_tok
-    s = Session()
+    s = PromptCache()
     prompt = prompts_of(corpus_ids)[2]
     g = flashmoe.generate(model, tok, prompt, max_tokens=20, session=s)
     got = [next(g).token for _ in range(5)]
     g.close()
-    assert s.ids == prompt + got[:4]  # the fifth token was shown but never fed
-    follow = s.ids + [got[4]] + corpus_ids[40:45]
+    assert s.longest() == prompt + got[:4]  # the fifth token was shown but never fed
+    follow = s.longest() + [got[4]] + corpus_ids[40:45]
     chunks = list(flashmoe.generate(model, tok, follow, max_tokens=6, session=s))
     assert chunks[-1].stats["cached_prompt_tokens"] == len(prompt) + 4
     assert [c.token for c in chunks if c.token is not None] == alone(model, tok, follow, max_tokens=6)[0]
@@ -293,7 +294,7 @@ def test_pipelined_greedy_keeps_the_session_exact(loaded, corpus_ids):
     """With the optimistic path, greedy decoding runs one step ahead on the device. A reply that ends (by
     length, a stop string or the caller closing it) undoes that step: the next turn continues from exactly
     the fed tokens and decodes as a fresh run of the whole conversation does."""
-    from flashmoe.runtime.generate import Session
+    from flashmoe.runtime.runner import PromptCache
 
     plain, tok = loaded(8, slots=16)  # host routing (too few slots for the optimistic path), on any device
     fast, _ = loaded(8, slots=64)
@@ -301,19 +302,19 @@ def test_pipelined_greedy_keeps_the_session_exact(loaded, corpus_ids):
     prompt = prompts_of(corpus_ids)[3]
     ref, ref_text, _ = alone(plain, tok, prompt, max_tokens=12)
     for how in ("close", "length", "stop"):
-        s = Session()
+        s = PromptCache()
         if how == "close":
             g = flashmoe.generate(fast, tok, prompt, max_tokens=20, session=s)
             got = [next(g).token for _ in range(5)]
             g.close()
-            assert got == ref[:5] and s.ids == prompt + got[:4]
-            follow = s.ids + [got[4]] + corpus_ids[40:45]
+            assert got == ref[:5] and s.longest() == prompt + got[:4]
+            follow = s.longest() + [got[4]] + corpus_ids[40:45]
         else:
             stop = tok.decode(ref[6:8]) if how == "stop" else None
             got, text, reason = alone(fast, tok, prompt, max_tokens=8, stop=stop, session=s)
             assert reason == ("stop" if how == "stop" else "length")
             assert ref_text.startswith(text) and got == ref[: len(got)]
-            follow = s.ids + corpus_ids[40:45]
+            follow = s.longest() + corpus_ids[40:45]
         nxt = list(flashmoe.generate(fast, tok, follow, max_tokens=6, session=s))
         assert nxt[-1].stats["cached_prompt_tokens"] == len(follow) - 5 - (how == "close")
         assert [c.token for c in nxt if c.token is not None] == alone(plain, tok, follow, max_tokens=6)[0]
@@ -325,18 +326,48 @@ def test_a_failed_step_drops_the_batch_and_the_engine_goes_on(model_tok, corpus_
     ps = prompts_of(corpus_ids)
     engine.add(ps[1], SamplingParams(max_tokens=5))
     engine.step()
-    real = engine.runner.decode
+    real = engine.runner.launch
 
     def broken(tokens):
         raise RuntimeError("disk gone")
 
-    engine.runner.decode = broken
+    engine.runner.launch = broken
     with pytest.raises(RuntimeError, match="disk gone"):
         engine.step()
-    engine.runner.decode = real
+    engine.runner.launch = real
     assert engine.counters["failed"] == 1 and engine.runner.cache is None and not engine.has_work()
     sid = engine.add(ps[2], SamplingParams(max_tokens=6))
     toks = []
     while engine.has_work():
         toks += [ev.token for ev in engine.step() if ev.token is not None and ev.seq_id == sid]
     assert toks == alone(model, tok, ps[2], max_tokens=6)[0]
+
+
+def test_pipelined_sampling_equals_synced_sampling(loaded, corpus_ids):
+    """Sampled rows are pipelined too: the next step is launched on a draw from the lazy logits with the
+    row's own seeded sampler. The tokens equal the synced path's (host routing, one draw per sync),
+    alone and batched, including steps that missed the expert cache and ran again."""
+    plain, tok = loaded(8, slots=16)
+    fast, _ = loaded(8, slots=64)
+    assert fast.experts.optimistic and not plain.experts.optimistic
+    fast.experts.clear_cache()
+    m0 = fast.experts.optimistic_misses
+    ps = prompts_of(corpus_ids)[:4]
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7 + i) for i in range(len(ps))]
+    want = run_engine(Engine(plain, tok), list(zip(ps, params)))
+    engine = Engine(fast, tok)
+    sids = [engine.add(p, SamplingParams(**vars(q))) for p, q in zip(ps, params)]
+    toks = {s: [] for s in sids}
+    h0, steps = fast.experts.optimistic_hits, 0
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.token is not None:
+                toks[ev.seq_id].append(ev.token)
+        steps += 1
+        if steps in (2, 4):  # the steps launched from here on miss, run again and draw again
+            fast.experts.clear_cache()
+    assert [toks[s] for s in sids] == [w[0] for w in want]
+    assert fast.experts.optimistic_misses > m0 and fast.experts.optimistic_hits > h0
+    alone_fast = alone(fast, tok, ps[1], max_tokens=10, temperature=0.9, top_p=0.9, seed=8)
+    assert alone_fast == alone(plain, tok, ps[1], max_tokens=10, temperature=0.9, top_p=0.9, seed=8)
+    assert alone_fast[0] == want[1][0]  # a seeded sequence samples the same whatever else is batched
