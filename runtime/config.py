@@ -16,6 +16,7 @@ IO_MODES = ("pread", "mmap", "direct")
 UPLOADS = ("auto", "direct", "pinned")
 KERNELS = ("auto", "builtin", "custom")
 DTYPES = ("float32", "bfloat16", "float16")
+PREFETCH_MODES = ("off", "on", "auto")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class RuntimeConfig:
     # how records reach a CUDA GPU's expert cache: pinned (staged in pinned host memory, copied by the copy
     # engine), direct (read straight into MLX's managed memory), auto (pinned on CUDA, else direct)
     upload: str = "auto"
+    # speculative prefetch (runtime/prefetch.py): layer L+1's router on the state leaving layer L names the
+    # records to read while L+1's attention runs; auto: on for a CUDA GPU expert cache holding a token's
+    # records for every layer, off on unified memory and across ranks (prefetch.prefetch_wanted)
+    prefetch: str = "auto"
 
     def check(self) -> "RuntimeConfig":
         if self.io not in IO_MODES:
@@ -39,6 +44,8 @@ class RuntimeConfig:
             raise InputError(f"kernels {self.kernels!r} is unknown: choose one of {', '.join(KERNELS)}")
         if self.upload not in UPLOADS:
             raise InputError(f"upload {self.upload!r} is unknown: choose one of {', '.join(UPLOADS)}")
+        if self.prefetch not in PREFETCH_MODES:
+            raise InputError(f"prefetch {self.prefetch!r} is unknown: choose one of {', '.join(PREFETCH_MODES)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InputError(f"dtype {self.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
         if self.gpu_cache_gb is not None and (not math.isfinite(self.gpu_cache_gb) or self.gpu_cache_gb < 0):

@@ -31,6 +31,7 @@ from flashmoe.format import Bundle, BundleError, InputError
 
 from .config import RuntimeConfig
 from .expert_cache import ExpertCache
+from .prefetch import Prefetcher, prefetch_wanted
 from .reader import ExpertReader
 
 DEFAULT_SLOTS = 32  # records held at once on unified memory; 32 x 6.75 MiB = 216 MiB for the 397B at 4 bits
@@ -110,6 +111,10 @@ class RoutedExperts:
         self.optimistic_hits = self.optimistic_misses = 0
         # bool [E]: experts this process applies (None: all)
         self.owned = None if self.shard is None else self.shard.mask(cfg.num_experts)
+        # speculative prefetch of the next layer's records (runtime/prefetch.py), None when off
+        self.prefetcher = Prefetcher(self.reader, self.cache) if prefetch_wanted(
+            config.prefetch, gpu_backend(), n, cfg.num_experts_per_tok, cfg.num_hidden_layers,
+            self.shard is not None) else None
 
     def _open_uploader(self, upload: str, gpu: str | None) -> str:
         """Give the reader a PinnedUploader where records must cross to a discrete GPU. Returns the mode
@@ -151,7 +156,15 @@ class RoutedExperts:
         return self.reader.io
 
     def clear_cache(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
         self.cache.clear()
+
+    def prefetch(self, layer: int, indices: mx.array) -> None:
+        """The model's guess of `layer`'s expert ids [T, K] (its router on the state leaving the layer
+        before): read them in the background."""
+        if self.prefetcher is not None:
+            self.prefetcher.start(layer, np.array(indices))
 
     # ---- apply ------------------------------------------------------------------------------
     def apply(self, x, slot_ids, scores):
@@ -178,7 +191,8 @@ class RoutedExperts:
         self.optimistic_hits += 1
 
     def _load(self, layer: int, experts: list[int]) -> np.ndarray:
-        slot_of, to_read, read_slots = self.cache.place(layer, experts)
+        busy = self.prefetcher.settle(layer, experts) if self.prefetcher is not None else set()
+        slot_of, to_read, read_slots = self.cache.place(layer, experts, avoid=busy)
         try:
             self.reader.read(layer, to_read, read_slots, self.cache)
         except BaseException:
@@ -224,7 +238,7 @@ class RoutedExperts:
                 stats.expert_compute += time.perf_counter() - t0
             return y
         # more distinct experts than slots: groups of `slots` experts, each pair computed exactly once
-        self.cache.clear()  # the groups overwrite slots in order
+        self.clear_cache()  # the groups overwrite slots in order
         y = mx.zeros(x.shape, x.dtype)
         n = self.cache.slots
         for g0 in range(0, len(union), n):
@@ -243,4 +257,6 @@ class RoutedExperts:
         return y
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.reader.close()

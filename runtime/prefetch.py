@@ -27,7 +27,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-PREFETCH_MODES = ("off", "on", "auto")
 MAX_GUESS_ROWS = 8  # prefetch for decode steps (a few rows); a prefill's union is read on demand
 
 

@@ -243,3 +243,83 @@ def test_prefetch_slot_still_being_written_is_never_handed_out(bundles):
         gate.set()
         pf.close()
         reader.close()
+
+
+# ---- prefetch in the model -------------------------------------------------------------------
+
+
+def prompt_of(corpus_ids, n):
+    return corpus_ids[:n]
+
+
+def greedy_run(path, corpus_ids, n=24, pinned=False, **kw):
+    """Greedy tokens and every step's logits, token by token (the decode path), with the experts object."""
+    import mlx.core as mx
+
+    import flashmoe
+
+    model, tok = flashmoe.load(path, **kw)
+    if pinned:
+        model.experts.reader.attach_uploader(HostUploader())
+    cache = model.make_cache()
+    ids = list(prompt_of(corpus_ids, 12))
+    logits = []
+    for t in ids[:-1]:
+        model(mx.array([[t]]), cache)
+    t = ids[-1]
+    for _ in range(n):
+        lg = np.array(model(mx.array([[t]]), cache))[0, 0]
+        logits.append(lg)
+        t = int(lg.argmax())
+        ids.append(t)
+    return ids, np.stack(logits), model.experts
+
+
+@pytest.mark.parametrize("slots,pinned", [(48, False), (8, False), (8, True)], ids=["cache", "tight", "pinned"])
+def test_prefetch_keeps_greedy_tokens_and_guesses_well(bundles, corpus_ids, slots, pinned):
+    """Prefetch on vs off on the trained tiny model: the same greedy tokens and bit-identical logits (a
+    record's slot changes, never its bytes); its guesses hit the real routing far above chance (K/E = 25%),
+    the right guesses are mostly read before the real routing asks, and a slot count that leaves little
+    room (8 = 2K) still never hands out a slot being written."""
+    off_ids, off_logits, off = greedy_run(bundles[4], corpus_ids, slots=slots, prefetch="off")
+    on_ids, on_logits, on = greedy_run(bundles[4], corpus_ids, slots=slots, prefetch="on", pinned=pinned)
+    try:
+        assert off.prefetcher is None and on.prefetcher is not None
+        assert on_ids == off_ids
+        np.testing.assert_array_equal(on_logits, off_logits)
+        pf = on.prefetcher
+        rates = pf.hit_rate()
+        assert sorted(rates) == list(range(1, len(rates) + 1))  # every layer but the first is guessed
+        hits = sum(pf.hits.values())
+        assert hits / sum(pf.needed.values()) > 0.5, rates
+        assert sum(pf.ready.values()) > 0
+        print(f"slots {slots}: hit rate per layer", {k: round(v, 3) for k, v in rates.items()},
+              f"ready {sum(pf.ready.values())}/{hits}, prefetched {sum(pf.prefetched.values())}, "
+              f"reads on/off {sum(on.reads.values())}/{sum(off.reads.values())}")
+    finally:
+        off.close()
+        on.close()
+
+
+def test_prefetch_setting_is_checked(bundles):
+    import flashmoe
+    from flashmoe.errors import InputError
+
+    with pytest.raises(InputError, match="prefetch 'sometimes' is unknown"):
+        flashmoe.load(bundles[4], prefetch="sometimes")
+    model, _ = flashmoe.load(bundles[4], prefetch="auto")  # the CPU: unified memory, so off
+    assert model.experts.prefetcher is None
+    model.experts.close()
+
+
+def test_prefetch_flag(monkeypatch):
+    import argparse
+
+    from flashmoe.cli import add_runtime_flags, runtime_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_runtime_flags(p)
+    assert runtime_config_from_args(p.parse_args(["--prefetch", "on"]), environ={}).prefetch == "on"
+    assert runtime_config_from_args(p.parse_args([]), environ={}).prefetch == "auto"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--prefetch", "maybe"])
