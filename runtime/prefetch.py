@@ -22,6 +22,7 @@ run on this class's threads (ExpertReader.read is safe from several threads at o
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -87,7 +88,9 @@ class Prefetcher:
     def settle(self, layer: int, experts: list[int]) -> set[int]:
         """The real routing of `layer` asks for `experts`: wait for the background reads of those, count
         hits, demote the wrong guesses. Returns the slots the demand placement must avoid (reads of other
-        records still in flight); if too few slots would be left for `experts`, waits for every read."""
+        records still in flight); if too few slots would be left for `experts`, waits for every read. The
+        time spent waiting is the model's wait for reads: it goes to the reader's stats.expert_io."""
+        t0 = time.perf_counter()
         guess = self._guess.pop(layer, None)
         row = self.cache.table[layer]
         want = set(experts)
@@ -113,6 +116,8 @@ class Prefetcher:
         if self.cache.slots < len(want) + len(busy):
             self.drain()
             busy = set()
+        if self.reader.stats is not None:
+            self.reader.stats.expert_io += time.perf_counter() - t0
         return busy
 
     def drain(self) -> None:
