@@ -178,6 +178,8 @@ class RoutedExperts:
     def lookup(self, layer: int, indices: mx.array) -> mx.array:
         """Lazy slot ids [T, K] of the selected experts in the device-side slot table, -1 where an expert is
         not resident (then the step is void and runs again the ordinary way)."""
+        if self.prefetcher is not None:  # the table names records still being read in the background
+            self.prefetcher.drain()
         return self.cache.device_table()[layer][indices]
 
     def commit(self, used: list[tuple[int, np.ndarray]], hit: bool) -> None:

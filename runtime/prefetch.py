@@ -12,7 +12,8 @@ The guarantees:
   hit), nor a slot a read is still writing; wrong guesses are demoted to least recently used once the real
   routing is known, so they are the next slots reused;
 * the demand path never hands out a slot a background read is still writing (`busy`), and waits for the
-  reads of the records it uses before they are computed with;
+  reads of the records it uses before they are computed with; the optimistic path (a device-side slot
+  table, no host round trip) drains every read first, since a kernel may look up any resident record;
 * a failed background read leaves its slot marked empty (the demand read then reads it again and reports
   the error there, if the record is needed at all).
 
@@ -99,14 +100,14 @@ class Prefetcher:
         else:
             self.needed[layer] += len(want)
             self.hits[layer] += len(want & guess)
-        for e in want & guess:
+        for e in want:  # every wanted record a background read is writing (this guess's or an older one's)
             s = int(row[e])
             job = self._inflight.get(s)
             if job is None or job[:2] != (layer, e):
-                if s >= 0:
+                if s >= 0 and e in guess:
                     self.ready[layer] += 1  # resident, or read and reaped already
                 continue
-            if job[2].done():
+            if job[2].done() and e in guess:
                 self.ready[layer] += 1
             job[2].exception()  # wait; a failure is handled by _reap (the demand path re-reads it)
         self._reap()

@@ -323,3 +323,54 @@ def test_prefetch_flag(monkeypatch):
     assert runtime_config_from_args(p.parse_args([]), environ={}).prefetch == "auto"
     with pytest.raises(SystemExit):
         p.parse_args(["--prefetch", "maybe"])
+
+
+def test_a_wanted_record_still_being_read_is_waited_for(bundles):
+    """A wrong guess still being read when a later step does want that record (no guess of its own this
+    time): the demand path waits for the read instead of trusting a half-written slot."""
+    import threading
+
+    bundle = Bundle.open(bundles[4])
+    cfg = bundle.config
+    E, K = cfg.num_experts, cfg.num_experts_per_tok
+    reader = ExpertReader(bundle, io="pread")
+    cache = ExpertCache(reader.info, 4 * K, cfg.num_hidden_layers, E)
+    pf = Prefetcher(reader, cache, workers=1)
+    gate = threading.Event()
+    real_read = reader.read
+
+    def slow_read(*a, **kw):
+        gate.wait(10)
+        return real_read(*a, **kw)
+
+    reader.read = slow_read
+    try:
+        pf.start(1, [0])
+        pf.settle(1, [1])  # wrong: the read of expert 0 goes on
+        timer = threading.Timer(0.3, gate.set)
+        timer.start()
+        t0 = time.perf_counter()
+        busy = pf.settle(1, [0])  # the next step wants expert 0, guessed by nobody
+        assert time.perf_counter() - t0 > 0.2 and not busy
+        assert reader.reads[(1, 0)] == 1 and cache.table[1][0] >= 0
+        timer.join()
+    finally:
+        gate.set()
+        pf.close()
+        reader.close()
+
+
+def test_prefetch_with_optimistic_decode_keeps_greedy_tokens(bundles, corpus_ids):
+    """A cache large enough for optimistic decode (runtime/pipeline.py): steps that miss are run again the
+    ordinary way, with prefetch; the engine's greedy tokens are those of prefetch off."""
+    import flashmoe
+
+    got = {}
+    for mode in ("off", "on"):
+        model, tok = flashmoe.load(bundles[4], slots=64, prefetch=mode)
+        assert model.experts.optimistic
+        got[mode] = [c.token for c in flashmoe.generate(model, tok, prompt_of(corpus_ids, 12), max_tokens=16)]
+        if mode == "on":
+            assert sum(model.experts.prefetcher.needed.values()) > 0  # some steps missed and were rerun
+        model.experts.close()
+    assert got["on"] == got["off"]
