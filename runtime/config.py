@@ -1,7 +1,8 @@
 """RuntimeConfig: every knob of the runtime in one object, resolved once by `flashmoe.load`.
 
 Library code never reads environment variables; the CLIs build a RuntimeConfig with `from_env` (which
-reads FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD) and their flags, and pass it down.
+reads FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD, FLASHMOE_PREFETCH) and their
+flags, and pass it down.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class RuntimeConfig:
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "RuntimeConfig":
-        """For CLIs only: FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD, then `overrides`
-        (flags; None means not given)."""
+        """For CLIs only: FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD,
+        FLASHMOE_PREFETCH, then `overrides` (flags; None means not given)."""
         env = os.environ if environ is None else environ
         kw: dict = {}
         if env.get("FLASHMOE_KERNELS", "").strip():
@@ -74,6 +75,8 @@ class RuntimeConfig:
             kw["dtype"] = env["FLASHMOE_DTYPE"].strip()
         if env.get("FLASHMOE_UPLOAD", "").strip():
             kw["upload"] = env["FLASHMOE_UPLOAD"].strip().lower()
+        if env.get("FLASHMOE_PREFETCH", "").strip():
+            kw["prefetch"] = env["FLASHMOE_PREFETCH"].strip().lower()
         gb = env.get("FLASHMOE_GPU_CACHE_GB", "").strip()
         if gb:
             try:

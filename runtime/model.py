@@ -425,13 +425,14 @@ class Model(nn.Module):
     def _prefetch(self, layer: int, x: mx.array, stats: Stats) -> None:
         """Speculative prefetch (runtime/prefetch.py): layer `layer`'s router on the state leaving the layer
         before names the records to read while `layer`'s attention runs (decode steps of a few rows)."""
-        if getattr(self.experts, "prefetcher", None) is None or x.shape[0] * x.shape[1] > MAX_GUESS_ROWS:
+        nxt = self.layers[layer]
+        # no guess where a tool replaced the block's routing (the bench's synthetic routers): its own router
+        # then says nothing about the routes taken
+        if getattr(self.experts, "prefetcher", None) is None or x.shape[0] * x.shape[1] > MAX_GUESS_ROWS \
+                or "route" in vars(nxt.mlp):
             return
         t0 = time.perf_counter()
-        nxt = self.layers[layer]
-        # the block's own router, not a replacement a tool installed on the instance (bench's synthetic
-        # routers draw one route per call)
-        inds, _ = SparseMoeBlock.route(nxt.mlp, nxt.post_attention_layernorm(x).reshape(-1, x.shape[-1]))
+        inds, _ = nxt.mlp.route(nxt.post_attention_layernorm(x).reshape(-1, x.shape[-1]))
         self.experts.prefetch(layer, inds)
         stats.routing += time.perf_counter() - t0
 

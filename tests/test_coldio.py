@@ -321,6 +321,8 @@ def test_prefetch_flag(monkeypatch):
     add_runtime_flags(p)
     assert runtime_config_from_args(p.parse_args(["--prefetch", "on"]), environ={}).prefetch == "on"
     assert runtime_config_from_args(p.parse_args([]), environ={}).prefetch == "auto"
+    assert runtime_config_from_args(p.parse_args([]), environ={"FLASHMOE_PREFETCH": "off"}).prefetch == "off"
+    assert runtime_config_from_args(p.parse_args(["--prefetch", "on"]), environ={"FLASHMOE_PREFETCH": "off"}).prefetch == "on"
     with pytest.raises(SystemExit):
         p.parse_args(["--prefetch", "maybe"])
 
@@ -374,3 +376,28 @@ def test_prefetch_with_optimistic_decode_keeps_greedy_tokens(bundles, corpus_ids
             assert sum(model.experts.prefetcher.needed.values()) > 0  # some steps missed and were rerun
         model.experts.close()
     assert got["on"] == got["off"]
+
+
+def test_no_guess_where_a_tool_replaced_the_routing(bundles, corpus_ids):
+    """The bench's synthetic routers replace each block's `route`: the block's own router then says nothing
+    about the routes taken, so nothing is guessed (and the tool's router is not asked an extra time)."""
+    import mlx.core as mx
+
+    import flashmoe
+
+    model, _ = flashmoe.load(bundles[4], prefetch="on")
+    calls = []
+    for layer in model.layers:
+        mlp = layer.mlp
+
+        def route(x, _mlp=mlp):
+            calls.append(_mlp.layer)
+            return type(_mlp).route(_mlp, x)
+
+        object.__setattr__(mlp, "route", route)
+    cache = model.make_cache()
+    for t in prompt_of(corpus_ids, 4):
+        model(mx.array([[t]]), cache)
+    assert calls == list(range(len(model.layers))) * 4  # once per layer and token: only the real routing
+    assert sum(model.experts.prefetcher.prefetched.values()) == 0
+    model.experts.close()
