@@ -112,7 +112,7 @@ class RoutedExperts:
         # bool [E]: experts this process applies (None: all)
         self.owned = None if self.shard is None else self.shard.mask(cfg.num_experts)
         # speculative prefetch of the next layer's records (runtime/prefetch.py), None when off
-        self.prefetcher = Prefetcher(self.reader, self.cache) if prefetch_wanted(
+        self.prefetcher = Prefetcher(self.reader, self.cache, cfg.num_experts_per_tok) if prefetch_wanted(
             config.prefetch, gpu_backend(), n, cfg.num_experts_per_tok, cfg.num_hidden_layers,
             self.shard is not None) else None
 
@@ -160,11 +160,12 @@ class RoutedExperts:
             self.prefetcher.drain()
         self.cache.clear()
 
-    def prefetch(self, layer: int, indices: mx.array) -> None:
-        """The model's guess of `layer`'s expert ids [T, K] (its router on the state leaving the layer
-        before): read them in the background."""
+    def prefetch(self, layer: int, indices: mx.array, scores: mx.array) -> None:
+        """The model's guess of `layer`'s expert ids [T, K] and their router scores (its router on the state
+        leaving the layer before): read them in the background, the most likely first."""
         if self.prefetcher is not None:
-            self.prefetcher.start(layer, np.array(indices))
+            ids, sc = np.array(indices), np.array(scores.astype(mx.float32))
+            self.prefetcher.start(layer, ids.reshape(-1)[np.argsort(-sc.reshape(-1), kind="stable")])
 
     # ---- apply ------------------------------------------------------------------------------
     def apply(self, x, slot_ids, scores):

@@ -432,8 +432,8 @@ class Model(nn.Module):
                 or "route" in vars(nxt.mlp):
             return
         t0 = time.perf_counter()
-        inds, _ = nxt.mlp.route(nxt.post_attention_layernorm(x).reshape(-1, x.shape[-1]))
-        self.experts.prefetch(layer, inds)
+        inds, scores = nxt.mlp.route(nxt.post_attention_layernorm(x).reshape(-1, x.shape[-1]))
+        self.experts.prefetch(layer, inds, scores)
         stats.routing += time.perf_counter() - t0
 
     def __call__(self, ids: mx.array, cache: Cache, last_only: bool = False, lookups: list | None = None) -> mx.array:

@@ -49,10 +49,14 @@ def prefetch_wanted(mode: str, gpu: str | None, slots: int, k: int, num_layers: 
 class Prefetcher:
     """Background reads of guessed (layer, expert) records into the cache's slots, for one reader+cache."""
 
-    def __init__(self, reader, cache, workers: int | None = None):
+    def __init__(self, reader, cache, k: int, workers: int | None = None):
         self.reader = reader
         self.cache = cache
-        self.pool = ThreadPoolExecutor(max_workers=workers or reader.threads, thread_name_prefix="flashmoe-prefetch")
+        # few reads at once (the disk's queue is kept busy by a handful; the pinned path splits each record
+        # over the reader's pool), so that the less likely guesses are still queued, and dropped, when the
+        # real routing comes
+        self.pool = ThreadPoolExecutor(max_workers=workers or max(1, min(k, reader.threads) // 2),
+                                       thread_name_prefix="flashmoe-prefetch")
         self._inflight: dict[int, tuple[int, int, Future]] = {}  # slot -> (layer, expert, its read)
         self._guess: dict[int, set[int]] = {}  # layer -> experts of the latest guess for it
         # per layer: experts the real routing asked for, of those how many were guessed (hits), how many of
@@ -61,6 +65,7 @@ class Prefetcher:
         self.hits: Counter = Counter()
         self.ready: Counter = Counter()
         self.prefetched: Counter = Counter()
+        self.dropped: Counter = Counter()  # guesses still queued when the real routing came
 
     def busy(self) -> set[int]:
         """Slots a background read is still writing (finished reads are settled first)."""
@@ -76,9 +81,9 @@ class Prefetcher:
                     self.cache.invalidate([s])
 
     def start(self, layer: int, experts) -> None:
-        """Read the guessed `experts` of `layer` in the background (those not resident, into slots that hold
-        no record of `layer` and that no read is writing)."""
-        guess = sorted(set(int(e) for e in np.asarray(experts).reshape(-1)))
+        """Read the guessed `experts` of `layer` (most likely first) in the background: those not resident,
+        into slots that hold no record of `layer` and that no read is writing."""
+        guess = list(dict.fromkeys(int(e) for e in np.asarray(experts).reshape(-1)))
         self._guess[layer] = set(guess)
         avoid = self.busy() | self.cache.resident_slots(layer)
         _, to_read, slots = self.cache.place(layer, guess, avoid=avoid)
@@ -95,6 +100,11 @@ class Prefetcher:
         guess = self._guess.pop(layer, None)
         row = self.cache.table[layer]
         want = set(experts)
+        for s, (_, _, fu) in list(self._inflight.items()):  # not started yet: dropped (wanted ones are
+            if fu.cancel():  # read on demand below, over the reader's whole pool)
+                del self._inflight[s]
+                self.cache.invalidate([s])
+                self.dropped[layer] += 1
         if guess is None:  # nothing guessed for this step's layer (layer 0, a prefill)
             guess = set()
         else:
