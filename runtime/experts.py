@@ -9,6 +9,10 @@ For each MoE layer the model routes first, then calls `RoutedExperts(layer, x, i
   3. a pure function applies them: `flashmoe.metal.dispatch.expert_block(x, weights, slot_ids, scores)`
      (custom dequant-FMA kernels on a GPU, or MLX's gather_qmm / gather_mm built-ins).
 
+Speculative prefetch (runtime/prefetch.py, RuntimeConfig.prefetch): after layer L the model hands over
+layer L+1's router guess (`prefetch`); its records are read in the background while L+1's attention runs,
+and step 2 first waits for the guessed records it uses (`Prefetcher.settle`), reading the rest as before.
+
 When a step needs more distinct experts than there are slots, the union is processed in groups of
 `slots` experts (still one read per expert), each group computing only the (token, expert) pairs it
 holds and accumulating into the output.
