@@ -88,7 +88,7 @@ class ExpertReader:
         self.reads: Counter = Counter()  # (layer, expert) -> times read
         self.syscalls = 0  # read system calls issued
         self.requested = 0  # bytes asked of the kernel (read lengths; bytes copied out of a mapping)
-        self._count_lock = threading.Lock()  # read() may run on several threads at once
+        self._lock = threading.Lock()  # read() may run on several threads at once
         self._staging: queue.SimpleQueue | None = None  # the uploader's free pinned buffers
         self.verifier = None  # optional: verifier(layer, expert, record bytes) after each read (integrity)
         self.uploader = None  # optional: a PinnedUploader (records staged in pinned memory, then copied)
@@ -142,7 +142,7 @@ class ExpertReader:
     def _preadv(self, f, expert: int, iov, at: int, want: int, where: int | None = None) -> None:
         """One read system call of `want` bytes at `at` into `iov`, counted, and checked whole."""
         got = os.preadv(f.fd, iov, at)
-        with self._count_lock:
+        with self._lock:
             self.syscalls += 1
             self.requested += want
         _check_read(f, expert, got, want, where)
@@ -175,12 +175,13 @@ class ExpertReader:
         if os.fstat(f.fd).st_size < base + size:
             raise BundleError(f"{f.path}: the file is shorter than its header says (truncated on disk); "
                               "re-run flashmoe-convert or flashmoe-pull to repair it")
-        mm = self.maps[layer]
-        if mm is None:
-            mm = mmap.mmap(f.fd, 0, access=mmap.ACCESS_READ)
-            if hasattr(mm, "madvise"):  # no fault read-around past the record: WILLNEED below asks for it all
-                mm.madvise(mmap.MADV_RANDOM)
-            self.maps[layer] = mm
+        with self._lock:  # one mapping per layer, whichever thread comes first
+            mm = self.maps[layer]
+            if mm is None:
+                mm = mmap.mmap(f.fd, 0, access=mmap.ACCESS_READ)
+                if hasattr(mm, "madvise"):  # no fault read-around past the record: WILLNEED asks for it all
+                    mm.madvise(mmap.MADV_RANDOM)
+                self.maps[layer] = mm
         if len(mm) < base + size:
             raise BundleError(f"{f.path}: the file is shorter than its header says (truncated on disk); "
                               "re-run flashmoe-convert or flashmoe-pull to repair it")
@@ -188,7 +189,7 @@ class ExpertReader:
             mm.madvise(mmap.MADV_WILLNEED, base, align_up(size, mmap.PAGESIZE))
         for dst, off in plan:
             np.copyto(dst, np.frombuffer(mm, np.uint8, count=dst.nbytes, offset=base + off))
-        with self._count_lock:
+        with self._lock:
             self.requested += size
         if hasattr(mm, "madvise"):  # drop the mapped pages from our RSS (the page cache keeps them)
             mm.madvise(mmap.MADV_DONTNEED, base, self.info.record_stride)
@@ -245,7 +246,7 @@ class ExpertReader:
             self._read_record(layer, experts[0], slots[0], cache)
         else:
             list(self.pool.map(lambda es: self._read_record(layer, es[0], es[1], cache), zip(experts, slots)))
-        with self._count_lock:
+        with self._lock:
             for e in experts:
                 self.reads[(layer, e)] += 1
             if self.stats is not None:
@@ -261,7 +262,7 @@ class ExpertReader:
         frees the buffer for the next record. The free buffers are the reader's, shared by concurrent
         calls."""
         up, size = self.uploader, self.info.record_size
-        with self._count_lock:
+        with self._lock:
             if self._staging is None:  # one pinned buffer per thread: ~108 MiB for the 397B
                 self._staging = queue.SimpleQueue()
                 for b in up.arena(self.threads, size):
