@@ -9,7 +9,7 @@ with the traceback when --debug (or FLASHMOE_DEBUG=1) is given. Environment vari
 and in each CLI's body, never deeper in the library.
 
 The flags every command that runs a model spells the same way:
-    add_runtime_flags   --io --kernels --gpu-cache-gb --upload --dtype --experts-per-token
+    add_runtime_flags   --io --kernels --gpu-cache-gb --upload --prefetch --dtype --experts-per-token
     add_engine_flags    --max-batch --memory-budget-gb --prompt-cache-gb
     add_sampling_flags  --max-tokens --temperature --top-p --top-k --seed --stop
 and runtime_config_from_args / engine_config_from_args / sampling_params_from_args turn them into a
@@ -82,7 +82,7 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
-    from flashmoe.runtime.config import DTYPES, IO_MODES, KERNELS, UPLOADS
+    from flashmoe.runtime.config import DTYPES, IO_MODES, KERNELS, PREFETCH_MODES, UPLOADS
 
     g = parser.add_argument_group("runtime")
     g.add_argument("--io", choices=IO_MODES, default=None,
@@ -96,6 +96,9 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--upload", choices=UPLOADS, default=None,
                    help="how records reach a CUDA GPU: pinned host staging, direct, or auto "
                         "(default: $FLASHMOE_UPLOAD or auto: pinned on CUDA, else direct)")
+    g.add_argument("--prefetch", choices=PREFETCH_MODES, default=None,
+                   help="speculative expert prefetch: read the next layer's likely experts while this one "
+                        "computes (default auto: on with a CUDA GPU expert cache, else off)")
     g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="activation dtype (default: $FLASHMOE_DTYPE, else float32 on the CPU and the bundle's "
                         "dtype on a GPU)")
@@ -109,7 +112,8 @@ def runtime_config_from_args(args: argparse.Namespace, environ=None):
     from flashmoe.runtime.config import RuntimeConfig
 
     return RuntimeConfig.from_env(environ, io=args.io, kernels=args.kernels, gpu_cache_gb=args.gpu_cache_gb,
-                                  upload=args.upload, dtype=args.dtype, experts_per_token=args.experts_per_token)
+                                  upload=args.upload, dtype=args.dtype, experts_per_token=args.experts_per_token,
+                                  prefetch=args.prefetch)
 
 
 def _max_batch(s: str) -> int | None:

@@ -1,7 +1,8 @@
 """RuntimeConfig: every knob of the runtime in one object, resolved once by `flashmoe.load`.
 
 Library code never reads environment variables; the CLIs build a RuntimeConfig with `from_env` (which
-reads FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD) and their flags, and pass it down.
+reads FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD, FLASHMOE_PREFETCH) and their
+flags, and pass it down.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ IO_MODES = ("pread", "mmap", "direct")
 UPLOADS = ("auto", "direct", "pinned")
 KERNELS = ("auto", "builtin", "custom")
 DTYPES = ("float32", "bfloat16", "float16")
+PREFETCH_MODES = ("off", "on", "auto")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class RuntimeConfig:
     # how records reach a CUDA GPU's expert cache: pinned (staged in pinned host memory, copied by the copy
     # engine), direct (read straight into MLX's managed memory), auto (pinned on CUDA, else direct)
     upload: str = "auto"
+    # speculative prefetch (runtime/prefetch.py): layer L+1's router on the state leaving layer L names the
+    # records to read while L+1's attention runs; auto: on for a CUDA GPU expert cache holding a token's
+    # records for every layer, off on unified memory and across ranks (prefetch.prefetch_wanted)
+    prefetch: str = "auto"
 
     def check(self) -> "RuntimeConfig":
         if self.io not in IO_MODES:
@@ -39,6 +45,8 @@ class RuntimeConfig:
             raise InputError(f"kernels {self.kernels!r} is unknown: choose one of {', '.join(KERNELS)}")
         if self.upload not in UPLOADS:
             raise InputError(f"upload {self.upload!r} is unknown: choose one of {', '.join(UPLOADS)}")
+        if self.prefetch not in PREFETCH_MODES:
+            raise InputError(f"prefetch {self.prefetch!r} is unknown: choose one of {', '.join(PREFETCH_MODES)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InputError(f"dtype {self.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
         if self.gpu_cache_gb is not None and (not math.isfinite(self.gpu_cache_gb) or self.gpu_cache_gb < 0):
@@ -54,8 +62,8 @@ class RuntimeConfig:
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "RuntimeConfig":
-        """For CLIs only: FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD, then `overrides`
-        (flags; None means not given)."""
+        """For CLIs only: FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD,
+        FLASHMOE_PREFETCH, then `overrides` (flags; None means not given)."""
         env = os.environ if environ is None else environ
         kw: dict = {}
         if env.get("FLASHMOE_KERNELS", "").strip():
@@ -67,6 +75,8 @@ class RuntimeConfig:
             kw["dtype"] = env["FLASHMOE_DTYPE"].strip()
         if env.get("FLASHMOE_UPLOAD", "").strip():
             kw["upload"] = env["FLASHMOE_UPLOAD"].strip().lower()
+        if env.get("FLASHMOE_PREFETCH", "").strip():
+            kw["prefetch"] = env["FLASHMOE_PREFETCH"].strip().lower()
         gb = env.get("FLASHMOE_GPU_CACHE_GB", "").strip()
         if gb:
             try:

@@ -67,16 +67,18 @@ class ExpertCache:
         return sum(a.nbytes for a in self._storage)
 
     # ---- residency ------------------------------------------------------------------------
-    def place(self, layer: int, experts: list[int]) -> tuple[np.ndarray, list[int], list[int]]:
+    def place(self, layer: int, experts: list[int], avoid=frozenset()) -> tuple[np.ndarray, list[int], list[int]]:
         """Slots for `experts` of `layer` (at most `slots` of them): resident ones as they are, the
-        others assigned the least recently used slots this call does not need. Returns (slot of each,
-        experts to read, their slots); the caller reads them before using the slots."""
+        others assigned the least recently used slots this call does not need and `avoid` does not name
+        (slots a background read is still writing, records a prefetch must not displace). Returns (slot of
+        each, -1 where no slot was free; experts to read, their slots); the caller reads them before using
+        the slots."""
         row = self.table[layer]
         slot_of = row[np.asarray(experts, np.int64)].astype(np.int64)
         miss = np.flatnonzero(slot_of < 0)
         to_read, read_slots = [], []
         if len(miss):
-            keep = set(slot_of[slot_of >= 0].tolist())
+            keep = set(slot_of[slot_of >= 0].tolist()) | set(avoid)
             victims = [s for s in self.lru if s not in keep][: len(miss)]
             for i, s in zip(miss.tolist(), victims):
                 old = self.owner[s]
@@ -90,7 +92,8 @@ class ExpertCache:
                 read_slots.append(s)
             self._device_table = None
         for s in slot_of.tolist():
-            self.lru.move_to_end(s)
+            if s >= 0:
+                self.lru.move_to_end(s)
         return slot_of, to_read, read_slots
 
     def touch(self, layer: int, experts: list[int]) -> None:
@@ -98,6 +101,16 @@ class ExpertCache:
         for s in self.table[layer][np.asarray(experts, np.int64)].tolist():
             if s >= 0:
                 self.lru.move_to_end(s)
+
+    def resident_slots(self, layer: int) -> set[int]:
+        """The slots holding records of `layer`."""
+        row = self.table[layer]
+        return set(row[row >= 0].tolist())
+
+    def demote(self, slots) -> None:
+        """Make `slots` the least recently used (the next to be reused): records read on a wrong guess."""
+        for s in slots:
+            self.lru.move_to_end(s, last=False)
 
     def invalidate(self, slots: list[int]) -> None:
         """Mark slots empty (e.g. after a failed read), so nothing trusts their bytes."""

@@ -9,6 +9,10 @@ For each MoE layer the model routes first, then calls `RoutedExperts(layer, x, i
   3. a pure function applies them: `flashmoe.metal.dispatch.expert_block(x, weights, slot_ids, scores)`
      (custom dequant-FMA kernels on a GPU, or MLX's gather_qmm / gather_mm built-ins).
 
+Speculative prefetch (runtime/prefetch.py, RuntimeConfig.prefetch): after layer L the model hands over
+layer L+1's router guess (`prefetch`); its records are read in the background while L+1's attention runs,
+and step 2 first waits for the guessed records it uses (`Prefetcher.settle`), reading the rest as before.
+
 When a step needs more distinct experts than there are slots, the union is processed in groups of
 `slots` experts (still one read per expert), each group computing only the (token, expert) pairs it
 holds and accumulating into the output.
@@ -31,6 +35,7 @@ from flashmoe.format import Bundle, BundleError, InputError
 
 from .config import RuntimeConfig
 from .expert_cache import ExpertCache
+from .prefetch import Prefetcher, prefetch_wanted
 from .reader import ExpertReader
 
 DEFAULT_SLOTS = 32  # records held at once on unified memory; 32 x 6.75 MiB = 216 MiB for the 397B at 4 bits
@@ -110,6 +115,10 @@ class RoutedExperts:
         self.optimistic_hits = self.optimistic_misses = 0
         # bool [E]: experts this process applies (None: all)
         self.owned = None if self.shard is None else self.shard.mask(cfg.num_experts)
+        # speculative prefetch of the next layer's records (runtime/prefetch.py), None when off
+        self.prefetcher = Prefetcher(self.reader, self.cache, cfg.num_experts_per_tok) if prefetch_wanted(
+            config.prefetch, gpu_backend(), n, cfg.num_experts_per_tok, cfg.num_hidden_layers,
+            self.shard is not None) else None
 
     def _open_uploader(self, upload: str, gpu: str | None) -> str:
         """Give the reader a PinnedUploader where records must cross to a discrete GPU. Returns the mode
@@ -151,7 +160,16 @@ class RoutedExperts:
         return self.reader.io
 
     def clear_cache(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
         self.cache.clear()
+
+    def prefetch(self, layer: int, indices: mx.array, scores: mx.array) -> None:
+        """The model's guess of `layer`'s expert ids [T, K] and their router scores (its router on the state
+        leaving the layer before): read them in the background, the most likely first."""
+        if self.prefetcher is not None:
+            ids, sc = np.array(indices), np.array(scores.astype(mx.float32))
+            self.prefetcher.start(layer, ids.reshape(-1)[np.argsort(-sc.reshape(-1), kind="stable")])
 
     # ---- apply ------------------------------------------------------------------------------
     def apply(self, x, slot_ids, scores):
@@ -165,6 +183,8 @@ class RoutedExperts:
     def lookup(self, layer: int, indices: mx.array) -> mx.array:
         """Lazy slot ids [T, K] of the selected experts in the device-side slot table, -1 where an expert is
         not resident (then the step is void and runs again the ordinary way)."""
+        if self.prefetcher is not None:  # the table names records still being read in the background
+            self.prefetcher.drain()
         return self.cache.device_table()[layer][indices]
 
     def commit(self, used: list[tuple[int, np.ndarray]], hit: bool) -> None:
@@ -178,7 +198,8 @@ class RoutedExperts:
         self.optimistic_hits += 1
 
     def _load(self, layer: int, experts: list[int]) -> np.ndarray:
-        slot_of, to_read, read_slots = self.cache.place(layer, experts)
+        busy = self.prefetcher.settle(layer, experts) if self.prefetcher is not None else set()
+        slot_of, to_read, read_slots = self.cache.place(layer, experts, avoid=busy)
         try:
             self.reader.read(layer, to_read, read_slots, self.cache)
         except BaseException:
@@ -224,7 +245,7 @@ class RoutedExperts:
                 stats.expert_compute += time.perf_counter() - t0
             return y
         # more distinct experts than slots: groups of `slots` experts, each pair computed exactly once
-        self.cache.clear()  # the groups overwrite slots in order
+        self.clear_cache()  # the groups overwrite slots in order
         y = mx.zeros(x.shape, x.dtype)
         n = self.cache.slots
         for g0 in range(0, len(union), n):
@@ -243,4 +264,6 @@ class RoutedExperts:
         return y
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.reader.close()

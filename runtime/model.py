@@ -37,6 +37,7 @@ from flashmoe.format import TextConfig
 from . import pipeline
 from .cache import Cache, KVCache, LinearCache
 from .integrity import check_finite, nonfinite
+from .prefetch import MAX_GUESS_ROWS
 
 # ----------------------------------------------------------------------------------------------
 # stats: wall time per stage. Stages are only separable when we synchronise at their ends, so the
@@ -421,6 +422,20 @@ class Model(nn.Module):
         -> logits [B, 1, V], evaluated and checked."""
         return pipeline.decode(self, ids, cache)
 
+    def _prefetch(self, layer: int, x: mx.array, stats: Stats) -> None:
+        """Speculative prefetch (runtime/prefetch.py): layer `layer`'s router on the state leaving the layer
+        before names the records to read while `layer`'s attention runs (decode steps of a few rows)."""
+        nxt = self.layers[layer]
+        # no guess where a tool replaced the block's routing (the bench's synthetic routers): its own router
+        # then says nothing about the routes taken
+        if getattr(self.experts, "prefetcher", None) is None or x.shape[0] * x.shape[1] > MAX_GUESS_ROWS \
+                or "route" in vars(nxt.mlp):
+            return
+        t0 = time.perf_counter()
+        inds, scores = nxt.mlp.route(nxt.post_attention_layernorm(x).reshape(-1, x.shape[-1]))
+        self.experts.prefetch(layer, inds, scores)
+        stats.routing += time.perf_counter() - t0
+
     def __call__(self, ids: mx.array, cache: Cache, last_only: bool = False, lookups: list | None = None) -> mx.array:
         if self.experts is None:
             raise RuntimeError("Model.experts is not set; load the model with flashmoe.load")
@@ -435,8 +450,10 @@ class Model(nn.Module):
             if ids.shape[1] != 1 or step.valid is not None:
                 raise ValueError("optimistic lookups are for decode steps (one real token per row)")
             step.lookups = lookups
-        for layer, c in zip(self.layers, cache.layers):
+        for i, (layer, c) in enumerate(zip(self.layers, cache.layers)):
             x = layer(x, c, self.experts, stats, step)
+            if i + 1 < len(self.layers) and step.lookups is None and step.valid is None:
+                self._prefetch(i + 1, x, stats)
         cache.offset += ids.shape[1]
         t0 = time.perf_counter()
         if last_only:

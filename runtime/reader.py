@@ -10,17 +10,27 @@ slot's components lie (`cache.destinations(slot)`); the reader owns every I/O pl
   (MADV_DONTNEED), so RSS stays bounded.
 * `direct`: reads that bypass the page cache (O_DIRECT on Linux, F_NOCACHE on macOS; format.ExpertFile),
   for machines whose page cache thrashes and for measuring the disk-bound regime. Every read is aligned
-  (buffer address, file offset and length multiples of RECORD_ALIGN, which the bundle guarantees for
-  record starts and strides): whole strides into a per-thread aligned buffer, checked there, then copied
-  into the slot.
+  (buffer address, file offset and length multiples of DIRECT_BLOCK; the bundle aligns record starts to
+  RECORD_ALIGN): the record up to its last 4 KiB block into a per-thread aligned buffer, checked there,
+  then copied into the slot.
 
 When a layer's read set holds at least `sequential` (default half) of its experts, pread and direct read
 the layer file in large sequential pieces (up to SEQ_PIECE bytes of consecutive records, one call each)
 instead of one call per record, and scatter the wanted records from there. With an `uploader`
 (upload.py; MLX's CUDA backend) a record is read into the thread's pinned buffer instead and copied to
 the slot by the GPU's copy engine. Every record read is counted per (layer, expert) (`reads`), and every
-read system call (`syscalls`), which is how tests prove that a step reads each record at most once and
-that sequential pieces need fewer calls.
+read system call (`syscalls`) and every byte asked of the kernel (`requested`), which is how tests prove
+that a step reads each record at most once, that sequential pieces need fewer calls, and that no mode reads
+more than the records it was asked for (tests/test_coldio.py).
+
+No over-read: the buffered modes turn the kernel's readahead off for the layer files (POSIX_FADV_RANDOM,
+MADV_RANDOM on the mapping). Readahead guesses a sequential stream; ours is random records, and the
+pinned path's 1 MiB pieces of one record look sequential, so each record pulled up to a readahead window
+of the next record with it (measured here on cold files: +10% bytes from disk for pread, +68% for the
+pinned path on the 35B shape; +16-20% on the H100/H200 397B runs). Sequential pieces cover runs of
+consecutive wanted records only (never a record nobody asked for), and direct reads end at the record's
+last 4 KiB block, not at its stride. `read` may be called from several threads at once (the prefetcher,
+runtime/prefetch.py, reads in the background while the model asks for records).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ STAGE_CHUNK = 1 << 20  # pinned-path read size: a 6.75 MiB record is 7 requests 
 STAGED_THREADS = 16
 SEQUENTIAL_FRACTION = 0.5  # a layer read set this dense is read in sequential pieces
 SEQ_PIECE = 8 << 20  # bytes of consecutive records per sequential read (at least one record)
+DIRECT_BLOCK = 4096  # O_DIRECT length granularity: a multiple of every disk's logical block (512 B / 4 KiB)
 
 
 def _check_read(f, expert: int, got: int, want: int, at: int | None = None) -> None:
@@ -65,6 +76,9 @@ class ExpertReader:
         self.info = bundle.expert_info(0)
         # layer files: headers checked now, so a corrupt bundle fails at load, not mid-generation
         self.files = [bundle.expert_file(layer, direct=io == "direct") for layer in range(cfg.num_hidden_layers)]
+        if io != "direct" and hasattr(os, "posix_fadvise"):  # no readahead past the records we ask for
+            for f in self.files:
+                os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_RANDOM)
         self.maps: list[mmap.mmap | None] = [None] * len(self.files)
         self.threads = threads or min(16, max(4, cfg.num_experts_per_tok))
         self._threads_given = threads is not None
@@ -73,6 +87,9 @@ class ExpertReader:
         self.sequential = sequential
         self.reads: Counter = Counter()  # (layer, expert) -> times read
         self.syscalls = 0  # read system calls issued
+        self.requested = 0  # bytes asked of the kernel (read lengths; bytes copied out of a mapping)
+        self._lock = threading.Lock()  # read() may run on several threads at once
+        self._staging: queue.SimpleQueue | None = None  # the uploader's free pinned buffers
         self.verifier = None  # optional: verifier(layer, expert, record bytes) after each read (integrity)
         self.uploader = None  # optional: a PinnedUploader (records staged in pinned memory, then copied)
         comps = sorted(self.info.components, key=lambda c: c.offset)
@@ -122,26 +139,33 @@ class ExpertReader:
             np.copyto(dst, rec[off : off + dst.nbytes])
 
     # ---- reads -------------------------------------------------------------------------------
-    def _read_record(self, layer: int, expert: int, slot: int, cache) -> int:
-        """Read one record into its slot; returns the read system calls it took."""
+    def _preadv(self, f, expert: int, iov, at: int, want: int, where: int | None = None) -> None:
+        """One read system call of `want` bytes at `at` into `iov`, counted, and checked whole."""
+        got = os.preadv(f.fd, iov, at)
+        with self._lock:
+            self.syscalls += 1
+            self.requested += want
+        _check_read(f, expert, got, want, where)
+
+    def _read_record(self, layer: int, expert: int, slot: int, cache) -> None:
+        """Read one record into its slot."""
         f = self.files[layer]
         base = f.offset(expert)
         size = self.info.record_size
         if self.io == "pread":
-            _check_read(f, expert, os.preadv(f.fd, self._iov(cache, slot), base), size)
+            self._preadv(f, expert, self._iov(cache, slot), base, size)
             if self.verifier is not None:
                 self.verifier(layer, expert, self._image(cache, slot))
-            return 1
+            return
         if self.io == "mmap":
             self._copy_from_map(layer, expert, cache.destinations(slot))
             if self.verifier is not None:
                 self.verifier(layer, expert, self._image(cache, slot))
-            return 0
-        stride = self.info.record_stride  # direct: the whole aligned stride
-        buf = self._buffer(stride)[:stride]
-        _check_read(f, expert, os.preadv(f.fd, [memoryview(buf)], base), stride)
+            return
+        n = align_up(size, DIRECT_BLOCK)  # direct: aligned, up to the record's last block (not its stride)
+        buf = self._buffer(n)[:n]
+        self._preadv(f, expert, [memoryview(buf)], base, n)
         self._deliver(layer, expert, buf[:size], cache, slot)
-        return 1
 
     def _copy_from_map(self, layer: int, expert: int, plan) -> None:
         f = self.files[layer]
@@ -151,44 +175,50 @@ class ExpertReader:
         if os.fstat(f.fd).st_size < base + size:
             raise BundleError(f"{f.path}: the file is shorter than its header says (truncated on disk); "
                               "re-run flashmoe-convert or flashmoe-pull to repair it")
-        mm = self.maps[layer]
-        if mm is None:
-            mm = self.maps[layer] = mmap.mmap(f.fd, 0, access=mmap.ACCESS_READ)
+        with self._lock:  # one mapping per layer, whichever thread comes first
+            mm = self.maps[layer]
+            if mm is None:
+                mm = mmap.mmap(f.fd, 0, access=mmap.ACCESS_READ)
+                if hasattr(mm, "madvise"):  # no fault read-around past the record: WILLNEED asks for it all
+                    mm.madvise(mmap.MADV_RANDOM)
+                self.maps[layer] = mm
         if len(mm) < base + size:
             raise BundleError(f"{f.path}: the file is shorter than its header says (truncated on disk); "
                               "re-run flashmoe-convert or flashmoe-pull to repair it")
         if hasattr(mm, "madvise"):  # one readahead request for the whole record instead of a fault per page
-            mm.madvise(mmap.MADV_WILLNEED, base, self.info.record_stride)
+            mm.madvise(mmap.MADV_WILLNEED, base, align_up(size, mmap.PAGESIZE))
         for dst, off in plan:
             np.copyto(dst, np.frombuffer(mm, np.uint8, count=dst.nbytes, offset=base + off))
+        with self._lock:
+            self.requested += size
         if hasattr(mm, "madvise"):  # drop the mapped pages from our RSS (the page cache keeps them)
             mm.madvise(mmap.MADV_DONTNEED, base, self.info.record_stride)
 
     def _pieces(self, experts: list[int], slots: list[int]) -> list[list[tuple[int, int]]]:
-        """(expert, slot) pairs in file order, grouped into sequential pieces of at most SEQ_PIECE bytes
-        (at least one record each)."""
+        """(expert, slot) pairs in file order, grouped into sequential pieces: runs of consecutive experts
+        (no record in between that nobody asked for), at most SEQ_PIECE bytes (at least one record) each."""
         per = max(1, SEQ_PIECE // self.info.record_stride)
         pieces: list[list[tuple[int, int]]] = []
         for e, s in sorted(zip(experts, slots)):
-            if pieces and e - pieces[-1][0][0] < per:
+            if pieces and e == pieces[-1][-1][0] + 1 and e - pieces[-1][0][0] < per:
                 pieces[-1].append((e, s))
             else:
                 pieces.append([(e, s)])
         return pieces
 
-    def _read_piece_of_records(self, layer: int, piece: list[tuple[int, int]], cache) -> int:
-        """One read of the records from the piece's first to its last (whole strides, so it is aligned
-        for direct I/O too), then each wanted record checked and copied into its slot."""
+    def _read_piece_of_records(self, layer: int, piece: list[tuple[int, int]], cache) -> None:
+        """One read of the run of records from the piece's first to its last (strides, then the last record
+        up to its last 4 KiB block, so it is aligned for direct I/O too), then each record checked and
+        copied into its slot."""
         f = self.files[layer]
         stride, size = self.info.record_stride, self.info.record_size
         first = piece[0][0]
-        n = (piece[-1][0] - first + 1) * stride
+        n = (piece[-1][0] - first) * stride + align_up(size, DIRECT_BLOCK)
         buf = self._buffer(n)[:n]
-        _check_read(f, first, os.preadv(f.fd, [memoryview(buf)], f.offset(first)), n)
+        self._preadv(f, first, [memoryview(buf)], f.offset(first), n)
         for e, s in piece:
             o = (e - first) * stride
             self._deliver(layer, e, buf[o : o + size], cache, s)
-        return 1
 
     def attach_uploader(self, uploader) -> None:
         """Stage every read through `uploader` (a PinnedUploader). Unless the thread count was given, the
@@ -200,55 +230,60 @@ class ExpertReader:
             self.threads = STAGED_THREADS
             self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="flashmoe-io")
 
-    def read(self, layer: int, experts: list[int], slots: list[int], cache) -> None:
-        """Read records `experts` of `layer` into `slots` of `cache` (an ExpertCache), in parallel."""
+    def read(self, layer: int, experts: list[int], slots: list[int], cache, timed: bool = True) -> None:
+        """Read records `experts` of `layer` into `slots` of `cache` (an ExpertCache), in parallel. Safe to
+        call from several threads at once (for different slots). `timed=False` (a background prefetch):
+        the time is not added to stats.expert_io, which counts time the model waited for reads."""
         if not experts:
             return
         t0 = time.perf_counter()
         if self.uploader is not None:
-            calls = self._read_staged(layer, experts, slots, cache)
+            self._read_staged(layer, experts, slots, cache)
         elif self.io != "mmap" and len(experts) > 1 and len(experts) >= self.sequential * self.info.num_experts:
             pieces = self._pieces(experts, slots)
-            calls = sum(self.pool.map(lambda p: self._read_piece_of_records(layer, p, cache), pieces))
+            list(self.pool.map(lambda p: self._read_piece_of_records(layer, p, cache), pieces))
         elif len(experts) == 1:
-            calls = self._read_record(layer, experts[0], slots[0], cache)
+            self._read_record(layer, experts[0], slots[0], cache)
         else:
-            calls = sum(self.pool.map(lambda es: self._read_record(layer, es[0], es[1], cache), zip(experts, slots)))
-        self.syscalls += calls
-        for e in experts:
-            self.reads[(layer, e)] += 1
-        if self.stats is not None:
-            self.stats.expert_io += time.perf_counter() - t0
-            self.stats.expert_bytes += len(experts) * self.info.record_size
-            self.stats.expert_reads += len(experts)
+            list(self.pool.map(lambda es: self._read_record(layer, es[0], es[1], cache), zip(experts, slots)))
+        with self._lock:
+            for e in experts:
+                self.reads[(layer, e)] += 1
+            if self.stats is not None:
+                if timed:
+                    self.stats.expert_io += time.perf_counter() - t0
+                self.stats.expert_bytes += len(experts) * self.info.record_size
+                self.stats.expert_reads += len(experts)
 
     def _read_staged(self, layer: int, experts: list[int], slots: list[int], cache) -> int:
         """The uploader's path: each record is read in STAGE_CHUNK pieces spread over the pool (so the disk
         sees as many requests in flight as there are threads, not one per record), into a pinned buffer of
         the arena; the thread finishing a record's last piece checks it and copies it to its slot, then
-        frees the buffer for the next record. Returns the read system calls it took."""
+        frees the buffer for the next record. The free buffers are the reader's, shared by concurrent
+        calls."""
         up, size = self.uploader, self.info.record_size
-        bufs = up.arena(self.threads, size)  # one pinned buffer per thread: ~108 MiB for the 397B
-        free: queue.SimpleQueue = queue.SimpleQueue()
-        for b in bufs:
-            free.put(b)
+        with self._lock:
+            if self._staging is None:  # one pinned buffer per thread: ~108 MiB for the 397B
+                self._staging = queue.SimpleQueue()
+                for b in up.arena(self.threads, size):
+                    self._staging.put(b)
+        free = self._staging
         pieces = [(off, min(STAGE_CHUNK, size - off)) for off in range(0, size, STAGE_CHUNK)]
         lock = threading.Lock()
         errors: list[BaseException] = []
 
         def piece(rec, off, n):
             e, s, buf, left, bad = rec
-            calls = 0
             try:
                 if not bad:
-                    calls = self._read_staged_piece(layer, e, buf, off, n)
+                    self._read_staged_piece(layer, e, buf, off, n)
             except BaseException as ex:  # noqa: BLE001 - re-raised by the caller below
                 bad.append(ex)
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
             if not last:
-                return calls
+                return
             try:
                 if bad:
                     raise bad[0]
@@ -261,7 +296,6 @@ class ExpertReader:
                     errors.append(ex)
             finally:
                 free.put(buf)
-            return calls
 
         futures = []
         for e, s in zip(experts, slots):
@@ -269,26 +303,25 @@ class ExpertReader:
                 break
             rec = (e, s, free.get(), [len(pieces)], [])
             futures += [self.pool.submit(piece, rec, off, n) for off, n in pieces]
-        calls = sum(fu.result() for fu in futures)
+        for fu in futures:
+            fu.result()
         if errors:
             raise errors[0]
-        return calls
 
-    def _read_staged_piece(self, layer: int, expert: int, buf, off: int, n: int) -> int:
+    def _read_staged_piece(self, layer: int, expert: int, buf, off: int, n: int) -> None:
         f = self.files[layer]
         base = f.offset(expert)
         if self.io == "pread":
-            _check_read(f, expert, os.preadv(f.fd, [memoryview(buf)[off : off + n]], base + off), n, off)
-            return 1
+            self._preadv(f, expert, [memoryview(buf)[off : off + n]], base + off, n, off)
+            return
         if self.io == "direct":  # aligned: STAGE_CHUNK and record starts are multiples of RECORD_ALIGN
-            m = align_up(n, RECORD_ALIGN)
+            m = align_up(n, DIRECT_BLOCK)
             tmp = self._buffer(m)[:m]
-            _check_read(f, expert, os.preadv(f.fd, [memoryview(tmp)], base + off), m, off)
+            self._preadv(f, expert, [memoryview(tmp)], base + off, m, off)
             buf[off : off + n] = tmp[:n]
-            return 1
+            return
         if off == 0:  # mmap: the whole record in its first piece's task
             self._copy_from_map(layer, expert, [(buf[: self.info.record_size], 0)])
-        return 0
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
