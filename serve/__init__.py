@@ -1,7 +1,8 @@
 """flashmoe.serve: flashmoe-serve, an OpenAI- and Anthropic-compatible HTTP server over the batched engine.
 
     app.py            ServerConfig, Server (typed requests via flashmoe.request, sampling params, generation),
-                      open_server, create_app
+                      open_server
+    routes.py         create_app: the FastAPI app (GET /, /health, /metrics, /v1/models; the APIs below)
     openai_api.py     POST /v1/chat/completions, POST /v1/completions
     anthropic_api.py  POST /v1/messages
     responses_api.py  POST /v1/responses (stateless)

@@ -120,7 +120,8 @@ def _body(args: argparse.Namespace) -> int:
     runtime = runtime_config_from_args(args)
     from flashmoe.runtime.distributed import follow_engine, run_engine, start_from_env
 
-    from .app import ServerConfig, create_app, open_server
+    from .app import ServerConfig, open_server
+    from .routes import create_app
 
     engine_kw = dict(max_batch=args.max_batch, memory_budget_gb=args.memory_budget_gb,
                      prompt_cache_gb=args.prompt_cache_gb)

@@ -96,8 +96,8 @@ def test_pull_shard_refuses_a_linked_experts_folder(bundles, hub, tmp_path):  # 
 
 
 def test_whole_pull_never_repairs_through_a_linked_folder(bundles, hub, tmp_path):  # noqa: F811
-    """A pulled bundle whose experts/ was replaced by a link to a folder of other files: the re-pull refuses
-    (the verifier raises) instead of deleting and re-downloading the files through the link."""
+    """A pulled bundle whose experts/ was replaced by a link to a folder of other files: the re-pull removes
+    the link itself (never deleting or re-downloading the files through it) and puts a real folder there."""
     from flashmoe.hub import pull_bundle
 
     src = Path(shutil.copytree(bundles[8], tmp_path / "src"))
@@ -109,9 +109,10 @@ def test_whole_pull_never_repairs_through_a_linked_folder(bundles, hub, tmp_path
         (elsewhere / f.name).write_bytes(b"mine")
     shutil.rmtree(out / "experts")
     (out / "experts").symlink_to(elsewhere)
-    with pytest.raises(BundleError, match="experts is a link to .*must be real folders"):
-        pull_bundle(REPO, progress=False, token=False, local_dir=out)
+    pull_bundle(REPO, progress=False, token=False, local_dir=out)
     assert all(f.read_bytes() == b"mine" for f in elsewhere.iterdir())
+    assert (out / "experts").is_dir() and not (out / "experts").is_symlink()
+    assert Bundle.open(out).verify(progress=False) == []
 
 
 # ---- BundleWriter: new temporary files only, links replaced, not followed -------------------------------

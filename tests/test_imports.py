@@ -18,10 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # modules on a circle today, outside format/ and the files of the "iofmt" work (owners fix them)
-EXPECTED: set[str] = {
-    "flashmoe.runtime.chat", "flashmoe.runtime.cli",  # chat <-> cli
-    "flashmoe.serve.anthropic_api", "flashmoe.serve.app", "flashmoe.serve.openai_api",  # app <-> the two APIs
-}
+EXPECTED: set[str] = set()
 
 
 def package_dirs() -> dict[str, Path]:

@@ -288,7 +288,7 @@ class LiveServer:
         import time
 
         import uvicorn
-        from flashmoe.serve.app import create_app
+        from flashmoe.serve.routes import create_app
 
         self.server = server
         sock = socket.socket()
