@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from flashmoe.format.errors import CapacityError, InputError
+from flashmoe.errors import CapacityError, InputError
 from flashmoe.hub.common import signals_held
 
 from .output import line_of

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flashmoe.format.errors import CapacityError, FlashmoeError, InputError
+from flashmoe.errors import CapacityError, FlashmoeError, InputError
 
 from .journal import OutputLog
 from .output import answer_record, error_record

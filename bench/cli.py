@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from flashmoe.cli import add_common_arguments, run_cli
-from flashmoe.format.errors import InputError
+from flashmoe.errors import InputError
 
 from .presets import PRESETS
 from .routing import MODELS as ROUTING_MODELS

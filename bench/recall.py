@@ -84,7 +84,7 @@ def recall(bundle_dir, text: str, tokens: int = 512, experts_per_token: int | No
     try:
         ids = tok.encode(text)[:tokens]
         if len(ids) < 2:
-            from flashmoe.format.errors import InputError
+            from flashmoe.errors import InputError
 
             raise InputError(f"the text gives {len(ids)} token(s): give a longer text (--text FILE)")
         by_layer = recall_of(model, ids)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.format import Bundle
-from flashmoe.format.errors import InputError
+from flashmoe.errors import InputError
 
 from . import method, probe
 from .batch import format_batch_row

@@ -73,6 +73,9 @@ def make_checkpoint(out: Path, layers: int, hidden: int, inter: int, experts: in
                moe_intermediate_size=inter, shared_expert_intermediate_size=inter, num_experts=experts,
                num_experts_per_tok=8, linear_conv_kernel_dim=4)
     (out / "config.json").write_text(json.dumps(cfg))
+    from flashmoe.bench.synth import write_byte_tokenizer
+
+    write_byte_tokenizer(out, vocab)  # convert refuses a checkpoint without a tokenizer
     total = 0
     conv = 2 * nk * lk + nv * lv
     for L in range(layers):

@@ -69,11 +69,6 @@ def make_set(n, H, I, bits, G, seed):
     return ex
 
 
-def make_shared(H, Is, G):
-    ex = make_set(1, H, Is, 8, G, seed=999)
-    return {k: v[0] for k, v in ex.items()}
-
-
 def time_block(fn, sets, n_stream=64, reps=5):
     nset = len(sets)
     for i in range(2 * nset):  # warm-up: compile + touch
@@ -113,8 +108,6 @@ def run_config(model, Kr, bits, T, G, bw, with_shared=False, variants=None, reps
     if pool:  # bytes touched: the distinct slots of each set
         per_set = float(np.mean([len(np.unique(np.asarray(st[2]))) for st in sets])) * per_expert
     mx.eval([s[0] for s in sets] + [s[3] for s in sets])
-    shared = make_shared(H, Is, G) if with_shared else None
-    sgate = (mx.random.normal((1, H)) * 0.05).astype(mx.bfloat16) if with_shared else None
     touched = per_set + (3 * H * Is * (1 + 4 / G) if with_shared else 0) + T * H * 2 * 2
     res = {"model": model, "K": Kr, "bits": bits, "T": T, "G": G, "shared": with_shared, "pool": pool,
            "bytes": touched, "roofline_us": touched / max(bw["read"], bw["copy"]) * 1e6}
@@ -128,7 +121,7 @@ def run_config(model, Kr, bits, T, G, bw, with_shared=False, variants=None, reps
 
         def fn(s, backend=backend):
             x, ex, idx, sc = s
-            return D.expert_block(x, ex, idx, sc, bits, G, shared=shared, shared_gate=sgate, backend=backend)
+            return D.expert_block(x, ex, idx, sc, bits, G, backend=backend)
 
         try:
             st, sy = time_block(fn, sets, reps=reps)
@@ -149,7 +142,6 @@ def main(argv=None):
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 2], help="expert bit widths")
     ap.add_argument("--T", nargs="+", type=int, default=[1], help="tokens per block (batch size at decode)")
     ap.add_argument("--G", type=int, default=64, help="quantization group size")
-    ap.add_argument("--shared", action="store_true", help="also time with the 8-bit shared expert fused")
     ap.add_argument("--sweep", action="store_true", help="also time launch-shape variants and the literal FMA form")
     ap.add_argument("--reps", type=int, default=5, help="repetitions; the median is reported")
     ap.add_argument("--pool", type=int, default=None, metavar="SLOTS",
@@ -167,21 +159,18 @@ def main(argv=None):
             for bits in args.bits:
                 for Kr in args.K:
                     for T in args.T:
-                        for shared in ([False, True] if args.shared else [False]):
+                        for shared in [False]:  # the shared expert runs in the MoE block, not in these kernels
                             H, I, E, _, Is = MODELS[model]
                             n = min(T * Kr, E)
                             ex = make_set(n, H, I, bits, args.G, seed=1)
                             idx = mx.array([[(t * Kr + k) % n for k in range(Kr)] for t in range(T)], dtype=mx.int32)
                             sc = mx.softmax(mx.random.normal((T, Kr)), axis=-1)
                             x = mx.random.normal((T, H)).astype(mx.bfloat16)
-                            sh = make_shared(H, Is, args.G) if shared else None
-                            sg = (mx.random.normal((1, H)) * 0.05).astype(mx.bfloat16) if shared else None
                             mx.eval(x, idx, sc)
                             for backend in ("builtin", "custom"):
                                 print(f"NCU-MARK {model} bits={bits} K={Kr} T={T} shared={shared} {backend}", flush=True)
                                 for _ in range(3):
-                                    mx.eval(D.expert_block(x, ex, idx, sc, bits, args.G, shared=sh, shared_gate=sg,
-                                                           backend=backend))
+                                    mx.eval(D.expert_block(x, ex, idx, sc, bits, args.G, backend=backend))
                                 mx.synchronize()
         return 0
     bw = bandwidth()
@@ -191,7 +180,7 @@ def main(argv=None):
         for bits in args.bits:
             for Kr in args.K:
                 for T in args.T:
-                    for shared in ([False, True] if args.shared else [False]):
+                    for shared in [False]:  # the shared expert runs in the MoE block, not in these kernels
                         variants = None
                         if args.sweep and T == 1 and not shared:
                             variants = {

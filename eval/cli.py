@@ -14,7 +14,7 @@ import json
 import sys
 
 from flashmoe.cli import add_common_arguments, add_runtime_flags, run_cli, runtime_config_from_args
-from flashmoe.format.errors import InputError
+from flashmoe.errors import InputError
 
 PROG = "flashmoe-eval"
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
-from flashmoe.format.errors import InputError
+from flashmoe.errors import InputError
 from flashmoe.runtime.runner import forward_chunks
 
 CHUNK = 256  # tokens per forward

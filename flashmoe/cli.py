@@ -25,7 +25,7 @@ import traceback
 from typing import Callable
 
 from flashmoe import __version__
-from flashmoe.format.errors import FlashmoeError
+from flashmoe.errors import FlashmoeError
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

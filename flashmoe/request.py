@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from flashmoe.format.errors import InputError
+from flashmoe.errors import InputError
 
 MAX_DEPTH = 64  # nesting of objects and arrays in a body (a JSON schema needs far fewer)
 MAX_STOP = 16

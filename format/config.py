@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BundleError
+from flashmoe.errors import BundleError
 
 # model_type values a bundle's config may have (the runtime runs these).
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp", "qwen4_exp_text")

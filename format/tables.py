@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from flashmoe.errors import BundleError
 from .files import abort_partial, commit_partial, create_partial, partial_path
 from .dtypes import DTYPES, FLOAT_DTYPES
 from .layout import RECORD_ALIGN, align_up

@@ -20,7 +20,7 @@ T = TypeVar("T")
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 
 
-from flashmoe.format.errors import BundleError
+from flashmoe.errors import BundleError
 
 
 class HubError(BundleError):

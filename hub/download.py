@@ -17,7 +17,7 @@ from pathlib import Path
 
 from flashmoe.format import verify as _verify
 from flashmoe.format.bundle import MANIFEST, Bundle, inside, read_json_file, validate_manifest
-from flashmoe.format.errors import BundleError
+from flashmoe.errors import BundleError
 
 from .common import (DOWNLOAD_TIMEOUT, RESOLVE_TIMEOUT_CACHED, HubError, file_patterns, looks_like_path,
                      network_timeout, offline, place, quiet_tqdm, unlink_links, with_retries, write_new)

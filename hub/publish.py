@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from flashmoe.format.bundle import MANIFEST, Bundle
-from flashmoe.format.errors import BundleError
+from flashmoe.errors import BundleError
 
 from flashmoe.format import verify as _verify
 from .card import CARD_MARKER, card_text

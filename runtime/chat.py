@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from flashmoe.cli import sampling_params_from_args
-from flashmoe.format.errors import FlashmoeError, InputError
+from flashmoe.errors import FlashmoeError, InputError
 
 from .config import EngineConfig
 from .engine import Engine

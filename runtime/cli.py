@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flashmoe.cli import (add_common_arguments, add_runtime_flags, add_sampling_flags, run_cli,
                           runtime_config_from_args, sampling_params_from_args)
-from flashmoe.format.errors import InputError
+from flashmoe.errors import InputError
 
 from .config import EngineConfig
 from .generate import PREFILL_CHUNK

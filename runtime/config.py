@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, fields, replace
 
-from flashmoe.format.errors import CapacityError, InputError
+from flashmoe.errors import CapacityError, InputError
 
 IO_MODES = ("pread", "mmap", "direct")
 UPLOADS = ("auto", "direct", "pinned")

@@ -23,7 +23,7 @@ import time
 
 import mlx.core as mx
 import numpy as np
-from flashmoe.format.errors import FlashmoeError
+from flashmoe.errors import FlashmoeError
 
 DEFAULT_TIMEOUT_S = 60.0  # longest wait in one collective (one MoE layer's imbalance) before giving up
 LOAD_TIMEOUT_S = 900.0  # how long the ranks wait for the slowest one to load its bundle

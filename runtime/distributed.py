@@ -42,7 +42,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from flashmoe.format.errors import BundleError
+from flashmoe.errors import BundleError
 
 from .config import EngineConfig
 from .dist_checks import bundle_digest, bundle_part_problem

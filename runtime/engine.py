@@ -34,7 +34,7 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.format.errors import CapacityError
+from flashmoe.errors import CapacityError
 
 from .config import EngineConfig
 from .experts import device_memory_bytes

@@ -11,7 +11,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from flashmoe.format.errors import InputError
+from flashmoe.errors import InputError
 
 from .tokenizer import StreamingDetokenizer
 

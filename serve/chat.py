@@ -188,7 +188,7 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None, force_call
     kw = {k: v for k, v in (template_kwargs or {}).items() if k not in reserved}
     if tools:
         kw["tools"] = tools
-    from flashmoe.format.errors import BundleError
+    from flashmoe.errors import BundleError
 
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kw)

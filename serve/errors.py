@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from flashmoe.format.errors import CapacityError, FlashmoeError
+from flashmoe.errors import CapacityError, FlashmoeError
 
 # status -> (OpenAI error type, Anthropic error type)
 _TYPES = {

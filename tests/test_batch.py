@@ -17,7 +17,7 @@ import pytest
 from flashmoe.batch.journal import OutputLog
 from flashmoe.batch.output import answer_record, error_record, line_of
 from flashmoe.batch.requests import BadLine, Defaults, Request, parse_lines
-from flashmoe.format.errors import InputError
+from flashmoe.errors import InputError
 
 CHAT = "/v1/chat/completions"
 COMPL = "/v1/completions"

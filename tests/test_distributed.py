@@ -41,7 +41,7 @@ SLOTS = 64  # the tiny model's 4 layers x 16 experts: every record stays residen
 
 
 def _worker(argv: list[str]) -> int:
-    from flashmoe.format.errors import FlashmoeError
+    from flashmoe.errors import FlashmoeError
     from flashmoe.runtime import distributed as D
     from flashmoe.runtime.config import EngineConfig
     from flashmoe.runtime.generate import generate, prompt_ids

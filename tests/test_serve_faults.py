@@ -8,7 +8,7 @@ import json
 import socket
 
 import pytest
-from flashmoe.format.errors import InputError
+from flashmoe.errors import InputError
 from flashmoe.request import ChatRequest, CompletionRequest, MessagesRequest, parse_json, validate
 from test_serve import MODEL, LiveServer, _server
 

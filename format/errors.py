@@ -1,1 +1,0 @@
-from flashmoe.errors import BundleError, CapacityError, FlashmoeError, InputError  # noqa: F401 (moved; the lead rewrites imports)
