@@ -6,6 +6,7 @@
     qwen3.5-35b-a3b      40      2048    256      8   512       512       16/2      16/32             248320
     qwen3.6-35b-a3b      40      2048    256      8   512       512       16/2      16/32             248320
     qwen3-next-80b-a3b   48      2048    512      10  512       512       16/2      16/32             151936
+    qwen4-exp-flash-next 48      2560    512      10  640       640       24/2      16/48             248320 (uncertain)
 
 All: head_dim 256, linear head dims 128, conv kernel 4, full attention every 4th layer, partial RoPE
 0.25 (64 rotary dims) with theta 1e7, untied lm_head.
@@ -56,6 +57,16 @@ PRESETS = {
                                shared_expert_intermediate_size=512, num_attention_heads=16, num_key_value_heads=2,
                                linear_num_key_heads=16, linear_num_value_heads=32, decoder_sparse_step=1,
                                mlp_only_layers=[], norm_topk_prob=True),
+    # Qwen4-Exp "flash next": UNCERTAIN, from third-party code (the values a transformers Qwen4ExpTextConfig port
+    # names for it), not from a published config.json; vocab and the rest as _COMMON. Its n-gram tables
+    # (ple_layer_ids, ngram_*) are streamed from disk beside the experts; flashmoe-bench make writes no tables.
+    "qwen4-exp-flash-next": dict(model_type="qwen4_exp_text", num_hidden_layers=48, hidden_size=2560, num_experts=512,
+                                 num_experts_per_tok=10, moe_intermediate_size=640, shared_expert_intermediate_size=640,
+                                 num_attention_heads=24, num_key_value_heads=2, linear_num_key_heads=16,
+                                 linear_num_value_heads=48, hc_count=4, hc_lowrank=320, ple_layer_ids=[2],
+                                 ple_embed_dim=2560, ngram_size=3, heads_per_ngram=8,
+                                 ngram_vocab_size_base=20_000_000, indexer_n_heads=24, indexer_head_dim=128,
+                                 indexer_budget=2048, indexer_compress_ratio=4),
 }
 
 

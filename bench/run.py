@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmoe.format import Bundle
 from flashmoe.errors import InputError
+from flashmoe.format import Bundle
+from flashmoe.format.cli import token_reads
 
 from . import method, probe
 from .batch import format_batch_row
@@ -94,6 +95,9 @@ def decode(model, tokens: int, fast: bool = False) -> dict:
     model.stats.reset()
     ex = model.experts
     misses0 = getattr(ex, "optimistic_misses", 0)
+    tables = getattr(model, "tables", None)  # Qwen4-Exp's n-gram tables (runtime/table_reader.py); None otherwise
+    if tables is not None:
+        tables.stats.reset()
     t = time.perf_counter()
     for _ in range(tokens):
         nxt = mx.argmax(logits[:, -1], axis=-1)[:, None]
@@ -104,7 +108,10 @@ def decode(model, tokens: int, fast: bool = False) -> dict:
     # optimistic steps (a GPU expert cache) that missed and were run again: each also draws one more route
     # from the synthetic router, so the routes after it differ from the timed pass's and may need reads
     redone = getattr(ex, "optimistic_misses", 0) - misses0
-    return {"seconds": dt, "tok_s": tokens / dt, "redone_tokens": redone, **model.stats.snapshot()}
+    out = {"seconds": dt, "tok_s": tokens / dt, "redone_tokens": redone, **model.stats.snapshot()}
+    if tables is not None:  # read after the pass: the bytes pread from the table files during it
+        out["table_bytes"] = tables.stats.bytes
+    return out
 
 
 def measure_prefill(model, files, cfg, k: int, n: int, stickiness: float, seed: int, cold: bool,
@@ -169,12 +176,14 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
                              "lacks; update flashmoe") from None
     files = probe.file_list(b)
     info = b.expert_info(0)
+    reads = token_reads(b)
     full_layers = b.manifest.get("source", {}).get("full_layers") or cfg.num_hidden_layers
     k = experts_per_token or cfg.num_experts_per_tok
     rep: dict = {"machine": probe.machine(), "date": time.strftime("%Y-%m-%d"), "bundle": str(b.path),
                  "preset": b.manifest.get("source", {}).get("preset"), "layers": cfg.num_hidden_layers,
                  "full_model_layers": full_layers, "bits": b.expert_quant.bits, "experts_per_token": k,
-                 "tokens": tokens, "io": io, "record_bytes": info.record_size}
+                 "tokens": tokens, "io": io, "record_bytes": info.record_size,
+                 "table_bytes_per_token_layout": reads["tables"]}  # None: no tables; else cold/warm from the layout
 
     rc = runtime_config(experts_per_token=k, io=io, gpu_cache_gb=gpu_cache_gb, slots=slots)  # refused before any work
 
@@ -360,6 +369,11 @@ def summarize_passes(runs: list[dict], tokens: int, layers: int, full_layers: in
         r["page_cache_hit_rate"] = max(0.0, 1.0 - r["disk_bytes"] / r["expert_bytes"])
     r["expert_bytes_per_token"] = r["expert_bytes"] / tokens  # records fetched (after the slots' cache hits)
     r["expert_bytes_routed_per_token"] = k * layers * record_size  # what the routes name, before any cache
+    if all("table_bytes" in p for p in runs):  # a model with n-gram tables: their bytes, measured per pass
+        r["table_bytes"] = float(np.median([p["table_bytes"] for p in runs]))
+        r["table_bytes_per_token"] = r["table_bytes"] / tokens
+        for kept, p in zip(r["passes"], runs):
+            kept["table_bytes"] = p["table_bytes"]
     r["expert_gbps"] = r["expert_bytes"] / r["expert_io"] / 1e9 if r["expert_io"] else None
     per_layer = {s: r[s] / tokens / layers for s in STAGES if s != "head"}
     r["per_layer_ms"] = {s: v * 1e3 for s, v in per_layer.items()}
@@ -404,6 +418,13 @@ def format_table(rep: dict) -> str:
                      f"{pl['routing']:>8.2f}{pl['expert_io']:>8.2f}{pl['expert_compute']:>9.2f}"
                      f"{r['expert_bytes_per_token'] / 1e6:>8.1f}{f(r.get('expert_gbps')):>10}"
                      f"{f(r.get('page_cache_hit_rate'), '{:.0%}'):>8}{rep.get('peak_rss_mb', 0):>8.0f}")
+    layout = rep.get("table_bytes_per_token_layout")
+    for phase, r in rep["decode"].items():
+        if "table_bytes_per_token" in r:
+            lines.append(f"{phase:<6}tables {r['table_bytes_per_token'] / 1e6:.3f} MB/tok read from the n-gram tables "
+                         f"(measured, median of passes) beside {r['expert_bytes_per_token'] / 1e6:.1f} MB/tok of experts"
+                         + (f"; the layout needs {layout['cold'] / 1e6:.3f} MB/tok cold (whole CRC blocks, at most), "
+                            f"{layout['warm'] / 1e6:.3f} MB/tok warm (rows)" if layout else ""))
     for phase, r in rep["decode"].items():
         lines.append(f"{phase:<6}tok/s per pass: {method.fmt_spread(r['tok_s_spread'])}"
                      + (f"; stage timing off: {method.fmt_spread(r['untimed_stages_spread'])}"

@@ -10,6 +10,25 @@ from flashmoe.cli import add_common_arguments, run_cli
 PROG = "flashmoe-inspect"
 
 
+def token_reads(b) -> dict:
+    """The bytes one decoded token needs from disk, from the bundle's layout (no cache hits): experts (K routed
+    records in every layer) and, for a bundle with n-gram tables, tables=None otherwise: each table gives a token
+    (ngram_size-1) x heads_per_ngram rows; cold = each row's whole CRC block (read and checked the first time it
+    is touched; at most, as rows may share a block), warm = the rows alone."""
+    from .tables import parse_tables
+
+    c, e = b.config, b.manifest["experts"]
+    out = {"experts": c.num_experts_per_tok * e["record_size"] * c.num_hidden_layers,
+           "experts_per_token": c.num_experts_per_tok, "record_size": e["record_size"], "tables": None}
+    infos = [info for _, info in parse_tables(b.manifest)]
+    if infos:
+        rows = [(i.hash.ngram_size - 1) * i.hash.heads_per_ngram for i in infos]
+        out["tables"] = {"layers": [i.layer for i in infos], "rows": sum(rows),
+                         "cold": sum(r * i.block_stride for r, i in zip(rows, infos)),
+                         "warm": sum(r * i.row_bytes for r, i in zip(rows, infos))}
+    return out
+
+
 def summary(b) -> str:
     c, m = b.config, b.manifest
     e = m["experts"]
@@ -18,6 +37,8 @@ def summary(b) -> str:
     exp_bytes = b.total_bytes("experts/")
     dense_bytes = b.total_bytes("dense/")
     src = m.get("source", {})
+    reads = token_reads(b)
+    t = reads["tables"]
     lines = [
         f"bundle      {b.path}",
         f"format      {m['format']} v{m['format_version']}",
@@ -28,8 +49,12 @@ def summary(b) -> str:
         f"experts     {c.num_experts} per layer, {c.num_experts_per_tok} routed per token, intermediate "
         f"{c.moe_intermediate_size}; {q}",
         f"record      {e['record_size']:,} bytes, stride {e['record_stride']:,} (16 KiB aligned)",
-        f"per token   {c.num_experts_per_tok * e['record_size'] * c.num_hidden_layers / 1e6:,.1f} MB of expert reads "
-        f"(K={c.num_experts_per_tok}, all layers, no cache hits)",
+        f"per token   experts {reads['experts']:,} bytes ({reads['experts'] / 1e6:,.1f} MB: K={c.num_experts_per_tok} x "
+        f"{c.num_hidden_layers} layers x {e['record_size']:,}-byte records, no cache hits)",
+        "per token   tables none" if t is None else
+        f"per token   tables cold {t['cold']:,} bytes (at most: {t['rows']} rows x their whole 16 KiB-aligned CRC "
+        f"block, first touch), warm {t['warm']:,} bytes ({t['rows']} rows x row bytes); "
+        f"{len(t['layers'])} table(s), layers {', '.join(map(str, t['layers']))}",
         f"dense       {dense_bytes / 1e9:.3f} GB resident ({m['dense']['bits'] or 'float'}"
         f"{'-bit' if m['dense']['bits'] else ''} Linear weights, {len(m['dense'].get('quantized', {}))} quantized modules)",
         f"experts     {exp_bytes / 1e9:.3f} GB on disk in {c.num_hidden_layers} files",

@@ -400,3 +400,42 @@ def test_generate_and_batch_engine(q4_bundles, corpus_ids):
     assert alone[1] == greedy(model, prompts[1], 5)
     res = flashmoe.batch_generate(model, tok, prompts, params=[SamplingParams(max_tokens=m) for m in (8, 5, 10)])
     assert [r.tokens for r in res] == alone
+
+
+def test_inspect_reads_per_token(q4_bundles, capsys):
+    """flashmoe-inspect's per-token bytes: experts K x layers x record, tables cold (whole blocks) and warm
+    (rows) from the layout; a fresh model's first token reads no more than cold, a repeat no more than warm."""
+    from flashmoe.format import Bundle
+    from flashmoe.format.cli import main, token_reads
+
+    b = Bundle.open(q4_bundles[None])
+    r = token_reads(b)
+    rows = 2 * (3 - 1) * 2  # 2 tables (ple_layer_ids 1, 3) x (ngram_size-1) x heads_per_ngram, of 32/4 fp32 each
+    assert r["experts"] == 2 * 4 * b.manifest["experts"]["record_size"]
+    assert r["tables"] == {"layers": [0, 2], "rows": rows, "cold": rows * 16384, "warm": rows * 8 * 4}
+    assert main([str(b.path)]) == 0
+    out = capsys.readouterr().out
+    assert f"experts {r['experts']:,} bytes" in out
+    assert "tables cold 131,072 bytes" in out and "warm 256 bytes (8 rows x row bytes)" in out
+    model, _ = flashmoe.load(b.path)
+    st = model.tables.stats
+    run(model, [5])
+    assert 0 < st.bytes == st.blocks_checked * 16384 <= r["tables"]["cold"]
+    st.reset()
+    run(model, [5])
+    assert st.blocks_checked == 0 and 0 < st.bytes == st.rows * 32 <= r["tables"]["warm"]
+
+
+def test_bench_reports_table_bytes(q4_bundles):
+    """flashmoe-bench run on a Qwen4-Exp bundle: the table bytes of each cold and warm pass (model.tables.stats)
+    beside the expert bytes, and the layout's per-token figures."""
+    from flashmoe.bench.run import format_table, run as bench_run
+
+    rep = bench_run(q4_bundles[8], tokens=3, sweep_seconds=0.05, passes=2, log=lambda m: None)
+    assert rep["table_bytes_per_token_layout"]["warm"] == 256
+    for phase, r in rep["decode"].items():
+        assert [p["table_bytes"] for p in r["passes"]] and all(p["table_bytes"] > 0 for p in r["passes"])
+        assert r["table_bytes_per_token"] == r["table_bytes"] / 3 > 0
+    assert rep["decode"]["warm"]["table_bytes_per_token"] <= 256  # rows only, blocks checked before
+    text = format_table(rep)
+    assert "warm  tables" in text and "MB/tok read from the n-gram tables" in text and "1.0 MB" not in text
