@@ -84,6 +84,10 @@ def hf_config(preset: str | dict, layers: int | None = None) -> dict:
     d["rope_parameters"] = {"rope_theta": d.pop("rope_theta"), "partial_rotary_factor": d.pop("partial_rotary_factor"),
                             "rope_type": "default"}
     if layers is not None:
+        if str(d["model_type"]).startswith("qwen4_exp"):  # a cut is for flashmoe-bench make (bench/synth.py)
+            raise BundleError(f"flashmoe-bench make cannot write {preset if isinstance(preset, str) else 'this'} "
+                              "bundle: Qwen4-Exp needs n-gram tables and hyper-connection weights synthetic bundles "
+                              "lack; convert a checkpoint (flashmoe-convert) and bench that")
         if layers <= 0:
             raise BundleError("--layers must be positive")
         d["full_layers_in_model"] = d["num_hidden_layers"]

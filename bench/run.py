@@ -22,6 +22,7 @@ import numpy as np
 from flashmoe.errors import InputError
 from flashmoe.format import Bundle
 from flashmoe.format.cli import token_reads
+from flashmoe.format.tables import parse_tables
 
 from . import method, probe
 from .batch import format_batch_row
@@ -177,6 +178,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     files = probe.file_list(b)
     info = b.expert_info(0)
     reads = token_reads(b)
+    table_files = [b.path / rel for rel, _ in parse_tables(b.manifest)]  # evicted with the experts before a cold pass
     full_layers = b.manifest.get("source", {}).get("full_layers") or cfg.num_hidden_layers
     k = experts_per_token or cfg.num_experts_per_tok
     rep: dict = {"machine": probe.machine(), "date": time.strftime("%Y-%m-%d"), "bundle": str(b.path),
@@ -237,7 +239,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
             router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed)
             install_router(model, router)
             if phase == "cold":
-                probe.evict(files)
+                probe.evict(files + table_files)
                 forget_experts(model)
             # warm: the same routes again; every record they need is in the page cache (and, on a discrete
             # GPU, in the GPU expert cache as far as it holds them)
@@ -421,10 +423,11 @@ def format_table(rep: dict) -> str:
     layout = rep.get("table_bytes_per_token_layout")
     for phase, r in rep["decode"].items():
         if "table_bytes_per_token" in r:
-            lines.append(f"{phase:<6}tables {r['table_bytes_per_token'] / 1e6:.3f} MB/tok read from the n-gram tables "
-                         f"(measured, median of passes) beside {r['expert_bytes_per_token'] / 1e6:.1f} MB/tok of experts"
-                         + (f"; the layout needs {layout['cold'] / 1e6:.3f} MB/tok cold (whole CRC blocks, at most), "
-                            f"{layout['warm'] / 1e6:.3f} MB/tok warm (rows)" if layout else ""))
+            lines.append(f"{phase:<6}tables {r['table_bytes_per_token']:,.0f} bytes/tok read from the n-gram tables "
+                         f"(measured, median of passes; a block is CRC-checked whole once per process, so only rows "
+                         f"after that) beside {r['expert_bytes_per_token']:,.0f} bytes/tok of experts"
+                         + (f"; the layout needs at most {layout['cold']:,} bytes/tok cold (whole blocks), "
+                            f"{layout['warm']:,} warm (rows)" if layout else ""))
     for phase, r in rep["decode"].items():
         lines.append(f"{phase:<6}tok/s per pass: {method.fmt_spread(r['tok_s_spread'])}"
                      + (f"; stage timing off: {method.fmt_spread(r['untimed_stages_spread'])}"

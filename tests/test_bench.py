@@ -228,3 +228,28 @@ def test_run_batch_reports_steps_and_references(small_bundle, tmp_path):
         assert b["prefill_s"] > 0 and b["prefill_tok_s"] == pytest.approx(b["prompt_tokens"] / b["prefill_s"])
     assert batch["bound_violations"] == []
     assert "overlap" in r.stdout and "bound max(disk, compute)" in r.stdout
+
+
+def test_qwen4_preset_and_no_synthetic_bundle(tmp_path):
+    """The qwen4-exp-flash-next shapes (uncertain, third-party numbers) read as a Qwen4-Exp config; make refuses
+    them in one line (synthetic bundles have no n-gram tables) before writing anything."""
+    c = config("qwen4-exp-flash-next")
+    assert c.model_type == "qwen4_exp"
+    assert (c.num_hidden_layers, c.hidden_size, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size,
+            c.num_attention_heads, c.num_key_value_heads, c.linear_num_value_heads) == (48, 2560, 512, 10, 640, 24, 2, 48)
+    r = subprocess.run([sys.executable, "-m", "flashmoe.bench.cli", "make", "--shape", "qwen4-exp-flash-next",
+                        "--layers", "1", "--bits", "4", "-o", str(tmp_path / "q")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "n-gram tables" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_inspect_reads_per_token_without_tables(small_bundle):
+    """A Qwen3.5 bundle: experts K x layers x record size per token, tables none."""
+    from flashmoe.format.cli import summary, token_reads
+
+    b = Bundle.open(small_bundle)
+    r = token_reads(b)
+    assert r["tables"] is None and r["experts"] == 4 * 4 * b.expert_info(0).record_size
+    text = summary(b)
+    assert "per token   tables none" in text and f"experts {r['experts']:,} bytes" in text
