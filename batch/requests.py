@@ -10,46 +10,49 @@ Two forms, one JSON object per line:
                        {"messages": [...], "max_tokens": 64, "temperature": 0.7}
 
 /v1/completions prompts are raw text (no chat template); everything else is rendered through the
-bundle's chat template. A line's sampling fields override the job's defaults (`Defaults`). Range checks
-of sampling values are the engine's (SamplingParams.check); this module checks shapes and types.
+bundle's chat template. A line's sampling fields override the job's defaults (`Defaults`). Every body (a
+simple line as the chat body it stands for) is validated by the server's request model
+(flashmoe.request: ChatRequest, CompletionRequest), so a mistake gets the same message in both front
+ends; this module checks the line around the body and refuses what a batch job does not do (tools, ...).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ValidationError
+
+from flashmoe.errors import InputError
+from flashmoe.request import ChatRequest, CompletionRequest, MAX_DEPTH, check_tree, describe
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
+BATCH_MODEL = "flashmoe-batch"  # the body's "model" where a line names none (the bundle answers every line)
 
-# OpenAI body fields that do not change what a single greedy/sampled text answer is; accepted and ignored
-_IGNORED = {"model", "user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls",
-            "reasoning_effort", "safety_identifier", "prompt_cache_key", "verbosity"}
-# fields accepted only at their neutral value: field -> test that the value is neutral
+# OpenAI body fields outside the request model that do not change a text answer: accepted and ignored
+_IGNORED = {"metadata", "store", "service_tier", "reasoning_effort", "safety_identifier", "prompt_cache_key",
+            "verbosity"}
+# what a batch job does not do (the server does some): accepted only at its neutral value
 _NEUTRAL = {
-    "n": lambda v: v in (None, 1),
-    "best_of": lambda v: v in (None, 1),
     "stream": lambda v: v in (None, False),
-    "echo": lambda v: v in (None, False),
-    "logprobs": lambda v: v in (None, False),
+    "logprobs": lambda v: v in (None, False, 0),
     "top_logprobs": lambda v: v in (None, 0),
     "frequency_penalty": lambda v: v in (None, 0),
     "presence_penalty": lambda v: v in (None, 0),
     "logit_bias": lambda v: not v,
-    "suffix": lambda v: not v,
     "tools": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
     "response_format": lambda v: v in (None, {"type": "text"}),
+    "chat_template_kwargs": lambda v: not v,
     "modalities": lambda v: v in (None, ["text"]),
     "audio": lambda v: v is None,
     "prediction": lambda v: v is None,
 }
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 _SIMPLE_KEYS = {"id", "custom_id", "prompt", "messages", "system", *_SAMPLING}
-MAX_TOKEN_ID = 2 ** 31 - 1  # past any vocabulary; the model's own size is checked when the line is tokenized
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -95,9 +98,9 @@ def default_custom_id(line: int) -> str:
     return f"line-{line}"
 
 
-def parse_lines(lines, defaults: Defaults = Defaults()) -> list[Request | BadLine]:
+def parse_lines(lines, defaults: Defaults = Defaults(), vocab_size: int | None = None) -> list[Request | BadLine]:
     """Every non-blank line (str or bytes, 1-based numbering over all lines) -> Request or BadLine.
-    A custom_id used twice makes the later line a BadLine."""
+    A custom_id used twice makes the later line a BadLine. vocab_size: token ids of a prompt must be below it."""
     out: list[Request | BadLine] = []
     seen: dict[str, int] = {}
     for n, raw in enumerate(lines, 1):
@@ -106,7 +109,7 @@ def parse_lines(lines, defaults: Defaults = Defaults()) -> list[Request | BadLin
         if not raw.strip():
             continue
         try:
-            r = parse_line(n, raw, defaults)
+            r = parse_line(n, raw, defaults, vocab_size)
         except Exception as e:  # a shape the checks above did not foresee: this line's error, never the job's
             r = BadLine(n, None, "invalid_request", f"line {n} cannot be read ({type(e).__name__}: {e})")
         if isinstance(r, Request) and r.custom_id in seen:
@@ -119,19 +122,20 @@ def parse_lines(lines, defaults: Defaults = Defaults()) -> list[Request | BadLin
     return out
 
 
-def parse_line(n: int, raw: str, defaults: Defaults = Defaults()) -> Request | BadLine:
+def parse_line(n: int, raw: str, defaults: Defaults = Defaults(), vocab_size: int | None = None) -> Request | BadLine:
     try:
         obj = json.loads(raw)
+    except RecursionError:
+        return BadLine(n, None, "invalid_json", f"line {n} is nested deeper than {MAX_DEPTH} levels")
     except ValueError as e:
         return BadLine(n, None, "invalid_json", f"line {n} is not valid JSON ({e}); each line must be one JSON object")
+    try:
+        check_tree(obj)  # the server's rule: nesting depth, lone surrogates
+    except InputError as e:
+        return BadLine(n, None, "invalid_json", f"line {n}: {e}")
     if not isinstance(obj, dict):
         return BadLine(n, None, "invalid_json", f"line {n} is JSON but not an object ({type(obj).__name__}); "
                                                 "each line must be one JSON object")
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return BadLine(n, None, "invalid_json", f"line {n} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
-                                                "without its pair), which is not text")
     openai = "url" in obj or "body" in obj or "method" in obj
     cid = obj.get("custom_id") if openai else obj.get("custom_id", obj.get("id"))
     if isinstance(cid, int) and not isinstance(cid, bool):
@@ -141,14 +145,14 @@ def parse_line(n: int, raw: str, defaults: Defaults = Defaults()) -> Request | B
             cid = None
             raise _Bad("invalid_request", "custom_id must be a string", "custom_id")
         if openai:
-            return _openai(n, obj, cid, defaults)
+            return _openai(n, obj, cid, defaults, vocab_size)
         return _simple(n, obj, cid if cid is not None else default_custom_id(n), defaults)
     except _Bad as e:
         cid = cid if cid is not None or openai else default_custom_id(n)
         return BadLine(n, cid, e.code, f"line {n}: {e.message}", e.param)
 
 
-def _openai(n: int, obj: dict, cid: str | None, d: Defaults) -> Request:
+def _openai(n: int, obj: dict, cid: str | None, d: Defaults, vocab_size: int | None) -> Request:
     if cid is None:
         raise _Bad("invalid_request", "an OpenAI Batch request needs a string custom_id", "custom_id")
     extra = set(obj) - {"custom_id", "method", "url", "body"}
@@ -164,37 +168,20 @@ def _openai(n: int, obj: dict, cid: str | None, d: Defaults) -> Request:
     body = obj.get("body")
     if not isinstance(body, dict):
         raise _Bad("invalid_request", "body must be a JSON object with the request's parameters", "body")
-    chat = url == CHAT_URL
-    allowed = {"messages" if chat else "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
-    if chat:
-        allowed.add("max_completion_tokens")
+    cls = ChatRequest if url == CHAT_URL else CompletionRequest
+    unknown = sorted(set(body) - set(cls.model_fields) - _IGNORED - set(_NEUTRAL))
+    if unknown:
+        raise _Bad("invalid_request", f"unknown body field {unknown[0]!r} for {url}", unknown[0])
+    req = _validated(cls, {"model": BATCH_MODEL, **body}, vocab_size)
     for k, v in body.items():
-        if k in allowed or k in _IGNORED:
-            continue
-        if k in _NEUTRAL:
-            if not _NEUTRAL[k](v):
-                raise _Bad("unsupported", f"{k}={json.dumps(v)} is not supported by flashmoe-batch; remove it", k)
-            continue
-        raise _Bad("invalid_request", f"unknown body field {k!r} for {url}", k)
-    if chat:
-        if body.get("max_completion_tokens") is not None:
-            body = dict(body, max_tokens=body["max_completion_tokens"])
-        return Request(n, cid, True, _messages(body.get("messages"), d.system_prompt), _sampling(body, d))
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # ["text"] or [[ids]]: one prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        bad = next((t for t in prompt if not 0 <= t < MAX_TOKEN_ID), None)
-        if bad is not None:
-            raise _Bad("invalid_prompt", f"token id {bad} is out of range; token ids are integers from 0 to the "
-                                         "model's vocabulary size - 1", "prompt")
-        prompt = [int(t) for t in prompt]
-    elif not isinstance(prompt, str):
-        raise _Bad("missing_prompt", "body.prompt must be a string (or one list of token ids); "
-                                     "a batch line carries exactly one prompt", "prompt")
+        if k in _NEUTRAL and not _NEUTRAL[k](v):
+            raise _Bad("unsupported", f"{k}={json.dumps(v)} is not supported by flashmoe-batch; remove it", k)
+    if cls is ChatRequest:
+        return Request(n, cid, True, _messages(req, d.system_prompt), _sampling(req, req.answer_tokens, d))
+    prompt = req.one_prompt
     if isinstance(prompt, str) and not prompt.strip():
         raise _Bad("missing_prompt", "body.prompt is empty", "prompt")
-    return Request(n, cid, False, prompt, _sampling(body, d))
+    return Request(n, cid, False, prompt, _sampling(req, req.max_tokens, d))
 
 
 def _simple(n: int, obj: dict, cid: str, d: Defaults) -> Request:
@@ -217,25 +204,39 @@ def _simple(n: int, obj: dict, cid: str, d: Defaults) -> Request:
         msgs = [{"role": "user", "content": p}]
     else:
         msgs = obj["messages"]
-    return Request(n, cid, True, _messages(msgs, system), _sampling(obj, d))
+    chat = {"model": BATCH_MODEL, "messages": msgs, **{k: obj[k] for k in _SAMPLING if k in obj}}
+    req = _validated(ChatRequest, chat, None)
+    return Request(n, cid, True, _messages(req, system), _sampling(req, req.answer_tokens, d))
 
 
-def _messages(msgs, system_prompt: str | None) -> list[dict]:
-    if not isinstance(msgs, list) or not msgs:
-        raise _Bad("missing_prompt", "messages must be a non-empty list of {\"role\", \"content\"}", "messages")
+def _validated(cls: type[BaseModel], body: dict, vocab_size: int | None):
+    """body -> cls by the server's request model; a mistake -> _Bad with the server's message."""
+    try:
+        return cls.model_validate(body, context={"vocab_size": vocab_size})
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise _Bad(_code(param, first["type"]), describe(e), param) from None
+
+
+def _code(param: str | None, kind: str) -> str:
+    if param in _SAMPLING or param == "max_completion_tokens":
+        return "invalid_sampling"
+    if param in ("messages", "prompt") and kind in ("missing", "too_short"):
+        return "missing_prompt"
+    if param == "prompt" and kind == "value_error":  # a token id out of range
+        return "invalid_prompt"
+    return "invalid_request"
+
+
+def _messages(req: ChatRequest, system_prompt: str | None) -> list[dict]:
     out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
-            raise _Bad("invalid_request", f"messages[{i}] needs a role of {', '.join(_ROLES)}", "messages")
-        c = m.get("content")
-        if isinstance(c, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
-                raise _Bad("unsupported", f"messages[{i}].content has non-text parts; only text is supported",
-                           "messages")
-            c = "".join(p["text"] for p in c)
-        if not isinstance(c, str):
-            raise _Bad("invalid_request", f"messages[{i}].content must be a string", "messages")
-        out.append({"role": _ROLES[m["role"]], "content": c})
+    for i, m in enumerate(req.messages):
+        if m.role not in _ROLES or m.tool_calls:
+            raise _Bad("unsupported", f"messages[{i}] is a tool call or result; flashmoe-batch answers text chats "
+                                      "only (roles system, developer, user, assistant)", "messages")
+        c = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or ())
+        out.append({"role": _ROLES[m.role], "content": c})
     if not any(m["content"].strip() for m in out):
         raise _Bad("missing_prompt", "every message is empty", "messages")
     if system_prompt is not None and out[0]["role"] != "system":
@@ -243,28 +244,8 @@ def _messages(msgs, system_prompt: str | None) -> list[dict]:
     return out
 
 
-def _number(body: dict, key: str, integer: bool):
-    v = body[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and isinstance(v, float) and not v.is_integer()):
-        raise _Bad("invalid_sampling", f"{key} must be {'an integer' if integer else 'a number'} (got {json.dumps(v)})",
-                   key)
-    if isinstance(v, float) and not math.isfinite(v):
-        raise _Bad("invalid_sampling", f"{key} must be finite (got {v})", key)
-    return int(v) if integer else float(v)
-
-
-def _sampling(body: dict, d: Defaults) -> dict:
-    s = {"max_tokens": d.max_tokens, "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
-         "seed": d.seed, "stop": tuple(d.stop)}
-    for key, integer in (("max_tokens", True), ("temperature", False), ("top_p", False), ("top_k", True),
-                         ("seed", True)):
-        if body.get(key) is not None:
-            s[key] = _number(body, key, integer)
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
-            raise _Bad("invalid_sampling", "stop must be a string or a list of strings", "stop")
-        s["stop"] = tuple(x for x in stop if x)
-    return s
+def _sampling(req: ChatRequest | CompletionRequest, max_tokens: int | None, d: Defaults) -> dict:
+    pick = lambda v, default: default if v is None else v  # noqa: E731
+    return {"max_tokens": pick(max_tokens, d.max_tokens), "temperature": float(pick(req.temperature, d.temperature)),
+            "top_p": float(pick(req.top_p, d.top_p)), "top_k": pick(req.top_k, d.top_k), "seed": pick(req.seed, d.seed),
+            "stop": tuple(d.stop) if req.stop is None else tuple(x for x in req.stops if x)}

@@ -148,7 +148,7 @@ def run_jobs(model, tokenizer, source, output, options: JobOptions = JobOptions(
 
 def _run(model, tokenizer, source, log: OutputLog, options: JobOptions, engine) -> JobSummary:
     t0 = time.perf_counter()
-    items = parse_lines(read_lines(source), options.defaults)
+    items = parse_lines(read_lines(source), options.defaults, model.config.vocab_size)
     by_line = {it.line: it for it in items}
     _check_same_input(log, by_line)
     todo = [it for it in items if it.line not in log.done]

@@ -232,7 +232,7 @@ class ChatRequest(Sampling):
 # ---- OpenAI Completions -----------------------------------------------------------------------------
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[int], Field(min_length=1)]  # each in [0, vocab_size): CompletionRequest checks
 
 
 class CompletionRequest(Sampling):
@@ -254,8 +254,11 @@ class CompletionRequest(Sampling):
     def _token_ids_in_vocab(cls, v, info: ValidationInfo):
         vocab = (info.context or {}).get("vocab_size")
         one = v[0] if isinstance(v, list) and v and isinstance(v[0], (str, list)) else v
-        if vocab is not None and isinstance(one, list) and any(t >= vocab for t in one):
-            raise ValueError(f"token ids must be in [0, {vocab})")
+        bad = next((t for t in one if t < 0 or (vocab is not None and t >= vocab)), None) \
+            if isinstance(one, list) else None
+        if bad is not None:
+            where = "negative" if bad < 0 else "not in the model's vocabulary"
+            raise ValueError(f"token id {bad} is {where}; token ids must be in [0, {vocab or 'vocabulary size'})")
         return v
 
     @property
