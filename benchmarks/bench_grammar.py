@@ -7,8 +7,9 @@ Engine, without a grammar and with a JSON-schema grammar on every row (serve/gra
 For each B: one untimed pass of each mode, then --passes passes alternating plain, grammar, plain, ...
 Each pass adds B prompts of random ids (the same in both modes; drawn again, up to MAX_REDRAWS times, while
 some row's plain greedy answer ends before --tokens, so both modes decode full batches), greedy, --tokens
-each; its first engine step (the prefill and the first decode) is left out, the decode steps after it timed. The schema (an array of at least --tokens
-small objects) cannot be complete within --tokens, so grammar rows run to their length too.
+each; its first engine step (the prefill and the first decode) is left out, the decode steps after it
+timed. The schema (an array of at least --tokens small objects) cannot be complete within --tokens, so
+grammar rows run to their length too.
 
 Reported per B, each as median and spread over the passes (bench.method.spread):
 * step_ms: the decode step, plain and grammar (with the grammar the engine cannot launch the next step
