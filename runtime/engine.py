@@ -40,7 +40,7 @@ from .config import EngineConfig
 from .experts import device_memory_bytes
 from .model import Stats
 from .runner import PREFILL_TOKENS, BatchRunner, PromptCache
-from .sampling import SamplingParams, Sequence
+from .sampling import SamplingParams, Sequence, mask_logits
 from .text import GenerationChunk, eos_ids, prompt_ids, sequence_stats, stage_delta
 MAX_BATCH = 256  # rows at once unless the caller says otherwise (the memory budget usually binds first)
 REFERENCE_CONTEXT = 4096  # context length at which the plan quotes sequences per budget
@@ -347,13 +347,14 @@ class Engine:
         self._finish(done, events)
 
     @staticmethod
-    def _choose(entries: list[_Entry], logits: mx.array) -> list[int]:
-        """Each row's next token from its logits [B, V] (greedy rows in one argmax)."""
-        greedy = [i for i, e in enumerate(entries) if e.seq.greedy]
-        picks = {}
-        if greedy:
-            arg = np.array(mx.argmax(logits[mx.array(np.asarray(greedy, np.int32))], axis=-1)).tolist()
-            picks = dict(zip(greedy, arg))
+    def _choose(entries: list[_Entry], logits: mx.array, choice: np.ndarray | None = None) -> list[int]:
+        """Each row's next token from its logits [B, V]: grammar rows masked together, then every argmax row
+        in one argmax (greedy rows take `choice`, the step's own argmax, when given)."""
+        logits = mask_logits([e.seq for e in entries], logits)
+        picks = {} if choice is None else {i: int(choice[i]) for i, e in enumerate(entries) if e.seq.greedy}
+        arg = [i for i, e in enumerate(entries) if e.seq.argmax and i not in picks]
+        if arg:
+            picks.update(zip(arg, np.array(mx.argmax(logits[mx.array(np.asarray(arg, np.int32))], axis=-1)).tolist()))
         return [picks[i] if i in picks else e.seq.choose(logits[i]) for i, e in enumerate(entries)]
 
     def _decode(self, rows: list[_Entry], events: list[Event]) -> None:
@@ -374,16 +375,12 @@ class Engine:
         logits, choice, redone = runner.finish(p, after=ahead)
         if redone:
             ahead = None  # built on a void step
-        tokens = []
-        for i, e in enumerate(rows):
-            if e.seq.greedy:
-                tokens.append(int(choice[i]))
-            elif nxt is not None and not redone:
-                tokens.append(int(nxt[i].item()))
-            elif nxt is not None:  # the step ran again: the same draw from its new logits
-                tokens.append(e.seq.redraw(logits[i]))
-            else:
-                tokens.append(e.seq.choose(logits[i]))
+        if nxt is None:  # not launched ahead (grammar rows among them: the mask needs this step's token)
+            tokens = self._choose(rows, logits, choice)
+        elif not redone:
+            tokens = [int(choice[i]) if e.seq.greedy else int(nxt[i].item()) for i, e in enumerate(rows)]
+        else:  # the step ran again: the same draw from its new logits
+            tokens = [int(choice[i]) if e.seq.greedy else e.seq.redraw(logits[i]) for i, e in enumerate(rows)]
         spent = stage_delta(s0, stats.snapshot(), 1 / len(rows))
         for e in rows:
             e.seq.fed += 1

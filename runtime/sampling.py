@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from flashmoe.errors import InputError
 
@@ -28,6 +29,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logits_processor: Callable | None = None  # (generated ids, logits [V]) -> logits [V]
     sampler: Callable | None = None  # (logits [V], generated ids) -> token id; replaces the built-in one
+    # one sequence's grammar state (serve/grammar.py GrammarMask): the engine masks every grammar row of a
+    # step together (mask_logits), before logits_processor and the sampler; such rows are never pipelined
+    grammar: object | None = None
 
     def check(self) -> "SamplingParams":
         def num(name, v, lo, hi, lo_open=False):
@@ -103,6 +107,36 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, s
     return Sampler(temperature, top_p, top_k, seed)
 
 
+def mask_logits(seqs: list["Sequence"], logits: mx.array) -> mx.array:
+    """logits [B, V] with each grammar row's disallowed tokens at -inf; rows without a grammar untouched.
+    The rows' masks are computed together (one `masks` call per masker, in practice one for the batch:
+    `masker.masks(states, generated)` -> int32 [n, W] bit-packed, token t is bit t % 32 of word t // 32)
+    and applied in one operation (apply_token_masks)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.grammar is not None]
+    if not rows:
+        return logits
+    B, V = logits.shape
+    words = np.full((B, (V + 31) // 32), -1, np.int32)  # all bits set: every token allowed
+    groups: dict[int, tuple[object, list[int]]] = {}
+    for i in rows:
+        masker = seqs[i].params.grammar.masker
+        groups.setdefault(id(masker), (masker, []))[1].append(i)
+    for masker, idx in groups.values():
+        m = masker.masks([seqs[i].params.grammar for i in idx], [seqs[i].generated for i in idx])
+        w = min(words.shape[1], m.shape[1])
+        words[idx, :w] = m[:, :w]
+        words[idx, w:] = 0  # tokens past the grammar's vocabulary: never
+    return apply_token_masks(logits, words)
+
+
+def apply_token_masks(logits: mx.array, words: np.ndarray) -> mx.array:
+    """logits [B, V] where the bit-packed masks `words` int32 [B, >= V/32] allow them, else -inf: the
+    packed words go to the device (V/8 bytes a row) and are unpacked there, one where over the batch."""
+    B, V = logits.shape
+    bits = (mx.array(words)[:, :, None] >> mx.arange(32, dtype=mx.int32)) & 1  # [B, W, 32]
+    return mx.where(bits.reshape(B, -1)[:, :V].astype(mx.bool_), logits, -mx.inf)
+
+
 def _stop_hold(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
     best = 0
@@ -131,15 +165,17 @@ class Sequence:
         p = self.params
         self.base = Sampler(p.temperature, p.top_p, p.top_k, p.seed) if p.sampler is None else None
         # the next token can be drawn on the device without the host (`draw`): no Python callable involved
-        self.lazy = p.sampler is None and p.logits_processor is None
-        self.greedy = self.lazy and p.temperature == 0
+        self.lazy = p.sampler is None and p.logits_processor is None and p.grammar is None
+        # the choice is the argmax of its logits (a grammar row's masked): the engine takes the batch's in one
+        self.argmax = p.sampler is None and p.logits_processor is None and p.temperature == 0
+        self.greedy = self.lazy and self.argmax
         self.detok = StreamingDetokenizer(self.tokenizer)
         self.pending = ""
         if p.max_tokens == 0:
             self.finish = "length"
 
     def choose(self, logits: mx.array) -> int:
-        """logits [V] -> the next token id."""
+        """logits [V] (a grammar row's already masked: mask_logits) -> the next token id."""
         p = self.params
         if p.logits_processor is not None:
             logits = p.logits_processor(self.generated, logits)

@@ -144,11 +144,10 @@ class Server:
     def submit(self, ids: list[int], params, grammar: str | None = None, recorder: LogprobRecorder | None = None):
         """Admit one sequence; with a grammar, its own matcher masks every token it samples; with a
         recorder, the log-probabilities of what it samples are kept (read them through parts)."""
-        mask = self.grammars.mask(grammar) if grammar is not None else None
-        if mask is not None and recorder is not None:
-            params = dataclasses.replace(params, logits_processor=lambda ids, logits: recorder(ids, mask(ids, logits)))
-        elif mask is not None or recorder is not None:
-            params = dataclasses.replace(params, logits_processor=mask or recorder)
+        if grammar is not None:  # the engine masks it (with the batch's other grammar rows) before the recorder
+            params = dataclasses.replace(params, grammar=self.grammars.mask(grammar))
+        if recorder is not None:
+            params = dataclasses.replace(params, logits_processor=recorder)
         try:
             return self.worker.submit(ids, params)
         except Overloaded as e:

@@ -2,7 +2,8 @@
 
     grammars = Grammars(tokenizer, n_vocab, eos)          # once per server (the bundle's tokenizer.json)
     g = grammars.compile(json_schema_grammar(schema), "response_format")   # 400 naming what it refused
-    params.logits_processor = grammars.mask(g)           # one matcher per sequence
+    params.grammar = grammars.mask(g)                    # one matcher per sequence; the engine masks a
+                                                         # step's grammar rows together (sampling.mask_logits)
 
 Grammars: `response_format` JSON (json_object: any object; json_schema: that schema), and Qwen3.5 XML tool
 calls (toolcalls.py parses them) whose parameters follow each tool's JSON schema: a required call (named,
@@ -18,9 +19,6 @@ or `format`), is an APIError 400 naming the part: never a silent fallback to unc
 from __future__ import annotations
 
 import json
-import threading
-
-import mlx.core as mx
 import numpy as np
 
 from .errors import APIError
@@ -169,13 +167,19 @@ def _py(v) -> str:
 
 
 class Grammars:
-    """llguidance's tokenizer for the bundle (built once) and the grammars' checks and matchers."""
+    """llguidance's tokenizer for the bundle (built once), the grammars' checks, and the batch masker: the
+    engine (runtime/sampling.py mask_logits) asks it for every grammar row's mask of a step in one call."""
 
     def __init__(self, tokenizer_json: str, n_vocab: int, eos: list[int]):
         import llguidance
 
         self.n_vocab, self.eos = n_vocab, sorted(eos)
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=self.eos)
+        self.executor = llguidance.LLExecutor()
+        self.words = (n_vocab + 31) // 32
+        self._eos_only = np.zeros(self.words, np.int32)
+        for t in self.eos:
+            self._eos_only.view(np.uint32)[t // 32] |= np.uint32(1 << (t % 32))
 
     def compile(self, grammar: str, where: str) -> str:
         """The grammar checked against this tokenizer: a 400 naming `where` when llguidance refuses it."""
@@ -188,35 +192,42 @@ class Grammars:
         return grammar
 
     def mask(self, grammar: str) -> "GrammarMask":
+        """One sequence's grammar state, for SamplingParams.grammar."""
         import llguidance
 
-        return GrammarMask(llguidance.LLMatcher(self.tokenizer, grammar, log_level=0), self.n_vocab, self.eos)
+        return GrammarMask(llguidance.LLMatcher(self.tokenizer, grammar, log_level=0), self)
+
+    def masks(self, states: list["GrammarMask"], generated: list[list[int]]) -> np.ndarray:
+        """Each sequence's matcher fed its new tokens, then the tokens each allows next, computed together
+        on llguidance's thread pool: int32 [n, words], token t is bit t % 32 of word t // 32. A matcher in
+        error (it cannot happen with its own mask applied) allows only EOS, ending the answer."""
+        out = np.empty((len(states), self.words), np.int32)
+        live = []
+        for k, (s, ids) in enumerate(zip(states, generated)):
+            s.feed(ids)
+            if s.matcher.is_error():
+                out[k] = self._eos_only
+            else:
+                live.append((s.matcher, k))
+        if live:
+            self.executor.unsafe_compute_mask_ptr(live, out.ctypes.data, self.words * 4, len(states))
+        return out
 
 
 class GrammarMask:
-    """A SamplingParams.logits_processor: feeds the sequence's new tokens to its matcher, then keeps only
-    the tokens the grammar allows next (the others' logits become -inf). A matcher in error (it cannot
-    happen with its own mask applied) allows only EOS, ending the answer."""
+    """One sequence's grammar state: its llguidance matcher and how many of its tokens the matcher has
+    consumed. `masker` (the Grammars) computes the masks of a batch's grammar rows in one call."""
 
-    def __init__(self, matcher, n_vocab: int, eos: list[int]):
-        self.matcher, self.n_vocab, self.eos = matcher, n_vocab, eos
+    def __init__(self, matcher, masker: Grammars):
+        self.matcher, self.masker = matcher, masker
         self._fed = 0
-        self._lock = threading.Lock()
-        self._words = np.empty(((n_vocab + 31) // 32,), np.int32)
+
+    def feed(self, generated: list[int]) -> None:
+        for t in generated[self._fed:]:
+            self.matcher.consume_token(int(t))
+        self._fed = len(generated)
 
     def allowed(self, generated: list[int]) -> np.ndarray:
-        """A bool [n_vocab] of the tokens allowed after `generated`."""
-        with self._lock:
-            for t in generated[self._fed:]:
-                self.matcher.consume_token(int(t))
-            self._fed = len(generated)
-            if self.matcher.is_error():
-                ok = np.zeros(self.n_vocab, bool)
-                ok[self.eos] = True
-                return ok
-            self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-            return np.unpackbits(self._words.view(np.uint8), bitorder="little", count=self.n_vocab).view(np.bool_)
-
-    def __call__(self, generated: list[int], logits: mx.array) -> mx.array:
-        ok = self.allowed(generated)
-        return mx.where(mx.array(ok[: logits.shape[-1]]), logits, -mx.inf)
+        """A bool [n_vocab] of the tokens allowed after `generated` (one row of `masks`)."""
+        words = self.masker.masks([self], [generated])[0]
+        return np.unpackbits(words.view(np.uint8), bitorder="little", count=self.masker.n_vocab).view(np.bool_)

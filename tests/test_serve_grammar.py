@@ -192,6 +192,14 @@ def test_mask_allows_exactly_the_grammar(live):
             assert ok[ids[i]], (i, tok.decode(ids[:i + 1]))
         else:
             assert set(np.nonzero(ok)[0]) == set(live.server.engine.eos)  # complete: only EOS
-    logits = mx.zeros((g.n_vocab,))
-    out = np.array(mask(ids, logits))
-    assert np.isneginf(out[~mask.allowed(ids)]).all() and (out[mask.allowed(ids)] == 0).all()
+    # the engine's batch path: a grammar row masked, a row without one untouched, in one [B, V] operation
+    from flashmoe.runtime.sampling import SamplingParams, Sequence, mask_logits
+
+    part = ids[:5]
+    seqs = [Sequence([1], SamplingParams(grammar=g.mask(g.compile(json_schema_grammar(SCHEMAS[1]), "x"))), tok,
+                     frozenset(live.server.engine.eos)), Sequence([1], SamplingParams(), tok, frozenset())]
+    seqs[0].generated = list(part)
+    out = np.array(mask_logits(seqs, mx.zeros((2, g.n_vocab))))
+    ok = g.mask(g.compile(json_schema_grammar(SCHEMAS[1]), "x")).allowed(part)  # a fresh matcher
+    assert 0 < ok.sum() < g.n_vocab
+    assert np.isneginf(out[0][~ok]).all() and (out[0][ok] == 0).all() and (out[1] == 0).all()
