@@ -88,6 +88,9 @@ class Internal:
             await send_error(send, APIError(500, f"internal error: {type(e).__name__}: {e}"), _is_anthropic(scope))
 
 
+DRAIN_MAX = 64 << 20  # refused bodies up to this size are read (and dropped) before the 413
+
+
 class BodyLimit:
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -101,8 +104,10 @@ class BodyLimit:
                 size = int(declared)
             except ValueError:
                 return await self._refuse(scope, send, APIError(400, "the Content-Length header is not a number"))
-            if size > self.limit:
-                return await self._refuse(scope, send, self._too_large(f"{size} bytes"))
+            if size > self.limit:  # refused before a byte is kept; a modest body is read and dropped first,
+                # so that the client, still sending, reads the 413 instead of a reset connection
+                drained = size <= DRAIN_MAX and await self._drain(receive)
+                return await self._refuse(scope, send, self._too_large(f"{size} bytes"), close=not drained)
         chunks, total, more = [], 0, True
         while more:
             message = await receive()
@@ -130,5 +135,15 @@ class BodyLimit:
                              "(flashmoe-serve --max-body-mb)")
 
     @staticmethod
-    async def _refuse(scope, send, err: APIError) -> None:
-        await send_error(send, err, _is_anthropic(scope), close=True)  # the unread body: the connection ends
+    async def _drain(receive) -> bool:
+        """Read the request body to its end, keeping none of it; False if the client went away."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            if not message.get("more_body", False):
+                return True
+
+    @staticmethod
+    async def _refuse(scope, send, err: APIError, close: bool = True) -> None:
+        await send_error(send, err, _is_anthropic(scope), close=close)  # an unread body: the connection ends

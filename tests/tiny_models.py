@@ -69,15 +69,20 @@ def train(model, ids: list[int], steps: int, seed: int = 0, batch: int = 8):
     data = torch.tensor(ids)
     S, B = 64, batch
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        starts = torch.randint(0, len(ids) - S - 1, (B,), generator=g)
-        x = torch.stack([data[s : s + S] for s in starts])
-        y = torch.stack([data[s + 1 : s + S + 1] for s in starts])
-        logits = model(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights on every machine: torch's CPU sums differ by thread count
+    try:
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - S - 1, (B,), generator=g)
+            x = torch.stack([data[s : s + S] for s in starts])
+            y = torch.stack([data[s + 1 : s + S + 1] for s in starts])
+            logits = model(x).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
