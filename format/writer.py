@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from .experts import ExpertFileInfo, ExpertFileWriter
-from .files import abort_partial, commit_partial, create_partial, real_dirs
+from .files import abort_partial, commit_partial, create_partial, real_dirs, write_file
 from .manifest import expert_path, safe_relpath, write_manifest
 from .st import SafetensorsWriter
 
@@ -77,14 +77,7 @@ class BundleWriter:
         self._done(rel, *w.close())
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        path = self.path(rel)
-        f = create_partial(path)
-        try:
-            f.write(data)
-        except BaseException:
-            abort_partial(f, path)
-            raise
-        commit_partial(f, path)
+        write_file(self.path(rel), data)
         self._done(rel, len(data), hashlib.sha256(data).hexdigest())
 
     def copy(self, src: str | os.PathLike, rel: str) -> None:
