@@ -16,7 +16,8 @@ Three parts, one job each:
 
 Decode is pipelined when the runner's steps need no host round trip per layer (the GPU expert cache's
 optimistic path, runtime/pipeline.py): the next step is launched on this step's lazy choice (greedy
-argmax, or a draw with the row's own seeded sampler) before the host waits. A step that has to run again
+argmax, or a draw with the row's own seeded sampler; a grammar row's masked argmax or draw, its mask
+computed on the host while the device runs the step) before the host waits. A step that has to run again
 voids the one built on it; the step launched ahead is undone when the batch changes (a row ends, joins or
 is cancelled), so the cache always holds exactly the tokens fed.
 """
@@ -365,22 +366,28 @@ class Engine:
         else:
             p = runner.launch([e.next_token for e in rows])
         ahead = nxt = None
-        if runner.pipelined and all(e.seq.lazy for e in rows):
+        if runner.pipelined and all(e.seq.lazy or e.seq.device_grammar for e in rows):
             # the next step on this one's lazy choices: greedy rows its argmax, sampled rows a draw from
-            # its logits with their own sampler (the same random key a synced draw would use)
-            nxt = [None if e.seq.greedy else e.seq.draw(p.logits[i, -1]) for i, e in enumerate(rows)]
+            # its logits with their own sampler (the same random key a synced draw would use). A grammar
+            # row's mask depends only on the tokens already taken, so the host computes it while the device
+            # runs this step, and the row's choice stays on the device too
+            last = mask_logits([e.seq for e in rows], p.logits[:, -1])
+            nxt = [None if e.seq.greedy else _lazy_choice(e.seq, last[i]) for i, e in enumerate(rows)]
             ids = p.choice if all(d is None for d in nxt) else \
                 mx.stack([p.choice[i] if d is None else d for i, d in enumerate(nxt)])
             ahead = runner.launch(ids)
         logits, choice, redone = runner.finish(p, after=ahead)
         if redone:
             ahead = None  # built on a void step
-        if nxt is None:  # not launched ahead (grammar rows among them: the mask needs this step's token)
+        if nxt is None:  # not launched ahead (a Python sampler or logits processor needs the host)
             tokens = self._choose(rows, logits, choice)
         elif not redone:
             tokens = [int(choice[i]) if e.seq.greedy else int(nxt[i].item()) for i, e in enumerate(rows)]
-        else:  # the step ran again: the same draw from its new logits
-            tokens = [int(choice[i]) if e.seq.greedy else e.seq.redraw(logits[i]) for i, e in enumerate(rows)]
+        else:  # the step ran again: the same choice (the same mask, the same draw) from its new logits
+            last = mask_logits([e.seq for e in rows], logits)
+            tokens = [int(choice[i]) if e.seq.greedy else
+                      int(mx.argmax(last[i]).item()) if e.seq.argmax else e.seq.redraw(last[i])
+                      for i, e in enumerate(rows)]
         spent = stage_delta(s0, stats.snapshot(), 1 / len(rows))
         for e in rows:
             e.seq.fed += 1
@@ -388,6 +395,11 @@ class Engine:
                 e.decode_stats[k] += v
         self._ahead = ahead
         self._finish(self._take_tokens(rows, tokens, events), events)
+
+
+def _lazy_choice(seq, logits: mx.array) -> mx.array:
+    """A pipelined row's next token, on the device: the argmax of its (masked) logits, or its sampler's draw."""
+    return mx.argmax(logits).astype(mx.int32) if seq.argmax else seq.draw(logits)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ class SamplingParams:
     logits_processor: Callable | None = None  # (generated ids, logits [V]) -> logits [V]
     sampler: Callable | None = None  # (logits [V], generated ids) -> token id; replaces the built-in one
     # one sequence's grammar state (serve/grammar.py GrammarMask): the engine masks every grammar row of a
-    # step together (mask_logits), before logits_processor and the sampler; such rows are never pipelined
+    # step together (mask_logits), before logits_processor and the sampler; without those two, its rows are
+    # pipelined like the others (the mask is computed on the host while the device runs the step)
     grammar: object | None = None
 
     def check(self) -> "SamplingParams":
@@ -132,8 +133,14 @@ def mask_logits(seqs: list["Sequence"], logits: mx.array) -> mx.array:
 def apply_token_masks(logits: mx.array, words: np.ndarray) -> mx.array:
     """logits [B, V] where the bit-packed masks `words` int32 [B, >= V/32] allow them, else -inf: the
     packed words go to the device (V/8 bytes a row) and are unpacked there, one where over the batch."""
+    return _masked(mx.array(words), logits)
+
+
+@mx.compile
+def _masked(words: mx.array, logits: mx.array) -> mx.array:
+    """apply_token_masks on the device, fused into one kernel where the backend can (mx.compile)."""
     B, V = logits.shape
-    bits = (mx.array(words)[:, :, None] >> mx.arange(32, dtype=mx.int32)) & 1  # [B, W, 32]
+    bits = (words[:, :, None] >> mx.arange(32, dtype=mx.int32)) & 1  # [B, W, 32]
     return mx.where(bits.reshape(B, -1)[:, :V].astype(mx.bool_), logits, -mx.inf)
 
 
@@ -166,6 +173,9 @@ class Sequence:
         self.base = Sampler(p.temperature, p.top_p, p.top_k, p.seed) if p.sampler is None else None
         # the next token can be drawn on the device without the host (`draw`): no Python callable involved
         self.lazy = p.sampler is None and p.logits_processor is None and p.grammar is None
+        # a grammar row whose choice can still be made on the device once the host has its mask (which
+        # depends only on the tokens already taken): pipelined like a lazy row
+        self.device_grammar = p.sampler is None and p.logits_processor is None and p.grammar is not None
         # the choice is the argmax of its logits (a grammar row's masked): the engine takes the batch's in one
         self.argmax = p.sampler is None and p.logits_processor is None and p.temperature == 0
         self.greedy = self.lazy and self.argmax
