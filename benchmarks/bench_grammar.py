@@ -12,8 +12,8 @@ timed. The schema (an array of at least --tokens small objects) cannot be comple
 grammar rows run to their length too.
 
 Reported per B, each as median and spread over the passes (bench.method.spread):
-* step_ms: the decode step, plain and grammar (with the grammar the engine cannot launch the next step
-  before this one's token is known: that loss, where the runner pipelines, is part of the cost);
+* step_ms: the decode step, plain and grammar (where the runner pipelines, grammar rows are launched
+  ahead too: their masks are computed on the host while the device runs the step);
 * mask_compute_ms: llguidance filling every row's mask in one call (Grammars.masks), per step;
 * mask_apply_ms: the packed masks to the device and one where over [B, V] (apply_token_masks), per step,
   timed apart on this B and the model's vocabulary;
