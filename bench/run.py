@@ -68,10 +68,16 @@ def forget_experts(model) -> None:
     model.experts.clear_cache()
 
 
-def compile_pass(model, cfg, k: int, tokens: int = 2, prompt: int = 1, seed: int = 12345) -> None:
+def compile_pass(model, cfg, k: int, tokens: int = 2, prompt: int = 1, seed: int = 12345,
+                 recall: float | None = None) -> None:
     """A throwaway pass with the shapes of the timed one (its own routes), so that MLX compiles its
-    kernels here and not inside the timed pass."""
-    install_router(model, StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, 0.0, seed))
+    kernels here and not inside the timed pass; with `recall`, the prefetch guesses too (bench.prefetch)."""
+    router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, 0.0, seed)
+    install_router(model, router)
+    if recall is not None:
+        from .prefetch import Guesser, install_guesser
+
+        install_guesser(model, Guesser(model, router, recall, seed))
     if prompt > 1:
         import mlx.core as mx
 
@@ -99,9 +105,11 @@ def decode(model, tokens: int, fast: bool = False) -> dict:
     tables = getattr(model, "tables", None)  # Qwen4-Exp's n-gram tables (runtime/table_reader.py); None otherwise
     if tables is not None:
         tables.stats.reset()
+    fed = []
     t = time.perf_counter()
     for _ in range(tokens):
         nxt = mx.argmax(logits[:, -1], axis=-1)[:, None]
+        fed.append(nxt)
         logits = model.decode(nxt, cache) if fast else model(nxt, cache, last_only=True)
         mx.eval(logits)
     dt = time.perf_counter() - t
@@ -109,10 +117,42 @@ def decode(model, tokens: int, fast: bool = False) -> dict:
     # optimistic steps (a GPU expert cache) that missed and were run again: each also draws one more route
     # from the synthetic router, so the routes after it differ from the timed pass's and may need reads
     redone = getattr(ex, "optimistic_misses", 0) - misses0
-    out = {"seconds": dt, "tok_s": tokens / dt, "redone_tokens": redone, **model.stats.snapshot()}
+    out = {"seconds": dt, "tok_s": tokens / dt, "redone_tokens": redone, **model.stats.snapshot(),
+           "token_ids": [int(v.item()) for v in fed] + [int(mx.argmax(logits[0, -1]).item())]}
     if tables is not None:  # read after the pass: the bytes pread from the table files during it
         out["table_bytes"] = tables.stats.bytes
     return out
+
+
+def timed_pass(model, cfg, k: int, stickiness: float, seed: int, tokens: int, files, cold: bool,
+               recall: float | None = None, guess_seed: int = 0) -> dict:
+    """One timed decode pass over the routes of `seed`. cold: the files' pages evicted and the expert slots
+    emptied first; warm: the same routes again, every record they need in the page cache (and, on a discrete
+    GPU, in the GPU expert cache as far as it holds them). recall: the model makes prefetch guesses of that
+    recall (bench.prefetch.Guesser; the model must have prefetch on), their measured recall and the runtime's
+    prefetch counters go into the pass."""
+    router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed)
+    install_router(model, router)
+    guesser = None
+    if recall is not None:
+        from .prefetch import Guesser, install_guesser, prefetcher_counters
+
+        guesser = Guesser(model, router, recall, guess_seed)
+        install_guesser(model, guesser)
+    if cold:
+        probe.evict(files)
+        forget_experts(model)
+    c0 = prefetcher_counters(model) if guesser else None
+    d0 = probe.disk_read_bytes()
+    r = decode(model, tokens)
+    d1 = probe.disk_read_bytes()
+    r["disk_bytes"] = d1 - d0 if d0 is not None else None
+    r["routes"] = route_stats(router.history, cfg.num_experts)
+    if guesser is not None:
+        c1 = prefetcher_counters(model)
+        r["prefetcher"] = {key: c1[key] - c0[key] for key in c1}
+        r["guess_overlaps"] = guesser.overlaps
+    return r
 
 
 def measure_prefill(model, files, cfg, k: int, n: int, stickiness: float, seed: int, cold: bool,
@@ -156,7 +196,9 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         stickiness: float = 0.2, seed: int = 0, peer: bool = False, prefill: int = 0, batch=None,
         batch_tokens: int = 16, batch_prompt_tokens: int = 256, routing=("uniform", "calibrated"), log=None,
         passes: int = method.MIN_PASSES, sweep_seconds: float = 1.0, gpu_cache_gb: float | None = None,
-        slots: int | None = None) -> dict:
+        slots: int | None = None, prefetch_recalls=()) -> dict:
+    """The whole report (see the module's docstring). prefetch_recalls: recalls of the measured prefetch arm
+    (bench.prefetch; empty: none, and the report carries the simulated curve, labelled an estimate)."""
     import mlx.core as mx
 
     import flashmoe
@@ -187,7 +229,12 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
                  "tokens": tokens, "io": io, "record_bytes": info.record_size,
                  "table_bytes_per_token_layout": reads["tables"]}  # None: no tables; else cold/warm from the layout
 
-    rc = runtime_config(experts_per_token=k, io=io, gpu_cache_gb=gpu_cache_gb, slots=slots)  # refused before any work
+    # refused before any work; prefetch off: the synthetic routes leave the model's own guess nothing to go on
+    # (the measured arm below is a second model with prefetch on and the bench's guesses)
+    rc = runtime_config(experts_per_token=k, io=io, gpu_cache_gb=gpu_cache_gb, slots=slots, prefetch="off")
+    recalls = [float(v) for v in prefetch_recalls]
+    if any(not 0.0 <= v <= 1.0 for v in recalls):
+        raise InputError(f"--prefetch-recall {recalls}: a recall is a share between 0 and 1")
 
     # ---- raw limits on the same files ----------------------------------------------------------
     log("measuring the disk's limit (record reads at 1..64 in flight, O_DIRECT) and memory bandwidth")
@@ -231,24 +278,23 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     rep["simulated_read_factor_full_vs_bundle"] = sim[full_layers] / sim[cfg.num_hidden_layers]
     log("compiling (a throwaway pass, not timed)")
     compile_pass(model, cfg, k)
-    results = {}
+    on_model = None
+    if recalls and cold_ok:  # the measured prefetch arm: the same runtime with prefetch on, and the bench's guesses
+        on_model, _ = flashmoe.load(b.path, rc.with_(prefetch="on"))
+        on_model.stats.enabled = True
+        log(f"compiling the prefetch arm (prefetch on, guesses of recall {', '.join(f'{v:g}' for v in recalls)})")
+        compile_pass(on_model, cfg, k, recall=recalls[0])
+    elif recalls:
+        log("no prefetch arm: this OS cannot evict the bundle's pages, so there is no cold pass to measure it on")
+    results, arm = {}, {v: [] for v in recalls if on_model is not None}
     need_rec = info.record_size
     for phase in (["cold"] if cold_ok else []) + ["warm"]:
         runs = []
         for i in range(passes):
-            router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed)
-            install_router(model, router)
-            if phase == "cold":
-                probe.evict(files + table_files)
-                forget_experts(model)
-            # warm: the same routes again; every record they need is in the page cache (and, on a discrete
-            # GPU, in the GPU expert cache as far as it holds them)
-            d0 = probe.disk_read_bytes()
-            r = decode(model, tokens)
-            d1 = probe.disk_read_bytes()
-            r["disk_bytes"] = d1 - d0 if d0 is not None else None
-            r["routes"] = route_stats(router.history, cfg.num_experts)
-            runs.append(r)
+            runs.append(timed_pass(model, cfg, k, stickiness, seed, tokens, files + table_files, phase == "cold"))
+            for v, on_runs in (arm.items() if phase == "cold" else ()):  # interleaved: same routes, same pass
+                on_runs.append(timed_pass(on_model, cfg, k, stickiness, seed, tokens, files + table_files, True,
+                                          recall=v, guess_seed=seed + 1 + i))
         results[phase] = summarize_passes(runs, tokens, cfg.num_hidden_layers, full_layers, need_rec, k)
         if phase == "cold":  # the full model's cache keeps less of each layer: its reads scaled by the simulation
             r = results[phase]
@@ -272,7 +318,17 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         log(f"warm, stage timing off: {method.fmt_spread(w['untimed_stages_spread'])} tok/s{redo}")
     rep["decode"] = results
     cold = results.get("cold")
-    if cold and cold["expert_reads"]:
+    arm_checks = []
+    if on_model is not None:
+        from .prefetch import arm_summary, format_arm
+
+        rep["prefetch"], arm_checks = arm_summary(
+            cold["passes"], arm, tokens, need_rec, lim["disk_limit_gbps"], method.settings(model),
+            method.settings(on_model))
+        on_model.experts.close()
+        del on_model
+        log(format_arm(rep["prefetch"]))
+    elif cold and cold["expert_reads"]:
         from .prefetch import curve
 
         # what speculative prefetch would gain at each prediction recall, from this run's cold per-record read
@@ -341,6 +397,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
             t[name] = sp["median"]
     rep["ratios"] = ratios
     rep["targets"] = t
+    checks += arm_checks
     rep["bound_checks"] = checks
     rep["bound_violations"] = method.violations(checks)
     rep["warnings"] = warnings_for(rep)
@@ -365,7 +422,7 @@ def summarize_passes(runs: list[dict], tokens: int, layers: int, full_layers: in
     r = {key: float(np.median([p[key] for p in runs])) for key in keys}
     disk = [p["disk_bytes"] for p in runs if p.get("disk_bytes") is not None]
     r["disk_bytes"] = float(np.median(disk)) if disk else None
-    r["passes"] = [{key: p[key] for key in (*keys, "disk_bytes")} for p in runs]
+    r["passes"] = [{key: p[key] for key in (*keys, "disk_bytes", "token_ids")} for p in runs]
     r["tok_s_spread"] = method.spread([p["tok_s"] for p in runs])
     if r["disk_bytes"] is not None and r["expert_bytes"]:
         r["page_cache_hit_rate"] = max(0.0, 1.0 - r["disk_bytes"] / r["expert_bytes"])
@@ -455,9 +512,10 @@ def format_table(rep: dict) -> str:
     if rep.get("peer"):
         lines.append(f"peer      mlx-lm with every weight in memory: {method.fmt_spread(rep['peer']['tok_s_spread'])} tok/s")
     if rep.get("prefetch"):
-        from .prefetch import format_curve
+        from .prefetch import format_arm, format_curve
 
-        lines.append(format_curve(rep["prefetch"]))
+        lines.append(format_arm(rep["prefetch"]) if rep["prefetch"].get("kind") == "measured"
+                     else format_curve(rep["prefetch"]))
     for b in rep.get("batch", {}).get("rows", []):
         lines.append(format_batch_row(b))
     for name, v in rep["targets"].items():
