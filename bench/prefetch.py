@@ -207,8 +207,14 @@ def arm_pass(off: dict, on: dict, tokens: int, record_size: int, limit_gbps: flo
             "expert_io": on["expert_io"], "expert_bytes": on["expert_bytes"]}
 
 
-def arm_summary(off_passes: list[dict], on_by_recall: dict[float, list[dict]], tokens: int, record_size: int,
-                limit_gbps: float | None, settings_off: dict, settings_on: dict) -> tuple[dict, list[dict]]:
+def read_wait_ms(passes: list[dict], tokens: int, layers: int) -> dict:
+    """Milliseconds per layer per token the model waited for expert reads, per pass (median and spread)."""
+    return method.spread([p["expert_io"] / tokens / layers * 1e3 for p in passes])
+
+
+def arm_summary(off_passes: list[dict], on_by_recall: dict[float, list[dict]], tokens: int, layers: int,
+                record_size: int, limit_gbps: float | None, settings_off: dict,
+                settings_on: dict) -> tuple[dict, list[dict]]:
     """The measured arm: per recall, its passes paired with the off passes of the same index, each figure as
     per-pass median and spread; and the bound checks (no pass above the disk roofline on the bytes it read)."""
     off_rf = [method.roofline(p["tok_s"], p["expert_bytes"] / tokens, limit_gbps)["ratio"]
@@ -216,7 +222,7 @@ def arm_summary(off_passes: list[dict], on_by_recall: dict[float, list[dict]], t
     rows, checks = [], []
     for recall, on_passes in on_by_recall.items():
         pairs = [arm_pass(a, b, tokens, record_size, limit_gbps) for a, b in zip(off_passes, on_passes)]
-        row = {"recall": float(recall), "passes": pairs}
+        row = {"recall": float(recall), "passes": pairs, "read_wait_ms_per_layer": read_wait_ms(on_passes, tokens, layers)}
         for key in ("tok_s", "gain", "roofline_ratio", "over_read", "guess_recall", "runtime_hit_rate",
                     "wasted_reads", "useful_prefetch_reads", "prefetch_dropped"):
             row[key] = method.spread([p[key] for p in pairs])
@@ -229,7 +235,8 @@ def arm_summary(off_passes: list[dict], on_by_recall: dict[float, list[dict]], t
                                                  "from disk", p["tok_s"], limit_gbps * 1e9 / (read / tokens)))
     out = {"kind": "measured", "guess_point": GUESS_POINT, "guess_earlier_than_model_s": GUESS_EARLIER_THAN_MODEL_S,
            "passes": len(off_passes), "settings": {"off": settings_off, "on": settings_on},
-           "off": {"tok_s": method.spread([p["tok_s"] for p in off_passes]), "roofline_ratio": method.spread(off_rf)},
+           "off": {"tok_s": method.spread([p["tok_s"] for p in off_passes]), "roofline_ratio": method.spread(off_rf),
+                   "read_wait_ms_per_layer": read_wait_ms(off_passes, tokens, layers)},
            "by_recall": rows}
     return out, checks
 
@@ -247,13 +254,15 @@ def format_arm(a: dict) -> str:
     few = "" if n >= method.MIN_PASSES else f", fewer than {method.MIN_PASSES}!"
     lines = [f"prefetch  measured, cold, {n} passes each{few}, interleaved over the same routes; per-pass median "
              f"(min-max). Off (runtime prefetch {a['settings']['off']['prefetch']}): {_m(off['tok_s'])} tok/s, "
-             f"{_m(off['roofline_ratio'])} of the needed-bytes roofline. On (runtime prefetch "
+             f"{_m(off['roofline_ratio'])} of the needed-bytes roofline, waits for reads "
+             f"{_m(off['read_wait_ms_per_layer'])} ms/layer. On (runtime prefetch "
              f"{a['settings']['on']['prefetch']}), guesses issued where the model makes its own (after each layer's "
              f"forward; {a['guess_earlier_than_model_s']:g} s earlier):"]
     for r in a["by_recall"]:
         lines.append(f"prefetch  recall {r['recall']:g} (guesses measured {_m(r['guess_recall'])}, runtime hit rate "
                      f"{_m(r['runtime_hit_rate'])}): {_m(r['tok_s'])} tok/s = {_m(r['gain'])}x off, "
-                     f"{_m(r['roofline_ratio'])} of the needed-bytes roofline; over-read {_m(r['over_read'], '{:.0%}')}: "
+                     f"{_m(r['roofline_ratio'])} of the needed-bytes roofline, waits for reads "
+                     f"{_m(r['read_wait_ms_per_layer'])} ms/layer; over-read {_m(r['over_read'], '{:.0%}')}: "
                      f"{_m(r['wasted_reads'], '{:.0f}')} wasted and {_m(r['useful_prefetch_reads'], '{:.0f}')} useful "
                      f"prefetch reads a pass; tokens {'identical' if r['tokens_equal'] else 'DIFFERENT'} to prefetch off")
     return "\n".join(lines)

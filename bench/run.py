@@ -8,6 +8,12 @@ Honest cold timing: MLX compiles its GPU kernels the first time each is used, wh
 the first timed pass. So every timed pass is preceded by a throwaway pass of the same shapes (other
 routes), then the bundle's pages are evicted and the expert cache emptied, and only then is the cold
 pass timed.
+
+Speculative prefetch (--prefetch-recall R[,R...]): the model's own guess needs its own router, so the main
+model runs with prefetch off; a second model of the same settings with prefetch on decodes each cold pass
+again right after it, over the same routes, with guesses of recall R from bench.prefetch.Guesser (issued where
+the model makes its own). Without the flag the report carries bench.prefetch's simulated curve, labelled an
+estimate.
 """
 
 from __future__ import annotations
@@ -323,7 +329,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         from .prefetch import arm_summary, format_arm
 
         rep["prefetch"], arm_checks = arm_summary(
-            cold["passes"], arm, tokens, need_rec, lim["disk_limit_gbps"], method.settings(model),
+            cold["passes"], arm, tokens, cfg.num_hidden_layers, need_rec, lim["disk_limit_gbps"], method.settings(model),
             method.settings(on_model))
         on_model.experts.close()
         del on_model
