@@ -93,16 +93,20 @@ def compile_pass(model, cfg, k: int, tokens: int = 2, prompt: int = 1, seed: int
         decode(model, tokens)
 
 
-def decode(model, tokens: int, fast: bool = False) -> dict:
-    """Greedy-decode `tokens` tokens after a 1-token prompt; returns seconds and stage stats. fast=True
-    runs the production decode path (Model.decode: optimistic lookups when the expert cache allows)
-    with stage timing off, since timing each stage adds a host sync per stage per layer."""
+def decode(model, tokens: int, fast: bool = False, quiesce=None) -> dict:
+    """Greedy-decode `tokens` tokens after a 1-token prompt; returns seconds, stage stats and the token ids.
+    fast=True runs the production decode path (Model.decode: optimistic lookups when the expert cache allows)
+    with stage timing off, since timing each stage adds a host sync per stage per layer. quiesce: called
+    before the stats are reset and again after the clock stops, before they are read (the prefetch arm waits
+    there for background reads, so that the counters cover exactly the timed tokens)."""
     import mlx.core as mx
 
     cache = model.make_cache()
     ids = mx.array([[1]])
     logits = model(ids, cache, last_only=True)  # prefill of the 1-token prompt (not timed)
     mx.eval(logits)
+    if quiesce is not None:
+        quiesce()
     was = model.stats.enabled
     model.stats.enabled = not fast
     model.stats.reset()
@@ -119,6 +123,8 @@ def decode(model, tokens: int, fast: bool = False) -> dict:
         logits = model.decode(nxt, cache) if fast else model(nxt, cache, last_only=True)
         mx.eval(logits)
     dt = time.perf_counter() - t
+    if quiesce is not None:
+        quiesce()
     model.stats.enabled = was
     # optimistic steps (a GPU expert cache) that missed and were run again: each also draws one more route
     # from the synthetic router, so the routes after it differ from the timed pass's and may need reads
@@ -139,25 +145,28 @@ def timed_pass(model, cfg, k: int, stickiness: float, seed: int, tokens: int, fi
     prefetch counters go into the pass."""
     router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed)
     install_router(model, router)
-    guesser = None
+    guesser, marks, quiesce = None, [], None
     if recall is not None:
         from .prefetch import Guesser, install_guesser, prefetcher_counters
 
         guesser = Guesser(model, router, recall, guess_seed)
         install_guesser(model, guesser)
+
+        def quiesce():  # no background read crosses the timed window's edges; counters and guesses at each edge
+            model.experts.prefetcher.drain()
+            marks.append((prefetcher_counters(model), len(guesser.overlaps)))
     if cold:
         probe.evict(files)
         forget_experts(model)
-    c0 = prefetcher_counters(model) if guesser else None
     d0 = probe.disk_read_bytes()
-    r = decode(model, tokens)
+    r = decode(model, tokens, quiesce=quiesce)
     d1 = probe.disk_read_bytes()
     r["disk_bytes"] = d1 - d0 if d0 is not None else None
     r["routes"] = route_stats(router.history, cfg.num_experts)
     if guesser is not None:
-        c1 = prefetcher_counters(model)
+        (c0, g0), (c1, g1) = marks
         r["prefetcher"] = {key: c1[key] - c0[key] for key in c1}
-        r["guess_overlaps"] = guesser.overlaps
+        r["guess_overlaps"] = guesser.overlaps[g0:g1]  # the timed tokens' guesses
     return r
 
 

@@ -108,23 +108,26 @@ def test_prefetch_arm_runs_with_the_asked_recall(arm_report):
     assert sorted(rows) == [0.0, 0.5, 1.0]
     for recall, r in rows.items():
         assert r["tok_s"]["n"] == 5 and r["tok_s"]["min"] <= r["tok_s"]["median"] <= r["tok_s"]["max"]
-        # every guess the bench made: (16 timed tokens + the 1-token prompt) x layers 1..3
-        assert all(p["guesses"] == 17 * 3 for p in r["passes"])
+        # one guess per timed token for each layer after the first, made before that layer routed
+        assert all(p["guesses"] == 16 * 3 for p in r["passes"])
         overlaps = [p["guess_recall"] for p in r["passes"]]
         assert abs(np.mean(overlaps) - recall) < 0.08, (recall, overlaps)
         # the runtime counted the same hits: each guess reached it before its layer routed, for the same token
         for p in r["passes"]:
             assert p["runtime_hit_rate"] == pytest.approx(p["guess_recall"], abs=1e-9)
             assert p["prefetch_reads"] >= 0 and p["prefetch_dropped"] >= 0
-            assert p["useful_prefetch_reads"] + p["wasted_reads"] == p["prefetch_reads"]
         # greedy tokens identical with prefetch on and off (the same routes; prefetch changes only when reads happen)
         assert r["tokens_equal"] and all(p["tokens_equal"] for p in r["passes"])
         if a["off"]["roofline_ratio"]["median"] is not None:  # a disk limit measured (O_DIRECT)
             assert r["roofline_ratio"]["n"] == 5
     assert rows[1.0]["guess_recall"]["median"] == 1.0 and rows[0.0]["guess_recall"]["median"] == 0.0
-    # wrong guesses cost reads; right ones replace demand reads
-    assert rows[0.0]["wasted_reads"]["median"] > rows[1.0]["wasted_reads"]["median"]
-    assert rows[1.0]["useful_prefetch_reads"]["median"] > 0
+    # wrong guesses cost reads (the disk delivers more than the routes needed); right ones replace demand reads
+    # (a perfect guess reads no more than prefetch off: the bytes counted apart as over-read are the wrong ones')
+    for p in rows[1.0]["passes"]:
+        assert p["wasted_reads"] <= 0.05 * p["prefetch_reads"] and p["useful_prefetch_reads"] > 0
+    for p in rows[0.0]["passes"]:
+        assert p["wasted_reads"] > 0.5 * p["prefetch_reads"] and p["over_read"] > 0.3
+    assert rows[0.5]["over_read"]["median"] < rows[0.0]["over_read"]["median"]
 
 
 def test_prefetch_arm_is_within_its_bounds(arm_report):
