@@ -145,21 +145,22 @@ def timed_pass(model, cfg, k: int, stickiness: float, seed: int, tokens: int, fi
     prefetch counters go into the pass."""
     router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed)
     install_router(model, router)
-    guesser, marks, quiesce = None, [], None
+    guesser, marks = None, []
     if recall is not None:
         from .prefetch import Guesser, install_guesser, prefetcher_counters
 
         guesser = Guesser(model, router, recall, guess_seed)
         install_guesser(model, guesser)
 
-        def quiesce():  # no background read crosses the timed window's edges; counters and guesses at each edge
-            model.experts.prefetcher.drain()
-            marks.append((prefetcher_counters(model), len(guesser.overlaps)))
+    def edge():  # no background read crosses the timed window's edges; counters and guesses at each edge
+        model.experts.prefetcher.drain()
+        marks.append((prefetcher_counters(model), len(guesser.overlaps)))
+
     if cold:
         probe.evict(files)
         forget_experts(model)
     d0 = probe.disk_read_bytes()
-    r = decode(model, tokens, quiesce=quiesce)
+    r = decode(model, tokens, quiesce=edge if guesser is not None else None)
     d1 = probe.disk_read_bytes()
     r["disk_bytes"] = d1 - d0 if d0 is not None else None
     r["routes"] = route_stats(router.history, cfg.num_experts)
