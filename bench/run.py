@@ -302,7 +302,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         compile_pass(on_model, cfg, k, recall=recalls[0])
     elif recalls:
         log("no prefetch arm: this OS cannot evict the bundle's pages, so there is no cold pass to measure it on")
-    results, arm = {}, {v: [] for v in recalls if on_model is not None}
+    results, arm, arm_checks = {}, {v: [] for v in recalls if on_model is not None}, []
     need_rec = info.record_size
     for phase in (["cold"] if cold_ok else []) + ["warm"]:
         runs = []
@@ -320,6 +320,15 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         r = results[phase]
         log(f"{phase}: {method.fmt_spread(r['tok_s_spread'])} tok/s over {cfg.num_hidden_layers} layers; projected "
             f"{r['projected_full_model_tok_s']:.2f} tok/s for {full_layers} layers")
+        if on_model is not None and phase == "cold":  # the arm's figures, then its model's memory back
+            from .prefetch import arm_summary, format_arm
+
+            rep["prefetch"], arm_checks = arm_summary(
+                results["cold"]["passes"], arm, tokens, cfg.num_hidden_layers, need_rec, lim["disk_limit_gbps"],
+                method.settings(model), method.settings(on_model))
+            on_model.experts.close()
+            on_model = None
+            log(format_arm(rep["prefetch"]))
     if "warm" in results:  # the same routes once more per pass, timed as a user sees it (no per-stage syncs)
         fast = []
         for _ in range(passes):
@@ -334,17 +343,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         log(f"warm, stage timing off: {method.fmt_spread(w['untimed_stages_spread'])} tok/s{redo}")
     rep["decode"] = results
     cold = results.get("cold")
-    arm_checks = []
-    if on_model is not None:
-        from .prefetch import arm_summary, format_arm
-
-        rep["prefetch"], arm_checks = arm_summary(
-            cold["passes"], arm, tokens, cfg.num_hidden_layers, need_rec, lim["disk_limit_gbps"], method.settings(model),
-            method.settings(on_model))
-        on_model.experts.close()
-        del on_model
-        log(format_arm(rep["prefetch"]))
-    elif cold and cold["expert_reads"]:
+    if "prefetch" not in rep and cold and cold["expert_reads"]:
         from .prefetch import curve
 
         # what speculative prefetch would gain at each prediction recall, from this run's cold per-record read
