@@ -3,6 +3,7 @@
     flashmoe-bench make --shape qwen3.5-397b-a17b --layers 4 --bits 4 -o DIR
     flashmoe-bench run DIR [--tokens 32] [--passes 5] [--experts-per-token K] [--io pread|mmap|direct]
                        [--gpu-cache-gb GB | --slots N] [--json FILE] [--chart FILE.png] [--peer]
+                       [--prefetch-recall [R1,R2,...]]
     flashmoe-bench run DIR --batch 1,8,32,128 [--routing uniform,calibrated]
     flashmoe-bench recall BUNDLE --text FILE [--tokens 512] [--json FILE]
     flashmoe-bench doctor [--dir PATH]
@@ -16,6 +17,7 @@ import sys
 from flashmoe.cli import add_common_arguments, run_cli
 from flashmoe.errors import InputError
 
+from .prefetch import MEASURED_RECALL
 from .presets import PRESETS
 from .routing import MODELS as ROUTING_MODELS
 
@@ -38,6 +40,17 @@ def _routings(text: str) -> list[str]:
     if bad or not out:
         raise argparse.ArgumentTypeError(f"{text!r}: routing models are {', '.join(ROUTING_MODELS)} (comma-separated)")
     return out
+
+
+def _recalls(text: str) -> list[float]:
+    try:
+        out = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give recalls as comma-separated numbers from 0 to 1, "
+                                         "e.g. 0,0.5,0.84,1") from None
+    if not out or any(not 0.0 <= v <= 1.0 for v in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: a recall is a share from 0 to 1, e.g. 0,0.5,0.84,1")
+    return list(dict.fromkeys(out))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,6 +98,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--routing", type=_routings, default=list(ROUTING_MODELS), metavar="MODELS",
                    help="with --batch: synthetic routing models to run, comma-separated: uniform (random, sticky) "
                         "and/or calibrated (matches real models' cache hit rates); default both")
+    r.add_argument("--prefetch-recall", type=_recalls, nargs="?", const=[MEASURED_RECALL], default=None,
+                   metavar="R1,R2,...",
+                   help="also run cold decode with speculative prefetch on, interleaved pass by pass with it off over "
+                        "the same routes, the model handed guesses of layer L+1's experts with this recall (each "
+                        f"right expert kept with that probability); the flag alone: {MEASURED_RECALL}, the recall "
+                        "measured on the trained demo model (bench/prefetch.py); several values give a measured "
+                        "curve, e.g. 0,0.5,0.84,1")
     r.add_argument("--json", default=None, metavar="FILE", help="also write the full report as JSON")
     r.add_argument("--chart", default=None, metavar="FILE.png", help="also draw a chart of time per layer (needs matplotlib)")
     c = sub.add_parser("recall", help="how often a layer's router, applied a layer early, names the experts the "
@@ -121,7 +141,8 @@ def body(a: argparse.Namespace) -> int:
         rep = run(a.bundle, tokens=a.tokens, experts_per_token=a.experts_per_token, io=a.io,
                   stickiness=a.stickiness, seed=a.seed, peer=a.peer, prefill=a.prefill, batch=a.batch,
                   batch_tokens=a.batch_tokens, batch_prompt_tokens=a.batch_prompt_tokens, routing=a.routing,
-                  passes=a.passes, sweep_seconds=a.sweep_seconds, gpu_cache_gb=a.gpu_cache_gb, slots=a.slots)
+                  passes=a.passes, sweep_seconds=a.sweep_seconds, gpu_cache_gb=a.gpu_cache_gb, slots=a.slots,
+                  prefetch_recalls=a.prefetch_recall or ())
         rep["peak_rss_mb"] = peak_rss_mb()
         print(format_table(rep))
         if a.json:

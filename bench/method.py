@@ -292,7 +292,9 @@ def settings(model) -> dict:
             "read_threads": getattr(reader, "threads", None),
             "dtype": str(dtype).replace("mlx.core.", "") if dtype is not None else None,
             "experts_per_token": model.experts_per_token, "kernels": getattr(rc, "kernels", None),
-            "gpu_cache_gb_asked": getattr(rc, "gpu_cache_gb", None), "slots_asked": getattr(rc, "slots", None)}
+            "gpu_cache_gb_asked": getattr(rc, "gpu_cache_gb", None), "slots_asked": getattr(rc, "slots", None),
+            "prefetch": "on" if getattr(ex, "prefetcher", None) is not None else "off",
+            "prefetch_asked": getattr(rc, "prefetch", None)}
 
 
 def metadata(bundle_path=None, model=None) -> dict:

@@ -45,6 +45,8 @@ class StickyRouter:
         self.rng = np.random.default_rng(seed)
         self._base = np.arange(1, num_experts + 1, dtype=np.float64) ** -popularity if popularity else None
         self.state: dict[tuple[int, int], dict] = {}  # (layer, stream) -> prev ids, weights, tokens, history
+        # (layer, stream) -> routes drawn ahead (`ahead`), handed out in order by `next` before any new draw
+        self._ahead: dict[tuple[int, int], list[np.ndarray]] = {}
 
     def _stream(self, layer: int, stream: int) -> dict:
         s = self.state.get((layer, stream))
@@ -53,6 +55,21 @@ class StickyRouter:
         return s
 
     def next(self, layer: int, stream: int = 0) -> np.ndarray:
+        """The stream's next route at `layer`: one drawn ahead if any (oldest first), else a new draw."""
+        queued = self._ahead.get((layer, stream))
+        return queued.pop(0) if queued else self._draw(layer, stream)
+
+    def ahead(self, layer: int, tokens: int = 1, stream: int = 0) -> np.ndarray:
+        """[tokens, K]: the stream's next `tokens` routes at `layer`, drawn now and handed out later by `next`
+        (a speculative-prefetch guess is made from them before the layer routes). The routes are the ones `next`
+        would have drawn as long as draws keep their order: the bench draws layer L+1's route for a token
+        after layer L's, as the model asks for them."""
+        queued = self._ahead.setdefault((layer, stream), [])
+        for _ in range(tokens - len(queued)):
+            queued.append(self._draw(layer, stream))
+        return np.stack(queued[:tokens])
+
+    def _draw(self, layer: int, stream: int) -> np.ndarray:
         k, s = self.k, self._stream(layer, stream)
         prev = s["prev"]
         keep = prev[self.rng.random(k) < self.p] if prev is not None else np.empty(0, dtype=np.int64)

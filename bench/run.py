@@ -8,6 +8,12 @@ Honest cold timing: MLX compiles its GPU kernels the first time each is used, wh
 the first timed pass. So every timed pass is preceded by a throwaway pass of the same shapes (other
 routes), then the bundle's pages are evicted and the expert cache emptied, and only then is the cold
 pass timed.
+
+Speculative prefetch (--prefetch-recall R[,R...]): the model's own guess needs its own router, so the main
+model runs with prefetch off; a second model of the same settings with prefetch on decodes each cold pass
+again right after it, over the same routes, with guesses of recall R from bench.prefetch.Guesser (issued where
+the model makes its own). Without the flag the report carries bench.prefetch's simulated curve, labelled an
+estimate.
 """
 
 from __future__ import annotations
@@ -68,10 +74,16 @@ def forget_experts(model) -> None:
     model.experts.clear_cache()
 
 
-def compile_pass(model, cfg, k: int, tokens: int = 2, prompt: int = 1, seed: int = 12345) -> None:
+def compile_pass(model, cfg, k: int, tokens: int = 2, prompt: int = 1, seed: int = 12345,
+                 recall: float | None = None) -> None:
     """A throwaway pass with the shapes of the timed one (its own routes), so that MLX compiles its
-    kernels here and not inside the timed pass."""
-    install_router(model, StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, 0.0, seed))
+    kernels here and not inside the timed pass; with `recall`, the prefetch guesses too (bench.prefetch)."""
+    router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, 0.0, seed)
+    install_router(model, router)
+    if recall is not None:
+        from .prefetch import Guesser, install_guesser
+
+        install_guesser(model, Guesser(model, router, recall, seed))
     if prompt > 1:
         import mlx.core as mx
 
@@ -81,16 +93,20 @@ def compile_pass(model, cfg, k: int, tokens: int = 2, prompt: int = 1, seed: int
         decode(model, tokens)
 
 
-def decode(model, tokens: int, fast: bool = False) -> dict:
-    """Greedy-decode `tokens` tokens after a 1-token prompt; returns seconds and stage stats. fast=True
-    runs the production decode path (Model.decode: optimistic lookups when the expert cache allows)
-    with stage timing off, since timing each stage adds a host sync per stage per layer."""
+def decode(model, tokens: int, fast: bool = False, quiesce=None) -> dict:
+    """Greedy-decode `tokens` tokens after a 1-token prompt; returns seconds, stage stats and the token ids.
+    fast=True runs the production decode path (Model.decode: optimistic lookups when the expert cache allows)
+    with stage timing off, since timing each stage adds a host sync per stage per layer. quiesce: called
+    before the stats are reset and again after the clock stops, before they are read (the prefetch arm waits
+    there for background reads, so that the counters cover exactly the timed tokens)."""
     import mlx.core as mx
 
     cache = model.make_cache()
     ids = mx.array([[1]])
     logits = model(ids, cache, last_only=True)  # prefill of the 1-token prompt (not timed)
     mx.eval(logits)
+    if quiesce is not None:
+        quiesce()
     was = model.stats.enabled
     model.stats.enabled = not fast
     model.stats.reset()
@@ -99,20 +115,60 @@ def decode(model, tokens: int, fast: bool = False) -> dict:
     tables = getattr(model, "tables", None)  # Qwen4-Exp's n-gram tables (runtime/table_reader.py); None otherwise
     if tables is not None:
         tables.stats.reset()
+    fed = []
     t = time.perf_counter()
     for _ in range(tokens):
         nxt = mx.argmax(logits[:, -1], axis=-1)[:, None]
+        fed.append(nxt)
         logits = model.decode(nxt, cache) if fast else model(nxt, cache, last_only=True)
         mx.eval(logits)
     dt = time.perf_counter() - t
+    if quiesce is not None:
+        quiesce()
     model.stats.enabled = was
     # optimistic steps (a GPU expert cache) that missed and were run again: each also draws one more route
     # from the synthetic router, so the routes after it differ from the timed pass's and may need reads
     redone = getattr(ex, "optimistic_misses", 0) - misses0
-    out = {"seconds": dt, "tok_s": tokens / dt, "redone_tokens": redone, **model.stats.snapshot()}
+    out = {"seconds": dt, "tok_s": tokens / dt, "redone_tokens": redone, **model.stats.snapshot(),
+           "token_ids": [int(v.item()) for v in fed] + [int(mx.argmax(logits[0, -1]).item())]}
     if tables is not None:  # read after the pass: the bytes pread from the table files during it
         out["table_bytes"] = tables.stats.bytes
     return out
+
+
+def timed_pass(model, cfg, k: int, stickiness: float, seed: int, tokens: int, files, cold: bool,
+               recall: float | None = None, guess_seed: int = 0) -> dict:
+    """One timed decode pass over the routes of `seed`. cold: the files' pages evicted and the expert slots
+    emptied first; warm: the same routes again, every record they need in the page cache (and, on a discrete
+    GPU, in the GPU expert cache as far as it holds them). recall: the model makes prefetch guesses of that
+    recall (bench.prefetch.Guesser; the model must have prefetch on), their measured recall and the runtime's
+    prefetch counters go into the pass."""
+    router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed)
+    install_router(model, router)
+    guesser, marks = None, []
+    if recall is not None:
+        from .prefetch import Guesser, install_guesser, prefetcher_counters
+
+        guesser = Guesser(model, router, recall, guess_seed)
+        install_guesser(model, guesser)
+
+    def edge():  # no background read crosses the timed window's edges; counters and guesses at each edge
+        model.experts.prefetcher.drain()
+        marks.append((prefetcher_counters(model), len(guesser.overlaps)))
+
+    if cold:
+        probe.evict(files)
+        forget_experts(model)
+    d0 = probe.disk_read_bytes()
+    r = decode(model, tokens, quiesce=edge if guesser is not None else None)
+    d1 = probe.disk_read_bytes()
+    r["disk_bytes"] = d1 - d0 if d0 is not None else None
+    r["routes"] = route_stats(router.history, cfg.num_experts)
+    if guesser is not None:
+        (c0, g0), (c1, g1) = marks
+        r["prefetcher"] = {key: c1[key] - c0[key] for key in c1}
+        r["guess_overlaps"] = guesser.overlaps[g0:g1]  # the timed tokens' guesses
+    return r
 
 
 def measure_prefill(model, files, cfg, k: int, n: int, stickiness: float, seed: int, cold: bool,
@@ -156,7 +212,9 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         stickiness: float = 0.2, seed: int = 0, peer: bool = False, prefill: int = 0, batch=None,
         batch_tokens: int = 16, batch_prompt_tokens: int = 256, routing=("uniform", "calibrated"), log=None,
         passes: int = method.MIN_PASSES, sweep_seconds: float = 1.0, gpu_cache_gb: float | None = None,
-        slots: int | None = None) -> dict:
+        slots: int | None = None, prefetch_recalls=()) -> dict:
+    """The whole report (see the module's docstring). prefetch_recalls: recalls of the measured prefetch arm
+    (bench.prefetch; empty: none, and the report carries the simulated curve, labelled an estimate)."""
     import mlx.core as mx
 
     import flashmoe
@@ -187,7 +245,12 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
                  "tokens": tokens, "io": io, "record_bytes": info.record_size,
                  "table_bytes_per_token_layout": reads["tables"]}  # None: no tables; else cold/warm from the layout
 
-    rc = runtime_config(experts_per_token=k, io=io, gpu_cache_gb=gpu_cache_gb, slots=slots)  # refused before any work
+    # refused before any work; prefetch off: the synthetic routes leave the model's own guess nothing to go on
+    # (the measured arm below is a second model with prefetch on and the bench's guesses)
+    rc = runtime_config(experts_per_token=k, io=io, gpu_cache_gb=gpu_cache_gb, slots=slots, prefetch="off")
+    recalls = [float(v) for v in prefetch_recalls]
+    if any(not 0.0 <= v <= 1.0 for v in recalls):
+        raise InputError(f"--prefetch-recall {recalls}: a recall is a share between 0 and 1")
 
     # ---- raw limits on the same files ----------------------------------------------------------
     log("measuring the disk's limit (record reads at 1..64 in flight, O_DIRECT) and memory bandwidth")
@@ -231,24 +294,23 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
     rep["simulated_read_factor_full_vs_bundle"] = sim[full_layers] / sim[cfg.num_hidden_layers]
     log("compiling (a throwaway pass, not timed)")
     compile_pass(model, cfg, k)
-    results = {}
+    on_model = None
+    if recalls and cold_ok:  # the measured prefetch arm: the same runtime with prefetch on, and the bench's guesses
+        on_model, _ = flashmoe.load(b.path, rc.with_(prefetch="on"))
+        on_model.stats.enabled = True
+        log(f"compiling the prefetch arm (prefetch on, guesses of recall {', '.join(f'{v:g}' for v in recalls)})")
+        compile_pass(on_model, cfg, k, recall=recalls[0])
+    elif recalls:
+        log("no prefetch arm: this OS cannot evict the bundle's pages, so there is no cold pass to measure it on")
+    results, arm, arm_checks = {}, {v: [] for v in recalls if on_model is not None}, []
     need_rec = info.record_size
     for phase in (["cold"] if cold_ok else []) + ["warm"]:
         runs = []
         for i in range(passes):
-            router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, stickiness, seed)
-            install_router(model, router)
-            if phase == "cold":
-                probe.evict(files + table_files)
-                forget_experts(model)
-            # warm: the same routes again; every record they need is in the page cache (and, on a discrete
-            # GPU, in the GPU expert cache as far as it holds them)
-            d0 = probe.disk_read_bytes()
-            r = decode(model, tokens)
-            d1 = probe.disk_read_bytes()
-            r["disk_bytes"] = d1 - d0 if d0 is not None else None
-            r["routes"] = route_stats(router.history, cfg.num_experts)
-            runs.append(r)
+            runs.append(timed_pass(model, cfg, k, stickiness, seed, tokens, files + table_files, phase == "cold"))
+            for v, on_runs in (arm.items() if phase == "cold" else ()):  # interleaved: same routes, same pass
+                on_runs.append(timed_pass(on_model, cfg, k, stickiness, seed, tokens, files + table_files, True,
+                                          recall=v, guess_seed=seed + 1 + i))
         results[phase] = summarize_passes(runs, tokens, cfg.num_hidden_layers, full_layers, need_rec, k)
         if phase == "cold":  # the full model's cache keeps less of each layer: its reads scaled by the simulation
             r = results[phase]
@@ -258,6 +320,15 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         r = results[phase]
         log(f"{phase}: {method.fmt_spread(r['tok_s_spread'])} tok/s over {cfg.num_hidden_layers} layers; projected "
             f"{r['projected_full_model_tok_s']:.2f} tok/s for {full_layers} layers")
+        if on_model is not None and phase == "cold":  # the arm's figures, then its model's memory back
+            from .prefetch import arm_summary, format_arm
+
+            rep["prefetch"], arm_checks = arm_summary(
+                results["cold"]["passes"], arm, tokens, cfg.num_hidden_layers, need_rec, lim["disk_limit_gbps"],
+                method.settings(model), method.settings(on_model))
+            on_model.experts.close()
+            on_model = None
+            log(format_arm(rep["prefetch"]))
     if "warm" in results:  # the same routes once more per pass, timed as a user sees it (no per-stage syncs)
         fast = []
         for _ in range(passes):
@@ -272,7 +343,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
         log(f"warm, stage timing off: {method.fmt_spread(w['untimed_stages_spread'])} tok/s{redo}")
     rep["decode"] = results
     cold = results.get("cold")
-    if cold and cold["expert_reads"]:
+    if "prefetch" not in rep and cold and cold["expert_reads"]:
         from .prefetch import curve
 
         # what speculative prefetch would gain at each prediction recall, from this run's cold per-record read
@@ -341,6 +412,7 @@ def run(bundle_dir: str | Path, tokens: int = 32, experts_per_token: int | None 
             t[name] = sp["median"]
     rep["ratios"] = ratios
     rep["targets"] = t
+    checks += arm_checks
     rep["bound_checks"] = checks
     rep["bound_violations"] = method.violations(checks)
     rep["warnings"] = warnings_for(rep)
@@ -365,7 +437,7 @@ def summarize_passes(runs: list[dict], tokens: int, layers: int, full_layers: in
     r = {key: float(np.median([p[key] for p in runs])) for key in keys}
     disk = [p["disk_bytes"] for p in runs if p.get("disk_bytes") is not None]
     r["disk_bytes"] = float(np.median(disk)) if disk else None
-    r["passes"] = [{key: p[key] for key in (*keys, "disk_bytes")} for p in runs]
+    r["passes"] = [{key: p[key] for key in (*keys, "disk_bytes", "token_ids")} for p in runs]
     r["tok_s_spread"] = method.spread([p["tok_s"] for p in runs])
     if r["disk_bytes"] is not None and r["expert_bytes"]:
         r["page_cache_hit_rate"] = max(0.0, 1.0 - r["disk_bytes"] / r["expert_bytes"])
@@ -455,9 +527,10 @@ def format_table(rep: dict) -> str:
     if rep.get("peer"):
         lines.append(f"peer      mlx-lm with every weight in memory: {method.fmt_spread(rep['peer']['tok_s_spread'])} tok/s")
     if rep.get("prefetch"):
-        from .prefetch import format_curve
+        from .prefetch import format_arm, format_curve
 
-        lines.append(format_curve(rep["prefetch"]))
+        lines.append(format_arm(rep["prefetch"]) if rep["prefetch"].get("kind") == "measured"
+                     else format_curve(rep["prefetch"]))
     for b in rep.get("batch", {}).get("rows", []):
         lines.append(format_batch_row(b))
     for name, v in rep["targets"].items():

@@ -104,9 +104,11 @@ def test_run_reports_every_field(small_bundle, tmp_path):
         ratio = rep["ratios"]["cold_vs_disk_roofline"]
         assert ratio["n"] == 5 and rep["targets"]["cold_vs_disk_roofline"] == ratio["median"]
         assert rep["ratios"]["cold_over_read"]["median"] is not None
-    if "cold" in rep["decode"]:  # what prefetch would gain, by recall from 0 to 1 (never one assumed)
+    if "cold" in rep["decode"]:  # no measured arm asked for: the simulated curve, by recall from 0 to 1, labelled
         assert [r["recall"] for r in rep["prefetch"]["by_recall"]] == [i / 10 for i in range(11)]
-        assert "gain by prediction recall" in r.stdout
+        assert rep["prefetch"]["kind"] == "simulated estimate"
+        assert "gain by prediction recall" in r.stdout and "ESTIMATE, not measured" in r.stdout
+    assert md["settings"]["prefetch"] == "off"  # the synthetic routes give the model's own guess nothing to go on
     # no measurement above what the report calls its bound
     assert rep["bound_violations"] == [], rep["bound_violations"]
     warm = rep["decode"]["warm"]
