@@ -33,7 +33,7 @@ def test_session_script_parses_and_lists_the_modes():
     r = subprocess.run(["bash", str(SESSION), "nonsense"], capture_output=True, text=True, env={"OUT": "/tmp/x-none",
                        "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2
-    for mode in ("warm35", "disk", "project", "regime", "regime-steps", "prepare"):
+    for mode in ("warm35", "all-b", "prepare-warm35", "grammar", "disk", "project", "regime", "regime-steps", "prepare"):
         assert mode in r.stdout
 
 

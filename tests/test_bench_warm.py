@@ -136,3 +136,23 @@ def test_agreement_rule():
     assert not g["agree"] and g["first_margin_at_most_diff"] is None
     # a shorter run (one engine met an EOS) is compared over the common length
     assert agreement([1, 2], [1, 2, 3], ok, 0.1)["compared"] == 2
+
+
+@pytest.mark.parametrize("mode", ["warm35", "all-b"])
+def test_session_modes_run_bench_warm_within_their_limit(bundle, tmp_path, mode):
+    """gpu_session.sh warm35 / all-b on a tiny bundle (WARM_BUNDLE): the JSON, the budget the mode gave (its
+    LIMIT less what it spent before, less 30 s) and the mlx-lm copy kept beside the bundle."""
+    import os
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "WARM_BUNDLE": str(bundle), "LIMIT": "300", "PROMPT_WARM": "8", "TOKENS_WARM": "4", "PASSES": "2",
+           "BATCH": "2", "BATCH_TOKENS": "3", "BATCH_PASSES": "1"}
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), mode], capture_output=True, text=True,
+                       env=env, timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((out / "warm35.json").read_text())
+    assert rep["partial"] is False and rep["passes_run"] == 2 and rep["batch"][0]["passes_run"] == 1
+    assert 240 <= rep["budget_s"] <= 270 and rep["prompt_tokens"] == 8
+    assert (Path(str(bundle) + "-mlxlm") / "flashmoe-export.json").is_file()
+    assert "single stream: flashmoe" in (out / "log.txt").read_text()
