@@ -90,7 +90,7 @@ def export_once(bundle: Bundle, out: Path) -> tuple[Path, bool]:
         raise InputError(f"{out} exists and is not an mlx-lm export of {bundle.path} (no {STAMP} naming its "
                          "manifest): remove it or give another --peer-dir")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
     try:
         export_mlx_lm(bundle, tmp)
         write_file(tmp / STAMP, json.dumps({"manifest_sha256": want, "bundle": str(bundle.path)}).encode())

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -177,7 +178,7 @@ def agreement(ours: list[int], theirs: list[int], margins: np.ndarray, diff: flo
     n = min(len(ours), len(theirs), len(margins))
     first = next((i for i in range(n) if ours[i] != theirs[i]), None)
     low = next((i for i in range(n) if margins[i] <= diff), None)
-    return {"compared": n, "equal_share": sum(a == b for a, b in zip(ours[:n], theirs[:n])) / n if n else None,
+    return {"lengths": [len(ours), len(theirs)], "compared": n, "equal_share": sum(a == b for a, b in zip(ours[:n], theirs[:n])) / n if n else None,
             "first_difference": first, "first_margin_at_most_diff": low,
             "min_margin": float(margins[:n].min()) if n else None,
             "checked_positions": n if low is None else low,
@@ -215,6 +216,8 @@ def parse(argv):
 
 def main(argv=None) -> int:
     a = parse(argv)
+    # `timeout` stops a run with SIGTERM: exit through the finally blocks (an unfinished export is removed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from flashmoe.bench.peer import export_once
     from flashmoe.errors import FlashmoeError
     from flashmoe.format import Bundle
@@ -282,8 +285,9 @@ def run(a, b, peer_dir: Path) -> int:
             summarize_single(out, rows)
             out["passes_run"] = p
             rep.save()
-        log(f"pass {p}{' (untimed)' if not p else ''}: flashmoe {got['flashmoe']['decode_tps']:.1f} tok/s, mlx-lm "
-            f"{got['mlx-lm']['decode_tps']:.1f} tok/s (ratio {got['flashmoe']['decode_tps'] / got['mlx-lm']['decode_tps']:.2f})")
+        ours, theirs = got["flashmoe"]["decode_tps"], got["mlx-lm"]["decode_tps"]
+        log(f"pass {p}{' (untimed)' if not p else ''}: flashmoe {ours:.1f} tok/s, mlx-lm {theirs:.1f} tok/s "
+            f"(ratio {ours / theirs:.2f})")
         if not p:
             check, margins = logits_check(model, peer, prompt + got["flashmoe"]["tokens"][:-1], a.prompt_tokens - 1)
             out["logits"] = check
@@ -381,17 +385,20 @@ def summary(out: dict) -> str:
     f1 = "{:.1f}"
     lines = []
     if "tok_s" in out:
-        lines.append(f"single stream: flashmoe {method.fmt_spread(out['tok_s']['flashmoe'], f1)} tok/s, mlx-lm "
-                     f"{method.fmt_spread(out['tok_s']['mlx-lm'], f1)}; ratio {method.fmt_spread(out['ratio_vs_mlx_lm'])}"
-                     f"; prefill ratio {method.fmt_spread(out['prefill_ratio_vs_mlx_lm'])}")
+        tps = out["tok_s"]
+        lines.append(f"single stream: flashmoe {method.fmt_spread(tps['flashmoe'], f1)} tok/s, mlx-lm "
+                     f"{method.fmt_spread(tps['mlx-lm'], f1)}; ratio {method.fmt_spread(out['ratio_vs_mlx_lm'])}; "
+                     f"prefill ratio {method.fmt_spread(out['prefill_ratio_vs_mlx_lm'])}")
     g, lg = out["greedy_tokens"], out["logits"]
-    lines.append(f"greedy tokens {'agree' if g['agree'] else 'DISAGREE'}: equal {g['equal_share']:.0%} of "
+    share = "-" if g["equal_share"] is None else f"{g['equal_share']:.0%}"
+    lines.append(f"greedy tokens {'agree' if g['agree'] else 'DISAGREE'}: equal {share} of "
                  f"{g['compared']}, first difference at {g['first_difference']}, first margin <= the logit difference "
                  f"at {g['first_margin_at_most_diff']}; max logit difference {lg['max_abs_logit_diff']:.3g} of "
                  f"{lg['max_abs_logit']:.3g}")
     for row in out["batch"]:
-        lines.append(f"B={row['batch']}: flashmoe {method.fmt_spread(row['flashmoe'], f1)} tok/s, mlx-lm BatchGenerator "
-                     f"{method.fmt_spread(row['mlx-lm BatchGenerator'], f1)}; ratio {method.fmt_spread(row['ratio'])}")
+        lines.append(f"B={row['batch']}: flashmoe {method.fmt_spread(row['flashmoe'], f1)} tok/s, mlx-lm "
+                     f"BatchGenerator {method.fmt_spread(row['mlx-lm BatchGenerator'], f1)}; "
+                     f"ratio {method.fmt_spread(row['ratio'])}")
     return "\n".join(lines + out["notes"])
 
 

@@ -57,6 +57,7 @@ def test_every_field_on_the_same_weights(bundle, tmp_path):
     # the same weights: the greedy tokens agree and the logits match closely (float32 on the CPU)
     g = rep["greedy_tokens"]
     assert g["agree"] and g["equal_share"] == 1.0 and g["compared"] == 5 and g["min_margin"] > 0
+    assert g["lengths"] == [5, 5]  # the prompt's own token and 4 decoded
     assert rep["logits"]["relative"] < 1e-3 and rep["logits"]["positions"] == 8 + 4
     assert [b["batch"] for b in rep["batch"]] == [2, 3]
     for row in rep["batch"]:
@@ -96,6 +97,8 @@ def test_a_run_stopped_from_outside_leaves_its_passes(bundle, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert proc.returncode == 143  # through its finally blocks: the temporary mlx-lm copy is gone
+    assert not list(Path(bundle).parent.glob("flashmoe-peer-*"))
     rep = json.loads(out.read_text())  # whole: written by a rename
     assert rep["partial"] is True and rep["passes_run"] >= 2 and rep["tok_s"]["flashmoe"]["n"] == rep["passes_run"]
     assert rep["greedy_tokens"]["agree"]
