@@ -138,7 +138,7 @@ def worker_decode(a) -> dict:
     dist.check_bundle(path, a.experts_per_token)
     model, tok = flashmoe.load(path, experts_per_token=a.experts_per_token, slots=a.slots, shard=dist.expert_shard())
     dist.attach(model)
-    model.stats.enabled = True
+    model.stats.enabled = False  # no stage timing (a sync per stage): the path users run; bytes still counted
     cfg = model.config
     k = model.experts_per_token
     files = probe.file_list(Bundle.open(path))
