@@ -240,7 +240,7 @@ def main(argv=None) -> int:
 
 
 def run(a, b, peer_dir: Path) -> int:
-    import mlx.core as mx  # noqa: F401  (MLX before mlx_lm)
+    import mlx.core as mx
     from mlx_lm.utils import load_model
 
     import flashmoe
