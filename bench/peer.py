@@ -5,18 +5,29 @@ Export: bundle dense tensors keep their packed bytes under mlx-lm's names (`lang
 `language_model.lm_head`), conv1d goes back to [C, K, 1] (which also tells mlx-lm's sanitize that the
 norms are already (1 + w)), and each layer's expert records are stacked into `switch_mlp.{proj}.{part}`
 [E, ...] tensors. Nothing is requantized, so both engines multiply by identical weights.
+
+`export_once` keeps an export in a directory of its own for later runs (the 40-layer 35B export is 20 GB:
+written once per machine, not once per measurement), stamped with the bundle's manifest digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from flashmoe.errors import InputError
 from flashmoe.format import Bundle, record_views
+from flashmoe.format.files import write_file
 from flashmoe.format.st import SafetensorsWriter, read_header, read_tensor
+
+STAMP = "flashmoe-export.json"  # in an export_once directory: the manifest digest of the bundle it came from
 
 
 def export_mlx_lm(bundle: Bundle, out: Path) -> Path:
@@ -57,6 +68,39 @@ def export_mlx_lm(bundle: Bundle, out: Path) -> Path:
     return out
 
 
+def _digest(bundle: Bundle) -> str:
+    return hashlib.sha256((Path(bundle.path) / "flashmoe.json").read_bytes()).hexdigest()
+
+
+def export_once(bundle: Bundle, out: Path) -> tuple[Path, bool]:
+    """`out` as an mlx-lm checkpoint of `bundle`: reused when its stamp names this bundle's manifest, else
+    exported into a new sibling directory that is renamed to `out` when complete. Returns (out, whether it
+    was reused). An `out` that exists without a matching stamp is never written into or removed."""
+    out = Path(out)
+    want = _digest(bundle)
+    if out.is_symlink():
+        raise InputError(f"{out} is a link: give --peer-dir a real directory (or a new path)")
+    if out.exists():
+        try:
+            have = json.loads((out / STAMP).read_text()).get("manifest_sha256")
+        except (OSError, ValueError, AttributeError):
+            have = None
+        if have == want:
+            return out, True
+        raise InputError(f"{out} exists and is not an mlx-lm export of {bundle.path} (no {STAMP} naming its "
+                         "manifest): remove it or give another --peer-dir")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    try:
+        export_mlx_lm(bundle, tmp)
+        write_file(tmp / STAMP, json.dumps({"manifest_sha256": want, "bundle": str(bundle.path)}).encode())
+        os.rename(tmp, out)  # a directory that appeared meanwhile makes this fail: nothing is replaced
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, False
+
+
 def mlx_lm_decode_tps(path: Path, tokens: int, prompt_tokens: int = 1, passes: int = 5) -> list[float]:
     """Decode tokens/s of mlx-lm on the exported checkpoint, one figure per pass (greedy, after a 2-token
     warm-up)."""
@@ -74,15 +118,16 @@ def mlx_lm_decode_tps(path: Path, tokens: int, prompt_tokens: int = 1, passes: i
 def time_mlx_lm_decode(model, prompt, tokens: int) -> float:
     """Decode tokens/s of a loaded mlx-lm model: `tokens` greedy steps after the prompt, whose own token
     (out of prefill) is not timed."""
-    return mlx_lm_decode(model, prompt, tokens)[0]
+    return mlx_lm_decode(model, prompt, tokens)["decode_tps"]
 
 
-def mlx_lm_decode(model, prompt, tokens: int) -> tuple[float, list[int]]:
-    """(decode tokens/s, the greedy tokens) of a loaded mlx-lm model: the prompt's own token (out of prefill)
-    and then `tokens` timed steps."""
+def mlx_lm_decode(model, prompt, tokens: int) -> dict:
+    """A loaded mlx-lm model's greedy run: the prompt's own token (out of prefill: `prefill_s` from the call
+    to that token) and then `tokens` timed steps. Returns {decode_tps, prefill_s, tokens}."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
+    t0 = time.perf_counter()
     t = None
     n = 0
     out = []
@@ -93,4 +138,4 @@ def mlx_lm_decode(model, prompt, tokens: int) -> tuple[float, list[int]]:
             t = time.perf_counter()
             continue
         n += 1
-    return n / (time.perf_counter() - t), out
+    return {"decode_tps": n / (time.perf_counter() - t), "prefill_s": t - t0, "tokens": out}

@@ -7,7 +7,8 @@
         single-stream decode through the real runtime on 1 and on N ranks, rank r reading its own copy
         DIR{rank} (a synthetic bundle from `flashmoe-bench make`, routed by the benchmark's synthetic
         router so every rank makes the same choices): cold (each rank's expert files evicted from the
-        page cache and its expert cache emptied) then warm (the same routes again).
+        page cache and its expert cache emptied) then warm (the same routes again). Each pass is one run of
+        the engine every front end uses (make_engine + run_engine in runtime/distributed.py).
 
 Ranks are started with mlx.launch (--backend ring on loopback by default; nccl on NVIDIA GPUs). Results:
 JSON on stdout (and --json FILE). No numbers are asserted; benchmarks/RESULTS.md records them.
@@ -73,77 +74,96 @@ def worker_collective(a) -> dict:
     return res if dist.leader else {}
 
 
+def engine_decode(engine, tokens: int) -> float:
+    """Decode tok/s of one sequence on `engine`: a 1-token prompt, then `tokens` steps timed from its first
+    token (which prefill makes) to its last. The sampler picks one fixed non-EOS token (the synthetic router
+    ignores the tokens), so every run takes exactly `tokens` steps. A custom sampler's step is never launched
+    ahead of the last one (a distributed engine's never is either)."""
+    from flashmoe.runtime.sampling import SamplingParams
+
+    fixed = next(t for t in range(3, engine.config.vocab_size) if t not in engine.eos)
+    sid = engine.add([1], SamplingParams(max_tokens=tokens + 1, stop=(), sampler=lambda logits, ids: fixed))
+    t_first, n = None, 0
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.seq_id != sid or ev.token is None:
+                continue
+            if t_first is None:
+                t_first = time.perf_counter()
+            else:
+                n += 1
+    return n / (time.perf_counter() - t_first)
+
+
+class PositionRouter:
+    """A synthetic router's routes keyed by (layer, position in the sequence): drawn once, and given again
+    when a decode step runs a second time (on one rank the runtime takes its optimistic path where the expert
+    cache allows, and a step that missed a record is rolled back and run again: the model's own router would
+    route it as before). The position is the runner's cache offset, so every rank keys alike."""
+
+    def __init__(self, router, runner):
+        self.router, self.runner = router, runner
+        self.drawn: dict[tuple[int, int], object] = {}
+
+    def route(self, layer: int, tokens: int):
+        cache = self.runner.cache
+        key = (layer, 0 if cache is None else cache.offset)
+        if key not in self.drawn:
+            self.drawn[key] = self.router.route(layer, tokens)
+        return self.drawn[key]
+
+
+# (name, router seed or None for --seed, evict first): a compile pass on other routes, then cold, then warm
+PASSES = (("compile", 12345, False), ("cold", None, True), ("warm", None, False))
+
+
 def worker_decode(a) -> dict:
-    import mlx.core as mx  # noqa: F401
+    """One rank. Each pass is one engine run (runtime/distributed.py: make_engine + run_engine, as flashmoe-run
+    does): rank 0 decodes, the other ranks mirror its steps until it releases them. Between passes every rank,
+    on its own, installs the pass's synthetic router (the same seed everywhere, so the ranks route alike),
+    empties its expert cache and evicts its files from the page cache (cold pass), and keeps its counters.
+    One rank decodes as a user's single process does (optimistic where its expert cache allows); several
+    ranks never take that path (runtime/experts.py)."""
     from flashmoe.bench import probe
     from flashmoe.bench.routing import StickyRouter
-    from flashmoe.bench.run import decode, forget_experts, install_router
+    from flashmoe.bench.run import forget_experts, install_router
     from flashmoe.format import Bundle
-    from flashmoe.runtime.distributed import (
-        Dist,
-        Leader,
-        LeaderModel,
-        ModelPlans,
-        follow,
-    )
+    from flashmoe.runtime.config import EngineConfig
+    from flashmoe.runtime.distributed import Dist, make_engine, run_engine
 
     import flashmoe
 
     dist = Dist.start(launched="MLX_RANK" in os.environ, timeout=600)
     path = a.bundle.replace("{rank}", str(dist.rank))
     dist.check_bundle(path, a.experts_per_token)
-    model, _ = flashmoe.load(path, experts_per_token=a.experts_per_token)
+    model, tok = flashmoe.load(path, experts_per_token=a.experts_per_token, slots=a.slots, shard=dist.expert_shard())
     dist.attach(model)
-    model.stats.enabled = True
+    model.stats.enabled = False  # no stage timing (a sync per stage): the path users run; bytes still counted
     cfg = model.config
     k = model.experts_per_token
     files = probe.file_list(Bundle.open(path))
-    passes: dict[str, dict] = {}
-
-    class BenchPlans(ModelPlans):  # the model calls, plus what every rank must do between passes
-        def route(self, seed: int) -> None:
-            self.router = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, 0.2, seed)
-            install_router(model, self.router)
-
-        def evict(self) -> None:
+    counters, tok_s, routers = {}, {}, {}
+    for name, seed, evict in PASSES:
+        engine = make_engine(dist, model, tok, EngineConfig(max_batch=1))
+        routers[name] = StickyRouter(cfg.num_hidden_layers, cfg.num_experts, k, 0.2, a.seed if seed is None else seed)
+        install_router(model, PositionRouter(routers[name], engine.runner))
+        if evict:
             forget_experts(model)
             probe.evict(files)
-
-        def mark(self, name: str) -> None:
-            passes[name] = model.stats.snapshot()
-            model.stats.reset()
-
-    plans = BenchPlans(model)
-    if dist.size > 1 and not dist.leader:
-        follow(dist, plans)
-    else:
-        leader = Leader(dist, plans) if dist.size > 1 else None
-        call = leader.call if leader else (lambda name, *args: getattr(plans, name)(*args))
-        m = LeaderModel(model, leader, plans) if leader else model
-        call("route", 12345)
-        decode(m, 2)  # compile (other routes), not timed
-        call("mark", "compile")
-        out = {}
-        for name in ("cold", "warm"):
-            call("route", a.seed)
-            if name == "cold":
-                call("evict")
-            r = decode(m, a.tokens)
-            out[name] = r["tok_s"]
-            if name == "cold":  # each layer waits for its busiest rank: K / (that rank's share) per step
-                steps = [ids for h in plans.router.history for ids in h]
-                busiest = sum(max(sum(1 for e in ids if e % dist.size == q) for q in range(dist.size)) for ids in steps)
-                balance = len(steps) * k / busiest
-            call("mark", name)
-        if leader:
-            leader.close()
+        model.stats.reset()
+        tok_s[name] = run_engine(dist, engine, lambda e: engine_decode(e, 2 if name == "compile" else a.tokens))
+        counters[name] = model.stats.snapshot()
+    # each layer waits for its busiest rank: K / (that rank's share) per step
+    steps = [ids for h in routers["cold"].history for ids in h]
+    busiest = sum(max(sum(1 for e in ids if e % dist.size == q) for q in range(dist.size)) for ids in steps)
     # every rank's expert bytes per pass, gathered at rank 0 (KiB, as int32)
-    row = [int(passes[p]["expert_bytes"] / 2**10) for p in ("cold", "warm")]
+    row = [int(counters[p]["expert_bytes"] / 2**10) for p in ("cold", "warm")]
     rows = dist.link.gather(row, "gathering results").tolist() if dist.size > 1 else [row]
     if not dist.leader:
         return {}
-    return {"ranks": dist.size, "tokens": a.tokens, "tok_s": out, "layers": cfg.num_hidden_layers,
-            "experts_per_token": k, "ideal_io_speedup_per_layer_sync": round(balance, 3),
+    return {"ranks": dist.size, "tokens": a.tokens, "tok_s": {p: tok_s[p] for p in ("cold", "warm")},
+            "layers": cfg.num_hidden_layers, "experts_per_token": k,
+            "ideal_io_speedup_per_layer_sync": round(len(steps) * k / busiest, 3),
             "expert_kib_per_rank": {"cold": [r[0] for r in rows], "warm": [r[1] for r in rows]},
             "machine": probe.machine()}
 
@@ -184,6 +204,9 @@ def main(argv=None) -> int:
     d.add_argument("--tokens", type=int, default=32, help="decoded tokens per pass (default 32)")
     d.add_argument("--experts-per-token", type=int, default=None, help="K (default: the bundle's)")
     d.add_argument("--seed", type=int, default=0, help="synthetic router seed")
+    d.add_argument("--slots", type=int, default=None,
+                   help="expert cache slots per rank (default: the runtime's); enough for every record the pass routes "
+                        "to makes the warm pass read nothing")
     for q in (c, d):
         q.add_argument("--backend", default="ring", help="mlx.launch backend: ring (default) or nccl")
         q.add_argument("--json", help="also write the results here")

@@ -30,10 +30,18 @@
 # rooflines on needed bytes, per-pass median and spread, bounds checked, settings read back into every JSON):
 #   prepare SHAPE LAYERS  make a bundle once per machine (e.g. `prepare 35b 40` before warm35, `prepare 397b 12`
 #                         before regime/project), so a mode's call is not spent writing tens of GB
+#   prepare-warm35        the 40-layer 35B bundle (20 GB) and its mlx-lm copy (20 GB, benchmarks/bench_warm.py
+#                         --export-only), so that warm35 spends its call measuring
 #   warm35                warm decode of the full 40-layer 35B shapes (4-bit, every expert in the GPU cache) vs
-#                         mlx-lm on the same weights (benchmarks/bench_warm.py): per-pass median of 10 interleaved
-#                         passes of 256 tokens after a 512-token prompt, greedy agreement, max logit difference;
-#                         B=8 and B=32 against mlx-lm's BatchGenerator
+#                         mlx-lm on the same weights (benchmarks/bench_warm.py): per-pass median and spread of
+#                         PASSES (10) interleaved passes of 256 tokens after a 512-token prompt, prefill ratio,
+#                         greedy agreement and max logit difference; B=8 and B=32 greedy vs mlx-lm's BatchGenerator
+#                         (BATCH_PASSES, 5). Within LIMIT (540) s: the run's --budget-s is LIMIT - 30, so it takes
+#                         fewer passes when 10 do not fit (and says so), and warm35.json is rewritten after every pass
+#   all-b                 warm35 in one call of at most LIMIT (560) s, whatever is missing made first (bundle, mlx-lm
+#                         copy): the budget is what is left of LIMIT after that, less 30 s
+#   grammar               benchmarks/bench_grammar.py on the 4-layer 35B bundle, B=1 and 32, 64 tokens (installs the
+#                         llguidance wheel in .whl/lg first when there is one)
 #   disk [SHAPE]          the QD sweep + cold single-stream decode vs the needed-bytes roofline, K=10 and K=4,
 #                         IO (default direct: O_DIRECT reads), 4 layers of SHAPE (default both: 397b then 35b;
 #                         give one shape per call if both do not fit in 9 minutes)
@@ -45,8 +53,8 @@
 #   regime-steps          the same bundle and cache through flashmoe-bench run --batch 1,8,32 (uniform routing)
 #   clean                 delete the bundles in $BENCH_DIR (the 64 GiB disk holds either the 35B x40 bundle with its
 #                         mlx-lm copy, 36 GB, or the 397B x4 + x12 bundles, 58 GB, not both)
-# Suggested order on one machine: prepare 35b 40; warm35; clean; disk 397b; disk 35b; prepare 397b 12; project;
-# regime; regime-steps.
+# Suggested order on one machine: prepare-warm35; warm35 (or all-b alone); clean; disk 397b; disk 35b; prepare 397b 12;
+# project; regime; regime-steps.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
@@ -63,7 +71,7 @@ bundle() {  # bundle SHAPE BITS [LAYERS] -> path (made once per machine)
   local dir="$D/$1-q$2"
   [ "$layers" = 4 ] || dir="$D/$1-q$2-l$layers"
   if [ ! -f "$dir/flashmoe.json" ]; then
-    rm -rf "$dir"
+    rm -rf "$dir" "$dir-mlxlm"  # (an mlx-lm copy of an earlier bundle would be refused)
     /usr/bin/time -f "make $1 q$2 $layers layers: %e s, %M KB peak RSS" flashmoe-bench make --shape "$(shape_name "$1")" \
       --layers "$layers" --bits "$2" -o "$dir" >>"$LOG" 2>&1 || { tail -5 "$LOG"; exit 1; }
   fi
@@ -74,6 +82,15 @@ DEEP=${DEEP:-12}
 io_ok() {  # the runtime must have the io mode asked for (io=direct lands with the iofmt work)
   python3 -c "from flashmoe.runtime.config import IO_MODES; import sys; sys.exit('$IO' not in IO_MODES)" || {
     echo "this flashmoe has no io mode '$IO' (RuntimeConfig IO_MODES lacks it): merge the O_DIRECT reader first, or run with IO=pread" | tee -a "$LOG"; exit 2; }
+}
+
+warm_run() {  # warm_run SECONDS BUNDLE: bench_warm.py within SECONDS (its budget 30 s less: the last pass and exit)
+  local left=$1 b=$2
+  [ "$left" -gt 60 ] || { echo "only $left s left for warm35: nothing measured" | tee -a "$LOG"; return 1; }
+  timeout "$left" python3 benchmarks/bench_warm.py "$b" --prompt-tokens "${PROMPT_WARM:-512}" --tokens "${TOKENS_WARM:-256}" \
+    --passes "${PASSES:-10}" --batch "${BATCH:-8,32}" --batch-tokens "${BATCH_TOKENS:-64}" \
+    --batch-passes "${BATCH_PASSES:-5}" --budget-s $((left - 30)) --peer-dir "$b-mlxlm" --json "$OUT/warm35.json" 2>&1 \
+    | tee -a "$LOG"
 }
 
 gpu_info() {
@@ -164,12 +181,31 @@ case "${1:-}" in
     b=$(bundle "$s" 4 "${3:-4}")
     du -sh "$b" | tee -a "$LOG"; df -h "$D" | tail -1 | tee -a "$LOG"
     ;;
-  warm35)
+  prepare-warm35)
     gpu_info
     b=$(bundle 35b 4 40)
-    timeout "${LIMIT:-520}" python3 benchmarks/bench_warm.py "$b" --prompt-tokens 512 --tokens "${TOKENS_WARM:-256}" \
-      --passes "${PASSES:-10}" --batch "${BATCH:-8,32}" --batch-tokens 64 --batch-passes 3 \
-      --json "$OUT/warm35.json" 2>&1 | tee -a "$LOG"
+    timeout "${LIMIT:-540}" python3 benchmarks/bench_warm.py "$b" --peer-dir "$b-mlxlm" --export-only 2>&1 | tee -a "$LOG"
+    du -sh "$b" "$b-mlxlm" | tee -a "$LOG"; df -h "$D" | tail -1 | tee -a "$LOG"
+    ;;
+  warm35)
+    gpu_info
+    b=${WARM_BUNDLE:-$(bundle 35b 4 40)}  # WARM_BUNDLE: another bundle (a test's tiny one)
+    warm_run "${LIMIT:-540}" "$b"
+    ;;
+  all-b)
+    t0=$SECONDS
+    gpu_info
+    b=${WARM_BUNDLE:-$(bundle 35b 4 40)}
+    warm_run $(( ${LIMIT:-560} - (SECONDS - t0) )) "$b"
+    ;;
+  grammar)
+    gpu_info
+    if ls .whl/lg/*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-deps --no-index .whl/lg/*.whl 2>&1 | grep -v WARNING
+    fi
+    b=$(bundle 35b 4)
+    timeout "${LIMIT:-520}" python3 benchmarks/bench_grammar.py "$b" --batch "${BATCH:-1,32}" --tokens "${GRAMMAR_TOKENS:-64}" \
+      --json "$OUT/grammar.json" 2>&1 | tee -a "$LOG"
     ;;
   disk)
     gpu_info
@@ -212,5 +248,5 @@ case "${1:-}" in
   clean)
     rm -rf "${D:?}"/* && df -h "$D" | tail -1
     ;;
-  *) echo "usage: $0 setup|tests|kernels|single|batch|prefill|upload|optimistic SHAPE|newtests|serve|prepare SHAPE LAYERS|warm35|disk [SHAPE]|project|regime|regime-steps|clean  (SHAPE: 397b|35b)"; exit 2 ;;
+  *) echo "usage: $0 setup|tests|kernels|single|batch|prefill|upload|optimistic SHAPE|newtests|serve|prepare SHAPE LAYERS|prepare-warm35|warm35|all-b|grammar|disk [SHAPE]|project|regime|regime-steps|clean  (SHAPE: 397b|35b)"; exit 2 ;;
 esac
