@@ -274,6 +274,8 @@ def run(a, b, peer_dir: Path) -> int:
             "mlx-lm": lambda: mlx_lm_single(peer, prompt, a.tokens)}
     rows = {k: [] for k in arms}
 
+    first: dict = {}  # pass 0's results per arm
+
     def single(p: int) -> float:
         t = time.monotonic()
         got = {}
@@ -289,6 +291,7 @@ def run(a, b, peer_dir: Path) -> int:
         log(f"pass {p}{' (untimed)' if not p else ''}: flashmoe {ours:.1f} tok/s, mlx-lm {theirs:.1f} tok/s "
             f"(ratio {ours / theirs:.2f})")
         if not p:
+            first.update(got)
             check, margins = logits_check(model, peer, prompt + got["flashmoe"]["tokens"][:-1], a.prompt_tokens - 1)
             out["logits"] = check
             out["greedy_tokens"] = agreement(got["flashmoe"]["tokens"], got["mlx-lm"]["tokens"], margins,
@@ -303,7 +306,10 @@ def run(a, b, peer_dir: Path) -> int:
     pass0 = single(0)
     out["phase_s"]["pass0_and_agreement"] = pass0
     timed: list[float] = []
-    cost = lambda: max(timed) if timed else pass0  # noqa: E731  (the slowest pass so far; pass 0 reads experts)
+    # a pass's cost: the slowest timed pass so far; before any, pass 0's decode rates (its wall time also holds
+    # the kernels' compilation, the first reads of every expert and the logits check: minutes on a GPU)
+    guess = 1.5 * sum(a.tokens / g["decode_tps"] + 2.0 for g in first.values())
+    cost = lambda: max(timed) if timed else min(pass0, guess)  # noqa: E731
     p = 1
     while p <= min(method.MIN_PASSES, a.passes) and budget.fits(cost()):
         timed.append(single(p))

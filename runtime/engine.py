@@ -365,24 +365,25 @@ class Engine:
             p, self._ahead = self._ahead, None
         else:
             p = runner.launch([e.next_token for e in rows])
-        ahead = nxt = None
+        ahead = ids = None
         if runner.pipelined and all(e.seq.lazy or e.seq.device_grammar for e in rows):
             # the next step on this one's lazy choices: greedy rows its argmax, sampled rows a draw from
             # its logits with their own sampler (the same random key a synced draw would use). A grammar
             # row's mask depends only on the tokens already taken, so the host computes it while the device
-            # runs this step, and the row's choice stays on the device too
+            # runs this step, and the row's choice stays on the device too (one argmax for the batch)
             last = mask_logits([e.seq for e in rows], p.logits[:, -1])
-            nxt = [None if e.seq.greedy else _lazy_choice(e.seq, last[i]) for i, e in enumerate(rows)]
-            ids = p.choice if all(d is None for d in nxt) else \
-                mx.stack([p.choice[i] if d is None else d for i, d in enumerate(nxt)])
+            best = mx.argmax(last, axis=-1) if any(e.seq.device_grammar for e in rows) else p.choice
+            ids = best if all(e.seq.argmax for e in rows) else \
+                mx.stack([best[i] if e.seq.argmax else e.seq.draw(last[i]) for i, e in enumerate(rows)])
             ahead = runner.launch(ids)
         logits, choice, redone = runner.finish(p, after=ahead)
         if redone:
             ahead = None  # built on a void step
-        if nxt is None:  # not launched ahead (a Python sampler or logits processor needs the host)
+        if ids is None:  # not launched ahead (a Python sampler or logits processor needs the host)
             tokens = self._choose(rows, logits, choice)
         elif not redone:
-            tokens = [int(choice[i]) if e.seq.greedy else int(nxt[i].item()) for i, e in enumerate(rows)]
+            drawn = choice if ids is p.choice else np.array(ids)  # one transfer (the step ahead consumed it)
+            tokens = [int(drawn[i]) for i in range(len(rows))]
         else:  # the step ran again: the same choice (the same mask, the same draw) from its new logits
             last = mask_logits([e.seq for e in rows], logits)
             tokens = [int(choice[i]) if e.seq.greedy else
@@ -395,11 +396,6 @@ class Engine:
                 e.decode_stats[k] += v
         self._ahead = ahead
         self._finish(self._take_tokens(rows, tokens, events), events)
-
-
-def _lazy_choice(seq, logits: mx.array) -> mx.array:
-    """A pipelined row's next token, on the device: the argmax of its (masked) logits, or its sampler's draw."""
-    return mx.argmax(logits).astype(mx.int32) if seq.argmax else seq.draw(logits)
 
 
 # ----------------------------------------------------------------------------------------------
