@@ -5,6 +5,7 @@ on the trained tiny model; the memory plan counts half the recurrent-state bytes
 from __future__ import annotations
 
 import argparse
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -118,3 +119,20 @@ def test_memory_plan_matches_real_bfloat16_state(loaded, corpus_ids):
     cache = engine.runner.cache
     cap = max(c.keys.shape[2] for c in cache.layers if hasattr(c, "keys") and c.keys is not None)
     assert cache.nbytes() == engine.plan.bytes_for(cache.batch, cap)
+
+
+def test_eval_measures_the_cost_against_float32_state(bundles, tmp_path, capsys):
+    """flashmoe-eval --state-dtype bfloat16 --compare SAME: REF keeps float32 state, so the KL is the cost."""
+    from flashmoe.eval.cli import main
+
+    from conftest import TEXT
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    b = str(bundles[8])
+    assert main([b, "--text", str(text), "--max-tokens", "120", "--chunk", "1", "--state-dtype", "bfloat16",
+                 "--compare", b, "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["experts"].endswith("bfloat16 state") and out["reference"]["experts"].endswith("float32 state")
+    assert 0 < out["kl"] < 1e-3 and out["ppl"] != out["reference"]["ppl"]
+    assert abs(out["ppl"] / out["reference"]["ppl"] - 1) < 0.01
