@@ -21,7 +21,6 @@ import math
 from dataclasses import asdict, dataclass
 
 from flashmoe.errors import InputError
-from flashmoe.runtime.engine import MAX_BATCH, MemoryPlan
 
 STATE_BYTES = {"float32": 4, "bfloat16": 2}
 GIB = 1 << 30
@@ -98,14 +97,18 @@ class BatchPlan:
         return dict(asdict(self), per_sequence_bytes=self.per_sequence_bytes, left_bytes=self.left_bytes)
 
     def describe(self) -> str:
+        from flashmoe.runtime.engine import MAX_BATCH
+
         gb = 1e9
         rows = [("usable memory", self.usable_bytes), ("- dense weights (resident)", self.dense_bytes),
                 ("- expert cache", self.expert_cache_bytes), ("- workspace", self.workspace_bytes),
                 ("= for sequences", self.left_bytes)]
-        out = [f"{self.shape} on {self.machine}, {self.state_dtype} delta-net state, {self.context} tokens per sequence"]
+        out = [f"{self.shape} on {self.machine}, {self.state_dtype} delta-net state, "
+               f"{self.context} tokens per sequence"]
         out += [f"  {k:<28}{v / gb:9.2f} GB" for k, v in rows]
         out.append(f"  per sequence {self.per_sequence_bytes / 1e6:.1f} MB = {self.state_bytes / 1e6:.1f} MB delta-net "
-                   f"state + {self.kv_bytes / 1e6:.1f} MB KV + {self.decode_workspace_bytes / 1e6:.1f} MB decode workspace")
+                   f"state + {self.kv_bytes / 1e6:.1f} MB KV + {self.decode_workspace_bytes / 1e6:.1f} MB decode "
+                   "workspace")
         out.append(f"  largest batch B = {self.batch}")
         budget = math.ceil(self.batch * (self.state_bytes + self.kv_bytes) / 1e7) / 100
         out.append(f"  run with --state-dtype {self.state_dtype} --max-batch {max(1, self.batch)} --memory-budget-gb "
@@ -118,6 +121,8 @@ def largest_batch(shape: str | dict, machine: Machine, state_dtype: str = "float
                   dense_bits: int | None = 8) -> BatchPlan:
     """The largest B of `shape` (a bench/presets.py name, or a dict of shape fields) on `machine`;
     `expert_cache_gb` None: the machine's."""
+    from flashmoe.runtime.engine import MemoryPlan
+
     from .presets import config
 
     if state_dtype not in STATE_BYTES:
@@ -135,9 +140,9 @@ def largest_batch(shape: str | dict, machine: Machine, state_dtype: str = "float
     layer_state = cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim * 4
     decode_ws = cfg.vocab_size * (machine.act_bytes + 4) + 2 * layer_state
     usable = int(machine.memory_bytes * machine.usable_share)
-    plan = BatchPlan(shape if isinstance(shape, str) else "custom", machine.name, state_dtype, mp.reference_context, usable, dense_bytes(cfg, dense_bits),
-                     int(cache_gb * 1e9), int(workspace_gb * 1e9), mp.state_bytes,
-                     mp.kv_bytes_per_token * mp.reference_context, decode_ws, 0)
+    plan = BatchPlan(shape if isinstance(shape, str) else "custom", machine.name, state_dtype, mp.reference_context,
+                     usable, dense_bytes(cfg, dense_bits), int(cache_gb * 1e9), int(workspace_gb * 1e9),
+                     mp.state_bytes, mp.kv_bytes_per_token * mp.reference_context, decode_ws, 0)
     return BatchPlan(**{**asdict(plan), "batch": max(0, plan.left_bytes // plan.per_sequence_bytes)})
 
 
@@ -148,13 +153,15 @@ def table(shape: str, context: int = CONTEXT, expert_cache_gb: float | None = No
 
 
 def format_table(plans: list[BatchPlan]) -> str:
+    from flashmoe.runtime.engine import MAX_BATCH
+
     head = f"{'machine':<30} {'state':<9} {'usable GB':>9} {'dense GB':>8} {'cache GB':>8} {'MB/seq':>7} {'B':>5}"
     lines = [f"{plans[0].shape}, {plans[0].context} tokens per sequence", head]
     for p in plans:
         lines.append(f"{p.machine:<30} {p.state_dtype:<9} {p.usable_bytes / 1e9:9.1f} {p.dense_bytes / 1e9:8.2f} "
                      f"{p.expert_cache_bytes / 1e9:8.2f} {p.per_sequence_bytes / 1e6:7.1f} {p.batch:5d}")
-    lines.append(f"(B past {MAX_BATCH}, the engine's default cap, needs --max-batch B; every B needs --memory-budget-gb, "
-                 "whose default is half the free memory)")
+    lines.append(f"(B past {MAX_BATCH}, the engine's default cap, needs --max-batch B; every B needs "
+                 "--memory-budget-gb, whose default is half the free memory)")
     return "\n".join(lines)
 
 

@@ -104,7 +104,8 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                         "dtype on a GPU)")
     g.add_argument("--state-dtype", choices=STATE_DTYPES, default=None,
                    help="delta-net state between steps: float32, or bfloat16 for half the memory per sequence, so "
-                        "about twice the batch (default: $FLASHMOE_STATE_DTYPE or float32; quality cost in docs/batch.md)")
+                        "about twice the batch (default: $FLASHMOE_STATE_DTYPE or float32; quality cost in "
+                        "docs/batch.md)")
     g.add_argument("--experts-per-token", type=int, default=None, metavar="K",
                    help="routed experts per token (default: the model's own); fewer reads less from disk and "
                         "costs some quality (measure it with flashmoe-eval)")

@@ -36,8 +36,8 @@ class LinearCache:
     state: mx.array | None = StoredState()  # [B, Hv, Dv, Dk] in state_dtype
 
     def rows(self, idx: mx.array) -> "LinearCache":
-        return LinearCache(None if self.conv is None else self.conv[idx], None if self.state is None else self.state[idx],
-                           state_dtype=self.state_dtype)
+        return LinearCache(None if self.conv is None else self.conv[idx],
+                           None if self.state is None else self.state[idx], state_dtype=self.state_dtype)
 
     @staticmethod
     def concat(parts: list["LinearCache"]) -> "LinearCache":
