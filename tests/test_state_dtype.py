@@ -17,6 +17,8 @@ from flashmoe.runtime.config import RuntimeConfig
 from flashmoe.runtime.engine import Engine, MemoryPlan
 from flashmoe.runtime.sampling import SamplingParams
 
+from test_qwen4 import q4, q4_bundles  # noqa: F401 - fixtures: the trained tiny Qwen4-Exp and its bundles
+
 
 def test_config_flag_and_environment():
     from flashmoe.cli import add_runtime_flags, runtime_config_from_args
@@ -136,3 +138,14 @@ def test_eval_measures_the_cost_against_float32_state(bundles, tmp_path, capsys)
     assert out["experts"].endswith("bfloat16 state") and out["reference"]["experts"].endswith("float32 state")
     assert 0 < out["kl"] < 1e-3 and out["ppl"] != out["reference"]["ppl"]
     assert abs(out["ppl"] / out["reference"]["ppl"] - 1) < 0.01
+
+
+def test_qwen4_exp_refuses_bfloat16_state(q4_bundles):
+    """Qwen4-Exp's caches keep float32 state: asking for bfloat16 is refused in one line, not ignored."""
+    import flashmoe
+
+    model, tok = flashmoe.load(q4_bundles[8], state_dtype="bfloat16")
+    with pytest.raises(InputError, match="state dtype bfloat16 is not available for qwen4_exp"):
+        Engine(model, tok)
+    model, tok = flashmoe.load(q4_bundles[8])
+    assert Engine(model, tok).plan.state_dtype == "float32"
