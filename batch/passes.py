@@ -1,12 +1,17 @@
 """Passes: how a batch job spends reads of the model's experts, and the order of work that keeps them few.
 
 A pass is one read of the experts: one forward of a prefill chunk, or one decode step of the running
-batch (each reads every layer's routed experts once for all its rows). A job's time is about its number
-of passes, so documents join in waves (`Waves`): the first small (one pass of prompt tokens) so that the
-first answers are written within a few steps, the next ones a few passes of prompt tokens each, longest
-first so that a wave's documents pad little, while the rows already running decode in the same steps.
+batch (each reads every layer's routed experts once for all its rows; with a large batch, about all of
+them). A job's time is about its number of passes, and a decode step costs one pass whatever the batch,
+so the job runs in waves (`Waves`): as many documents as the engine's memory plan admits (`Room`) join
+together, prefill together and decode together. Rows that finish early are refilled by the next wave once
+at least REFILL_SHARE of the batch is free (or the queue's rest fits): a refill costs its prefill passes
+whole, rows left empty cost their share of each decode pass, and waiting for half the batch bounds both.
+
 `plan` runs that policy on the job's sizes (every document generating its max_tokens, the most it can)
-and counts the passes before the job starts; `prefill_passes` is the engine's chunking.
+and counts the passes before the job starts. What a wave's prefill costs is a parameter (`prefill_cost`, a
+function of the wave's prompt lengths): today the runner's chunked prefill (`chunked_prefill`); a runner
+that prefills layer by layer says its own.
 """
 
 from __future__ import annotations
@@ -14,36 +19,64 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
-FIRST_WAVE_PASSES = 1  # prompt tokens of the first wave: one prefill pass
-WAVE_PASSES = 4  # later waves: at most this many prefill passes per step (the running rows decode meanwhile)
+REFILL_SHARE = 0.5  # a running batch takes a new wave once this share of the rows it could hold is free
+
+PrefillCost = Callable[[list[int]], int]  # prompt lengths of a wave -> its prefill passes
 
 
 def prefill_passes(lengths: list[int], prefill_tokens: int) -> int:
-    """Forwards of one prefill of these prompts together (the engine left-pads them and runs
-    prefill_tokens // rows positions per forward)."""
+    """Forwards of one prefill of these prompts together (the runner left-pads them and runs
+    prefill_tokens // rows positions per forward: runtime/runner.forward_chunks)."""
     if not lengths:
         return 0
     chunk = max(1, prefill_tokens // len(lengths))
     return math.ceil(max(lengths) / chunk)
 
 
-class Waves:
-    """Which queued documents join at the next step: up to `room` of them, their prompt tokens within this
-    wave's budget (always at least one)."""
+def chunked_prefill(prefill_tokens: int) -> PrefillCost:
+    """The prefill cost of the runner's chunked prefill of `prefill_tokens` tokens per forward."""
+    return lambda lengths: prefill_passes(lengths, prefill_tokens)
 
-    def __init__(self, prefill_tokens: int):
-        self.prefill_tokens = max(1, int(prefill_tokens))
+
+@dataclass(frozen=True)
+class Room:
+    """What the engine admits (runtime/engine.py Engine._admit): at most `max_rows` rows, and, past the first,
+    only while their state, each row as long as the longest (prompt + max_tokens), fits `plan`'s budget."""
+
+    max_rows: int
+    plan: object = None  # a runtime.engine.MemoryPlan; None: rows are the only bound
+
+    def fits(self, totals: list[int]) -> bool:
+        if len(totals) > self.max_rows:
+            return False
+        if self.plan is None or len(totals) <= 1:
+            return True
+        return self.plan.bytes_for(len(totals), max(totals)) <= self.plan.budget_bytes
+
+
+class Waves:
+    """Which queued documents join at the next step: as many as `room` admits beside the running rows, taken
+    in queue order; none while the running batch is more than (1 - REFILL_SHARE) full, unless they are the
+    queue's rest. `total(doc)`: its prompt tokens + max_tokens."""
+
+    def __init__(self, room: Room, total: Callable[[object], int]):
+        self.room = room
+        self.total = total
         self.waves = 0
 
-    def take(self, queue: deque, room: int, length) -> list:
-        passes = FIRST_WAVE_PASSES if self.waves == 0 else WAVE_PASSES
-        budget, used, out = passes * self.prefill_tokens, 0, []
-        while queue and len(out) < room and (not out or used + length(queue[0]) <= budget):
-            used += length(queue[0])
-            out.append(queue.popleft())
-        self.waves += bool(out)
-        return out
+    def take(self, queue: deque, running: list[int]) -> list:
+        """`running`: each running row's total. Pops and returns the wave (possibly empty)."""
+        rows = list(running)
+        n = 0
+        while n < len(queue) and self.room.fits(rows + [self.total(queue[n])]):
+            rows.append(self.total(queue[n]))
+            n += 1
+        if not n or (running and n < len(queue) and n < REFILL_SHARE * (len(running) + n)):
+            return []
+        self.waves += 1
+        return [queue.popleft() for _ in range(n)]
 
 
 @dataclass(frozen=True)
@@ -51,26 +84,27 @@ class Plan:
     prefill: int  # prefill passes
     decode: int  # decode passes (steps that decode running rows)
     steps: int
+    waves: int = 0
 
     @property
     def passes(self) -> int:
         return self.prefill + self.decode
 
 
-def plan(docs: list[tuple[int, int]], max_batch: int, prefill_tokens: int) -> Plan:
-    """Passes for documents (prompt tokens, max_tokens), in this order, under `Waves` with at most
-    `max_batch` rows at once, if every document generates its max_tokens (an upper bound: a stop string or
-    the end-of-text token finishes it sooner)."""
+def plan(docs: list[tuple[int, int]], room: Room, prefill_cost: PrefillCost) -> Plan:
+    """Passes for documents (prompt tokens, max_tokens), in this order, under `Waves` in `room`, if every
+    document generates its max_tokens (an upper bound: a stop string or the end-of-text token finishes it
+    sooner). Each engine step prefills the joining wave, then decodes every row with tokens still to make."""
     queue = deque(docs)
-    waves = Waves(prefill_tokens)
-    running: list[int] = []  # tokens each running row still has to generate
+    waves = Waves(room, lambda d: d[0] + d[1])
+    running: list[tuple[int, int]] = []  # (total, tokens still to generate) of each running row
     prefill = decode = steps = 0
     while queue or running:
-        joining = waves.take(queue, max_batch - len(running), lambda d: d[0])
-        prefill += prefill_passes([p for p, _ in joining], prefill_tokens)
-        running += [m - 1 for _, m in joining if m > 1]  # the prefill chose each one's first token
+        joining = waves.take(queue, [t for t, _ in running])  # never empty when nothing runs
+        prefill += prefill_cost([p for p, _ in joining]) if joining else 0
+        running += [(p + m, m - 1) for p, m in joining if m > 1]  # the prefill chose each one's first token
         if running:
             decode += 1
-            running = [r - 1 for r in running if r > 1]
+            running = [(t, r - 1) for t, r in running if r > 1]
         steps += 1
-    return Plan(prefill, decode, steps)
+    return Plan(prefill, decode, steps, waves.waves)

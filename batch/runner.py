@@ -6,11 +6,12 @@
     summary = run_jobs(model, tokenizer, "in.jsonl", "out.jsonl", JobOptions(batch_size=None))
 
 Every request is tokenized up front (bad ones become error lines at once), then submitted to the Engine
-longest prompt first in waves (batch.passes: a small first wave, so that answers are written within a
-few steps, then a few passes of prompt tokens per step while the running rows decode), so that documents
-of similar length prefill together and a finished document's row is refilled at the next step. Each
-sequence's output does not depend on its batch mates (the engine's guarantee) nor on the order, so the
-order is free. Before starting, the job prints how many passes over the experts it needs at most.
+longest prompt first in waves (batch.passes): as many documents as the engine's memory plan admits
+prefill together and decode together, so that the job needs as few passes over the experts as it can;
+rows that finish early are refilled by the next wave once half the batch is free. Each sequence's output
+does not depend on its batch mates (the engine's guarantee) nor on the order, so the order is free.
+Before starting, the job prints how many passes over the experts it needs at most; the progress bar
+counts them and, from the time the passes took so far, says when the job will end.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from flashmoe.errors import CapacityError, FlashmoeError, InputError
 
 from .journal import OutputLog
 from .output import answer_record, error_record
-from .passes import Plan, Waves, plan, prefill_passes
-from .progress import JobProgress
+from .passes import Plan, PrefillCost, Room, Waves, chunked_prefill, plan
+from .progress import JobProgress, PassClock
 from .requests import BadLine, Defaults, Request, parse_lines
 
 
@@ -57,7 +58,12 @@ class JobSummary:
     max_batch: int = 0  # the engine's cap on rows at once (its memory plan admits within it)
     plan: str = ""
     planned: Plan = Plan(0, 0, 0)  # passes over the experts this run needs at most (batch.passes)
-    passes: int = 0  # passes this run made
+    prefill_passes: int = 0  # passes this run made: prefill forwards
+    decode_passes: int = 0  # and decode steps
+
+    @property
+    def passes(self) -> int:
+        return self.prefill_passes + self.decode_passes
 
     @property
     def docs_per_hour(self) -> float:
@@ -66,7 +72,7 @@ class JobSummary:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["planned"] = dict(d["planned"], passes=self.planned.passes)
-        d.update(docs_per_hour=self.docs_per_hour,
+        d.update(passes=self.passes, docs_per_hour=self.docs_per_hour,
                  prefill_tps=self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0,
                  decode_tps=self.decode_only_tokens / self.decode_s if self.decode_s > 0 else 0.0,
                  expert_bytes_per_doc=self.expert_bytes / self.done if self.done else 0.0)
@@ -175,33 +181,37 @@ def _run(model, tokenizer, source, log: OutputLog, options: JobOptions, engine) 
     log.append([error_record(b) for b in errors])
     summary.failed = len(errors)
 
-    prefill_tokens = engine.runner.prefill_tokens
+    room = Room(engine.max_batch, engine.plan)
+    cost = chunked_prefill(engine.runner.prefill_tokens)  # the runner's prefill: passes of a wave's prompts
     summary.planned = plan([(len(ids), min(params.max_tokens, limit - len(ids))) for _, ids, params in ready],
-                           engine.max_batch, prefill_tokens)  # (the engine's cap on max_tokens: the context)
+                           room, cost)  # (the engine's cap on max_tokens: the context)
     if options.progress and ready:
         p = summary.planned
-        print(f"flashmoe-batch: {len(ready)} documents to answer in at most {p.passes} passes over the experts "
-              f"({p.prefill} prefill, {p.decode} decode; fewer when answers stop early); the bar counts passes",
-              file=sys.stderr, flush=True)
-    progress = JobProgress(summary, enabled=options.progress)
+        print(f"flashmoe-batch: {len(ready)} documents to answer in {p.waves} wave(s), at most {p.passes} passes over "
+              f"the experts ({p.prefill} prefill, {p.decode} decode; fewer when answers stop early); estimated "
+              "finish: estimating until a pass is timed. The bar counts passes", file=sys.stderr, flush=True)
+    progress = JobProgress(summary, PassClock(), enabled=options.progress)
+    total = lambda r: len(r[1]) + min(r[2].max_tokens, limit - len(r[1]))  # noqa: E731 - a row's size in the plan
     try:
-        _drive(engine, deque(ready), Waves(prefill_tokens), log, summary, progress, options.model_name)
+        _drive(engine, deque(ready), Waves(room, total), cost, log, summary, progress, options.model_name)
     finally:
         progress.close()
         summary.wall_s = time.perf_counter() - t0
     return summary
 
 
-def _drive(engine, queue: deque, waves: Waves, log: OutputLog, summary: JobSummary, progress: JobProgress,
-           model_name: str) -> None:
-    """Documents join in waves while the rows already running decode; every finished answer is written
-    (and fsync'd) in the step it finishes."""
+def _drive(engine, queue: deque, waves: Waves, cost: PrefillCost, log: OutputLog, summary: JobSummary,
+           progress: JobProgress, model_name: str) -> None:
+    """Documents join in waves (prefilled together, then decoded with the rows already running); every
+    finished answer is written (and fsync'd) in the step it finishes."""
     running: dict[int, tuple[Request, int, list[str]]] = {}  # in the engine: waiting or running
+    totals: dict[int, int] = {}  # each one's size in the memory plan (prompt + max_tokens)
     waiting: deque[tuple[int, int]] = deque()  # (seq id, prompt tokens) added and not yet prefilled
     c0 = dict(engine.counters)
     while queue or running:
         records = []
-        for req, ids, params in waves.take(queue, engine.max_batch - len(running), lambda r: len(r[1])):
+        for doc in waves.take(queue, list(totals.values())):
+            req, ids, params = doc
             try:
                 sid = engine.add(ids.tolist(), params, tag=req.line)
             except Exception as e:  # the engine's own checks (one sequence past the memory budget): this line's
@@ -211,6 +221,7 @@ def _drive(engine, queue: deque, waves: Waves, log: OutputLog, summary: JobSumma
                 summary.failed += 1
                 continue
             running[sid] = (req, len(ids), [])
+            totals[sid] = waves.total(doc)
             waiting.append((sid, len(ids)))
         if running:
             was_running = len(running) - len(waiting)
@@ -228,13 +239,17 @@ def _drive(engine, queue: deque, waves: Waves, log: OutputLog, summary: JobSumma
                 summary.decode_only_tokens += c["generated_tokens"] - gen_before
             finals = {ev.seq_id: ev for ev in events if ev.finish_reason is not None}
             joined_ids = {sid for sid, _ in joined}
-            decoded = was_running > 0 or any(sid not in finals or len(finals[sid].tokens) > 1 for sid in joined_ids)
-            summary.passes += prefill_passes([n for _, n in joined], waves.prefill_tokens) + decoded
+            decoded = int(was_running > 0 or any(sid not in finals or len(finals[sid].tokens) > 1
+                                                 for sid in joined_ids))
+            prefill = cost([n for _, n in joined]) if joined else 0
+            summary.prefill_passes += prefill
+            summary.decode_passes += decoded
+            progress.clock.record(prefill, decoded, dt)
             for ev in events:
                 req, n_prompt, texts = running[ev.seq_id]
                 texts.append(ev.text)
                 if ev.finish_reason is not None:
-                    del running[ev.seq_id]
+                    del running[ev.seq_id], totals[ev.seq_id]
                     records.append(answer_record(req, "".join(texts), ev.finish_reason, n_prompt, len(ev.tokens),
                                                  model_name))
                     summary.done += 1

@@ -7,6 +7,8 @@
     flashmoe-bench run DIR --batch 1,8,32,128 [--routing uniform,calibrated]
     flashmoe-bench recall BUNDLE --text FILE [--tokens 512] [--json FILE]
     flashmoe-bench doctor [--dir PATH]
+    flashmoe-bench plan --shape qwen3.5-397b-a17b --machine h200|mac48|mac128 | --memory-gb GB | --table
+                        [--context 2048] [--state-dtype bfloat16] [--expert-cache-gb GB] [--json FILE]
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _recalls(text: str) -> list[float]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{make,run,recall,doctor}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{make,run,recall,doctor,plan}")
     m = sub.add_parser("make", help="write a bundle with a real model's shapes and random weights")
     m.add_argument("--shape", required=True, choices=sorted(PRESETS), help="which model's shapes to copy")
     m.add_argument("--layers", type=int, default=4, help="layers to write (the full model's pattern; default 4)")
@@ -117,7 +119,59 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="what this machine can run, and how fast, before downloading")
     d.add_argument("--dir", default=".", help="where bundles would live (its disk is measured)")
     d.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    _plan_parser(sub)
     return p
+
+
+def _plan_parser(sub) -> None:
+    from .plan import CONTEXT, MACHINES, STATE_BYTES, WORKSPACE_GB
+
+    pl = sub.add_parser("plan", help="the largest batch a machine holds, from the engine's memory plan (no hardware)")
+    pl.add_argument("--shape", default="qwen3.5-397b-a17b", choices=sorted(PRESETS),
+                    help="which model's shapes (default qwen3.5-397b-a17b)")
+    m = pl.add_mutually_exclusive_group(required=True)
+    m.add_argument("--machine", choices=sorted(MACHINES),
+                   help="h200 (141 GB), mac48 or mac128 (48/128 GiB unified memory, 75%% usable by the GPU)")
+    m.add_argument("--memory-gb", type=float, metavar="GB", help="a machine of this much memory (GB = 1e9 bytes)")
+    m.add_argument("--table", action="store_true", help="every --machine, float32 and bfloat16 state")
+    pl.add_argument("--usable-share", type=float, default=None, metavar="F",
+                    help="share of --memory-gb the run may use (default 1.0; a Mac's GPU wires about 0.75)")
+    pl.add_argument("--expert-cache-gb", type=float, default=None, metavar="GB",
+                    help="expert cache to keep (default: the machine's: 16 on the H200, 0.25 on a Mac, 0 for "
+                         "--memory-gb)")
+    pl.add_argument("--context", type=int, default=CONTEXT, metavar="N",
+                    help=f"tokens per sequence, prompt and answer (default {CONTEXT})")
+    pl.add_argument("--state-dtype", choices=sorted(STATE_BYTES), default="float32",
+                    help="delta-net state dtype (default float32; the runtime's --state-dtype)")
+    pl.add_argument("--workspace-gb", type=float, default=WORKSPACE_GB, metavar="GB",
+                    help=f"fixed workspace (prefill activations, buffers; default {WORKSPACE_GB:g})")
+    pl.add_argument("--json", default=None, metavar="FILE", help="also write the plan(s) as JSON")
+
+
+def _plan(a: argparse.Namespace) -> None:
+    from .plan import MACHINES, Machine, format_table, largest_batch, table
+
+    if a.table:
+        plans = table(a.shape, a.context, a.expert_cache_gb, a.workspace_gb)
+        print(format_table(plans))
+    else:
+        if a.machine:
+            machine = MACHINES[a.machine]
+            if a.usable_share is not None:
+                raise InputError("--usable-share goes with --memory-gb (a --machine has its own)")
+        else:
+            share = 1.0 if a.usable_share is None else a.usable_share
+            if not (a.memory_gb > 0 and 0 < share <= 1):
+                raise InputError("--memory-gb must be positive and --usable-share in (0, 1]")
+            machine = Machine(f"{a.memory_gb:g} GB x {share:g}", int(a.memory_gb * 1e9), share, 0.0)
+        plans = [largest_batch(a.shape, machine, a.state_dtype, a.context, a.expert_cache_gb, a.workspace_gb)]
+        print(plans[0].describe())
+    if a.json:
+        import json
+
+        from flashmoe.hub.common import write_new
+
+        write_new(a.json, (json.dumps({"plans": [p.as_dict() for p in plans]}, indent=1) + "\n").encode())
 
 
 def body(a: argparse.Namespace) -> int:
@@ -162,6 +216,8 @@ def body(a: argparse.Namespace) -> int:
         print(format_recall(rep))
         if a.json:
             write(rep, a.json)
+    elif a.cmd == "plan":
+        _plan(a)
     else:
         from .doctor import doctor, format_report
 

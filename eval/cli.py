@@ -4,6 +4,8 @@ reference bundle's next-token distributions (the quality meter for bits and expe
     flashmoe-eval out/q4 --text wiki.txt                       perplexity
     flashmoe-eval out/q2 --text wiki.txt --compare out/q8      side by side, KL(q8 || q2)
     flashmoe-eval out/q4 --text wiki.txt --experts-per-token 5 --compare out/q4   the cost of a smaller K
+    flashmoe-eval out/q4 --text wiki.txt --state-dtype bfloat16 --chunk 1 --compare out/q4
+                                                               the cost of bfloat16 delta-net state
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"tokens per forward pass; memory holds N x vocab logits (default {CHUNK})")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_runtime_flags(p)  # --experts-per-token applies to BUNDLE only (REF keeps its own)
+    add_runtime_flags(p)  # --experts-per-token and --state-dtype apply to BUNDLE only (REF: its own K, float32 state)
     add_common_arguments(p)
     return p
 
@@ -48,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 def _describe(model) -> str:
     e = model.bundle.manifest["experts"]
     bits = "float" if e["bits"] is None else f"{e['bits']}-bit"
-    return f"{bits} experts, K={model.experts_per_token}"
+    return f"{bits} experts, K={model.experts_per_token}, {model.runtime_config.state_dtype} state"
 
 
 def _body(a: argparse.Namespace) -> int:
@@ -64,7 +66,8 @@ def _body(a: argparse.Namespace) -> int:
     ids = tok.encode(text)[: a.max_tokens]
     ref = None
     if a.compare:
-        ref, ref_tok = flashmoe.load(a.compare, dataclasses.replace(config, experts_per_token=None))
+        ref, ref_tok = flashmoe.load(a.compare, dataclasses.replace(config, experts_per_token=None,
+                                                                    state_dtype="float32"))
         if ref_tok.encode(text)[: len(ids)] != ids:
             raise InputError(f"{a.compare} tokenizes the text differently from {a.bundle}; "
                              "compare bundles of the same model")

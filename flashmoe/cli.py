@@ -9,7 +9,7 @@ with the traceback when --debug (or FLASHMOE_DEBUG=1) is given. Environment vari
 and in each CLI's body, never deeper in the library.
 
 The flags every command that runs a model spells the same way:
-    add_runtime_flags   --io --kernels --gpu-cache-gb --upload --prefetch --dtype --experts-per-token
+    add_runtime_flags   --io --kernels --gpu-cache-gb --upload --prefetch --dtype --state-dtype --experts-per-token
     add_engine_flags    --max-batch --memory-budget-gb --prompt-cache-gb
     add_sampling_flags  --max-tokens --temperature --top-p --top-k --seed --stop
 and runtime_config_from_args / engine_config_from_args / sampling_params_from_args turn them into a
@@ -82,7 +82,7 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
-    from flashmoe.runtime.config import DTYPES, IO_MODES, KERNELS, PREFETCH_MODES, UPLOADS
+    from flashmoe.runtime.config import DTYPES, IO_MODES, KERNELS, PREFETCH_MODES, STATE_DTYPES, UPLOADS
 
     g = parser.add_argument_group("runtime")
     g.add_argument("--io", choices=IO_MODES, default=None,
@@ -102,6 +102,10 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="activation dtype (default: $FLASHMOE_DTYPE, else float32 on the CPU and the bundle's "
                         "dtype on a GPU)")
+    g.add_argument("--state-dtype", choices=STATE_DTYPES, default=None,
+                   help="delta-net state between steps: float32, or bfloat16 for half the memory per sequence, so "
+                        "about twice the batch (default: $FLASHMOE_STATE_DTYPE or float32; quality cost in "
+                        "docs/batch.md)")
     g.add_argument("--experts-per-token", type=int, default=None, metavar="K",
                    help="routed experts per token (default: the model's own); fewer reads less from disk and "
                         "costs some quality (measure it with flashmoe-eval)")
@@ -113,7 +117,7 @@ def runtime_config_from_args(args: argparse.Namespace, environ=None):
 
     return RuntimeConfig.from_env(environ, io=args.io, kernels=args.kernels, gpu_cache_gb=args.gpu_cache_gb,
                                   upload=args.upload, dtype=args.dtype, experts_per_token=args.experts_per_token,
-                                  prefetch=args.prefetch)
+                                  prefetch=args.prefetch, state_dtype=args.state_dtype)
 
 
 def _max_batch(s: str) -> int | None:

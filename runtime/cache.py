@@ -10,21 +10,39 @@ import mlx.core as mx
 import numpy as np
 
 
+class StoredState:
+    """LinearCache.state: kept in the cache's `state_dtype` whatever dtype is assigned (the delta net computes
+    in float32 and hands back a float32 state; a bfloat16 cache stores half the bytes between steps)."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return None if obj is None else obj.__dict__.get(self.slot)
+
+    def __set__(self, obj, value) -> None:
+        if value is not None and value.dtype != obj.state_dtype:
+            value = value.astype(obj.state_dtype)
+        obj.__dict__[self.slot] = value
 
 
 @dataclass
 class LinearCache:
-    """Gated DeltaNet state: the last W-1 conv inputs and the recurrent state, per row."""
+    """Gated DeltaNet state: the last W-1 conv inputs and the recurrent state, per row. The state is stored
+    in `state_dtype` (float32, or bfloat16 for twice the rows in the same memory: RuntimeConfig.state_dtype)."""
 
+    state_dtype: mx.Dtype = field(default=mx.float32, kw_only=True)  # first: set before `state` in __init__
     conv: mx.array | None = None  # [B, W-1, C]
-    state: mx.array | None = None  # [B, Hv, Dv, Dk] float32
+    state: mx.array | None = StoredState()  # [B, Hv, Dv, Dk] in state_dtype
 
     def rows(self, idx: mx.array) -> "LinearCache":
-        return LinearCache(None if self.conv is None else self.conv[idx], None if self.state is None else self.state[idx])
+        return LinearCache(None if self.conv is None else self.conv[idx],
+                           None if self.state is None else self.state[idx], state_dtype=self.state_dtype)
 
     @staticmethod
     def concat(parts: list["LinearCache"]) -> "LinearCache":
-        return LinearCache(mx.concatenate([p.conv for p in parts]), mx.concatenate([p.state for p in parts]))
+        return LinearCache(mx.concatenate([p.conv for p in parts]), mx.concatenate([p.state for p in parts]),
+                           state_dtype=parts[0].state_dtype)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.conv, self.state) if a is not None)
@@ -134,4 +152,4 @@ class Cache:
         return sum(c.nbytes() for c in self.layers)
 
 
-__all__ = ["Cache", "KVCache", "LinearCache"]
+__all__ = ["Cache", "KVCache", "LinearCache", "StoredState"]

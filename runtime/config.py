@@ -1,8 +1,8 @@
 """RuntimeConfig: every knob of the runtime in one object, resolved once by `flashmoe.load`.
 
 Library code never reads environment variables; the CLIs build a RuntimeConfig with `from_env` (which
-reads FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD, FLASHMOE_PREFETCH) and their
-flags, and pass it down.
+reads FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD, FLASHMOE_PREFETCH,
+FLASHMOE_STATE_DTYPE) and their flags, and pass it down.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ IO_MODES = ("pread", "mmap", "direct")
 UPLOADS = ("auto", "direct", "pinned")
 KERNELS = ("auto", "builtin", "custom")
 DTYPES = ("float32", "bfloat16", "float16")
+STATE_DTYPES = ("float32", "bfloat16")  # the delta net's recurrent state between steps
 PREFETCH_MODES = ("off", "on", "auto")
 
 
@@ -37,6 +38,9 @@ class RuntimeConfig:
     # records to read while L+1's attention runs; auto: on for a CUDA GPU expert cache holding a token's
     # records for every layer, off on unified memory and across ranks (prefetch.prefetch_wanted)
     prefetch: str = "auto"
+    # the delta net's recurrent state as stored between steps (runtime/cache.py): float32, or bfloat16 for half
+    # the bytes per sequence (twice the batch in the same memory; its quality cost: docs/batch.md)
+    state_dtype: str = "float32"
 
     def check(self) -> "RuntimeConfig":
         if self.io not in IO_MODES:
@@ -47,6 +51,8 @@ class RuntimeConfig:
             raise InputError(f"upload {self.upload!r} is unknown: choose one of {', '.join(UPLOADS)}")
         if self.prefetch not in PREFETCH_MODES:
             raise InputError(f"prefetch {self.prefetch!r} is unknown: choose one of {', '.join(PREFETCH_MODES)}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise InputError(f"state dtype {self.state_dtype!r} is unknown: choose one of {', '.join(STATE_DTYPES)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InputError(f"dtype {self.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
         if self.gpu_cache_gb is not None and (not math.isfinite(self.gpu_cache_gb) or self.gpu_cache_gb < 0):
@@ -63,7 +69,7 @@ class RuntimeConfig:
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "RuntimeConfig":
         """For CLIs only: FLASHMOE_KERNELS, FLASHMOE_GPU_CACHE_GB, FLASHMOE_DTYPE, FLASHMOE_UPLOAD,
-        FLASHMOE_PREFETCH, then `overrides` (flags; None means not given)."""
+        FLASHMOE_PREFETCH, FLASHMOE_STATE_DTYPE, then `overrides` (flags; None means not given)."""
         env = os.environ if environ is None else environ
         kw: dict = {}
         if env.get("FLASHMOE_KERNELS", "").strip():
@@ -77,6 +83,8 @@ class RuntimeConfig:
             kw["upload"] = env["FLASHMOE_UPLOAD"].strip().lower()
         if env.get("FLASHMOE_PREFETCH", "").strip():
             kw["prefetch"] = env["FLASHMOE_PREFETCH"].strip().lower()
+        if env.get("FLASHMOE_STATE_DTYPE", "").strip():
+            kw["state_dtype"] = env["FLASHMOE_STATE_DTYPE"].strip().lower()
         gb = env.get("FLASHMOE_GPU_CACHE_GB", "").strip()
         if gb:
             try:

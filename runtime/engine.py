@@ -8,7 +8,8 @@ decoded together, so that one expert read serves every token that routed to that
             ...                                          # ev.seq_id, ev.text, ev.finish_reason, ...
 
 Three parts, one job each:
-  * MemoryPlan: how many sequences fit a memory budget (per-sequence state: delta-net state + KV cache).
+  * MemoryPlan: how many sequences fit a memory budget (per-sequence state: delta-net state + KV cache;
+    bench/plan.py turns it into the largest batch a machine holds).
   * BatchRunner (runtime/runner.py): the model forwards over the running batch, and the prompt cache.
   * Engine: the scheduler. Sequences wait in a queue, join between steps when the plan has room (all
     joiners prefill together: each layer reads their expert union once), decode together, and leave when
@@ -35,8 +36,9 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.errors import CapacityError
+from flashmoe.errors import CapacityError, InputError
 
+from .cache import LinearCache
 from .config import EngineConfig
 from .experts import device_memory_bytes
 from .model import Stats
@@ -75,32 +77,55 @@ def available_memory() -> int:
         return 8 << 30
 
 
+def cache_state_dtype(model):
+    """The dtype the model's caches store the delta-net state in (read back from a cache it makes), checked
+    against what its runtime config asked for."""
+    linear = [c for c in model.make_cache().layers if isinstance(c, LinearCache)]
+    got = linear[0].state_dtype if linear else mx.float32
+    want = getattr(model.runtime_config, "state_dtype", None)
+    if want is not None and linear and got != getattr(mx, want):
+        raise InputError(f"state dtype {want} is not available for {model.config.model_type} models "
+                         f"(their caches store {str(got).split('.')[-1]}); leave --state-dtype at its default")
+    return got
+
+
 @dataclass
 class MemoryPlan:
-    """Per-sequence state: every delta-net layer holds a recurrent state [Hv, Dv, Dk] float32 and W-1 conv
-    inputs; every full-attention layer holds keys and values for each token of the sequence. Rows of a
-    batch are left-padded to the longest, so a batch of B rows costs B x (state + KV x longest)."""
+    """Per-sequence state: every delta-net layer holds a recurrent state [Hv, Dv, Dk] (float32, or bfloat16:
+    RuntimeConfig.state_dtype) and W-1 conv inputs; every full-attention layer holds keys and values for each
+    token of the sequence. Rows of a batch are left-padded to the longest, so a batch of B rows costs
+    B x (state + KV x longest)."""
 
     state_bytes: int  # fixed per sequence
     kv_bytes_per_token: int  # per token of context
     budget_bytes: int
     max_batch: int  # sequences that fit at the reference context, capped by the caller's max_batch
     reference_context: int
+    recurrent_bytes: int = 0  # of state_bytes: the recurrent state (the rest: conv inputs)
+    state_dtype: str = "float32"  # the recurrent state's dtype
 
     @staticmethod
     def for_model(model, budget_bytes: int, max_batch: int | None = None,
                   reference_context: int = REFERENCE_CONTEXT) -> "MemoryPlan":
-        cfg = model.config
-        act = (model.compute_dtype or model.embed_tokens.weight.dtype).size  # bytes per activation element
+        act = model.compute_dtype or model.embed_tokens.weight.dtype
+        return MemoryPlan.for_shapes(model.config, act.size, cache_state_dtype(model).size, budget_bytes, max_batch,
+                                     reference_context)
+
+    @staticmethod
+    def for_shapes(cfg, act_bytes: int, state_elem_bytes: int, budget_bytes: int, max_batch: int | None = None,
+                   reference_context: int = REFERENCE_CONTEXT) -> "MemoryPlan":
+        """The plan of a model config (format.TextConfig) with activations of `act_bytes` and a recurrent state of
+        `state_elem_bytes` per element (4: float32, 2: bfloat16)."""
         n_lin = sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_linear(i))
         n_full = cfg.num_hidden_layers - n_lin
-        state = n_lin * (cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim * 4
-                         + (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * act)
-        kv = n_full * 2 * cfg.num_key_value_heads * cfg.head_dim * act
+        recurrent = n_lin * cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim \
+            * state_elem_bytes
+        state = recurrent + n_lin * (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * act_bytes
+        kv = n_full * 2 * cfg.num_key_value_heads * cfg.head_dim * act_bytes
         ctx = min(reference_context, cfg.max_position_embeddings)
         fit = max(0, budget_bytes // (state + kv * ctx))
         cap = fit if max_batch is None else min(fit, max_batch)
-        return MemoryPlan(state, kv, budget_bytes, cap, ctx)
+        return MemoryPlan(state, kv, budget_bytes, cap, ctx, recurrent, {4: "float32", 2: "bfloat16"}[state_elem_bytes])
 
     @property
     def per_sequence_bytes(self) -> int:
@@ -112,8 +137,9 @@ class MemoryPlan:
     def describe(self) -> str:
         mb = 1 << 20
         return (f"memory plan: {self.per_sequence_bytes / mb:.1f} MiB per sequence at {self.reference_context} "
-                f"tokens ({self.state_bytes / mb:.1f} MiB delta-net state + {self.kv_bytes_per_token / 1024:.1f} KiB "
-                f"KV per token); budget {self.budget_bytes / mb:.0f} MiB -> up to {self.max_batch} sequences at once")
+                f"tokens ({self.state_bytes / mb:.1f} MiB delta-net state in {self.state_dtype} + "
+                f"{self.kv_bytes_per_token / 1024:.1f} KiB KV per token); budget {self.budget_bytes / mb:.0f} MiB "
+                f"-> up to {self.max_batch} sequences at once")
 
 
 # ----------------------------------------------------------------------------------------------

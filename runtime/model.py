@@ -412,9 +412,11 @@ class Model(nn.Module):
     # ---- cache ----------------------------------------------------------------------------
     def make_cache(self, left_pad=None) -> Cache:
         """An empty cache for one row, or for len(left_pad) rows with that much leading padding each
-        (the ids passed to the first call are left-padded to match)."""
+        (the ids passed to the first call are left-padded to match). The delta-net state is stored in the
+        runtime config's state dtype (float32 without one)."""
         lp = np.zeros(1, np.int64) if left_pad is None else np.asarray(left_pad, np.int64)
-        return Cache([LinearCache() if layer.is_linear else KVCache() for layer in self.layers], 0, lp)
+        sd = getattr(mx, self.runtime_config.state_dtype) if self.runtime_config is not None else mx.float32
+        return Cache([LinearCache(state_dtype=sd) if layer.is_linear else KVCache() for layer in self.layers], 0, lp)
 
     # ---- forward --------------------------------------------------------------------------
     def decode(self, ids: mx.array, cache: Cache) -> mx.array:

@@ -417,10 +417,10 @@ def test_two_runs_on_one_output_are_refused(bundles, tmp_path):
 # waves and passes
 
 
-def test_first_answers_are_written_before_the_last_line_is_prefilled(loaded, tmp_path):
-    """60 lines used to join at once: nothing was written until every line was prefilled. In waves, the
-    first answers are in the output (fsync'd) steps before the last line's prefill; the answers are the
-    same as with every line prefilled together."""
+def test_a_wave_is_as_many_documents_as_the_memory_plan_admits(loaded, tmp_path):
+    """60 lines, room for 64 rows: one wave, every line prefilled in the first step, then decoded together.
+    With a memory budget that holds 16 rows at these lengths, waves of 16 that the engine admits whole (it
+    never splits one). The answers are the same either way."""
     from flashmoe.batch import JobOptions, run_jobs
     from flashmoe.runtime.engine import Engine
 
@@ -430,38 +430,41 @@ def test_first_answers_are_written_before_the_last_line_is_prefilled(loaded, tmp
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
 
-    def job(out, prefill_tokens):
-        engine = Engine(model, tok, max_batch=64, prefill_tokens=prefill_tokens)
-        seen = []
+    def job(out, **kw):
+        engine = Engine(model, tok, prefill_tokens=64, **kw)
+        joins = []
+        step = engine.step
 
-        class Watched(OutputLog):
-            def append(self, recs):
-                super().append(recs)
-                if recs:
-                    seen.append((engine.counters["steps"], engine.counters["prompt_tokens"]))
+        def watched():  # (waiting before the step, after it, running after it)
+            waiting = engine.counters["waiting"]
+            events = step()
+            joins.append((waiting, engine.counters["waiting"], engine.counters["running"]))
+            return events
 
-        with Watched(out) as log:
-            s = run_jobs(model, tok, src, log, JobOptions(progress=False), engine=engine)
-        return s, seen
+        engine.step = watched
+        s = run_jobs(model, tok, src, out, JobOptions(progress=False), engine=engine)
+        return s, engine, joins
 
-    s, seen = job(tmp_path / "waves.jsonl", 64)
-    total_prompt = seen[-1][1]
-    first_written = seen[0][0]
-    assert seen[0][1] < total_prompt, seen  # written while lines were still waiting for their prefill
-    assert first_written <= 3 and s.done == 60
-    s_all, seen_all = job(tmp_path / "all.jsonl", 1 << 20)  # one wave would be every line at once
-    assert seen_all[0][1] == total_prompt  # (what the old admission did: nothing written before all prefilled)
+    s, _, joins = job(tmp_path / "one.jsonl", max_batch=64)
+    assert s.done == 60 and s.planned.waves == 1 and joins[0][:2] == (60, 0)  # all 60 joined in the first step
+    assert s.passes <= s.planned.passes
+    probe = Engine(model, tok, max_batch=64, prefill_tokens=64)
+    longest = max(len(probe.tokenizer.encode(x)) for x in lines) + 40  # chat template and max_tokens: a bound
+    per_row = probe.plan.bytes_for(1, longest)
+    s16, engine, joins = job(tmp_path / "waves.jsonl", max_batch=64, memory_budget_gb=16.5 * per_row / 1e9)
+    assert s16.done == 60 and s16.planned.waves >= 3 and s16.passes <= s16.planned.passes
+    assert all(left == 0 for _, left, _ in joins)  # every wave admitted whole: the plan's room is the engine's
+    assert 16 <= joins[0][2] < 60  # the first wave: at least the 16 rows the budget holds at the longest
     key = lambda path: sorted((r["custom_id"], answer_of(r)) for r in records(path))  # noqa: E731
-    assert key(tmp_path / "waves.jsonl") == key(tmp_path / "all.jsonl")
+    assert key(tmp_path / "waves.jsonl") == key(tmp_path / "one.jsonl")
 
 
 def test_planned_passes_bound_the_job_and_are_exact_without_early_stops(loaded, tmp_path):
     from flashmoe.batch import JobOptions, run_jobs
-    from flashmoe.batch.passes import plan, prefill_passes
+    from flashmoe.batch.passes import Room, chunked_prefill, plan
     from flashmoe.runtime.engine import Engine
 
-    assert prefill_passes([100, 30], 64) == 4 and prefill_passes([], 64) == 0
-    assert plan([(10, 3)], 4, 64).passes == 1 + 2  # one prefill forward, then two decode steps
+    assert plan([(10, 3)], Room(4), chunked_prefill(64)).passes == 1 + 2  # one prefill forward, two decode steps
     model, tok = loaded(None)
     rng = random.Random(12)
     for max_tokens, exact in ((1, True), (6, False)):
@@ -470,5 +473,23 @@ def test_planned_passes_bound_the_job_and_are_exact_without_early_stops(loaded, 
         s = run_jobs(model, tok, [x.encode() for x in lines], out, JobOptions(progress=False),
                      engine=Engine(model, tok, max_batch=16, prefill_tokens=128))
         assert s.done == 40 and 0 < s.passes <= s.planned.passes, (s.passes, s.planned)
+        assert s.as_dict()["passes"] == s.passes == s.prefill_passes + s.decode_passes
         if exact:  # every answer is one token: no decode step, and the plan is the real count
             assert s.passes == s.planned.passes and s.planned.decode == 0
+
+
+def test_progress_says_the_plan_then_passes_done_of_planned(loaded, tmp_path, capsys):
+    from flashmoe.batch import JobOptions, run_jobs
+    from flashmoe.runtime.engine import Engine
+
+    model, tok = loaded(None)
+    rng = random.Random(13)
+    lines = [json.dumps({"prompt": text(rng, 20), "max_tokens": 4}) for _ in range(6)]
+    s = run_jobs(model, tok, [x.encode() for x in lines], tmp_path / "o.jsonl", JobOptions(progress=True),
+                 engine=Engine(model, tok, max_batch=4, prefill_tokens=64))
+    err = capsys.readouterr().err
+    p = s.planned
+    assert f"6 documents to answer in {p.waves} wave(s), at most {p.passes} passes over the experts " \
+           f"({p.prefill} prefill, {p.decode} decode" in err and "estimated finish: estimating" in err
+    assert re.search(r"s per decode pass, [0-9.]+ s per prefill pass so far: ETA \d+:\d\d:\d\d \(finish ", err)
+    assert f"{s.passes}/{p.passes}" in err and s.passes == p.passes  # no early stop: every pass as planned
