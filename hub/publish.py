@@ -19,7 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from flashmoe.format.bundle import MANIFEST, Bundle
+from flashmoe.format.bundle import Bundle
+from flashmoe.format.manifest import MANIFEST
 from flashmoe.errors import BundleError
 
 from flashmoe.format import verify as _verify

@@ -28,7 +28,7 @@ import tiny
 from flashmoe.convert import convert_checkpoint
 from flashmoe.convert import converter as conv_mod
 from flashmoe.format import Bundle, BundleError, ExpertFile, validate_manifest, write_manifest
-from flashmoe.format.bundle import MANIFEST
+from flashmoe.format.manifest import MANIFEST
 from flashmoe.runtime.integrity import RecordVerifier, check_dense, check_finite, check_logits
 from test_hub import REPO, TOKEN, hf_env, hub, manifest_files, same_bytes  # noqa: F401  (fixtures)
 

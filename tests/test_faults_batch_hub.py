@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from flashmoe.format import Bundle, BundleError
-from flashmoe.format.bundle import MANIFEST
+from flashmoe.format.manifest import MANIFEST
 from test_faults import LocalListener, _publish_and_pull, cli, converted, ckpt, one_line_error  # noqa: F401  (fixtures)
 from test_hub import REPO, TOKEN, hf_env, hub, manifest_files, same_bytes  # noqa: F401  (fixtures)
 

@@ -20,7 +20,7 @@ import flashmoe  # noqa: E402
 from flashmoe.convert.converter import convert_checkpoint  # noqa: E402
 from flashmoe.errors import BundleError  # noqa: E402
 from flashmoe.format import Bundle, BundleWriter, validate_manifest  # noqa: E402
-from flashmoe.format.bundle import MANIFEST, expert_path  # noqa: E402
+from flashmoe.format.manifest import MANIFEST, expert_path  # noqa: E402
 from flashmoe.format.experts import file_record_digests  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

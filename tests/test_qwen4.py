@@ -14,11 +14,12 @@ import pytest
 import flashmoe
 from flashmoe.format import DENSE_GLOBAL, BundleError, ExpertFileWriter, ExpertQuant, TextConfig, dense_layer_path, \
     expert_path
-from flashmoe.format.bundle import build_manifest, sha256_file, write_manifest
 from flashmoe.format.experts import make_info
 from flashmoe.format.layout import expert_components
+from flashmoe.format.manifest import build_manifest, write_manifest
 from flashmoe.format.names import ZERO_CENTRED_NORMS, layer_of
 from flashmoe.format.tables import TableFileWriter, TableHash, make_table_info, table_path, tables_manifest
+from flashmoe.format.verify import sha256_file
 
 from runtime_bundle import _expert_weights, dequantized_reference, quantize
 
