@@ -46,8 +46,8 @@ def corpus_ids(tok_dir):
 
 @pytest.fixture(scope="session")
 def trained(corpus_ids):
-    """The tiny model briefly trained on TEXT (~20-30 s on one idle core), so that greedy choices are decisive:
-    a random tiny model has near-tied logits and 1e-6 differences could flip an argmax."""
+    """The tiny model briefly trained on TEXT (~10-20 s, on one torch thread: tiny_models.train), so that greedy
+    choices are decisive: a random tiny model has near-tied logits and 1e-6 differences could flip an argmax."""
     return train(build_model(seed=0), corpus_ids, STEPS)
 
 
