@@ -69,8 +69,8 @@ def event_stream(events) -> StreamingResponse:
     async def frames():
         async with aclosing(events):
             try:
-                async for e in events:
-                    yield e
+                async for frame in events:
+                    yield frame
             except EngineFailed as e:
                 yield sse(APIError(500, str(e)).openai_body())
         yield "data: [DONE]\n\n"
