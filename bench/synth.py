@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.format import BundleError, BundleWriter, ExpertQuant, expert_components
-from flashmoe.format.bundle import DENSE_GLOBAL, MANIFEST, build_manifest, dense_layer_path
+from flashmoe.format.manifest import DENSE_GLOBAL, MANIFEST, build_manifest, dense_layer_path
 from flashmoe.format.experts import make_info
 from flashmoe.format.layout import dense_module_bits
 

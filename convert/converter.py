@@ -26,8 +26,10 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.format import BundleError, BundleWriter, ExpertQuant, expert_components
-from flashmoe.format.bundle import (DENSE_GLOBAL, MANIFEST, PROGRESS, build_manifest, dense_layer_path, expert_path,
-                                    read_json_file, validate_manifest, write_json_atomic)
+from flashmoe.format.bundle import PROGRESS
+from flashmoe.format.jsonio import read_json_file
+from flashmoe.format.manifest import (DENSE_GLOBAL, MANIFEST, build_manifest, dense_layer_path, expert_path,
+                                      validate_manifest, write_json_atomic)
 from flashmoe.format.dtypes import DTYPES
 from flashmoe.format.experts import FORMAT_VERSION, file_record_digests, make_info
 from flashmoe.format.layout import dense_module_bits

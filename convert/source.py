@@ -27,9 +27,9 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.format import BundleError, TextConfig
-from flashmoe.format.bundle import inside
-from flashmoe.format.manifest import read_json_file
+from flashmoe.format.jsonio import read_json_file
 from flashmoe.format.names import SPLIT_OF, ExpertKey, classify, fused_split, layer_of, split_rows
+from flashmoe.format.paths import inside
 from flashmoe.format.st import TensorInfo, read_header, read_tensor
 
 # Files a conversion needs from a Hub repo: weights, configs and tokenizer; never other formats.

@@ -1,7 +1,9 @@
 """The flashmoe bundle format: specification (SPEC.md), reader, writer and validator."""
 
-from .bundle import DENSE_GLOBAL, MANIFEST, Bundle, dense_layer_path, expert_path
-from .manifest import build_manifest, load_json, validate_manifest, write_manifest
+from .bundle import Bundle
+from .jsonio import load_json
+from .manifest import DENSE_GLOBAL, MANIFEST, build_manifest, dense_layer_path, expert_path, validate_manifest, \
+    write_manifest
 from .config import TextConfig
 from flashmoe.errors import BundleError, CapacityError, FlashmoeError, InputError
 from .experts import ExpertFile, ExpertFileInfo, ExpertFileWriter, record_views

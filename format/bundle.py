@@ -19,11 +19,10 @@ from .config import TextConfig
 from flashmoe.errors import BundleError
 from .experts import ExpertFile, ExpertFileInfo, parse_components
 from .layout import ExpertQuant
-from .manifest import (DENSE_GLOBAL, FORMAT_NAME, MANIFEST, MAX_MANIFEST_BYTES, build_manifest,  # noqa: F401
-                       dense_layer_path, expert_path, read_json_file, safe_relpath, validate_manifest,
-                       write_json_atomic, write_manifest)
-from .paths import containment_root, inside, link_problem  # noqa: F401 (re-exported)
-from .verify import sha256_file, verify  # noqa: F401 (re-exported)
+from .jsonio import read_json_file
+from .manifest import DENSE_GLOBAL, MANIFEST, dense_layer_path, expert_path, safe_relpath, validate_manifest
+from .paths import link_problem
+from .verify import verify
 
 PROGRESS = ".flashmoe-progress.json"
 

@@ -19,7 +19,6 @@ from .config import TextConfig
 from flashmoe.errors import BundleError
 from .experts import FORMAT_VERSION, ExpertFileInfo, parse_components
 from .files import write_file
-from .jsonio import MAX_MANIFEST_BYTES, load_json, read_json_file  # noqa: F401 (re-exported)
 from .layout import ROUTER_MIN_BITS, ExpertQuant, check_quantizable, expert_components, is_router
 
 MANIFEST = "flashmoe.json"

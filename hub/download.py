@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 
 from flashmoe.format import verify as _verify
-from flashmoe.format.bundle import MANIFEST, Bundle, inside, read_json_file, validate_manifest
+from flashmoe.format.bundle import Bundle
+from flashmoe.format.jsonio import read_json_file
+from flashmoe.format.manifest import MANIFEST, validate_manifest
+from flashmoe.format.paths import inside
 from flashmoe.errors import BundleError
 
 from .common import (DOWNLOAD_TIMEOUT, RESOLVE_TIMEOUT_CACHED, HubError, file_patterns, looks_like_path,

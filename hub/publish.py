@@ -18,8 +18,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from flashmoe.format.bundle import MANIFEST, Bundle
+from flashmoe.format.bundle import Bundle
+from flashmoe.format.manifest import MANIFEST
 from flashmoe.errors import BundleError
 
 from flashmoe.format import verify as _verify
@@ -57,6 +59,18 @@ def _auth_error(e: Exception, repo_id: str) -> HubError | None:
     return None
 
 
+def _raise_hub_error(e: Exception, repo_id: str, unreachable) -> NoReturn:
+    """Raise what `e`, raised by a Hub call, becomes: a refused token or a missing repo its HubError, a
+    transient failure HubError(unreachable(why)); any other error itself."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(e, HfHubHTTPError):
+        raise (_auth_error(e, repo_id) or e) from None
+    if is_transient(e):
+        raise HubError(unreachable(f"{type(e).__name__}: {str(e)[:200]}")) from None
+    raise e
+
+
 def publish_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
                    revision: str | None = None, commit_message: str | None = None, token: str | None = None,
                    endpoint: str | None = None, speed: str | None = None, retries: int = 5,
@@ -74,7 +88,6 @@ def publish_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool
 def _publish(bundle_dir, repo_id, private, revision, commit_message, token, endpoint, speed, retries, backoff,
              progress):
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     try:
@@ -100,13 +113,9 @@ def _publish(bundle_dir, repo_id, private, revision, commit_message, token, endp
         if revision and revision != "main":
             with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True),
                          "create branch", retries, backoff, progress)
-    except HfHubHTTPError as e:
-        raise (_auth_error(e, repo_id) or e) from None
     except Exception as e:
-        if is_transient(e):
-            raise HubError(f"cannot reach the Hub at {api.endpoint} ({type(e).__name__}: {str(e)[:200]}) after "
-                           f"{retries} attempt(s); check the connection and re-run") from None
-        raise
+        _raise_hub_error(e, repo_id, lambda why: f"cannot reach the Hub at {api.endpoint} ({why}) after {retries} "
+                                                 "attempt(s); check the connection and re-run")
 
     _write_card(bundle, repo_id, speed, progress)
     names = sorted(bundle.files)
@@ -124,13 +133,9 @@ def _publish(bundle_dir, repo_id, private, revision, commit_message, token, endp
             info = with_retries(lambda: upload(file_patterns([MANIFEST, "README.md"]),
                                                f"{summary}: manifest and model card"),
                                 "upload manifest", retries, backoff, progress)
-        except HfHubHTTPError as e:
-            raise (_auth_error(e, repo_id) or e) from None
         except Exception as e:
-            if is_transient(e):
-                raise HubError(f"the upload to {repo_id} failed {retries} time(s) ({type(e).__name__}: "
-                               f"{str(e)[:200]}); re-run the same command to resume it") from None
-            raise
+            _raise_hub_error(e, repo_id, lambda why: f"the upload to {repo_id} failed {retries} time(s) ({why}); "
+                                                     "re-run the same command to resume it")
     finally:
         if quiet:
             enable_progress_bars()

@@ -31,7 +31,9 @@ from functools import partial
 from pathlib import Path
 
 from flashmoe.format import BundleWriter
-from flashmoe.format.bundle import MANIFEST, Bundle, expert_path, link_problem, write_json_atomic
+from flashmoe.format.bundle import Bundle
+from flashmoe.format.manifest import MANIFEST, expert_path, write_json_atomic
+from flashmoe.format.paths import link_problem
 from flashmoe.format.experts import ExpertFile
 from flashmoe.format.files import partial_path
 

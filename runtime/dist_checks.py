@@ -24,7 +24,7 @@ def bundle_part_problem(bundle_dir: Path, shard: ExpertShard) -> str | None:
     """Why this rank cannot run from `bundle_dir` (a message naming the rank, the file and the fix), or
     None. A bundle pulled with `flashmoe-pull --shard r/N` holds only rank r's expert records and says so
     in SHARD_MARKER; a whole bundle serves any rank."""
-    from flashmoe.format.bundle import expert_path
+    from flashmoe.format.manifest import expert_path
 
     who = f"rank {shard.rank} of {shard.size}"
     marker = bundle_dir / SHARD_MARKER

@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from flashmoe.format import BundleError, TextConfig
-from flashmoe.format.manifest import read_json_file
+from flashmoe.format.jsonio import read_json_file
 
 from .cache import Cache, KVCache, LinearCache
 from .model import (Attention, DepthwiseConv, GatedDeltaNet, Model, RMSNorm, RMSNormGated, SparseMoeBlock,

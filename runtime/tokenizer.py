@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from flashmoe.format import Bundle, BundleError
-from flashmoe.format.bundle import MANIFEST
+from flashmoe.format.manifest import MANIFEST
 from flashmoe.format.verify import verify
 
 READ_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -37,6 +39,45 @@ def finish(engine_reason: str, calls: bool) -> str:
     return "tool_calls" if calls else "stop"
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """The fields that a response object and every chunk of one request's stream repeat."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, prefix: str, object: str, server: Server) -> Envelope:
+        return cls(prefix + uuid.uuid4().hex, object, int(time.time()), server.config.model_id)
+
+    def body(self, choices: list, stats: dict | None = None) -> dict:
+        """The object holding `choices`, and the usage of `stats` where given."""
+        d = {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices}
+        if stats is not None:
+            d["usage"] = usage(stats)
+        return d
+
+    def event(self, choices: list, stats: dict | None = None) -> str:
+        return sse(self.body(choices, stats))
+
+
+def event_stream(events) -> StreamingResponse:
+    """An SSE response of `events` (an async iterator of strings): an engine failure becomes an error
+    event, and the stream ends with `data: [DONE]`."""
+    async def frames():
+        async with aclosing(events):
+            try:
+                async for frame in events:
+                    yield frame
+            except EngineFailed as e:
+                yield sse(APIError(500, str(e)).openai_body())
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(frames(), media_type="text/event-stream")
+
+
 def tool_call_json(call, index: int | None = None) -> dict:
     d = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json()}}
     if index is not None:
@@ -64,7 +105,7 @@ def register(app: FastAPI, server: Server) -> None:
         schemas = tool_schemas(tools) if use_tools else None
         grammar = server.constraint(fmt, schemas, force)
         include_usage = stream and bool(req.stream_options and req.stream_options.include_usage)
-        rid, created, model = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), server.config.model_id
+        env = Envelope.new("chatcmpl-", "chat.completion.chunk" if stream else "chat.completion", server)
 
         parser = OutputParser(prompt.reasoning, schemas)
         parser.feed(prompt.forced)  # a forced call start: the parser is now inside the call
@@ -74,8 +115,7 @@ def register(app: FastAPI, server: Server) -> None:
         def chunk(delta: dict, reason: str | None = None) -> str:
             lps = openai_chat(pending, server.tokenizer) if pending else None
             pending.clear()
-            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}]})
+            return env.event([{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}])
 
         def message(a: Answer) -> dict:
             m = {"role": "assistant", "content": a.content if a.content or not a.calls else None}
@@ -90,43 +130,36 @@ def register(app: FastAPI, server: Server) -> None:
             async def events():
                 yield chunk({"role": "assistant", "content": ""})
                 n_calls, streaming = 0, None
-                try:
-                    async for kind, x in server.parts(ticket, parser, recorder):
-                        if kind == "logprob":
-                            pending.append(x)
-                        elif kind == "content":
-                            yield chunk({"content": x})
-                        elif kind == "tick":  # a token with nothing to show yet
-                            yield chunk({"content": ""})
-                        elif kind == "reasoning":
-                            yield chunk({"reasoning_content": x})
-                        elif kind == "call_start":  # the call's name, then its arguments as they are written
-                            yield chunk({"tool_calls": [{"index": n_calls, "id": x.id, "type": "function",
-                                                         "function": {"name": x.name, "arguments": ""}}]})
-                            streaming = x.id
-                        elif kind == "call_delta":
-                            yield chunk({"tool_calls": [{"index": n_calls, "function": {"arguments": x}}]})
-                        elif kind == "tool_call":
-                            if x.id != streaming:  # a call not streamed (JSON inside <tool_call>): whole
-                                yield chunk({"tool_calls": [tool_call_json(x, n_calls)]})
-                            n_calls += 1
-                        else:
-                            server.finished(request, x.stats)
-                            yield chunk({}, finish(x.finish_reason, n_calls > 0))
-                            if include_usage:
-                                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                           "model": model, "choices": [], "usage": usage(x.stats)})
-                except EngineFailed as e:
-                    yield sse(APIError(500, str(e)).openai_body())
-                yield "data: [DONE]\n\n"
+                async for kind, x in server.parts(ticket, parser, recorder):
+                    if kind == "logprob":
+                        pending.append(x)
+                    elif kind == "content":
+                        yield chunk({"content": x})
+                    elif kind == "tick":  # a token with nothing to show yet
+                        yield chunk({"content": ""})
+                    elif kind == "reasoning":
+                        yield chunk({"reasoning_content": x})
+                    elif kind == "call_start":  # the call's name, then its arguments as they are written
+                        yield chunk({"tool_calls": [{"index": n_calls, "id": x.id, "type": "function",
+                                                     "function": {"name": x.name, "arguments": ""}}]})
+                        streaming = x.id
+                    elif kind == "call_delta":
+                        yield chunk({"tool_calls": [{"index": n_calls, "function": {"arguments": x}}]})
+                    elif kind == "tool_call":
+                        if x.id != streaming:  # a call not streamed (JSON inside <tool_call>): whole
+                            yield chunk({"tool_calls": [tool_call_json(x, n_calls)]})
+                        n_calls += 1
+                    else:
+                        server.finished(request, x.stats)
+                        yield chunk({}, finish(x.finish_reason, n_calls > 0))
+                        if include_usage:
+                            yield env.event([], x.stats)
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return event_stream(events())
         a = await server.answer(request, ticket, parser, recorder)
         lps = openai_chat(a.logprobs, server.tokenizer) if recorder else None
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": message(a), "logprobs": lps,
-                             "finish_reason": finish(a.finish_reason, bool(a.calls))}],
-                "usage": usage(a.stats)}
+        return env.body([{"index": 0, "message": message(a), "logprobs": lps,
+                          "finish_reason": finish(a.finish_reason, bool(a.calls))}], a.stats)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -135,7 +168,7 @@ def register(app: FastAPI, server: Server) -> None:
         ids = completion_ids(server, req.one_prompt)
         params = server.sampling(req, 16 if req.max_tokens is None else req.max_tokens)  # 16: OpenAI's default
         include_usage = stream and bool(req.stream_options and req.stream_options.include_usage)
-        rid, created, model = "cmpl-" + uuid.uuid4().hex, int(time.time()), server.config.model_id
+        env = Envelope.new("cmpl-", "text_completion", server)
         recorder = LogprobRecorder(req.logprobs) if req.logprobs is not None else None
         ticket = server.submit(ids, params, recorder=recorder)
         pending, sent = [], [0]  # logprobs not yet sent; characters sent so far
@@ -148,29 +181,21 @@ def register(app: FastAPI, server: Server) -> None:
 
         if stream:
             async def events():
-                try:
-                    async for kind, x in server.parts(ticket, None, recorder):
-                        if kind == "logprob":
-                            pending.append(x)
-                        elif kind in ("content", "tick"):
-                            yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                       "choices": [choice(x or "", None)]})
-                        elif kind == "end":
-                            server.finished(request, x.stats)
-                            yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                       "choices": [choice("", finish(x.finish_reason, False))]})
-                            if include_usage:
-                                yield sse({"id": rid, "object": "text_completion", "created": created,
-                                           "model": model, "choices": [], "usage": usage(x.stats)})
-                except EngineFailed as e:
-                    yield sse(APIError(500, str(e)).openai_body())
-                yield "data: [DONE]\n\n"
+                async for kind, x in server.parts(ticket, None, recorder):
+                    if kind == "logprob":
+                        pending.append(x)
+                    elif kind in ("content", "tick"):
+                        yield env.event([choice(x or "", None)])
+                    elif kind == "end":
+                        server.finished(request, x.stats)
+                        yield env.event([choice("", finish(x.finish_reason, False))])
+                        if include_usage:
+                            yield env.event([], x.stats)
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return event_stream(events())
         a = await server.answer(request, ticket, None, recorder)
         pending.extend(a.logprobs)
-        return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [choice(a.content, finish(a.finish_reason, False))], "usage": usage(a.stats)}
+        return env.body([choice(a.content, finish(a.finish_reason, False))], a.stats)
 
 
 def completion_ids(server: Server, prompt: str | list[int]) -> list[int]:

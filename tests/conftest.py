@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from runtime_bundle import write_bundle  # noqa: E402
 from tiny import build_model, save_tokenizer  # noqa: E402
+from tiny_models import train  # noqa: E402
 
 STEPS = 60  # training steps for the `trained` fixture
 
@@ -45,27 +46,9 @@ def corpus_ids(tok_dir):
 
 @pytest.fixture(scope="session")
 def trained(corpus_ids):
-    """The tiny model briefly trained on TEXT (~10-20 s on 2 idle cores), so that greedy choices are decisive:
-    a random tiny model has near-tied logits and 1e-6 differences could flip an argmax."""
-    import torch
-
-    torch.manual_seed(0)
-    m = build_model(seed=0)
-    m.train()
-    opt = torch.optim.AdamW(m.parameters(), lr=5e-3, weight_decay=0.0)
-    data = torch.tensor(corpus_ids)
-    S, B = 64, 8
-    g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        starts = torch.randint(0, len(corpus_ids) - S - 1, (B,), generator=g)
-        x = torch.stack([data[s : s + S] for s in starts])
-        y = torch.stack([data[s + 1 : s + S + 1] for s in starts])
-        logits = m(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    """The tiny model briefly trained on TEXT (~10-20 s, on one torch thread: tiny_models.train), so that greedy
+    choices are decisive: a random tiny model has near-tied logits and 1e-6 differences could flip an argmax."""
+    return train(build_model(seed=0), corpus_ids, STEPS)
 
 
 @pytest.fixture(scope="session")

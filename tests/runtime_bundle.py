@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.format import DENSE_GLOBAL, BundleWriter, ExpertQuant, TextConfig, dense_layer_path
-from flashmoe.format.bundle import build_manifest
+from flashmoe.format.manifest import build_manifest
 from flashmoe.format.dtypes import DTYPES
 from flashmoe.format.experts import make_info
 from flashmoe.format.layout import expert_components

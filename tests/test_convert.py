@@ -292,23 +292,17 @@ def test_error_missing_weight_file(tmp_path, ckpts):
         convert_checkpoint(ck, tmp_path / "b", progress=False)
 
 
-def test_error_unknown_model_type(tmp_path, ckpts):
+@pytest.mark.parametrize("field,value,error", [
+    ("model_type", "llama", "unsupported model_type 'llama'"),
+    ("moe_intermediate_size", 96, r"does not match \[96, 128\] implied by config.json"),  # a shape mismatch
+])
+def test_error_config_field(tmp_path, ckpts, field, value, error):
     ck = tmp_path / "ck"
     shutil.copytree(ckpts["fp32"], ck)
     cfg = json.loads((ck / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg[field] = value
     (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(BundleError, match="unsupported model_type 'llama'"):
-        convert_checkpoint(ck, tmp_path / "b", progress=False)
-
-
-def test_error_shape_mismatch(tmp_path, ckpts):
-    ck = tmp_path / "ck"
-    shutil.copytree(ckpts["fp32"], ck)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["moe_intermediate_size"] = 96
-    (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(BundleError, match=r"does not match \[96, 128\] implied by config.json"):
+    with pytest.raises(BundleError, match=error):
         convert_checkpoint(ck, tmp_path / "b", progress=False)
 
 

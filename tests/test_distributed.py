@@ -392,7 +392,7 @@ def test_pull_shard_fetches_only_its_records_and_the_parts_run_together(bundles,
     import shutil
     from collections import Counter
 
-    from flashmoe.format.bundle import MANIFEST, expert_path, write_json_atomic
+    from flashmoe.format.manifest import MANIFEST, expert_path, write_json_atomic
     from flashmoe.format.experts import file_record_digests
     from flashmoe.hub.shard import pull_shard
     from test_hub import REPO, publish

@@ -14,12 +14,13 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from flashmoe.format import Bundle, BundleError
-from flashmoe.format.bundle import MANIFEST
+from flashmoe.format.manifest import MANIFEST
 from test_faults import LocalListener, _publish_and_pull, cli, converted, ckpt, one_line_error  # noqa: F401  (fixtures)
 from test_hub import REPO, TOKEN, hf_env, hub, manifest_files, same_bytes  # noqa: F401  (fixtures)
 
@@ -63,16 +64,32 @@ class SlowProxy(LocalListener):
                     pass
 
 
-def test_kill_9_pull_then_resume(converted, hub, hf_env, tmp_path):
-    from flashmoe.hub import publish_bundle, pull_bundle
+@contextmanager
+def slow_pull(converted, hub, hf_env, out: Path):
+    """`converted` published to the test Hub, then `flashmoe-pull REPO -o out` started in a process that
+    reads it through a proxy sending 400 kB/s: yields the process (text output), killed on the way out if
+    it still runs."""
+    from flashmoe.hub import publish_bundle
 
     publish_bundle(converted, REPO, token=TOKEN, progress=False, backoff=0.01)
-    out = tmp_path / "out"
     port = int(hub.endpoint.rsplit(":", 1)[1])
     with SlowProxy(port, rate=400_000) as proxy:
         env = dict(os.environ, HF_ENDPOINT=proxy.endpoint, HF_HOME=str(hf_env / "hf_home"))
         proc = subprocess.Popen([sys.executable, "-m", "flashmoe.hub.cli", "pull", REPO, "-o", str(out), "-q"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+
+
+def test_kill_9_pull_then_resume(converted, hub, hf_env, tmp_path):
+    from flashmoe.hub import pull_bundle
+
+    out = tmp_path / "out"
+    with slow_pull(converted, hub, hf_env, out) as proc:
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and proc.poll() is None:
@@ -289,15 +306,10 @@ def test_12_batch_cli_missing_bundle_path(bundles, tmp_path):
 def test_11_sigterm_ends_a_pull_like_ctrl_c(converted, hub, hf_env, tmp_path):
     import signal
 
-    from flashmoe.hub import publish_bundle, pull_bundle
+    from flashmoe.hub import pull_bundle
 
-    publish_bundle(converted, REPO, token=TOKEN, progress=False, backoff=0.01)
     out = tmp_path / "out"
-    port = int(hub.endpoint.rsplit(":", 1)[1])
-    with SlowProxy(port, rate=400_000) as proxy:
-        env = dict(os.environ, HF_ENDPOINT=proxy.endpoint, HF_HOME=str(hf_env / "hf_home"))
-        proc = subprocess.Popen([sys.executable, "-m", "flashmoe.hub.cli", "pull", REPO, "-o", str(out), "-q"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with slow_pull(converted, hub, hf_env, out) as proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None and not (out / ".flashmoe-pull").is_dir():
             time.sleep(0.05)

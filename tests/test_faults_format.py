@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,48 +13,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny  # noqa: E402
+from test_faults import bundle, ckpt, cli, converted, one_line_error  # noqa: E402,F401  (fixtures)
 from test_hub import REPO, hf_env, hub, publish  # noqa: E402,F401  (fixtures: a Hub server on 127.0.0.1)
 
 import flashmoe  # noqa: E402
 from flashmoe.convert.converter import convert_checkpoint  # noqa: E402
 from flashmoe.errors import BundleError  # noqa: E402
 from flashmoe.format import Bundle, BundleWriter, validate_manifest  # noqa: E402
-from flashmoe.format.bundle import MANIFEST, expert_path  # noqa: E402
+from flashmoe.format.manifest import MANIFEST, expert_path  # noqa: E402
 from flashmoe.format.experts import file_record_digests  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-
-def cli(module: str, *args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit status 2, no traceback, not an internal error, one line containing every needle."""
-    err = r.stderr.strip()
-    assert r.returncode == 2, (r.returncode, err[-2000:])
-    assert "Traceback" not in err and "internal error" not in err, err
-    line = err.splitlines()[-1]
-    for n in needles:
-        assert n in line, (n, line)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny.save_checkpoint(tiny.build_model(seed=2), tmp_path_factory.mktemp("src") / "ck", "bfloat16", "fused")
-
-
-@pytest.fixture(scope="module")
-def converted(ckpt, tmp_path_factory) -> Path:
-    """Converted with 8-bit dense weights (so dense.quantized lists modules)."""
-    return convert_checkpoint(ckpt, tmp_path_factory.mktemp("conv") / "b", bits=4, progress=False)
-
-
-@pytest.fixture
-def bundle(converted, tmp_path) -> Path:
-    return Path(shutil.copytree(converted, tmp_path / "b"))
 
 
 # ---- pull --shard never writes through a link in the user's directory --------------------------------

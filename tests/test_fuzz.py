@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from flashmoe.format import Bundle, BundleError, ExpertFile, ExpertQuant, TextConfig, validate_manifest
 from flashmoe.format.experts import encode_header, make_info
 from flashmoe.format.layout import expert_components
-from flashmoe.format.manifest import build_manifest, load_json
+from flashmoe.format.jsonio import load_json
+from flashmoe.format.manifest import build_manifest
 
 EXAMPLES = int(os.environ.get("FLASHMOE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="FLASHMOE_FUZZ_EXAMPLES" not in os.environ,

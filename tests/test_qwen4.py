@@ -14,11 +14,12 @@ import pytest
 import flashmoe
 from flashmoe.format import DENSE_GLOBAL, BundleError, ExpertFileWriter, ExpertQuant, TextConfig, dense_layer_path, \
     expert_path
-from flashmoe.format.bundle import build_manifest, sha256_file, write_manifest
 from flashmoe.format.experts import make_info
 from flashmoe.format.layout import expert_components
+from flashmoe.format.manifest import build_manifest, write_manifest
 from flashmoe.format.names import ZERO_CENTRED_NORMS, layer_of
 from flashmoe.format.tables import TableFileWriter, TableHash, make_table_info, table_path, tables_manifest
+from flashmoe.format.verify import sha256_file
 
 from runtime_bundle import _expert_weights, dequantized_reference, quantize
 
@@ -37,10 +38,13 @@ TINY4 = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_
 @pytest.fixture(scope="module")
 def q4(corpus_ids):
     """The tiny Qwen4-Exp trained STEPS steps on the shared corpus (norm weights nudged off zero first, so
-    the zero-centred norms are exercised)."""
+    the zero-centred norms are exercised). This module's tests run on one torch thread, as the model trains."""
     import torch
     from transformers import Qwen4ExpForCausalLM, Qwen4ExpTextConfig
 
+    from tiny_models import train
+
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     m = Qwen4ExpForCausalLM(Qwen4ExpTextConfig(**TINY4))
@@ -50,21 +54,10 @@ def q4(corpus_ids):
                 p.normal_(0.0, 0.1)
             if name.endswith("ple.conv1d.weight"):
                 p.normal_(0.0, 0.2)
-    m.train()
-    opt = torch.optim.AdamW(m.parameters(), lr=5e-3, weight_decay=0.0)
-    data = torch.tensor(corpus_ids)
-    S, B = 32, 4
-    g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        starts = torch.randint(0, len(corpus_ids) - S - 1, (B,), generator=g)
-        x = torch.stack([data[s : s + S] for s in starts])
-        y = torch.stack([data[s + 1 : s + S + 1] for s in starts])
-        logits = m(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    try:
+        yield train(m, corpus_ids, STEPS, batch=4, window=32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_q4_bundle(model, out: Path, bits: int | None) -> Path:

@@ -7,17 +7,9 @@ import math
 
 import mlx.core as mx
 import numpy as np
-import pytest
-from test_serve import MODEL, PROMPTS, LiveServer, _server
+from test_serve import MODEL, PROMPTS, live  # noqa: F401  (live: a fixture)
 
 N = 8
-
-
-@pytest.fixture(scope="module")
-def live(loaded):
-    s = LiveServer(_server(loaded))
-    yield s
-    s.close()
 
 
 def _reference(model, tok, ids: list[int], n: int, top: int):

@@ -3,16 +3,8 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_serve import MODEL, LiveServer, _server
-
-
-@pytest.fixture(scope="module")
-def live(loaded):
-    s = LiveServer(_server(loaded))
-    yield s
-    s.close()
+from test_serve import MODEL, live  # noqa: F401  (a fixture)
 
 
 def _scrape(live) -> dict:

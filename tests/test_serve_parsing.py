@@ -95,16 +95,21 @@ def test_parser_whole_text():
     assert calls == [("get_weather", CALL_ARGS[0]), ("get_weather", CALL_ARGS[1])]
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_parser_streamed_in_random_pieces_equals_whole(seed):
+def _fed_in_random_pieces(text: str, seed: int) -> list:
+    """The parts a reasoning, weather-tool parser gives for `text` fed in random pieces of 1 to 7 characters."""
     rng = random.Random(seed)
     p = OutputParser(reasoning=True, tools=tool_schemas([WEATHER]))
     parts, i = [], 0
-    while i < len(CALL_TEXT):
+    while i < len(text):
         n = rng.randint(1, 7)
-        parts += p.feed(CALL_TEXT[i:i + n])
+        parts += p.feed(text[i:i + n])
         i += n
-    parts += p.close()
+    return parts + p.close()
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_parser_streamed_in_random_pieces_equals_whole(seed):
+    parts = _fed_in_random_pieces(CALL_TEXT, seed)
     assert _split(parts) == ("The user wants weather.", "Let me check.",
                              [("get_weather", CALL_ARGS[0]), ("get_weather", CALL_ARGS[1])])
     # a call is emitted whole, only once its </tool_call> has arrived
@@ -113,14 +118,7 @@ def test_parser_streamed_in_random_pieces_equals_whole(seed):
 
 @pytest.mark.parametrize("seed", range(10))
 def test_parser_streams_call_arguments_as_parameters_close(seed):
-    rng = random.Random(seed)
-    p = OutputParser(reasoning=True, tools=tool_schemas([WEATHER]))
-    parts, i = [], 0
-    while i < len(CALL_TEXT):
-        n = rng.randint(1, 7)
-        parts += p.feed(CALL_TEXT[i:i + n])
-        i += n
-    parts += p.close()
+    parts = _fed_in_random_pieces(CALL_TEXT, seed)
     calls = [x for k, x in parts if k == "tool_call"]
     for call in calls:
         kinds = [k for k, x in parts if getattr(x, "id", None) == call.id or k == "call_delta"]

@@ -6,17 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_serve import MODEL, PROMPTS, WEATHER, CALL_ARGS, CALL_TEXT, LiveServer, ScriptedServer, _server
+from test_serve import MODEL, PROMPTS, WEATHER, CALL_ARGS, CALL_TEXT, LiveServer, ScriptedServer, _server, live  # noqa: F401
 
 TOOL = {"type": "function", "name": "get_weather", "description": "Weather for a city",
         "parameters": WEATHER["function"]["parameters"]}
-
-
-@pytest.fixture(scope="module")
-def live(loaded):
-    s = LiveServer(_server(loaded))
-    yield s
-    s.close()
 
 
 def test_text_equals_chat_and_streams(live):

@@ -1,6 +1,7 @@
 """Tiny checkpoints of the other architectures flashmoe converts, built with transformers 5.24 (no
 download): Qwen3-Next (`qwen3_next`) and a Qwen3.6-like Qwen3.5-MoE (`qwen3_5_moe`, multimodal layout),
-plus the few-step training that makes their greedy choices decisive (as conftest's `trained`).
+plus the few-step training that makes greedy choices decisive (`train`: these models, conftest's `trained`
+and test_qwen4's Qwen4-Exp all train with it).
 
 Shapes are tiny but keep what tells each architecture apart:
     Qwen3-Next   fused in_proj_qkvz / in_proj_ba with 2 value heads per key head (80B-A3B: 32 per 16),
@@ -59,18 +60,21 @@ def build_qwen36(seed: int = 0, **over):
     return model
 
 
-def train(model, ids: list[int], steps: int, seed: int = 0, batch: int = 8):
-    """`steps` AdamW steps of next-token loss on `batch` windows of `ids`; returns the model in eval mode."""
+def train(model, ids: list[int], steps: int, seed: int = 0, batch: int = 8, window: int = 64):
+    """`steps` AdamW steps (lr 5e-3) of next-token loss on `batch` random `window`-token windows of `ids`
+    (drawn by a generator seeded with `seed`), on one torch thread: the same weights on every machine and run
+    (on more threads torch's CPU sums differ by thread count, and from run to run). Returns the model in eval
+    mode."""
     import torch
 
     torch.manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     data = torch.tensor(ids)
-    S, B = 64, batch
+    S, B = window, batch
     g = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same weights on every machine: torch's CPU sums differ by thread count
+    torch.set_num_threads(1)
     try:
         for _ in range(steps):
             starts = torch.randint(0, len(ids) - S - 1, (B,), generator=g)
