@@ -177,6 +177,9 @@ class RoutedExperts:
         from flashmoe.metal.dispatch import expert_block
 
         q = self.quant
+        if self.stats is not None:
+            self.stats.expert_calls += 1
+            self.stats.expert_pairs += slot_ids.size
         return expert_block(x, self.cache.weights, slot_ids, scores, q.bits, q.group_size, backend=self.kernels)
 
     # ---- the optimistic path (runtime/pipeline.py): no host round trip per layer --------------
@@ -195,6 +198,7 @@ class RoutedExperts:
             return
         for layer, ids in used:
             self.cache.touch(layer, np.unique(ids).tolist())
+            self._touched(ids)
         self.optimistic_hits += 1
 
     def _load(self, layer: int, experts: list[int]) -> np.ndarray:
@@ -215,10 +219,15 @@ class RoutedExperts:
                               f"[0, {self.num_experts}): the bundle may be corrupt, run `flashmoe-inspect --verify`")
         return ids
 
+    def _touched(self, ids: np.ndarray) -> None:
+        if self.stats is not None:
+            self.stats.experts_touched += len(np.unique(ids))
+
     def __call__(self, layer: int, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
         if self.shard is not None:  # progress, and a forward that every rank runs
             self.shard.guard()
         ids = self._checked(layer, indices)  # [T, K] on the host
+        self._touched(ids)
         if self.owned is not None:  # expert parallel: other ranks' pairs get weight 0 here
             mine = self.owned[ids]  # [T, K]
             scores = scores * mx.array(mine.astype(np.float32)).astype(scores.dtype)
@@ -256,6 +265,7 @@ class RoutedExperts:
             return [self(layer, x, i, s) for x, i, s in parts]
         ids = [self._checked(layer, i) for _, i, _ in parts]
         union = np.unique(np.concatenate([i.reshape(-1) for i in ids]))
+        self._touched(union)
         if len(union) <= self.cache.slots:
             self._load(layer, union.tolist())  # every part's experts are resident now: no read below
             if ahead is not None and self.prefetcher is not None:

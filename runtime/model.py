@@ -49,15 +49,23 @@ class Stats:
     enabled: bool = False
     attention: float = 0.0  # token mixers (delta net / attention) incl. norms and residuals
     routing: float = 0.0  # router matmul, softmax, top-k, indices to the host
-    expert_io: float = 0.0  # reading expert records
+    expert_io: float = 0.0  # waiting for expert records to be read
     expert_compute: float = 0.0  # routed + shared expert matmuls
     head: float = 0.0  # final norm + lm_head
     expert_bytes: int = 0
     expert_reads: int = 0
+    # the profile of the disk-bound regime (bench/batch.py's StepMeter), not in `snapshot`:
+    io_busy: float = 0.0  # wall time some expert read was in flight (the model's own or a background one)
+    experts_touched: int = 0  # distinct experts per MoE layer call (a layer-major prefill's union once)
+    expert_calls: int = 0  # expert-block calls (kernel launches of the routed experts)
+    expert_pairs: int = 0  # (token, expert) pairs they computed
+    prefill_passes: int = 0  # layer-major prefill passes (runtime/prefill.py)
+
+    COUNTERS = ("io_busy", "experts_touched", "expert_calls", "expert_pairs", "prefill_passes")
 
     def reset(self) -> None:
-        for f in ("attention", "routing", "expert_io", "expert_compute", "head"):
-            setattr(self, f, 0.0)
+        for f in ("attention", "routing", "expert_io", "expert_compute", "head", *self.COUNTERS):
+            setattr(self, f, type(getattr(self, f))(0))
         self.expert_bytes = self.expert_reads = 0
 
     def snapshot(self) -> dict:

@@ -9,8 +9,8 @@ L+1's real routing arrives (`settle`), only the prefetched reads it needs are wa
 mispredicted rest is read on demand as before.
 
 A layer-major prefill (runtime/prefill.py) guesses further ahead: once layer L's union is resident, layer
-L+1's router on the state leaving L's token mixer names L+1's union (the whole layer, read in large
-sequential pieces, when the guess is most of it), read while L's experts compute; L's records are kept.
+L+1's router on the state leaving L's token mixer names L+1's union (the whole layer, in expert-id order,
+when the guess is nearly all of it), read while L's experts compute; L's records are kept.
 
 The guarantees:
 * a guess never displaces a record of the layer it guesses for (whatever is resident for L+1 may be a

@@ -11,8 +11,9 @@ when the expert cache cannot hold them all (the disk-bound regime, issue #19). H
      union that is most of the layer into large sequential reads: runtime/reader.py); a union larger than
      the expert cache goes in groups of `slots` experts, each read once for every chunk
      (RoutedExperts.run_layer);
-  3. every chunk's experts are applied, while the next layer's guessed union (`read_ahead`) is read in
-     the background where speculative reads are on (RuntimeConfig.prefetch; runtime/prefetch.py).
+  3. every chunk's experts are applied, while the next layer's guessed union (`read_ahead`: its router
+     on the states leaving this layer's token mixer; the whole layer when that is nearly all of it) is
+     read in the background where speculative reads are on (RuntimeConfig.prefetch; runtime/prefetch.py).
 
 Chunks still bound the activations of one layer call (`chunk_tokens` tokens of all rows together); the
 hidden states of every token of the pass are held between layers, so they are bounded too: a prefill
@@ -34,6 +35,7 @@ from .cache import Cache
 from .model import DecoderLayer, StepInfo
 
 HIDDEN_BUDGET_BYTES = 1 << 30  # held hidden states of one pass
+WHOLE_LAYER = 0.9  # a guessed union this share of a layer reads the whole layer ahead
 HELD_STATES = 3  # [B, S, H] arrays held per chunk within a layer: the residual stream, the MoE input, its output
 
 
@@ -103,23 +105,26 @@ def prefill(model, cache: Cache, rows: list[list[int]], chunk_tokens: int,
 
 def read_ahead(model, layer: int, xs: list[mx.array], routed: list, union: np.ndarray) -> None:
     """Start the background reads of `layer`'s experts while the layer before computes (its `union` is
-    resident and kept): the whole layer when that union is most of its layer (a large prefill touches about
-    every expert of every layer), else `layer`'s router on the real tokens of the states leaving the token
-    mixer before it (`xs`, `routed[j].rows`); nothing where a tool replaced the routing."""
+    resident and kept): the union of `layer`'s router on the real tokens of the states leaving the token
+    mixer before it (`xs`, `routed[j].rows`), the whole layer (in expert-id order: sequential reads) when
+    that is at least WHOLE_LAYER of it. Where a tool replaced the routing (the bench's synthetic routers)
+    the router says nothing: the whole layer when the layer before touched that much of its own, else
+    nothing."""
     E, t0 = model.config.num_experts, time.perf_counter()
-    if len(union) >= model.experts.reader.sequential * E:
-        guess = np.arange(E)
+    nxt = model.layers[layer]
+    if "route" in vars(nxt.mlp):
+        guess = np.arange(E) if len(union) >= WHOLE_LAYER * E else None
     else:
-        nxt = model.layers[layer]
-        if "route" in vars(nxt.mlp):
-            return
         picks = []
         for x, r in zip(xs, routed):
             xf = x.reshape(-1, x.shape[-1])
             inds, _ = nxt.mlp.route(nxt.post_attention_layernorm(xf if r.rows is None else xf[r.rows]))
             picks.append(inds.reshape(-1))
         guess = np.unique(np.array(mx.concatenate(picks)))
-    model.experts.read_ahead(layer, guess, keep_layer=layer - 1)
+        if len(guess) >= WHOLE_LAYER * E:
+            guess = np.arange(E)
+    if guess is not None:
+        model.experts.read_ahead(layer, guess, keep_layer=layer - 1)
     model.stats.routing += time.perf_counter() - t0
 
 
@@ -147,4 +152,5 @@ def one_pass(model, cache: Cache, grid: np.ndarray, chunk: int) -> mx.array:
             mx.eval(xs[j])
         stats.expert_compute += time.perf_counter() - t0
     cache.offset += W
+    stats.prefill_passes += 1
     return model.head(xs[-1], last_only=True)

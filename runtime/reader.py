@@ -98,6 +98,8 @@ class ExpertReader:
         self._iov_of: dict[int, list[memoryview]] = {}  # slot -> its pread iovec
         self._planned_for = None  # the cache those iovecs point into
         self._local = threading.local()  # each thread's aligned buffer
+        self._in_flight = 0  # read() calls running now, on any thread (for stats.io_busy)
+        self._busy_since = 0.0
 
     # ---- plans -------------------------------------------------------------------------------
     def _iov(self, cache, slot: int) -> list[memoryview]:
@@ -237,6 +239,27 @@ class ExpertReader:
         if not experts:
             return
         t0 = time.perf_counter()
+        with self._lock:
+            if self._in_flight == 0:
+                self._busy_since = t0
+            self._in_flight += 1
+        try:
+            self._read(layer, experts, slots, cache)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self.stats is not None and self._in_flight == 0:
+                    self.stats.io_busy += time.perf_counter() - self._busy_since
+        with self._lock:
+            for e in experts:
+                self.reads[(layer, e)] += 1
+            if self.stats is not None:
+                if timed:
+                    self.stats.expert_io += time.perf_counter() - t0
+                self.stats.expert_bytes += len(experts) * self.info.record_size
+                self.stats.expert_reads += len(experts)
+
+    def _read(self, layer: int, experts: list[int], slots: list[int], cache) -> None:
         if self.uploader is not None:
             self._read_staged(layer, experts, slots, cache)
         elif self.io != "mmap" and len(experts) > 1 and len(experts) >= self.sequential * self.info.num_experts:
@@ -246,14 +269,6 @@ class ExpertReader:
             self._read_record(layer, experts[0], slots[0], cache)
         else:
             list(self.pool.map(lambda es: self._read_record(layer, es[0], es[1], cache), zip(experts, slots)))
-        with self._lock:
-            for e in experts:
-                self.reads[(layer, e)] += 1
-            if self.stats is not None:
-                if timed:
-                    self.stats.expert_io += time.perf_counter() - t0
-                self.stats.expert_bytes += len(experts) * self.info.record_size
-                self.stats.expert_reads += len(experts)
 
     def _read_staged(self, layer: int, experts: list[int], slots: list[int], cache) -> int:
         """The uploader's path: each record is read in STAGE_CHUNK pieces spread over the pool (so the disk

@@ -151,3 +151,27 @@ def test_hidden_budget_splits_into_passes(bundles, corpus_ids):
         np.testing.assert_array_equal(layer_major(model, rows, budget=2 * per_chunk), layer_major(model, rows))
     finally:
         model.experts.close()
+
+
+def test_profile_counters_of_a_layer_major_pass(bundles, corpus_ids):
+    """The runtime's profile counters (what bench/batch.py's StepMeter reports per step): one pass, each
+    layer's union counted once as experts touched (= the records read from a cold cache), one expert call
+    per chunk per layer over every real token's K pairs, and read time while reads were in flight."""
+    model, _ = flashmoe.load(bundles[4], slots=16)
+    try:
+        rows = rows_of(corpus_ids, (50, 20))  # 50 columns in chunks of 12: 5 chunks; 70 real tokens
+        st = model.stats
+        model.experts.clear_cache()
+        model.experts.reads.clear()
+        st.reset()
+        layer_major(model, rows)
+        cfg = model.config
+        assert st.prefill_passes == 1
+        assert st.experts_touched == sum(model.experts.reads.values()) == st.expert_reads
+        assert st.expert_calls == 5 * cfg.num_hidden_layers
+        assert st.expert_pairs == 70 * cfg.num_experts_per_tok * cfg.num_hidden_layers
+        assert st.io_busy > 0
+        st.reset()
+        assert (st.prefill_passes, st.experts_touched, st.expert_calls, st.io_busy) == (0, 0, 0, 0.0)
+    finally:
+        model.experts.close()
