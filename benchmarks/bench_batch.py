@@ -213,6 +213,11 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-cache-gb", type=float, default=None, help="GPU expert cache size (CUDA); read back")
     p.add_argument("--slots", type=int, default=None, help="expert cache slots; read back")
     p.add_argument("--io", default=None, help="expert reads: pread, mmap, direct (O_DIRECT; needs a runtime with it)")
+    p.add_argument("--prefetch", choices=("auto", "on", "off"), default=None,
+                   help="reads ahead of compute (speculative prefetch in decode, the next layer's union in a "
+                        "layer-major prefill); default $FLASHMOE_PREFETCH or auto (on with a CUDA expert cache)")
+    p.add_argument("--read-threads", type=int, default=None,
+                   help="expert read threads (reads in flight); default the runtime's (16 with the pinned upload)")
     p.add_argument("--routing", choices=("own", "uniform", "calibrated"), default="own",
                    help="the model's own router (default) or a synthetic routing model")
     p.add_argument("--no-evict", action="store_true", help="keep the page cache and expert cache between arms")
@@ -242,12 +247,15 @@ def main(argv=None) -> int:
     log(method.format_sweep(sweep))
     t_load = time.perf_counter()
     model, tok = flashmoe.load(a.bundle, runtime_config(experts_per_token=a.experts_per_token, io=a.io,
-                                                         gpu_cache_gb=a.gpu_cache_gb, slots=a.slots))
+                                                         gpu_cache_gb=a.gpu_cache_gb, slots=a.slots,
+                                                         prefetch=a.prefetch, threads=a.read_threads))
     model.stats.enabled = not a.no_stage_times
     md = method.metadata(a.bundle, model)
     st = md["settings"]
+    st["prefetch"] = model.experts.prefetcher is not None  # reads ahead of compute, in effect
     log(f"loaded {a.bundle} in {time.perf_counter() - t_load:.1f} s: {st['expert_slots']} slots "
-        f"({st['expert_slot_bytes'] / 1e9:.2f} GB), io {st['io']}, upload {st['upload']}, K={st['experts_per_token']}")
+        f"({st['expert_slot_bytes'] / 1e9:.2f} GB), io {st['io']}, upload {st['upload']}, K={st['experts_per_token']}, "
+        f"{st['read_threads']} read threads, reads ahead {'on' if st['prefetch'] else 'off'}")
     lo, hi = 3, min(tok.vocab_size, 259)  # byte tokens of the synthetic tokenizer, no special tokens
     docs = documents(a.docs, a.prompt_tokens, a.gen_tokens, a.seed, lo, hi)
     batch_size = None if a.batch_size == "auto" else int(a.batch_size)

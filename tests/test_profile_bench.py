@@ -28,10 +28,13 @@ def bundle(tmp_path_factory):
 def test_bench_batch_profiles_every_step(bundle, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_batch.py"), str(bundle), "--docs", "10",
                         "--loop-docs", "8", "--prompt-tokens", "40", "--gen-tokens", "3", "--slots", "24",
-                        "--sweep-seconds", "0.05", "--routing", "uniform", "-q", "--out", str(tmp_path)],
+                        "--sweep-seconds", "0.05", "--routing", "uniform", "--prefetch", "on", "--read-threads", "2",
+                        "-q", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "bench_batch.json").read_text())
+    st = rep["metadata"]["settings"]
+    assert st["prefetch"] is True and st["read_threads"] == 2  # asked for, and in effect
     batch = rep["results"]["batch"]
     prefill = [s for s in batch["steps"] if s["phase"] == "prefill"]
     assert prefill and all(s["prefill_passes"] >= 1 for s in prefill)
