@@ -271,8 +271,10 @@ class ExpertReader:
             list(self.pool.map(lambda es: self._read_record(layer, es[0], es[1], cache), zip(experts, slots)))
 
     def _read_staged(self, layer: int, experts: list[int], slots: list[int], cache) -> int:
-        """The uploader's path: each record is read in STAGE_CHUNK pieces spread over the pool (so the disk
-        sees as many requests in flight as there are threads, not one per record), into a pinned buffer of
+        """The uploader's path: each record is read in pieces spread over the pool (so the disk sees as many
+        requests in flight as there are threads, not one per record): STAGE_CHUNK bytes, or the record split
+        evenly over the threads where that is more (whole records with one thread: a disk fastest at a
+        queue depth of one gets one large read at a time), into a pinned buffer of
         the arena; the thread finishing a record's last piece checks it and copies it to its slot, then
         frees the buffer for the next record. The free buffers are the reader's, shared by concurrent
         calls."""
@@ -283,7 +285,8 @@ class ExpertReader:
                 for b in up.arena(self.threads, size):
                     self._staging.put(b)
         free = self._staging
-        pieces = [(off, min(STAGE_CHUNK, size - off)) for off in range(0, size, STAGE_CHUNK)]
+        step = max(STAGE_CHUNK, align_up(-(-size // self.threads), RECORD_ALIGN))  # aligned for direct reads
+        pieces = [(off, min(step, size - off)) for off in range(0, size, step)]
         lock = threading.Lock()
         errors: list[BaseException] = []
 
@@ -329,7 +332,7 @@ class ExpertReader:
         if self.io == "pread":
             self._preadv(f, expert, [memoryview(buf)[off : off + n]], base + off, n, off)
             return
-        if self.io == "direct":  # aligned: STAGE_CHUNK and record starts are multiples of RECORD_ALIGN
+        if self.io == "direct":  # aligned: piece sizes and record starts are multiples of RECORD_ALIGN
             m = align_up(n, DIRECT_BLOCK)
             tmp = self._buffer(m)[:m]
             self._preadv(f, expert, [memoryview(tmp)], base + off, m, off)

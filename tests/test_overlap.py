@@ -81,3 +81,40 @@ def test_batched_decode_guesses_the_union_of_its_rows(bundles, corpus_ids):
     finally:
         off.close()
         on.close()
+
+
+@pytest.mark.parametrize("io", ["pread", "direct"])
+def test_staged_reads_split_records_over_the_threads(tmp_path, monkeypatch, io):
+    """The pinned path's pieces: STAGE_CHUNK bytes with many threads, the record split over the threads
+    where that is more, and one read per record with one thread (a disk fastest at queue depth 1); the
+    bytes in the slots are the records' either way."""
+    from flashmoe.bench.synth import make_bundle
+    from flashmoe.format import Bundle
+    from flashmoe.format.layout import RECORD_ALIGN
+    from flashmoe.runtime import reader as R
+    from flashmoe.runtime.expert_cache import ExpertCache
+
+    from test_bench import SMALL
+    from test_coldio import HostUploader
+
+    make_bundle(dict(SMALL), 2, 4, tmp_path / "b", progress=False)
+    bundle = Bundle.open(tmp_path / "b")
+    monkeypatch.setattr(R, "STAGE_CHUNK", RECORD_ALIGN)
+    got = {}
+    for threads in (16, 2, 1):
+        rd = R.ExpertReader(bundle, io=io, threads=threads)
+        rd.attach_uploader(HostUploader())
+        size = rd.info.record_size
+        cache = ExpertCache(rd.info, 8, 2, bundle.config.num_experts)
+        _, to_read, slots = cache.place(1, list(range(8)))
+        try:
+            rd.read(1, to_read, slots, cache)
+            per = -(-size // threads)  # the record over the threads, rounded up to whole RECORD_ALIGN blocks
+            step = max(RECORD_ALIGN, -(-per // RECORD_ALIGN) * RECORD_ALIGN)
+            assert rd.syscalls == 8 * -(-size // step), threads
+            assert threads > 1 or rd.syscalls == 8  # one read per record
+            got[threads] = [b"".join(bytes(d) for d, _ in cache.destinations(s)) for s in slots]
+        finally:
+            rd.close()
+    assert size > 2 * RECORD_ALIGN  # several pieces with 16 threads, 2 with 2, 1 with 1
+    assert got[16] == got[2] == got[1]
