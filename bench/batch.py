@@ -47,7 +47,6 @@ class BatchRouter:
         # host time spent inventing routes (~45 us a token in Python): the bench's own cost, not the engine's,
         # so time_engine takes it out of the phases it times (a 64k-token prefill spends ~12 s here)
         self.seconds = 0.0
-        self.touched = 0  # distinct experts per layer, summed over every layer call so far
 
     def __call__(self, layer: int, rows: int) -> np.ndarray:
         t0 = time.perf_counter()
@@ -63,7 +62,6 @@ class BatchRouter:
         else:
             ids = self.router.route(layer, rows, stream=-1)
             self.prefill_unions.append(len(np.unique(ids)))
-        self.touched += len(np.unique(ids))
         return ids
 
 
@@ -135,12 +133,18 @@ def compute_ceiling(bundle, table: dict, router_model: str, rows: int, k: int, p
 
 
 STAGES = ("attention", "routing", "expert_io", "expert_compute", "head")
+COMPUTE_STAGES = ("attention", "routing", "expert_compute", "head")
+PROFILE = ("io_busy", "experts_touched", "expert_calls", "expert_pairs", "prefill_passes")  # runtime Stats counters
 
 
 class StepMeter:
-    """Per engine step, from the runtime's own counters: rows, experts touched, records and bytes read,
-    bytes the disk delivered, read time, compute time, overlap, and the step's bound
-    max(disk time for the bytes read at `disk_gbps`, compute time)."""
+    """Per engine step, from the runtime's own counters (runtime/model.py Stats): rows, layer-major
+    prefill passes, distinct experts touched (per MoE layer call: a layer-major pass counts each layer's
+    union once), records and bytes read, bytes the disk delivered, read time (wall time some read was in
+    flight, the model's own or a background one) and the part of it the model waited for, compute time
+    (attention, routing, expert math, head; each reported), expert-block calls and the (token, expert)
+    pairs they computed, overlap (read + compute - wall), and the step's bound max(disk time for the bytes
+    read at `disk_gbps`, compute time)."""
 
     def __init__(self, model, router=None, disk_gbps: float | None = None):
         self.model, self.router, self.disk_gbps = model, router, disk_gbps
@@ -149,9 +153,8 @@ class StepMeter:
 
     def _snap(self) -> dict:
         st = self.model.stats
-        out = {k: getattr(st, k) for k in (*STAGES, "expert_bytes", "expert_reads")}
+        out = {k: getattr(st, k) for k in (*STAGES, *PROFILE, "expert_bytes", "expert_reads")}
         out["router"] = self.router.seconds if self.router is not None else 0.0
-        out["touched"] = self.router.touched if self.router is not None else None
         out["disk"] = probe.disk_read_bytes()
         return out
 
@@ -159,16 +162,20 @@ class StepMeter:
         now = self._snap()
         d = {k: (now[k] - self._last[k]) if now[k] is not None and self._last[k] is not None else None for k in now}
         self._last = now
-        routing = max(0.0, d["routing"] - d["router"])  # the engine's routing, not the bench's router
-        compute = d["attention"] + routing + d["expert_compute"] + d["head"]
+        stages = {k: d[k] for k in COMPUTE_STAGES}
+        stages["routing"] = max(0.0, d["routing"] - d["router"])  # the engine's routing, not the bench's router
+        compute = sum(stages.values())
         wall = wall - d["router"]
         read_bytes = d["disk"] if d["disk"] is not None else d["expert_bytes"]
         disk_s = read_bytes / (self.disk_gbps * 1e9) if self.disk_gbps else None
         bound_s = max(disk_s, compute) if disk_s is not None else None
-        step = {"phase": phase, "rows": rows, "wall_s": wall, "experts_touched": d["touched"],
-                "records_read": d["expert_reads"], "expert_bytes": d["expert_bytes"], "disk_bytes": d["disk"],
-                "read_s": d["expert_io"], "compute_s": compute,
-                "overlap_s": max(0.0, d["expert_io"] + compute - wall), "bound_s": bound_s}
+        read_s = max(d["io_busy"], d["expert_io"])  # busy time; the wait, where a tool's reads bypass the clock
+        step = {"phase": phase, "rows": rows, "prefill_passes": d["prefill_passes"], "wall_s": wall,
+                "experts_touched": d["experts_touched"], "records_read": d["expert_reads"],
+                "expert_bytes": d["expert_bytes"], "disk_bytes": d["disk"], "read_s": read_s,
+                "read_wait_s": d["expert_io"], "compute_s": compute, "stages": stages,
+                "expert_calls": d["expert_calls"], "expert_pairs": d["expert_pairs"],
+                "overlap_s": max(0.0, read_s + compute - wall), "disk_s": disk_s, "bound_s": bound_s}
         self.steps.append(step)
         return step
 
@@ -176,16 +183,28 @@ class StepMeter:
 def summarize_steps(steps: list[dict], phase: str) -> dict:
     """Totals of one phase's steps and how close the phase came to the sum of its steps' bounds."""
     mine = [s for s in steps if s["phase"] == phase]
-    tot = {k: sum(s[k] or 0 for s in mine) for k in ("wall_s", "records_read", "expert_bytes", "read_s",
-                                                       "compute_s", "overlap_s")}
-    tot["disk_bytes"] = sum(s["disk_bytes"] for s in mine) if mine and all(
-        s["disk_bytes"] is not None for s in mine) else None
-    tot["experts_touched"] = sum(s["experts_touched"] for s in mine) if mine and all(
-        s["experts_touched"] is not None for s in mine) else None
-    tot["bound_s"] = sum(s["bound_s"] for s in mine) if mine and all(s["bound_s"] is not None for s in mine) else None
+    tot = {k: sum(s[k] or 0 for s in mine) for k in ("wall_s", "records_read", "expert_bytes", "read_s", "read_wait_s",
+                                                       "compute_s", "overlap_s", "prefill_passes", "expert_calls",
+                                                       "expert_pairs", "experts_touched")}
+    tot["stages"] = {k: sum(s["stages"][k] for s in mine) for k in COMPUTE_STAGES}
+    for key in ("disk_bytes", "disk_s", "bound_s"):
+        tot[key] = sum(s[key] for s in mine) if mine and all(s[key] is not None for s in mine) else None
     tot["steps"] = len(mine)
     tot["wall_vs_bound"] = tot["bound_s"] / tot["wall_s"] if tot["bound_s"] and tot["wall_s"] else None
     return tot
+
+
+def format_step(s: dict) -> str:
+    """One metered step on one line: what it read, how long reading and each compute stage took, the bound."""
+    gb = (s["disk_bytes"] if s["disk_bytes"] is not None else s["expert_bytes"]) / 1e9
+    st = ", ".join(f"{k} {v:.2f}" for k, v in s["stages"].items())
+    passes = f", {s['prefill_passes']} layer-major passes" if s.get("prefill_passes") else ""
+    bound = "-" if s["bound_s"] is None else f"{s['bound_s']:.2f}"
+    disk = "-" if s.get("disk_s") is None else f"{s['disk_s']:.2f}"
+    return (f"{s['phase']} B={s['rows']}{passes}: {s['wall_s']:.2f} s; {s['experts_touched']} experts touched, "
+            f"{s['records_read']} records = {gb:.2f} GB read in {s['read_s']:.2f} s (waited {s['read_wait_s']:.2f} s; "
+            f"disk time at the limit {disk} s); compute {s['compute_s']:.2f} s ({st}; {s['expert_calls']} expert "
+            f"calls, {s['expert_pairs']} pairs); overlap {s['overlap_s']:.2f} s; bound {bound} s")
 
 
 def time_engine(model, tokenizer, batch: int, prompt_tokens: int, tokens: int, vocab: int, seed: int,
@@ -305,10 +324,19 @@ def format_batch_row(b: dict) -> str:
            f"{f((b['expert_bytes_per_generated_token'] or 0) / 1e6)} MB read per generated token")
     for ph in ("prefill", "decode"):
         t = b["phases"][ph]
-        if not t["steps"]:
-            continue
-        gb = (t["disk_bytes"] if t["disk_bytes"] is not None else t["expert_bytes"]) / 1e9
-        out += (f"\n          {ph}: {t['steps']} steps, {t['wall_s']:.2f} s; read {gb:.2f} GB in {t['read_s']:.2f} s, "
-                f"compute {t['compute_s']:.2f} s, overlap {t['overlap_s']:.2f} s; bound max(disk, compute) summed "
-                f"over steps {f(t['bound_s'], '{:.2f}')} s = {f(t['wall_vs_bound'], '{:.0%}')} of the wall time")
+        if t["steps"]:
+            out += "\n          " + format_phase(ph, t)
     return out
+
+
+def format_phase(ph: str, t: dict) -> str:
+    """A phase's totals on one line (format_step's fields summed over its steps)."""
+    f = lambda v, fmt="{:.2f}": "-" if v is None else fmt.format(v)  # noqa: E731
+    gb = (t["disk_bytes"] if t["disk_bytes"] is not None else t["expert_bytes"]) / 1e9
+    st = ", ".join(f"{k} {v:.2f}" for k, v in t["stages"].items())
+    passes = f", {t['prefill_passes']} layer-major passes" if t["prefill_passes"] else ""
+    return (f"{ph}: {t['steps']} steps{passes}, {t['wall_s']:.2f} s; {t['experts_touched']} experts touched, read "
+            f"{gb:.2f} GB in {t['read_s']:.2f} s (waited {t['read_wait_s']:.2f} s), compute {t['compute_s']:.2f} s "
+            f"({st}; {t['expert_calls']} expert calls, {t['expert_pairs']} pairs), overlap {t['overlap_s']:.2f} s; "
+            f"bound max(disk, compute) summed over steps {f(t['bound_s'])} s = {f(t['wall_vs_bound'], '{:.0%}')} "
+            "of the wall time")

@@ -13,7 +13,14 @@ Documents are /v1/completions requests whose prompts are token ids (exact length
 * batch: `flashmoe.batch.run_jobs` (what flashmoe-batch runs: journal writes and fsyncs included) on all
   the documents, through an Engine whose every step is metered (bench.batch.StepMeter): rows, experts
   touched, records and bytes read (runtime counter and /proc/self/io), read time, compute time, overlap, and
-  the step's bound max(disk time for its bytes at the disk limit, compute time).
+  the step's bound max(disk time for its bytes at the disk limit, compute time). Each step is logged: its
+  layer-major prefill passes, read time (wall time some read was in flight, background reads included)
+  and the part the model waited for, and compute split into attention, routing, expert math and head, with
+  the expert-block calls and (token, expert) pairs behind the expert math.
+* expert-block probe (--no-kernel-probe: skip): every expert of layer 0 resident, no reads, the seconds
+  of one expert-block call at T = 1, the batch size and the engine's prefill chunk (MLX's gather_qmm with
+  T x K pairs), to set beside the prefill steps' expert math per call: whether a prefill's compute is the
+  kernel's or something around it.
 
 The model is loaded with a RuntimeConfig carrying --gpu-cache-gb / --slots / --io, and the settings in
 effect are read back from it into the JSON (metadata.settings): the cache the report names is the one used.
@@ -38,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.bench import method, probe
-from flashmoe.bench.batch import StepMeter, summarize_steps
+from flashmoe.bench.batch import StepMeter, format_phase, format_step, summarize_steps
 
 MIN_LOOP_SAMPLE = 8
 
@@ -170,6 +177,28 @@ def run_batch(model, tok, docs: list[str], batch_size: int | None, workdir: Path
             "phases": {ph: summarize_steps(meter.steps, ph) for ph in ("prefill", "decode")}, "steps": meter.steps}
 
 
+def kernel_probe(bundle, model, batch: dict, log) -> list[dict]:
+    """Seconds of one expert-block call with every expert of layer 0 resident (no reads), at T = 1, the
+    largest batch and the engine's prefill chunk, beside the batch arm's expert math per call."""
+    from flashmoe.bench.batch import compute_ceiling, resident_table
+    from flashmoe.runtime.runner import PREFILL_TOKENS
+
+    cfg, k = bundle.config, model.experts_per_token
+    table = resident_table(bundle)
+    rows = []
+    for T in sorted({1, max(1, batch["max_batch"] or 1), PREFILL_TOKENS}):
+        tok_s = compute_ceiling(bundle, table, "uniform", T, k, prefill=T > 1, reps=3)
+        rows.append({"tokens": T, "pairs": T * k, "s_per_call": T / (tok_s * cfg.num_hidden_layers)})
+    del table
+    measured = ", ".join(f"{ph} {t['stages']['expert_compute'] / t['expert_calls'] * 1e3:.1f} ms per call "
+                         f"({t['expert_pairs'] / t['expert_calls']:.0f} pairs)"
+                         for ph, t in batch["phases"].items() if t["expert_calls"])
+    log("expert block, every expert of a layer resident (no reads): " + ", ".join(
+        f"T={r['tokens']} ({r['pairs']} pairs) {r['s_per_call'] * 1e3:.2f} ms" for r in rows)
+        + f" per layer call; the batch arm's expert math: {measured or '-'}")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="bundle directory (e.g. from flashmoe-bench make)")
@@ -184,11 +213,18 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-cache-gb", type=float, default=None, help="GPU expert cache size (CUDA); read back")
     p.add_argument("--slots", type=int, default=None, help="expert cache slots; read back")
     p.add_argument("--io", default=None, help="expert reads: pread, mmap, direct (O_DIRECT; needs a runtime with it)")
+    p.add_argument("--prefetch", choices=("auto", "on", "off"), default=None,
+                   help="reads ahead of compute (speculative prefetch in decode, the next layer's union in a "
+                        "layer-major prefill); default $FLASHMOE_PREFETCH or auto (on with a CUDA expert cache)")
+    p.add_argument("--read-threads", type=int, default=None,
+                   help="expert read threads (reads in flight); default the runtime's (16 with the pinned upload)")
     p.add_argument("--routing", choices=("own", "uniform", "calibrated"), default="own",
                    help="the model's own router (default) or a synthetic routing model")
     p.add_argument("--no-evict", action="store_true", help="keep the page cache and expert cache between arms")
     p.add_argument("--no-stage-times", action="store_true",
                    help="no per-stage timing (it adds a sync per stage; steps then report no compute time)")
+    p.add_argument("--no-kernel-probe", action="store_true",
+                   help="skip the expert-block probe (it reads every expert of layer 0 into memory once)")
     p.add_argument("--sweep-seconds", type=float, default=1.0, help="seconds per queue depth of the disk sweep")
     p.add_argument("--order", choices=("loop-first", "batch-first"), default="loop-first")
     p.add_argument("--seed", type=int, default=0)
@@ -211,12 +247,15 @@ def main(argv=None) -> int:
     log(method.format_sweep(sweep))
     t_load = time.perf_counter()
     model, tok = flashmoe.load(a.bundle, runtime_config(experts_per_token=a.experts_per_token, io=a.io,
-                                                         gpu_cache_gb=a.gpu_cache_gb, slots=a.slots))
+                                                         gpu_cache_gb=a.gpu_cache_gb, slots=a.slots,
+                                                         prefetch=a.prefetch, threads=a.read_threads))
     model.stats.enabled = not a.no_stage_times
     md = method.metadata(a.bundle, model)
     st = md["settings"]
+    st["prefetch"] = model.experts.prefetcher is not None  # reads ahead of compute, in effect
     log(f"loaded {a.bundle} in {time.perf_counter() - t_load:.1f} s: {st['expert_slots']} slots "
-        f"({st['expert_slot_bytes'] / 1e9:.2f} GB), io {st['io']}, upload {st['upload']}, K={st['experts_per_token']}")
+        f"({st['expert_slot_bytes'] / 1e9:.2f} GB), io {st['io']}, upload {st['upload']}, K={st['experts_per_token']}, "
+        f"{st['read_threads']} read threads, reads ahead {'on' if st['prefetch'] else 'off'}")
     lo, hi = 3, min(tok.vocab_size, 259)  # byte tokens of the synthetic tokenizer, no special tokens
     docs = documents(a.docs, a.prompt_tokens, a.gen_tokens, a.seed, lo, hi)
     batch_size = None if a.batch_size == "auto" else int(a.batch_size)
@@ -244,13 +283,18 @@ def main(argv=None) -> int:
             log(f"{side}: {r['docs']} docs in {r['wall_s']:.1f} s = {r['docs_per_hour']:.1f} docs/hour; prefill "
                 f"{r['prefill_tps']:.1f} tok/s, decode {r['decode_tps']:.2f} tok/s; read {gb:.3f} GB from disk, "
                 f"{r['expert_bytes_per_doc'] / 1e9:.3f} GB of records per doc")
+    batch = results["batch"]
+    for step in batch["steps"]:
+        if step["phase"] == "prefill" or step is batch["steps"][-1]:
+            log("batch step: " + format_step(step))
+    probe_rows = [] if a.no_kernel_probe else kernel_probe(bundle, model, batch, log)
     model.experts.close()
     loop = results["loop"]
     speedup = results["batch"]["docs_per_hour"] / loop["docs_per_hour"] if loop["docs_per_hour"] else None
     cfg = model.config
     rep = {"metadata": md, "disk": sweep, "bundle": str(a.bundle), "layers": cfg.num_hidden_layers,
            "num_experts": cfg.num_experts, "experts_per_token": model.experts_per_token, "args": vars(a),
-           "bundle_bytes": sum(f.stat().st_size for f in files), "results": results,
+           "bundle_bytes": sum(f.stat().st_size for f in files), "results": results, "expert_block_probe": probe_rows,
            "batch_vs_loop_docs_per_hour": speedup,
            "loop_label": (f"loop: a random sample of {len(sample)} of the {len(docs)} documents; docs/hour per "
                           "document, median (min-max)") if loop["sampled"] else "loop: every document"}
@@ -263,9 +307,7 @@ def main(argv=None) -> int:
     log(f"batch / loop documents per hour: {speedup:.2f}x" if speedup else "no loop figure")
     for ph, t in results["batch"]["phases"].items():
         if t["steps"]:
-            bound = "-" if t["bound_s"] is None else f"{t['bound_s']:.2f}"
-            log(f"batch {ph}: {t['steps']} steps, {t['wall_s']:.2f} s, read {t['read_s']:.2f} s, compute "
-                f"{t['compute_s']:.2f} s, overlap {t['overlap_s']:.2f} s; bound max(disk, compute) summed {bound} s")
+            log("batch " + format_phase(ph, t))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         tmp = Path(a.out) / ".bench_batch.json.tmp"

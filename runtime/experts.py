@@ -177,6 +177,9 @@ class RoutedExperts:
         from flashmoe.metal.dispatch import expert_block
 
         q = self.quant
+        if self.stats is not None:
+            self.stats.expert_calls += 1
+            self.stats.expert_pairs += slot_ids.size
         return expert_block(x, self.cache.weights, slot_ids, scores, q.bits, q.group_size, backend=self.kernels)
 
     # ---- the optimistic path (runtime/pipeline.py): no host round trip per layer --------------
@@ -195,6 +198,7 @@ class RoutedExperts:
             return
         for layer, ids in used:
             self.cache.touch(layer, np.unique(ids).tolist())
+            self._touched(ids)
         self.optimistic_hits += 1
 
     def _load(self, layer: int, experts: list[int]) -> np.ndarray:
@@ -207,13 +211,23 @@ class RoutedExperts:
             raise
         return slot_of
 
-    def __call__(self, layer: int, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
-        if self.shard is not None:  # progress, and a forward that every rank runs
-            self.shard.guard()
-        ids = np.array(indices)  # [T, K] on the host
+    def _checked(self, layer: int, indices: mx.array) -> np.ndarray:
+        """The indices [T, K] on the host, each a valid expert id."""
+        ids = np.array(indices)
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise BundleError(f"layer {layer}: the router chose expert {int(ids.max())} outside "
                               f"[0, {self.num_experts}): the bundle may be corrupt, run `flashmoe-inspect --verify`")
+        return ids
+
+    def _touched(self, ids: np.ndarray) -> None:
+        if self.stats is not None:
+            self.stats.experts_touched += len(np.unique(ids))
+
+    def __call__(self, layer: int, x: mx.array, indices: mx.array, scores: mx.array) -> mx.array:
+        if self.shard is not None:  # progress, and a forward that every rank runs
+            self.shard.guard()
+        ids = self._checked(layer, indices)  # [T, K] on the host
+        self._touched(ids)
         if self.owned is not None:  # expert parallel: other ranks' pairs get weight 0 here
             mine = self.owned[ids]  # [T, K]
             scores = scores * mx.array(mine.astype(np.float32)).astype(scores.dtype)
@@ -231,6 +245,34 @@ class RoutedExperts:
             self.shard.guard()
         return y
 
+    def read_ahead(self, layer: int, experts, keep_layer: int) -> None:
+        """Read `layer`'s records `experts` in the background (a layer-major prefill's guess for the next
+        layer) while layer `keep_layer` computes: none of `keep_layer`'s resident records is displaced."""
+        if self.prefetcher is not None:
+            self.prefetcher.start(layer, np.sort(np.asarray(experts).reshape(-1)),
+                                  keep=self.cache.resident_slots(keep_layer))
+
+    def run_layer(self, layer: int, parts: list[tuple[mx.array, mx.array, mx.array]],
+                  ahead: Callable[[np.ndarray], None] | None = None) -> list[mx.array]:
+        """Every chunk of one layer of a layer-major prefill (runtime/prefill.py): parts [(x [T, H], indices
+        [T, K], scores [T, K])]. The union of all the parts' experts is read once, in expert-id order, then
+        each part is computed; a union larger than the slots goes in groups of `slots` experts, each read
+        once and applied to every part. `ahead(union)` is called once the union is resident, before the
+        parts compute (where the union fit the slots and speculative reads are on): the place to start the
+        next layer's reads. Returns each part's routed output, evaluated. Expert-parallel runs take the
+        one-call path per part."""
+        if self.shard is not None:
+            return [self(layer, x, i, s) for x, i, s in parts]
+        ids = [self._checked(layer, i) for _, i, _ in parts]
+        union = np.unique(np.concatenate([i.reshape(-1) for i in ids]))
+        self._touched(union)
+        if len(union) <= self.cache.slots:
+            self._load(layer, union.tolist())  # every part's experts are resident now: no read below
+            if ahead is not None and self.prefetcher is not None:
+                ahead(union)
+            return [self._routed(layer, x, i, s) for (x, _, s), i in zip(parts, ids)]
+        return self._grouped(layer, union, [(x, np.searchsorted(union, i), s) for (x, _, s), i in zip(parts, ids)])
+
     def _routed(self, layer: int, x: mx.array, ids: np.ndarray, scores: mx.array) -> mx.array:
         T, K = ids.shape
         union, inv = np.unique(ids, return_inverse=True)  # sorted expert ids; inv [T*K] -> position in union
@@ -244,24 +286,33 @@ class RoutedExperts:
             if stats is not None:
                 stats.expert_compute += time.perf_counter() - t0
             return y
-        # more distinct experts than slots: groups of `slots` experts, each pair computed exactly once
+        return self._grouped(layer, union, [(x, inv, scores)])[0]
+
+    def _grouped(self, layer: int, union: np.ndarray, parts: list) -> list[mx.array]:
+        """More distinct experts than slots: groups of `slots` experts of `union` (sorted), each read once and
+        applied to the pairs it serves in every part (x [T, H], positions in union [T, K], scores [T, K]);
+        each pair computed exactly once."""
         self.clear_cache()  # the groups overwrite slots in order
-        y = mx.zeros(x.shape, x.dtype)
+        ys = [mx.zeros(x.shape, x.dtype) for x, _, _ in parts]
         n = self.cache.slots
+        stats = self.stats
         for g0 in range(0, len(union), n):
             group = union[g0 : g0 + n]
             slot_of = self._load(layer, group.tolist())
             t0 = time.perf_counter()
-            tok, kk = np.nonzero((inv >= g0) & (inv < g0 + len(group)))  # the pairs this group serves
-            tok_a = mx.array(tok.astype(np.int32))
-            local = mx.array(slot_of[inv[tok, kk] - g0].astype(np.int32)[:, None])  # [P, 1]
-            sc = scores[tok_a, mx.array(kk.astype(np.int32))][:, None]  # [P, 1]
-            part = self.apply(x[tok_a], local, sc)  # [P, H]
-            y = y.at[tok_a].add(part)
-            mx.eval(y)  # before the next group overwrites the slots
+            for j, (x, inv, scores) in enumerate(parts):
+                tok, kk = np.nonzero((inv >= g0) & (inv < g0 + len(group)))  # the pairs this group serves
+                if not len(tok):
+                    continue
+                tok_a = mx.array(tok.astype(np.int32))
+                local = mx.array(slot_of[inv[tok, kk] - g0].astype(np.int32)[:, None])  # [P, 1]
+                sc = scores[tok_a, mx.array(kk.astype(np.int32))][:, None]  # [P, 1]
+                part = self.apply(x[tok_a], local, sc)  # [P, H]
+                ys[j] = ys[j].at[tok_a].add(part)
+            mx.eval(ys)  # before the next group overwrites the slots
             if stats is not None:
                 stats.expert_compute += time.perf_counter() - t0
-        return y
+        return ys
 
     def close(self) -> None:
         if self.prefetcher is not None:

@@ -37,7 +37,6 @@ from flashmoe.format import TextConfig
 from . import pipeline
 from .cache import Cache, KVCache, LinearCache
 from .integrity import check_finite, nonfinite
-from .prefetch import MAX_GUESS_ROWS
 
 # ----------------------------------------------------------------------------------------------
 # stats: wall time per stage. Stages are only separable when we synchronise at their ends, so the
@@ -50,15 +49,23 @@ class Stats:
     enabled: bool = False
     attention: float = 0.0  # token mixers (delta net / attention) incl. norms and residuals
     routing: float = 0.0  # router matmul, softmax, top-k, indices to the host
-    expert_io: float = 0.0  # reading expert records
+    expert_io: float = 0.0  # waiting for expert records to be read
     expert_compute: float = 0.0  # routed + shared expert matmuls
     head: float = 0.0  # final norm + lm_head
     expert_bytes: int = 0
     expert_reads: int = 0
+    # the profile of the disk-bound regime (bench/batch.py's StepMeter), not in `snapshot`:
+    io_busy: float = 0.0  # wall time some expert read was in flight (the model's own or a background one)
+    experts_touched: int = 0  # distinct experts per MoE layer call (a layer-major prefill's union once)
+    expert_calls: int = 0  # expert-block calls (kernel launches of the routed experts)
+    expert_pairs: int = 0  # (token, expert) pairs they computed
+    prefill_passes: int = 0  # layer-major prefill passes (runtime/prefill.py)
+
+    COUNTERS = ("io_busy", "experts_touched", "expert_calls", "expert_pairs", "prefill_passes")
 
     def reset(self) -> None:
-        for f in ("attention", "routing", "expert_io", "expert_compute", "head"):
-            setattr(self, f, 0.0)
+        for f in ("attention", "routing", "expert_io", "expert_compute", "head", *self.COUNTERS):
+            setattr(self, f, type(getattr(self, f))(0))
         self.expert_bytes = self.expert_reads = 0
 
     def snapshot(self) -> dict:
@@ -79,8 +86,10 @@ class StepInfo:
     lookups: list | None = None
 
     @staticmethod
-    def build(cache: Cache, S: int) -> "StepInfo":
-        P, lp = cache.offset, cache.left_pad
+    def build(cache: Cache, S: int, offset: int | None = None) -> "StepInfo":
+        """For S new columns of `cache`'s rows starting at column `offset` (default: the cache's offset; a
+        layer-major prefill builds every chunk's before any chunk is fed)."""
+        P, lp = cache.offset if offset is None else offset, cache.left_pad
         if not lp.any():
             return StepInfo("causal" if S > 1 else None, P, None, None)
         kpos = mx.arange(P + S)[None, None, None, :]
@@ -321,34 +330,54 @@ class SparseMoeBlock(nn.Module):
         return inds.astype(mx.int32), scores.astype(x.dtype)
 
     def __call__(self, x: mx.array, experts: ExpertsFn, stats: Stats, step: StepInfo) -> mx.array:
-        B, S, H = x.shape
-        xf = x.reshape(B * S, H)  # [T, H]
-        rows = None
         if step.lookups is not None:  # optimistic: no host round trip; pipeline.finish checks for misses
+            xf = x.reshape(-1, x.shape[-1])
             inds, scores = self.route(xf)
             slots = experts.lookup(self.layer, inds)  # [T, K], -1 where not resident
             step.lookups.append((self.layer, inds, slots, nonfinite(xf)))
-            y = experts.apply(xf, mx.maximum(slots, 0), scores)
-        else:
-            if step.valid is not None:  # pad tokens neither route nor read experts
-                rows = mx.array(np.flatnonzero(step.valid.reshape(-1)).astype(np.int32))
-                xf = xf[rows]
-            t0 = time.perf_counter()
-            inds, scores = self.route(xf)
-            bad = nonfinite(xf)  # corruption guard, evaluated with the indices: no round trip of its own
-            mx.eval(inds, scores, bad)  # the host needs the indices to read the experts
-            if bad.item():
-                check_finite(xf, f"layer {self.layer}")
-            stats.routing += time.perf_counter() - t0
-            y = experts(self.layer, xf, inds, scores)  # routed experts [T', H], summed over ranks if sharded
-        # the sigmoid-gated shared expert, applied once (after the ranks' sum)
-        shared = sigmoid_gate(self.shared_expert(xf), self.shared_expert_gate(xf))
+            return self.combine(x.shape, Routed(xf, None, inds, scores), experts.apply(xf, mx.maximum(slots, 0), scores))
+        r = self.select(x, stats, step)
+        return self.combine(x.shape, r, experts(self.layer, r.x, r.inds, r.scores))  # summed over ranks if sharded
+
+    def select(self, x: mx.array, stats: Stats, step: StepInfo) -> "Routed":
+        """Route the real (not pad) tokens of x [B, S, H]; the indices are evaluated (the host reads the
+        experts they name)."""
+        xf = x.reshape(-1, x.shape[-1])  # [T, H]
+        rows = None
+        if step.valid is not None:  # pad tokens neither route nor read experts
+            rows = mx.array(np.flatnonzero(step.valid.reshape(-1)).astype(np.int32))
+            xf = xf[rows]
+        t0 = time.perf_counter()
+        inds, scores = self.route(xf)
+        bad = nonfinite(xf)  # corruption guard, evaluated with the indices: no round trip of its own
+        mx.eval(inds, scores, bad)  # the host needs the indices to read the experts
+        if bad.item():
+            check_finite(xf, f"layer {self.layer}")
+        stats.routing += time.perf_counter() - t0
+        return Routed(xf, rows, inds, scores)
+
+    def combine(self, shape: tuple, r: "Routed", y: mx.array) -> mx.array:
+        """The block's output [B, S, H] from the routed experts' y [T', H]: plus the sigmoid-gated shared
+        expert (applied once, after the ranks' sum), pad tokens' rows zero."""
+        B, S, H = shape
+        shared = sigmoid_gate(self.shared_expert(r.x), self.shared_expert_gate(r.x))
         y = y + shared.astype(y.dtype)
-        if rows is not None:
+        if r.rows is not None:
             out = mx.zeros((B * S, H), y.dtype)
-            out[rows] = y
+            out[r.rows] = y
             y = out
         return y.reshape(B, S, H)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One MoE call's routed tokens: x [T', H] (the real tokens), their rows in the flattened [B*S] call
+    (None: all), expert indices [T', K] and scores [T', K]."""
+
+    x: mx.array
+    rows: mx.array | None
+    inds: mx.array
+    scores: mx.array
 
 
 class DecoderLayer(nn.Module):
@@ -364,6 +393,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache, experts: ExpertsFn, stats: Stats, step: StepInfo) -> mx.array:
+        x, h = self.mix(x, cache, stats, step)
+        return x + self.mlp(h, experts, stats, step)
+
+    def mix(self, x: mx.array, cache, stats: Stats, step: StepInfo) -> tuple[mx.array, mx.array]:
+        """The token mixer and its residual: (x after it, the MoE block's normed input)."""
         t0 = time.perf_counter()
         h = self.input_layernorm(x)
         h = self.linear_attn(h, cache, step) if self.is_linear else self.self_attn(h, cache, step)
@@ -372,7 +406,7 @@ class DecoderLayer(nn.Module):
         if stats.enabled:
             mx.eval(h)
         stats.attention += time.perf_counter() - t0
-        return x + self.mlp(h, experts, stats, step)
+        return x, h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,12 +460,12 @@ class Model(nn.Module):
 
     def _prefetch(self, layer: int, x: mx.array, stats: Stats) -> None:
         """Speculative prefetch (runtime/prefetch.py): layer `layer`'s router on the state leaving the layer
-        before names the records to read while `layer`'s attention runs (decode steps of a few rows)."""
+        before names the records to read while `layer`'s attention runs (decode steps: the union of every
+        row's guess)."""
         nxt = self.layers[layer]
         # no guess where a tool replaced the block's routing (the bench's synthetic routers): its own router
         # then says nothing about the routes taken
-        if getattr(self.experts, "prefetcher", None) is None or x.shape[0] * x.shape[1] > MAX_GUESS_ROWS \
-                or "route" in vars(nxt.mlp):
+        if getattr(self.experts, "prefetcher", None) is None or x.shape[1] != 1 or "route" in vars(nxt.mlp):
             return
         t0 = time.perf_counter()
         inds, scores = nxt.mlp.route(nxt.post_attention_layernorm(x).reshape(-1, x.shape[-1]))
@@ -442,9 +476,7 @@ class Model(nn.Module):
         if self.experts is None:
             raise RuntimeError("Model.experts is not set; load the model with flashmoe.load")
         stats = self.stats
-        x = self.embed_tokens(ids)  # [B, S, H]
-        if self.compute_dtype is not None:
-            x = x.astype(self.compute_dtype)
+        x = self.embed(ids)  # [B, S, H]
         if ids.shape[0] != cache.batch:
             raise ValueError(f"ids have {ids.shape[0]} rows but the cache has {cache.batch}")
         step = StepInfo.build(cache, ids.shape[1])
@@ -457,14 +489,23 @@ class Model(nn.Module):
             if i + 1 < len(self.layers) and step.lookups is None and step.valid is None:
                 self._prefetch(i + 1, x, stats)
         cache.offset += ids.shape[1]
+        return self.head(x, last_only)
+
+    def embed(self, ids: mx.array) -> mx.array:
+        """Token ids [B, S] -> hidden states [B, S, H] in the compute dtype."""
+        x = self.embed_tokens(ids)
+        return x if self.compute_dtype is None else x.astype(self.compute_dtype)
+
+    def head(self, x: mx.array, last_only: bool = False) -> mx.array:
+        """Final norm and lm_head: x [B, S, H] -> logits [B, S, V] (or the last position's [B, 1, V])."""
         t0 = time.perf_counter()
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
         logits = self.lm_head(x) if "lm_head" in self else self.embed_tokens.as_linear(x)  # [B, S|1, V]
-        if stats.enabled:
+        if self.stats.enabled:
             mx.eval(logits)
-        stats.head += time.perf_counter() - t0
+        self.stats.head += time.perf_counter() - t0
         return logits
 
 

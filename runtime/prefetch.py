@@ -4,8 +4,13 @@ On a cold decode the disk idles while a layer's attention, routing and expert ma
 31-40 ms of a 397B layer). Layer L+1's router applied to the hidden state leaving layer L names most of
 the experts L+1 will pick (recall 84-89% on trained tiny models, bench/recall.py "leaving"), so the model
 hands that guess over as soon as layer L is done (`start`), and the records are read in the background
-while layer L+1's attention runs. When L+1's real routing arrives (`settle`), only the prefetched reads it
-needs are waited for; the mispredicted rest is read on demand as before.
+while layer L+1's attention runs. A batched decode step guesses the union of its rows' guesses. When
+L+1's real routing arrives (`settle`), only the prefetched reads it needs are waited for; the
+mispredicted rest is read on demand as before.
+
+A layer-major prefill (runtime/prefill.py) guesses further ahead: once layer L's union is resident, layer
+L+1's router on the state leaving L's token mixer names L+1's union (the whole layer, in expert-id order,
+when the guess is nearly all of it), read while L's experts compute; L's records are kept.
 
 The guarantees:
 * a guess never displaces a record of the layer it guesses for (whatever is resident for L+1 may be a
@@ -29,7 +34,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-MAX_GUESS_ROWS = 8  # prefetch for decode steps (a few rows); a prefill's union is read on demand
 
 
 def prefetch_wanted(mode: str, gpu: str | None, slots: int, k: int, num_layers: int, sharded: bool) -> bool:
@@ -80,15 +84,24 @@ class Prefetcher:
                 if fu.exception() is not None:
                     self.cache.invalidate([s])
 
-    def start(self, layer: int, experts) -> None:
+    def start(self, layer: int, experts, keep=frozenset()) -> None:
         """Read the guessed `experts` of `layer` (most likely first) in the background: those not resident,
-        into slots that hold no record of `layer` and that no read is writing."""
+        into slots that hold no record of `layer`, that no read is writing and that `keep` does not name
+        (records the layer being computed needs). A guess of at least the reader's sequential fraction of
+        the layer is read as one job, in expert-id order (large sequential reads); a smaller one record by
+        record, so that the less likely records are still queued, and dropped, when the real routing comes."""
         guess = list(dict.fromkeys(int(e) for e in np.asarray(experts).reshape(-1)))
         self._guess[layer] = set(guess)
-        avoid = self.busy() | self.cache.resident_slots(layer)
+        avoid = self.busy() | self.cache.resident_slots(layer) | set(keep)
         _, to_read, slots = self.cache.place(layer, guess, avoid=avoid)
-        for e, s in zip(to_read, slots):
-            self._inflight[s] = (layer, e, self.pool.submit(self.reader.read, layer, [e], [s], self.cache, False))
+        if len(to_read) > 1 and len(to_read) >= self.reader.sequential * self.cache.table.shape[1]:
+            order = np.argsort(to_read, kind="stable")
+            to_read, slots = [to_read[i] for i in order], [slots[i] for i in order]
+            fu = self.pool.submit(self.reader.read, layer, to_read, slots, self.cache, False)
+            self._inflight.update({s: (layer, e, fu) for e, s in zip(to_read, slots)})
+        else:
+            for e, s in zip(to_read, slots):
+                self._inflight[s] = (layer, e, self.pool.submit(self.reader.read, layer, [e], [s], self.cache, False))
         self.prefetched[layer] += len(to_read)
 
     def settle(self, layer: int, experts: list[int]) -> set[int]:

@@ -98,6 +98,8 @@ class ExpertReader:
         self._iov_of: dict[int, list[memoryview]] = {}  # slot -> its pread iovec
         self._planned_for = None  # the cache those iovecs point into
         self._local = threading.local()  # each thread's aligned buffer
+        self._in_flight = 0  # read() calls running now, on any thread (for stats.io_busy)
+        self._busy_since = 0.0
 
     # ---- plans -------------------------------------------------------------------------------
     def _iov(self, cache, slot: int) -> list[memoryview]:
@@ -237,15 +239,17 @@ class ExpertReader:
         if not experts:
             return
         t0 = time.perf_counter()
-        if self.uploader is not None:
-            self._read_staged(layer, experts, slots, cache)
-        elif self.io != "mmap" and len(experts) > 1 and len(experts) >= self.sequential * self.info.num_experts:
-            pieces = self._pieces(experts, slots)
-            list(self.pool.map(lambda p: self._read_piece_of_records(layer, p, cache), pieces))
-        elif len(experts) == 1:
-            self._read_record(layer, experts[0], slots[0], cache)
-        else:
-            list(self.pool.map(lambda es: self._read_record(layer, es[0], es[1], cache), zip(experts, slots)))
+        with self._lock:
+            if self._in_flight == 0:
+                self._busy_since = t0
+            self._in_flight += 1
+        try:
+            self._read(layer, experts, slots, cache)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self.stats is not None and self._in_flight == 0:
+                    self.stats.io_busy += time.perf_counter() - self._busy_since
         with self._lock:
             for e in experts:
                 self.reads[(layer, e)] += 1
@@ -255,9 +259,22 @@ class ExpertReader:
                 self.stats.expert_bytes += len(experts) * self.info.record_size
                 self.stats.expert_reads += len(experts)
 
+    def _read(self, layer: int, experts: list[int], slots: list[int], cache) -> None:
+        if self.uploader is not None:
+            self._read_staged(layer, experts, slots, cache)
+        elif self.io != "mmap" and len(experts) > 1 and len(experts) >= self.sequential * self.info.num_experts:
+            pieces = self._pieces(experts, slots)
+            list(self.pool.map(lambda p: self._read_piece_of_records(layer, p, cache), pieces))
+        elif len(experts) == 1:
+            self._read_record(layer, experts[0], slots[0], cache)
+        else:
+            list(self.pool.map(lambda es: self._read_record(layer, es[0], es[1], cache), zip(experts, slots)))
+
     def _read_staged(self, layer: int, experts: list[int], slots: list[int], cache) -> int:
-        """The uploader's path: each record is read in STAGE_CHUNK pieces spread over the pool (so the disk
-        sees as many requests in flight as there are threads, not one per record), into a pinned buffer of
+        """The uploader's path: each record is read in pieces spread over the pool (so the disk sees as many
+        requests in flight as there are threads, not one per record): STAGE_CHUNK bytes, or the record split
+        evenly over the threads where that is more (whole records with one thread: a disk fastest at a
+        queue depth of one gets one large read at a time), into a pinned buffer of
         the arena; the thread finishing a record's last piece checks it and copies it to its slot, then
         frees the buffer for the next record. The free buffers are the reader's, shared by concurrent
         calls."""
@@ -268,7 +285,8 @@ class ExpertReader:
                 for b in up.arena(self.threads, size):
                     self._staging.put(b)
         free = self._staging
-        pieces = [(off, min(STAGE_CHUNK, size - off)) for off in range(0, size, STAGE_CHUNK)]
+        step = max(STAGE_CHUNK, align_up(-(-size // self.threads), RECORD_ALIGN))  # aligned for direct reads
+        pieces = [(off, min(step, size - off)) for off in range(0, size, step)]
         lock = threading.Lock()
         errors: list[BaseException] = []
 
@@ -314,7 +332,7 @@ class ExpertReader:
         if self.io == "pread":
             self._preadv(f, expert, [memoryview(buf)[off : off + n]], base + off, n, off)
             return
-        if self.io == "direct":  # aligned: STAGE_CHUNK and record starts are multiples of RECORD_ALIGN
+        if self.io == "direct":  # aligned: piece sizes and record starts are multiples of RECORD_ALIGN
             m = align_up(n, DIRECT_BLOCK)
             tmp = self._buffer(m)[:m]
             self._preadv(f, expert, [memoryview(tmp)], base + off, m, off)

@@ -3,9 +3,11 @@
 BatchRunner is deterministic given its calls, which is what lets the other ranks of a distributed run
 mirror it (runtime/distributed.py): every forward of every front end goes through one of its methods.
 
-  * `prefill`: sequences join (one left-padded forward for the fresh prompts, so each layer reads their
-    expert union once; prompt-cache hits continue from their own state), in chunks (`forward_chunks`:
-    the one prefill loop, also what flashmoe-eval's perplexity runs).
+  * `prefill`: sequences join (the fresh prompts left-padded together, fed layer-major so that each layer
+    reads the union of all their tokens' experts once per pass, runtime/prefill.py; prompt-cache hits
+    continue from their own state); `prefill_passes` says how many passes a prefill needs.
+    `forward_chunks` is the chunk-after-chunk loop of whole-model forwards (flashmoe-eval's perplexity,
+    which needs every position's logits).
   * `launch` / `finish` / `cancel`: one decode step for every row (runtime/pipeline.py), so the engine
     can launch the next step before the host waits for this one.
   * `remove`: rows leave (optionally kept in the prompt cache); `reset`: drop every row (a failed step).
@@ -26,7 +28,7 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from . import pipeline
+from . import pipeline, prefill
 from .cache import Cache
 from .integrity import check_logits
 
@@ -38,11 +40,8 @@ def forward_chunks(model, cache: Cache, rows: list[list[int]], tokens: int,
     """Feed `rows` (the tokens to add to each row of `cache`, left-padded to the longest) through the model
     in chunks of about `tokens` tokens (all rows together). Yields (columns fed so far, logits) after
     each chunk: the last position's [B, 1, V], or every position's [B, S, V] with last_only=False."""
-    B = len(rows)
-    L = max(len(s) for s in rows)
-    grid = np.zeros((B, L), np.int32)
-    for i, s in enumerate(rows):
-        grid[i, L - len(s):] = s
+    grid = prefill.left_padded(rows)
+    B, L = grid.shape
     chunk = max(1, tokens // B)
     for c0 in range(0, L, chunk):
         yield min(c0 + chunk, L), model(mx.array(grid[:, c0 : c0 + chunk]), cache, last_only=last_only)
@@ -99,9 +98,11 @@ class PromptCache:
 class BatchRunner:
     """The running batch's cache and the model calls on it. `rows[i]` is the sequence id of row i."""
 
-    def __init__(self, model, prefill_tokens: int = PREFILL_TOKENS, prompt_cache: PromptCache | None = None):
+    def __init__(self, model, prefill_tokens: int = PREFILL_TOKENS, prompt_cache: PromptCache | None = None,
+                 hidden_budget_bytes: int = prefill.HIDDEN_BUDGET_BYTES):
         self.model = model
         self.prefill_tokens = max(1, int(prefill_tokens))
+        self.hidden_budget = max(1, int(hidden_budget_bytes))  # hidden states one prefill pass may hold
         self.prompt_cache = prompt_cache
         self.cache: Cache | None = None
         self.rows: list[int] = []
@@ -112,11 +113,23 @@ class BatchRunner:
         before syncing this one pays (the GPU expert cache's optimistic path)."""
         return bool(self.model.experts.optimistic)
 
+    def prefill_passes(self, rows_tokens: list[int]) -> int:
+        """Passes over the model's layers (each reads every layer's expert union once) of one prefill of
+        fresh rows holding these many tokens each: layer-major (runtime/prefill.py), 1 unless their hidden
+        states exceed the budget; a model that does not run layer-major, one per chunk."""
+        if not rows_tokens:
+            return 0
+        return prefill.plan(self.model, len(rows_tokens), max(rows_tokens), self.prefill_tokens,
+                            self.hidden_budget).passes
+
     def _forward_rows(self, seqs: list[list[int]], cache: Cache) -> mx.array:
-        """The last position's logits [B, V] after feeding `seqs` into `cache` (checked)."""
-        logits = None
-        for _, logits in forward_chunks(self.model, cache, seqs, self.prefill_tokens):
-            pass
+        """The last position's logits [B, V] after feeding `seqs` into `cache` (checked): layer-major where
+        the model runs so, else chunk after chunk."""
+        if prefill.supports(self.model):
+            logits = prefill.prefill(self.model, cache, seqs, self.prefill_tokens, self.hidden_budget)
+        else:
+            for _, logits in forward_chunks(self.model, cache, seqs, self.prefill_tokens):
+                pass
         check_logits(logits[:, -1])
         return logits[:, -1]
 
