@@ -10,13 +10,12 @@ whole, rows left empty cost their share of each decode pass, and waiting for hal
 
 `plan` runs that policy on the job's sizes (every document generating its max_tokens, the most it can)
 and counts the passes before the job starts. What a wave's prefill costs is a parameter (`prefill_cost`, a
-function of the wave's prompt lengths): today the runner's chunked prefill (`chunked_prefill`); a runner
-that prefills layer by layer says its own.
+function of the wave's prompt lengths): the runner's own count (`BatchRunner.prefill_passes`: a layer-major
+prefill reads each layer's experts once per wave, unless the wave's hidden states outgrow their budget).
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -24,20 +23,6 @@ from typing import Callable
 REFILL_SHARE = 0.5  # a running batch takes a new wave once this share of the rows it could hold is free
 
 PrefillCost = Callable[[list[int]], int]  # prompt lengths of a wave -> its prefill passes
-
-
-def prefill_passes(lengths: list[int], prefill_tokens: int) -> int:
-    """Forwards of one prefill of these prompts together (the runner left-pads them and runs
-    prefill_tokens // rows positions per forward: runtime/runner.forward_chunks)."""
-    if not lengths:
-        return 0
-    chunk = max(1, prefill_tokens // len(lengths))
-    return math.ceil(max(lengths) / chunk)
-
-
-def chunked_prefill(prefill_tokens: int) -> PrefillCost:
-    """The prefill cost of the runner's chunked prefill of `prefill_tokens` tokens per forward."""
-    return lambda lengths: prefill_passes(lengths, prefill_tokens)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from flashmoe.errors import CapacityError, FlashmoeError, InputError
 
 from .journal import OutputLog
 from .output import answer_record, error_record
-from .passes import Plan, PrefillCost, Room, Waves, chunked_prefill, plan
+from .passes import Plan, PrefillCost, Room, Waves, plan
 from .progress import JobProgress, PassClock
 from .requests import BadLine, Defaults, Request, parse_lines
 
@@ -182,7 +182,7 @@ def _run(model, tokenizer, source, log: OutputLog, options: JobOptions, engine) 
     summary.failed = len(errors)
 
     room = Room(engine.max_batch, engine.plan)
-    cost = chunked_prefill(engine.runner.prefill_tokens)  # the runner's prefill: passes of a wave's prompts
+    cost = engine.runner.prefill_passes  # the runner's prefill: passes of a wave's prompts
     summary.planned = plan([(len(ids), min(params.max_tokens, limit - len(ids))) for _, ids, params in ready],
                            room, cost)  # (the engine's cap on max_tokens: the context)
     if options.progress and ready:

@@ -97,8 +97,8 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                    help="how records reach a CUDA GPU: pinned host staging, direct, or auto "
                         "(default: $FLASHMOE_UPLOAD or auto: pinned on CUDA, else direct)")
     g.add_argument("--prefetch", choices=PREFETCH_MODES, default=None,
-                   help="speculative expert prefetch: read the next layer's likely experts while this one "
-                        "computes (default auto: on with a CUDA GPU expert cache, else off)")
+                   help="read the next layer's likely experts while this one computes (decode guesses, and a "
+                        "prefill's next layer) (default auto: off; it did not pay where measured)")
     g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="activation dtype (default: $FLASHMOE_DTYPE, else float32 on the CPU and the bundle's "
                         "dtype on a GPU)")

@@ -35,8 +35,8 @@ class RuntimeConfig:
     # engine), direct (read straight into MLX's managed memory), auto (pinned on CUDA, else direct)
     upload: str = "auto"
     # speculative prefetch (runtime/prefetch.py): layer L+1's router on the state leaving layer L names the
-    # records to read while L+1's attention runs; auto: on for a CUDA GPU expert cache holding a token's
-    # records for every layer, off on unified memory and across ranks (prefetch.prefetch_wanted)
+    # records to read while L+1's attention runs, and a layer-major prefill reads the next layer's union
+    # ahead; auto: off, by measurement (prefetch.prefetch_wanted); on: wherever asked
     prefetch: str = "auto"
     # the delta net's recurrent state as stored between steps (runtime/cache.py): float32, or bfloat16 for half
     # the bytes per sequence (twice the batch in the same memory; its quality cost: docs/batch.md)

@@ -211,6 +211,9 @@ class LeaderRunner:
     def cache_bytes(self) -> int:
         return self.local.cache_bytes()
 
+    def prefill_passes(self, rows_tokens: list[int]) -> int:
+        return self.local.prefill_passes(rows_tokens)
+
     def prefill(self, seqs):
         return self.leader.call("prefill", [[int(sid), [int(t) for t in ids]] for sid, ids in seqs])
 

@@ -117,8 +117,7 @@ class RoutedExperts:
         self.owned = None if self.shard is None else self.shard.mask(cfg.num_experts)
         # speculative prefetch of the next layer's records (runtime/prefetch.py), None when off
         self.prefetcher = Prefetcher(self.reader, self.cache, cfg.num_experts_per_tok) if prefetch_wanted(
-            config.prefetch, gpu_backend(), n, cfg.num_experts_per_tok, cfg.num_hidden_layers,
-            self.shard is not None) else None
+            config.prefetch) else None
 
     def _open_uploader(self, upload: str, gpu: str | None) -> str:
         """Give the reader a PinnedUploader where records must cross to a discrete GPU. Returns the mode

@@ -461,10 +461,10 @@ def test_a_wave_is_as_many_documents_as_the_memory_plan_admits(loaded, tmp_path)
 
 def test_planned_passes_bound_the_job_and_are_exact_without_early_stops(loaded, tmp_path):
     from flashmoe.batch import JobOptions, run_jobs
-    from flashmoe.batch.passes import Room, chunked_prefill, plan
+    from flashmoe.batch.passes import Room, plan
     from flashmoe.runtime.engine import Engine
 
-    assert plan([(10, 3)], Room(4), chunked_prefill(64)).passes == 1 + 2  # one prefill forward, two decode steps
+    assert plan([(10, 3)], Room(4), lambda lens: 1).passes == 1 + 2  # one prefill pass, two decode steps
     model, tok = loaded(None)
     rng = random.Random(12)
     for max_tokens, exact in ((1, True), (6, False)):

@@ -3,26 +3,28 @@ as the room admits, refills once half the batch is free, the prefill cost as a p
 
 from __future__ import annotations
 
+import math
+
 from collections import deque
 
 import pytest
 
-from flashmoe.batch.passes import REFILL_SHARE, Plan, Room, Waves, chunked_prefill, plan, prefill_passes
+from flashmoe.batch.passes import REFILL_SHARE, Plan, Room, Waves, plan
 from flashmoe.batch.progress import PassClock
 from flashmoe.runtime.engine import MemoryPlan
 
 
-def test_chunked_prefill_is_the_runners_chunking():
-    assert prefill_passes([100, 30], 64) == 4 and prefill_passes([], 64) == 0  # 32 columns a forward
-    assert chunked_prefill(64)([100] * 4) == 7  # 16 columns a forward: ceil(100 / 16)
-    assert chunked_prefill(2048)([1000] * 128) == 63
+def chunked(prefill_tokens: int):
+    """A prefill cost model for the hand computations: forwards of `prefill_tokens` tokens, all rows left-padded
+    together (how a runner that does not run layer-major prefills: runtime/runner.forward_chunks)."""
+    return lambda lens: math.ceil(max(lens) / max(1, prefill_tokens // len(lens)))
 
 
 def test_plan_of_equal_documents_by_hand():
     # 10 documents of 100 tokens, 5 to generate, 4 rows: waves of 4, 4, 2. A wave of 4 prefills in
     # ceil(100 / (64 // 4)) = 7 passes, one of 2 in ceil(100 / 32) = 4; each wave's rows then decode 4 steps
     # (the prefill chose the first token), the last of which ends them.
-    p = plan([(100, 5)] * 10, Room(4), chunked_prefill(64))
+    p = plan([(100, 5)] * 10, Room(4), chunked(64))
     assert p == Plan(prefill=7 + 7 + 4, decode=4 * 3, steps=4 * 3, waves=3)
     assert p.passes == 30
     # the prefill cost is the caller's: one pass a wave (a runner prefilling a wave layer by layer)

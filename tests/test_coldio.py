@@ -142,12 +142,8 @@ def test_sequential_pieces_cover_only_wanted_runs(bundles):
 
 
 def test_prefetch_auto_rule():
-    assert prefetch_wanted("auto", "cuda", slots=2048, k=10, num_layers=60, sharded=False)
-    assert not prefetch_wanted("auto", "cuda", slots=32, k=10, num_layers=60, sharded=False)  # staging only
-    assert not prefetch_wanted("auto", None, slots=2048, k=10, num_layers=60, sharded=False)  # unified memory
-    assert not prefetch_wanted("auto", "cuda", slots=2048, k=10, num_layers=60, sharded=True)
-    assert prefetch_wanted("on", None, slots=8, k=2, num_layers=2, sharded=False)
-    assert not prefetch_wanted("off", "cuda", slots=2048, k=10, num_layers=60, sharded=False)
+    """auto is off (measured on an H200: guesses of a trained router's recall did not pay); on is on."""
+    assert not prefetch_wanted("auto") and not prefetch_wanted("off") and prefetch_wanted("on")
 
 
 def record_bytes(cache, slot):
