@@ -157,11 +157,9 @@ class Guesser:
     def __call__(self, layer: int, x, stats) -> None:
         import mlx.core as mx
 
-        from flashmoe.runtime.prefetch import MAX_GUESS_ROWS
-
-        rows = x.shape[0] * x.shape[1]
-        if rows > MAX_GUESS_ROWS:  # the model's own condition: a prefill's union is read on demand
+        if x.shape[1] != 1:  # the model's own condition: decode steps guess (a prefill reads ahead its own way)
             return
+        rows = x.shape[0]
         t0 = time.perf_counter()
         block = self.model.layers[layer]
         # the work of the model's own guess: the state leaving layer L, layer L+1's router on it (answer unused)
