@@ -6,9 +6,11 @@
   second topic's title (it answers the second question) and how often with the first's (it repeats);
 * tool calls: on 50 requests phrased in ways never trained, with 1-3 tools offered, how often the reply
   parses as a call (serve/toolcalls.py, what flashmoe-serve uses), names the right function, has
-  arguments valid for the function's JSON schema (jsonschema), and has exactly the expected arguments.
+  arguments valid for the function's JSON schema (jsonschema), and has exactly the expected arguments;
+  once answered freely (tool_choice auto, no grammar) and once forced the way flashmoe-serve forces
+  tool_choice "required" (the prompt ends `<tool_call>\n<function=`, serve/grammar.py constrains the rest).
 
-    python demo/skills.py out/demo-bundle [--json]      # ~3 min on a busy 2-core VM
+    python demo/skills.py out/demo-bundle [--json]      # ~8 min on a busy 2-core VM
 
 Greedy decoding, prompts rendered by the bundle's chat template the way flashmoe-serve renders them.
 """

@@ -9,7 +9,9 @@ The text is `pydoc_data.topics`, the help topics every CPython ships (the Python
 PSF License; see demo/README.md). Some topics are held out of training and written to
 demo/heldout.txt, the text `flashmoe-eval` measures perplexity on. Besides the plain topic text, each
 topic's opening also appears as a chat turn ("Tell me about the "for" statement." -> its first
-paragraphs), so that the chat template and `flashmoe-run` chat produce on-topic answers.
+paragraphs), so that the chat template and `flashmoe-run` chat produce on-topic answers. The checkpoint
+carries conversations.TEMPLATE, Qwen3.5's tool template without thinking (a chat without tools renders as
+the plain `<|im_start|>role\ncontent<|im_end|>` turns the model was trained on).
 
 The model keeps the real Qwen3.5-MoE structure: Gated DeltaNet and full-attention layers (full every
 4th), GQA, partial RoPE, 16 routed experts (4 per token) plus a shared expert. Training runs a fixed

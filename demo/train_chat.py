@@ -1,7 +1,11 @@
-"""Fine-tune the demo model on conversations and Qwen3.5 tool calls, keeping what it learned from train.py.
+"""An experiment, not the shipped demo: fine-tune the demo model on conversations and Qwen3.5 tool calls,
+keeping what it learned from train.py.
 
-    python demo/train_chat.py -o out/demo-chat      # from demo/model; ~35 min on this project's busy 2-core VM
+    python demo/train_chat.py -o out/demo-chat      # from demo/model; 20 min on this project's busy 2-core VM
     flashmoe-convert out/demo-chat -o out/demo-chat-bundle && python demo/skills.py out/demo-chat-bundle
+
+Its measurements (demo/README.md, "Conversations and tool calls"): better first and second turns, the
+call syntax learned, but the function chosen no better than chance, so demo/model stays the train.py model.
 
 Starts FROM a trained checkpoint (`--init`, default demo/model, the train.py model) and keeps its tokenizer
 and config. Every step trains on two things at once:
