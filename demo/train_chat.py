@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import conversations  # demo/conversations.py, next to this file
-from train import HERE, optimize, original_corpus, save, topics, windows, HELDOUT  # demo/train.py
+from train import HELDOUT, HERE, optimize, original_corpus, save, topics, windows  # demo/train.py
 
 _RENDERER = None
 
