@@ -22,8 +22,9 @@ import random
 
 # The Qwen3.5 chat template's tool rendering (Qwen/Qwen3.5-35B-A3B chat_template.jinja: the `# Tools` system
 # block with each function as JSON inside <tools></tools>, calls as <tool_call> blocks, tool results as
-# <tool_response> in a user turn), without thinking: the demo answers directly after `<|im_start|>assistant\n`.
-TEMPLATE = r"""{%- if tools and tools is iterable and tools is not mapping %}
+# <tool_response> in a user turn), without the vision parts. _MESSAGES renders the conversation; the two
+# templates differ in the generation prompt only.
+_MESSAGES = r"""{%- if tools and tools is iterable and tools is not mapping %}
 {{- '<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>' }}
 {%- for tool in tools %}{{- '\n' }}{{- tool | tojson }}{%- endfor %}
 {{- '\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n- Required parameters MUST be specified\n- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n</IMPORTANT>' }}
@@ -55,8 +56,18 @@ TEMPLATE = r"""{%- if tools and tools is iterable and tools is not mapping %}
 {{- '\n<tool_response>\n' + content + '\n</tool_response>' }}
 {%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}
 {%- endif %}
-{%- endfor %}
+{%- endfor %}"""
+# the demo's (demo/model/chat_template.jinja): no thinking, it answers right after `<|im_start|>assistant\n`;
+# a chat without tools or a system turn renders as the first demo's template did
+TEMPLATE = _MESSAGES + r"""
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
+# Qwen3.5's own generation prompt: an open <think> block, or an empty one with enable_thinking=false
+# (tests/test_serve_parsing.py renders the server's reasoning and forced-call prompts with it)
+QWEN35_TEMPLATE = _MESSAGES + r"""
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- else %}{{- '<think>\n' }}{%- endif %}
+{%- endif %}"""
 
 
 def _fn(name: str, description: str, properties: dict, required: list[str]) -> dict:

@@ -6,9 +6,11 @@
   second topic's title (it answers the second question) and how often with the first's (it repeats);
 * tool calls: on 50 requests phrased in ways never trained, with 1-3 tools offered, how often the reply
   parses as a call (serve/toolcalls.py, what flashmoe-serve uses), names the right function, has
-  arguments valid for the function's JSON schema (jsonschema), and has exactly the expected arguments.
+  arguments valid for the function's JSON schema (jsonschema), and has exactly the expected arguments;
+  once answered freely (tool_choice auto, no grammar) and once forced the way flashmoe-serve forces
+  tool_choice "required" (the prompt ends `<tool_call>\n<function=`, serve/grammar.py constrains the rest).
 
-    python demo/skills.py out/demo-bundle [--json]      # ~3 min on a busy 2-core VM
+    python demo/skills.py out/demo-bundle [--json]      # ~8 min on a busy 2-core VM
 
 Greedy decoding, prompts rendered by the bundle's chat template the way flashmoe-serve renders them.
 """
@@ -52,21 +54,32 @@ def second_turn(model, tok, docs: dict[str, str]) -> dict:
     return {"chats": len(cases), "answers_second": answered, "repeats_first": repeated}
 
 
-def tool_calls(model, tok) -> dict:
+def tool_calls(model, tok, forced: bool) -> dict:
+    """The held-out tool requests, answered freely (tool_choice auto, no grammar, as the model writes) or
+    forced (tool_choice "required": the prompt ends `<tool_call>\n<function=` and the server's grammar,
+    serve/grammar.py, constrains the rest, so the call parses and its arguments fit the schema)."""
     import jsonschema
 
+    from flashmoe.runtime.engine import Engine, EngineConfig, SamplingParams
+    from flashmoe.runtime.generate import generate
     from flashmoe.serve.chat import render
+    from flashmoe.serve.grammar import Grammars, tool_call_grammar
     from flashmoe.serve.toolcalls import OutputParser, tool_schemas
 
+    engine = Engine(model, tok, EngineConfig(max_batch=1))
+    grammars = Grammars((Path(model.bundle.path) / "tokenizer.json").read_text(), int(model.config.vocab_size),
+                        sorted(engine.eos))
     cases = conversations.tool_requests()
     parsed = right = valid = exact = 0
     examples = []
     for msgs, tools, name, args in cases:
-        prompt = render(tok, msgs, tools)
-        text = reply(model, tok, prompt.text, 96)
         schemas = tool_schemas(tools)
+        prompt = render(tok, msgs, tools, "" if forced else None)
+        grammar = grammars.mask(grammars.compile(tool_call_grammar(schemas, ""), "tool_choice")) if forced else None
+        params = SamplingParams(max_tokens=96, grammar=grammar)
+        text = "".join(c.text for c in generate(model, tok, tok.encode(prompt.text), params=params, engine=engine))
         parser = OutputParser(reasoning=prompt.reasoning, tools=schemas)
-        calls = [x for k, x in parser.feed(text) + parser.close() if k == "tool_call"]
+        calls = [x for k, x in parser.feed(prompt.forced + text) + parser.close() if k == "tool_call"]
         if not calls:
             examples.append({"request": msgs[-1]["content"], "output": text})
             continue
@@ -99,7 +112,9 @@ def main(argv=None) -> int:
     model, tok = flashmoe.load(a.bundle)
     docs = {k: v.strip() for k, v in sorted(topics.items()) if k not in HELDOUT}
     res = {"first_turn": first_turn(model, tok, docs), "second_turn": second_turn(model, tok, docs),
-           "tool_calls": tool_calls(model, tok) if "tools" in (tok.chat_template or "") else None}
+           "tool_calls": None, "forced_tool_calls": None}
+    if "tools" in (tok.chat_template or ""):
+        res["tool_calls"], res["forced_tool_calls"] = tool_calls(model, tok, False), tool_calls(model, tok, True)
     if a.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -108,12 +123,13 @@ def main(argv=None) -> int:
     s = res["second_turn"]
     print(f"second turn: {s['answers_second']}/{s['chats']} answer the second question, "
           f"{s['repeats_first']}/{s['chats']} repeat the first answer")
-    t = res["tool_calls"]
-    if t is None:
+    if res["tool_calls"] is None:
         print("tool calls: the bundle's chat template does not render tools")
-    else:
-        print(f"tool calls: {t['parsed']}/{t['requests']} parse as a call, {t['right_function']} name the right "
-              f"function, {t['valid_arguments']} have valid arguments, {t['exact_arguments']} exactly the expected ones")
+    for key, label in (("tool_calls", "tool calls"), ("forced_tool_calls", "forced (required) tool calls")):
+        if (t := res[key]) is not None:
+            print(f"{label}: {t['parsed']}/{t['requests']} parse as a call, {t['right_function']} name the right "
+                  f"function, {t['valid_arguments']} have valid arguments, {t['exact_arguments']} exactly the "
+                  "expected ones")
     return 0
 
 

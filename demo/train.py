@@ -9,7 +9,9 @@ The text is `pydoc_data.topics`, the help topics every CPython ships (the Python
 PSF License; see demo/README.md). Some topics are held out of training and written to
 demo/heldout.txt, the text `flashmoe-eval` measures perplexity on. Besides the plain topic text, each
 topic's opening also appears as a chat turn ("Tell me about the "for" statement." -> its first
-paragraphs), so that the chat template and `flashmoe-run` chat produce on-topic answers.
+paragraphs), so that the chat template and `flashmoe-run` chat produce on-topic answers. The checkpoint
+carries conversations.TEMPLATE, Qwen3.5's tool template without thinking (a chat without tools renders as
+the plain `<|im_start|>role\ncontent<|im_end|>` turns the model was trained on).
 
 The model keeps the real Qwen3.5-MoE structure: Gated DeltaNet and full-attention layers (full every
 4th), GQA, partial RoPE, 16 routed experts (4 per token) plus a shared expert. Training runs a fixed
@@ -23,17 +25,16 @@ import argparse
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from conversations import QUESTIONS, TEMPLATE, opening, subject, title  # demo/conversations.py, next to this file
+
 HERE = Path(__file__).resolve().parent
 HELDOUT = ("bitwise", "shifting", "unary", "power", "imaginary", "floating", "integers", "in", "truth")
 SPECIALS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CONFIG = dict(
     vocab_size=2048,
     hidden_size=256,
@@ -57,7 +58,6 @@ CONFIG = dict(
     pad_token_id=0,
     bos_token_id=None,
 )
-QUESTIONS = ("Tell me about {}.", "What is {}?", "Explain {}.")
 
 
 def topics() -> dict[str, str]:
@@ -66,26 +66,28 @@ def topics() -> dict[str, str]:
     return {k: v.strip() for k, v in sorted(t.items())}
 
 
-def opening(text: str, limit: int = 700) -> str:
-    """The title and first paragraphs of a topic, cut at a paragraph end near `limit` characters."""
-    paras = text.split("\n\n")
-    out = paras[0]
-    for p in paras[1:]:
-        if len(out) + 2 + len(p) > limit and len(out) > 200:
-            break
-        out += "\n\n" + p
-    return out
-
-
 def chat_samples(docs: dict[str, str]) -> list[str]:
+    """Each topic asked in every QUESTIONS shape, answered by its opening, as the chat template renders it."""
     out = []
     for text in docs.values():
-        title = text.split("\n", 1)[0].strip()
-        subject = title[0].lower() + title[1:] if title[:2].istitle() or title.startswith("The ") else title
         for q in QUESTIONS:
-            out.append(f"<|im_start|>user\n{q.format(subject)}<|im_end|>\n<|im_start|>assistant\n"
+            out.append(f"<|im_start|>user\n{q.format(subject(title(text)))}<|im_end|>\n<|im_start|>assistant\n"
                        f"{opening(text)}<|im_end|>\n")
     return out
+
+
+def original_corpus(tok, seed: int) -> tuple[list[int], str]:
+    """(token ids, held-out text): the training topics as plain text and as single-turn chats, shuffled
+    with `seed` and concatenated: the stream train.py trains on (random windows of it)."""
+    docs = topics()
+    train_docs = {k: v for k, v in docs.items() if k not in HELDOUT}
+    heldout = "\n\n".join(docs[k] for k in HELDOUT if k in docs) + "\n"
+    pieces = [v + "<|endoftext|>" for v in train_docs.values()] + chat_samples(train_docs)
+    random.Random(seed).shuffle(pieces)
+    ids = []
+    for s in pieces:
+        ids += tok.encode(s).ids
+    return ids, heldout
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
@@ -103,15 +105,58 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 
 
 def save(model, tok, out: Path) -> None:
+    """The checkpoint in Hugging Face layout, written into a new folder next to `out` and renamed to `out`
+    (an `out` already there, a checkpoint this script wrote before, is replaced only once the new one is whole)."""
+    import tempfile
+
     import torch
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out)  # config.json, generation_config.json, model.safetensors
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    model.to(torch.bfloat16).save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
+    tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "chat_template": TEMPLATE}, indent=1) + "\n")
-    (out / "chat_template.jinja").write_text(TEMPLATE)
+    (tmp / "chat_template.jinja").write_text(TEMPLATE)
+    if out.is_dir() and not out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        out.rename(old / out.name)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def windows(data, n: int, seq: int, g):
+    """`n` random (input, target) windows of `seq` tokens from the token stream `data`."""
+    import torch
+
+    starts = torch.randint(0, len(data) - seq - 1, (n,), generator=g)
+    return (torch.stack([data[s: s + seq] for s in starts]), torch.stack([data[s + 1: s + seq + 1] for s in starts]))
+
+
+def optimize(model, steps: int, lr: float, step_loss, log_every: int = 25) -> None:
+    """AdamW with a linear warm-up over steps/20 and a cosine decay to lr/10; `step_loss(step)` is the loss
+    of one batch. Gradients clipped to norm 1."""
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        loss = step_loss(step)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == 1:
+            print(f"step {step}/{steps}  loss {loss.item():.3f}  {time.time() - t0:.0f} s", flush=True)
+    model.eval()
 
 
 def main(argv=None) -> int:
@@ -130,48 +175,26 @@ def main(argv=None) -> int:
     from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
     torch.set_num_threads(a.threads)
-    docs = topics()
-    train_docs = {k: v for k, v in docs.items() if k not in HELDOUT}
-    heldout = "\n\n".join(docs[k] for k in HELDOUT if k in docs) + "\n"
-    chats = chat_samples(train_docs)
-    plain = [v + "<|endoftext|>" for v in train_docs.values()]
-    tok = build_tokenizer(list(train_docs.values()) + chats, CONFIG["vocab_size"])
-
-    rng = random.Random(a.seed)
-    pieces = plain + chats
-    rng.shuffle(pieces)
-    ids = []
-    for s in pieces:
-        ids += tok.encode(s).ids
+    train_docs = {k: v for k, v in topics().items() if k not in HELDOUT}
+    tok = build_tokenizer(list(train_docs.values()) + chat_samples(train_docs), CONFIG["vocab_size"])
+    ids, heldout = original_corpus(tok, a.seed)
     data = torch.tensor(ids)
-    print(f"corpus: {len(train_docs)} topics + {len(chats)} chat turns = {len(ids)} tokens "
+    print(f"corpus: {len(train_docs)} topics + {3 * len(train_docs)} chat turns = {len(ids)} tokens "
           f"(vocab {tok.get_vocab_size()}); held out: {len(tok.encode(heldout).ids)} tokens", flush=True)
 
     torch.manual_seed(a.seed)
     model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**CONFIG))
-    model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters ({n_params * 2 / 1e6:.1f} MB in bfloat16)", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warm = max(1, a.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / a.steps)))))
     g = torch.Generator().manual_seed(a.seed)
-    t0 = time.time()
-    for step in range(1, a.steps + 1):
-        starts = torch.randint(0, len(ids) - a.seq - 1, (a.batch,), generator=g)
-        x = torch.stack([data[s: s + a.seq] for s in starts])
-        y = torch.stack([data[s + 1: s + a.seq + 1] for s in starts])
+
+    def step_loss(step):
+        x, y = windows(data, a.batch, a.seq, g)
         logits = model(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 25 == 0 or step == 1:
-            print(f"step {step}/{a.steps}  loss {loss.item():.3f}  {time.time() - t0:.0f} s", flush=True)
-    model.eval()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    t0 = time.time()
+    optimize(model, a.steps, a.lr, step_loss)
     save(model, tok, a.output)
     a.heldout.write_text(heldout)
     with torch.no_grad():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 from flashmoe.serve.chat import (
@@ -20,44 +22,10 @@ from flashmoe.serve.jsonformat import parse_response_format
 from flashmoe.serve.toolcalls import OutputParser, convert_value, tool_schemas
 
 # The Qwen3.5 chat template's tool-related behaviour (Qwen/Qwen3.5-35B-A3B chat_template.jinja): the same
-# system block, tool-call and tool-response rendering and generation prompt, without the vision parts.
-QWEN35_TEMPLATE = r"""{%- if tools and tools is iterable and tools is not mapping %}
-{{- '<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>' }}
-{%- for tool in tools %}{{- '\n' }}{{- tool | tojson }}{%- endfor %}
-{{- '\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n- Required parameters MUST be specified\n- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n</IMPORTANT>' }}
-{%- if messages[0].role == 'system' and messages[0].content|trim %}{{- '\n\n' + messages[0].content|trim }}{%- endif %}
-{{- '<|im_end|>\n' }}
-{%- elif messages[0].role == 'system' %}
-{{- '<|im_start|>system\n' + messages[0].content|trim + '<|im_end|>\n' }}
-{%- endif %}
-{%- for message in messages %}
-{%- set content = message.content|trim if message.content is string else '' %}
-{%- if message.role == 'user' %}
-{{- '<|im_start|>user\n' + content + '<|im_end|>\n' }}
-{%- elif message.role == 'assistant' %}
-{{- '<|im_start|>assistant\n' + content }}
-{%- if message.tool_calls %}{%- for tool_call in message.tool_calls %}
-{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
-{%- if loop.first %}{{- ('\n\n' if content else '') + '<tool_call>\n<function=' + tool_call.name + '>\n' }}
-{%- else %}{{- '\n<tool_call>\n<function=' + tool_call.name + '>\n' }}{%- endif %}
-{%- for args_name, args_value in tool_call.arguments|items %}
-{{- '<parameter=' + args_name + '>\n' }}
-{%- set args_value = args_value | tojson | safe if args_value is mapping or (args_value is sequence and args_value is not string) else args_value | string %}
-{{- args_value + '\n</parameter>\n' }}
-{%- endfor %}
-{{- '</function>\n</tool_call>' }}
-{%- endfor %}{%- endif %}
-{{- '<|im_end|>\n' }}
-{%- elif message.role == 'tool' %}
-{%- if loop.previtem and loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
-{{- '\n<tool_response>\n' + content + '\n</tool_response>' }}
-{%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-{{- '<|im_start|>assistant\n' }}
-{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- else %}{{- '<think>\n' }}{%- endif %}
-{%- endif %}"""
+# system block, tool-call and tool-response rendering and generation prompt, without the vision parts. One
+# copy, in demo/conversations.py (the demo model's template is the same without thinking).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
+from conversations import QWEN35_TEMPLATE  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
