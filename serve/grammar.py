@@ -24,7 +24,11 @@ import numpy as np
 from .errors import APIError
 
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no unbounded runs of whitespace
-_RAW = r"/(?s:.*)/ & ~/(?s:.*<\/?(parameter|function|tool_call)[=>].*)/"  # a raw string parameter value
+# a raw string parameter value and the tag that closes it, as one lazy lexeme (it ends at the first
+# "\n</parameter>\n"; as two lexemes the value's open-ended regex would swallow the tag's first bytes, and the
+# lexer cannot go back); LENGTH: the value's own length bounds. No function or tool-call tag inside.
+_CLOSE = "\\n</parameter>\\n"
+_RAW = r"/(?s:.{LENGTH})\n<\/parameter>\n/ & ~/(?s:.*<\/?(function|tool_call)[=>].*)/"
 _NAME = r"/[A-Za-z_][A-Za-z0-9_.\-]*/"
 _STRING_KEYS_REFUSED = ("pattern", "format")
 
@@ -61,13 +65,15 @@ class _ToolLark:
         self.rules.append(f"{name}: {body}")
         return name
 
-    def _terminal(self, regex: str) -> str:
+    def _raw(self, lo: int = 0, hi: int | None = None) -> str:
+        """A raw string value with its closing tag (see _RAW): one lazy lexeme."""
         self.n += 1
-        name = f"T{self.n}"
-        self.rules.append(f"{name}: {regex}")
+        name = f"raw{self.n}"
+        self.rules.append(f"{name}[lazy]: " + _RAW.replace("LENGTH", f"{int(lo)},{'' if hi is None else int(hi)}"))
         return name
 
     def value(self, schema, where: str) -> str:
+        """A parameter's value in `schema` followed by its closing tag `\\n</parameter>\\n`."""
         if schema is True or schema is None:
             schema = {}
         if not isinstance(schema, dict):
@@ -76,7 +82,7 @@ class _ToolLark:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
             if not isinstance(values, list) or not values:
                 raise GrammarError(where, "enum must be a non-empty list")
-            return self._rule(" | ".join(_lit(v if isinstance(v, str) else _py(v)) for v in values))
+            return self._rule(f'({" | ".join(_lit(v if isinstance(v, str) else _py(v)) for v in values)}) "{_CLOSE}"')
         types = schema.get("type")
         if types is None:
             types = ["object"] if "properties" in schema else ["array"] if "items" in schema else None
@@ -90,17 +96,13 @@ class _ToolLark:
                 if bad:
                     raise GrammarError(f"{where}.{bad[0]}", f"{bad[0]} is not supported for a string parameter of a "
                                                             "constrained tool call (raw text)")
-                lo, hi = schema.get("minLength", 0), schema.get("maxLength")
-                regex = _RAW
-                if lo or hi is not None:
-                    regex += f" & /(?s:.{{{int(lo)},{'' if hi is None else int(hi)}}})/"
-                alts.append(self._terminal(regex))
+                alts.append(self._raw(schema.get("minLength", 0), schema.get("maxLength")))
             elif t == "boolean":
-                alts.append('"True" | "False"')
+                alts.append(f'("True" | "False") "{_CLOSE}"')
             elif t == "null":
-                alts.append('"None"')
+                alts.append(f'"None" "{_CLOSE}"')
             elif t in ("integer", "number", "object", "array"):
-                alts.append(_json(dict(schema, type=t)))
+                alts.append(f'{_json(dict(schema, type=t))} "{_CLOSE}"')
             else:
                 raise GrammarError(f"{where}.type", f"type {t!r} is not a JSON schema type")
         return self._rule(" | ".join(alts))
@@ -118,13 +120,13 @@ class _ToolLark:
             if not key or any(c in key for c in "<>\n"):
                 raise GrammarError(f"{where}.properties", f"parameter name {key!r} cannot be written as "
                                                           "<parameter=NAME> (no <, > or newline)")
-            one = f'"<parameter={key}>\\n" {self.value(sub, f"{where}.properties.{key}")} "\\n</parameter>\\n"'
+            one = f'"<parameter={key}>\\n" {self.value(sub, f"{where}.properties.{key}")}'
             parts.append(f"({one})" + ("" if key in required else "?"))
         missing = [k for k in required if k not in props]
         if missing:
             raise GrammarError(f"{where}.required", f"names {missing} that are not among its properties")
         if not props and schema.get("additionalProperties", True) is not False:  # any parameters
-            parts.append(f'("<parameter=" {_NAME} ">\\n" {self._terminal(_RAW)} "\\n</parameter>\\n")*')
+            parts.append(f'("<parameter=" {_NAME} ">\\n" {self._raw()})*')
         return self._rule(" ".join(parts) + ' "</function>\\n</tool_call>"' if parts else
                           '"</function>\\n</tool_call>"')
 

@@ -203,3 +203,29 @@ def test_mask_allows_exactly_the_grammar(live):
     ok = g.mask(g.compile(json_schema_grammar(SCHEMAS[1]), "x")).allowed(part)  # a fresh matcher
     assert 0 < ok.sum() < g.n_vocab
     assert np.isneginf(out[0][~ok]).all() and (out[0][ok] == 0).all() and (out[1] == 0).all()
+
+
+def test_tool_call_string_values_close(live):
+    """A raw string parameter ends at its closing tag: the value and `\\n</parameter>\\n` are one lazy lexeme
+    (as two, the value's open-ended regex swallowed the tag's first bytes and the call could never close, so a
+    forced string argument ran to max_tokens). Lengths bound the value; no function tag inside it."""
+    import llguidance
+
+    from flashmoe.serve.grammar import tool_call_grammar
+
+    g = live.server.grammars
+    tools = {"f": {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"},
+                                                     "s": {"type": "string", "maxLength": 5}}, "required": ["city"]},
+             "free": {"type": "object"}}
+
+    def accepts(force, text):
+        m = llguidance.LLMatcher(g.tokenizer, tool_call_grammar(tools, force))
+        return all(m.consume_token(t) for t in g.tokenizer.tokenize_str(text)) and m.is_accepting()
+
+    end = "</function>\n</tool_call>"
+    assert accepts("f", f"<parameter=city>\nOslo\n</parameter>\n{end}")
+    assert accepts("f", f"<parameter=city>\nOs\nlo\n</parameter>\n<parameter=n>\n3\n</parameter>\n{end}")
+    assert accepts("f", f"<parameter=city>\nOslo\n</parameter>\n<parameter=s>\nabcde\n</parameter>\n{end}")
+    assert not accepts("f", f"<parameter=city>\nOslo\n</parameter>\n<parameter=s>\nabcdef\n</parameter>\n{end}")
+    assert not accepts("f", f"<parameter=city>\nOslo{end}")
+    assert accepts("", f"free>\n<parameter=anything>\nx y\n</parameter>\n{end}")
