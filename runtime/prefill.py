@@ -39,6 +39,11 @@ WHOLE_LAYER = 0.9  # a guessed union this share of a layer reads the whole layer
 HELD_STATES = 3  # [B, S, H] arrays held per chunk within a layer: the residual stream, the MoE input, its output
 
 
+def chunk_columns(chunk_tokens: int, rows: int) -> int:
+    """Columns per layer call: about `chunk_tokens` tokens over all `rows` rows together."""
+    return max(1, chunk_tokens // max(1, rows))
+
+
 def left_padded(rows: list[list[int]]) -> np.ndarray:
     """The rows as one [B, L] int32 grid, left-padded with zeros to the longest."""
     L = max(len(s) for s in rows)
@@ -61,7 +66,7 @@ class Plan:
     @staticmethod
     def of(rows: int, width: int, chunk_tokens: int, column_bytes: int, budget_bytes: int) -> "Plan":
         """`column_bytes`: the hidden states held per row per column; `budget_bytes`: what a pass may hold."""
-        chunk = max(1, chunk_tokens // max(1, rows))
+        chunk = chunk_columns(chunk_tokens, rows)
         chunks = max(1, budget_bytes // max(1, chunk * rows * column_bytes))  # whole chunks per pass
         return Plan(rows, width, chunk, chunk * chunks)
 
@@ -86,7 +91,7 @@ def plan(model, rows: int, width: int, chunk_tokens: int, budget_bytes: int = HI
     """The plan of a prefill of `rows` rows of `width` columns; a model that does not run layer-major
     passes over its layers once per chunk."""
     if not supports(model):
-        chunk = max(1, chunk_tokens // max(1, rows))
+        chunk = chunk_columns(chunk_tokens, rows)
         return Plan(rows, width, chunk, chunk)
     return Plan.of(rows, width, chunk_tokens, column_bytes(model), budget_bytes)
 

@@ -42,7 +42,7 @@ def forward_chunks(model, cache: Cache, rows: list[list[int]], tokens: int,
     each chunk: the last position's [B, 1, V], or every position's [B, S, V] with last_only=False."""
     grid = prefill.left_padded(rows)
     B, L = grid.shape
-    chunk = max(1, tokens // B)
+    chunk = prefill.chunk_columns(tokens, B)
     for c0 in range(0, L, chunk):
         yield min(c0 + chunk, L), model(mx.array(grid[:, c0 : c0 + chunk]), cache, last_only=last_only)
 
